@@ -1,0 +1,18 @@
+"""grao-fast: fast, exact GRAO (Group Relative Alignment Optimization) training.
+
+The loss of arXiv 2508.07750 (Eq. 2-4) as fused kernels that read the logits once, a fused
+hidden -> lm_head path, and a slim training loop on vLLM rollouts. See GRAO_SPEC in the docs.
+"""
+
+from .loss import GRAOLoss, GRAOOutput, grao_loss, group_advantages, token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRAOLoss",
+    "GRAOOutput",
+    "grao_loss",
+    "group_advantages",
+    "token_logprobs",
+    "__version__",
+]
