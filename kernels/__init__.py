@@ -1,0 +1,11 @@
+"""Triton kernels of grao-fast (shipped as ``grao_fast.kernels``).
+
+Triton only: ``@triton.jit`` kernels and their host launchers (input checks, allocation, launch
+config). Autograd and the public API live in ``grao_fast``; this package imports nothing from it.
+They run on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (slow; for tests).
+"""
+
+from .group import group_coefficients
+from .logprob import token_logprob_grad, token_logprobs
+
+__all__ = ["group_coefficients", "token_logprob_grad", "token_logprobs"]
