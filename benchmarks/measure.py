@@ -1,0 +1,205 @@
+"""Timing, peak memory, copy bandwidth and bare-GEMM time, on CUDA or CPU.
+
+CUDA: CUDA events around each call, the median over ``reps`` calls after ``warmup`` calls; peak
+memory is ``torch.cuda.max_memory_allocated`` minus what was allocated before the call (the
+inputs). CPU: wall clock (``time.perf_counter``) median; peak memory is the growth of the
+process's resident set, sampled every 0.2 ms by a thread: approximate (memory the allocator
+already holds is reused without growing it), and ``None`` where /proc is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+LossFn = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Medians in milliseconds."""
+
+    fwd_ms: float  # the loss's forward, graph recorded (fused paths compute gradients here)
+    bwd_ms: float  # loss.backward() alone
+    fwdbwd_ms: float  # both
+
+
+class _Stopwatch:
+    """Times regions on ``device``: CUDA events (read after one sync at the end) or wall clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[object, object]] = []
+
+    def start(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append((event, None))
+        else:
+            self._marks.append((time.perf_counter(), None))
+
+    def stop(self) -> None:
+        begin, _ = self._marks[-1]
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks[-1] = (begin, event)
+        else:
+            self._marks[-1] = (begin, time.perf_counter())
+
+    def median_ms(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()  # the one sync: all events are recorded by now
+            times = [begin.elapsed_time(end) for begin, end in self._marks]
+        else:
+            times = [(end - begin) * 1e3 for begin, end in self._marks]
+        return statistics.median(times)
+
+
+def _clear_grads(leaves: list[torch.Tensor]) -> None:
+    for leaf in leaves:
+        leaf.grad = None
+
+
+def warm_up(loss_fn: LossFn, leaves: list[torch.Tensor], calls: int) -> None:
+    """``calls`` untimed forward+backward calls: compiles, autotunes, fills allocator caches."""
+    for _ in range(calls):
+        _clear_grads(leaves)
+        loss_fn().backward()
+    _clear_grads(leaves)
+
+
+def time_loss(
+    loss_fn: LossFn, leaves: list[torch.Tensor], device: torch.device, *, warmup: int, reps: int
+) -> Timings:
+    """Forward, backward and forward+backward medians of ``loss_fn`` (gradients cleared between)."""
+    warm_up(loss_fn, leaves, warmup)
+    fwd, bwd, both = _Stopwatch(device), _Stopwatch(device), _Stopwatch(device)
+    for _ in range(reps):
+        _clear_grads(leaves)
+        fwd.start()
+        loss = loss_fn()
+        fwd.stop()
+        bwd.start()
+        loss.backward()
+        bwd.stop()
+        del loss
+        _clear_grads(leaves)
+        both.start()
+        loss_fn().backward()
+        both.stop()
+    _clear_grads(leaves)
+    return Timings(fwd.median_ms(), bwd.median_ms(), both.median_ms())
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
+class _RssPeak:
+    """Context manager: the largest growth of the resident set while inside, in bytes."""
+
+    def __init__(self, interval_s: float = 2e-4) -> None:
+        self.interval_s = interval_s
+        self.peak: int | None = None
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            rss = _rss_bytes()
+            if rss is not None:
+                self._high = max(self._high, rss)
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> _RssPeak:
+        base = _rss_bytes()
+        self._base = base
+        self._high = base or 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        if base is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._base is None:
+            return
+        self._done.set()
+        self._thread.join()
+        self._high = max(self._high, _rss_bytes() or 0)
+        self.peak = self._high - self._base
+
+
+def peak_memory(loss_fn: LossFn, leaves: list[torch.Tensor], device: torch.device) -> int | None:
+    """Bytes allocated by one forward+backward beyond what was allocated before (the inputs).
+
+    The gradients it leaves behind count (they are its output); call it after a warm-up run.
+    """
+    _clear_grads(leaves)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss_fn().backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with _RssPeak() as probe:
+            loss_fn().backward()
+        peak = probe.peak
+    _clear_grads(leaves)
+    return peak
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    watch = _Stopwatch(device)
+    for _ in range(reps):
+        watch.start()
+        fn()
+        watch.stop()
+    return watch.median_ms()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, *, warmup: int, reps: int) -> float:
+    """Bytes per second of ``dst.copy_(src)`` for a ``nbytes`` tensor: it reads and writes
+    ``nbytes`` each, so ``2 * nbytes`` bytes move per copy. The ceiling for memory-bound rows."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), device, warmup=warmup, reps=reps)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def gemm_ms(
+    tokens: int,
+    vocab: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    warmup: int,
+    reps: int,
+) -> float:
+    """Median time of the three GEMMs a hidden -> lm_head loss cannot avoid, summed.
+
+    With M = tokens: logits = X W^T ([M, H] x [H, V]), dX = dL W ([M, V] x [V, H]) and
+    dW = dL^T X ([V, M] x [M, H]); each is 2 M V H FLOPs, 6 M V H in all.
+    """
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    w = torch.randn(vocab, hidden, device=device, dtype=dtype)
+    dl = torch.randn(tokens, vocab, device=device, dtype=dtype)
+    total = 0.0
+    for fn in (lambda: x @ w.T, lambda: dl @ w, lambda: dl.T @ x):
+        total += _median_ms(fn, device, warmup=warmup, reps=reps)
+    return total

@@ -1,0 +1,296 @@
+"""The benchmark report: every row on the device at hand, written as Markdown, JSON and PNG.
+
+    python -m benchmarks              # the device's preset shapes (CUDA if present, else CPU)
+    python -m benchmarks --quick      # tiny shapes, seconds: a check that everything runs
+
+Per shape and row: forward, backward and forward+backward medians, peak memory beyond the
+inputs, speed-up over the path's plain-PyTorch reference, and the roofline numbers: achieved
+bandwidth against a device-to-device copy measured in the same run (logits rows), TFLOP/s
+against the three bare GEMMs timed in the same run (linear rows). A sweep over token counts
+records peak memory per row. Output: ``<out>/<device-slug>.md``, ``.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import measure, output
+from benchmarks.problems import DTYPES, Inputs, Problem, make_inputs, problem_for_tokens
+from benchmarks.rows import BASELINES, Row, select_rows
+
+# Presets. The CUDA shapes are the issue's: Qwen-like vocabulary, bf16, 8k and 32k tokens,
+# hidden 3,584. The CPU shapes finish in a few minutes on two cores.
+PRESETS: dict[str, dict[str, object]] = {
+    "cuda": {
+        "tokens": [8192, 32768], "sweep": [2048, 4096, 8192, 16384, 32768], "vocab": 151_936,
+        "hidden": 3584, "dtype": "bfloat16", "warmup": 3, "reps": 20, "copy_mib": 2048,
+    },
+    "cpu": {
+        "tokens": [2048], "sweep": [512, 1024, 2048, 4096], "vocab": 32_768, "hidden": 512,
+        "dtype": "float32", "warmup": 1, "reps": 5, "copy_mib": 256,
+    },
+    "quick": {
+        "tokens": [144], "sweep": [72, 144], "vocab": 512, "hidden": 32, "dtype": "float32",
+        "warmup": 1, "reps": 2, "copy_mib": 8,
+    },
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one report run measures."""
+
+    tokens: list[int]
+    sweep: list[int]
+    vocab: int
+    hidden: int
+    dtype: str
+    group_size: int
+    warmup: int
+    reps: int
+    copy_mib: int
+    seed: int
+
+    def problem(self, tokens: int) -> Problem:
+        return problem_for_tokens(
+            tokens, group_size=self.group_size, vocab=self.vocab, hidden=self.hidden,
+            dtype=DTYPES[self.dtype],
+        )  # fmt: skip
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark the GRAO loss paths against the plain-PyTorch reference and peer "
+        "libraries; write <device>.md/.json/.png. Unset options take the device's preset "
+        "(CUDA: vocab 151,936 bf16 at 8k and 32k tokens; CPU: vocab 32,768 fp32 at 2k tokens).",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 reps (seconds)")
+    parser.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto",
+        help="where to run (auto: CUDA when available)",
+    )  # fmt: skip
+    parser.add_argument("--tokens", type=_positive, nargs="+", help="token counts of the tables")
+    parser.add_argument(
+        "--sweep",
+        type=_positive,
+        nargs="*",
+        help="token counts of the memory sweep (none: no sweep)",
+    )
+    parser.add_argument("--vocab", type=_positive, help="vocabulary size V")
+    parser.add_argument("--hidden", type=_positive, help="hidden size H of the linear path")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of logits/hidden/weight")
+    parser.add_argument(
+        "--group-size", type=_positive, default=8, help="samples per group G (plus 1 reference)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, help="untimed calls before timing (compiles, autotunes)"
+    )
+    parser.add_argument("--reps", type=_positive, help="timed calls; the median is reported")
+    parser.add_argument("--copy-mib", type=_positive, help="size of the copy-bandwidth tensor, MiB")
+    parser.add_argument(
+        "--rows", help="comma-separated row names (default: all); see benchmarks/rows.py"
+    )
+    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    return parser.parse_args(argv)
+
+
+def _settings(args: argparse.Namespace, device: torch.device) -> Settings:
+    preset = PRESETS["quick" if args.quick else device.type]
+    pick = {key: getattr(args, key) for key in preset if getattr(args, key) is not None}
+    values = {**preset, **pick}
+    if values["warmup"] < 0:
+        raise ValueError(f"--warmup must be >= 0, got {values['warmup']}")
+    return Settings(group_size=args.group_size, seed=args.seed, **values)
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _roofline(
+    row: Row, problem: Problem, fwdbwd_ms: float, copy_bps: float, gemm: float | None
+) -> dict:
+    seconds = fwdbwd_ms * 1e-3
+    if row.path == "logits":
+        # One read of the logits and one write of their gradient: 2 * N * T * V * itemsize bytes.
+        # (Per-row scalars, labels and log-probs are O(N T), negligible next to O(N T V).)
+        moved = 2 * problem.tokens * problem.vocab * problem.dtype.itemsize
+        return {
+            "bytes": moved,
+            "gb_per_s": moved / seconds / 1e9,
+            "copy_fraction": moved / seconds / copy_bps,
+        }
+    # Three GEMMs of 2 * M * V * H FLOPs each (logits, d hidden, d weight); recomputing the
+    # logits in backward, as chunked paths may, is extra work not counted.
+    flops = 6 * problem.tokens * problem.vocab * problem.hidden
+    return {
+        "flops": flops,
+        "tflop_per_s": flops / seconds / 1e12,
+        "gemm_fraction": gemm / fwdbwd_ms,
+    }
+
+
+def _measure_row(row: Row, inputs: Inputs, settings: Settings, device: torch.device) -> dict:
+    loss_fn = row.build(inputs)
+    leaves = inputs.leaves()
+    timings = measure.time_loss(loss_fn, leaves, device, warmup=settings.warmup, reps=settings.reps)
+    peak = measure.peak_memory(loss_fn, leaves, device)
+    with torch.no_grad():
+        loss = float(loss_fn())
+    return {
+        "status": "ok", "fwd_ms": timings.fwd_ms, "bwd_ms": timings.bwd_ms,
+        "fwdbwd_ms": timings.fwdbwd_ms, "peak_bytes": peak, "loss": loss,
+    }  # fmt: skip
+
+
+def _run_guarded(fn, *args) -> dict:
+    """Runs one measurement; an error (out of memory included) becomes the row's status."""
+    try:
+        return fn(*args)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return {"status": "error", "reason": f"{type(err).__name__}: {first_line[:200]}"}
+
+
+def run_tables(
+    settings: Settings, rows: list[Row], device: torch.device, copy_bps: float
+) -> list[dict]:
+    """One table per token count: every row measured on the same inputs."""
+    tables = []
+    for tokens in settings.tokens:
+        problem = settings.problem(tokens)
+        table = {"problem": problem.describe(), "gemm_ms": None, "rows": []}
+        for path in ("logits", "linear"):
+            path_rows = [row for row in rows if row.path == path]
+            if not path_rows:
+                continue
+            if path == "linear":
+                table["gemm_ms"] = measure.gemm_ms(
+                    problem.tokens, problem.vocab, problem.hidden, problem.dtype, device,
+                    warmup=settings.warmup, reps=settings.reps,
+                )  # fmt: skip
+                _free(device)
+            inputs = make_inputs(problem, device, path=path, seed=settings.seed)
+            results = {}
+            for row in tqdm(path_rows, desc=f"{problem.tokens} tokens, {path}", unit="row"):
+                reason = row.skip_reason(device)
+                result = {"status": "skipped", "reason": reason}
+                if reason is None:
+                    result = _run_guarded(_measure_row, row, inputs, settings, device)
+                    _free(device)
+                results[row.name] = result
+                table["rows"].append(
+                    {
+                        "name": row.name,
+                        "label": row.label,
+                        "path": path,
+                        "objective": row.objective,
+                        **result,
+                    }
+                )
+            _derive(table, path_rows, results, problem, copy_bps)
+            del inputs
+            _free(device)
+        tables.append(table)
+    return tables
+
+
+def _derive(table: dict, rows: list[Row], results: dict, problem: Problem, copy_bps: float) -> None:
+    """Adds speed-up, loss agreement and roofline numbers to the measured ``rows`` of a path."""
+    base = results.get(BASELINES[rows[0].path], {})
+    by_name = {row.name: row for row in rows}
+    for entry in table["rows"]:
+        if entry["name"] not in by_name or entry["status"] != "ok":
+            continue
+        entry["speedup"] = (
+            base["fwdbwd_ms"] / entry["fwdbwd_ms"] if base.get("status") == "ok" else None
+        )
+        same_loss = entry["objective"] == "GRAO" and base.get("status") == "ok"
+        entry["loss_rel_diff"] = (
+            abs(entry["loss"] - base["loss"]) / max(abs(base["loss"]), 1e-12) if same_loss else None
+        )
+        entry.update(
+            _roofline(
+                by_name[entry["name"]], problem, entry["fwdbwd_ms"], copy_bps, table["gemm_ms"]
+            )
+        )
+
+
+def run_sweep(settings: Settings, rows: list[Row], device: torch.device) -> dict:
+    """Peak memory of one forward+backward (after one warm-up) per row and token count."""
+    active = [row for row in rows if row.skip_reason(device) is None]
+    peaks: dict[str, list[int | None]] = {row.name: [] for row in active}
+    problems = [settings.problem(tokens) for tokens in settings.sweep]
+    with tqdm(total=len(problems) * len(active), desc="memory sweep", unit="run") as bar:
+        for problem in problems:
+            for path in ("logits", "linear"):
+                path_rows = [row for row in active if row.path == path]
+                if not path_rows:
+                    continue
+                inputs = make_inputs(problem, device, path=path, seed=settings.seed)
+                for row in path_rows:
+                    result = _run_guarded(_sweep_point, row, inputs, device)
+                    peaks[row.name].append(result.get("peak_bytes"))
+                    _free(device)
+                    bar.update()
+                del inputs
+                _free(device)
+    return {"tokens": [p.tokens for p in problems], "peak_bytes": peaks,
+            "labels": {row.name: row.label for row in active}}  # fmt: skip
+
+
+def _sweep_point(row: Row, inputs: Inputs, device: torch.device) -> dict:
+    loss_fn = row.build(inputs)
+    leaves = inputs.leaves()
+    measure.warm_up(loss_fn, leaves, 1)
+    return {"peak_bytes": measure.peak_memory(loss_fn, leaves, device)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the report; returns the exit status. ``argv`` as for ``argparse`` (None: sys.argv)."""
+    args = parse_args(argv)
+    device = _device(args.device)
+    settings = _settings(args, device)
+    rows = select_rows(args.rows.split(",") if args.rows else None)
+    env = output.environment(device)
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
+    copy_bytes = settings.copy_mib << 20
+    copy_bps = measure.copy_bandwidth(
+        device, copy_bytes, warmup=settings.warmup + 1, reps=max(settings.reps, 5)
+    )
+    _free(device)
+    tables = run_tables(settings, rows, device, copy_bps)
+    sweep = run_sweep(settings, rows, device) if settings.sweep else None
+    result = {
+        **env, "settings": vars(settings), "copy_bandwidth_bytes_per_s": copy_bps,
+        "copy_bytes": copy_bytes, "tables": tables, "sweep": sweep,
+    }  # fmt: skip
+    paths = output.write(result, args.out)
+    print(output.markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    errors = [row["name"] for table in tables for row in table["rows"] if row["status"] == "error"]
+    return 1 if errors else 0
