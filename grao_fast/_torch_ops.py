@@ -50,7 +50,7 @@ def token_logprob_grad(
     is_cap: float = 0.0,
     grad: torch.Tensor | None = None,
     compute_entropy: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probabilities and, in the same pass, the gradient rows of the loss.
 
@@ -71,7 +71,8 @@ def token_logprob_grad(
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.empty(m, dtype=acc, device=logits.device)
     entropy = torch.empty_like(logp) if compute_entropy else None
-    rows = max(1, chunk_bytes // (8 * v))  # two float32 [rows, V] buffers per chunk
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    rows = max(1, budget // (8 * v))  # two float32 [rows, V] buffers per chunk
     inv_t = 1.0 / temperature
     for start in range(0, m, rows):
         sl = slice(start, min(start + rows, m))

@@ -230,19 +230,27 @@ class _GRAOFunction(torch.autograd.Function):
         if p.return_entropy:
             entropy = ent.sum() / mask.sum().clamp(min=1)
 
-        ctx.save_for_backward(grad)
+        # Held on ctx, not save_for_backward: backward rescales it in place, which the saved-
+        # tensor version check would reject on a second backward through a retained graph.
+        ctx.grad = grad
         extras = (parts["exploration"], parts["imitation"], parts["alignment"], adv, seq, kl, entropy)
         ctx.mark_non_differentiable(*extras)
         return (loss, *extras)
 
     @staticmethod
     def backward(ctx, d_loss, *_):
-        (grad,) = ctx.saved_tensors
+        grad = ctx.grad
         if grad is None:
             return (None,) * 6
-        # The saved buffer is ours (or the logits the caller gave up with inplace=True):
-        # rescale in place instead of allocating a second [N, T, V] tensor.
-        return grad.mul_(d_loss.to(grad.dtype)), None, None, None, None, None
+        first = getattr(ctx, "first_scale", None)
+        if first is None:
+            # The saved buffer is ours (or the logits the caller gave up with inplace=True):
+            # rescale it in place instead of allocating a second [N, T, V] tensor.
+            ctx.first_scale = d_loss.detach().clone()
+            return grad.mul_(d_loss.to(grad.dtype)), None, None, None, None, None
+        # A retained graph backpropagated again: the buffer already holds grad * first_scale.
+        # (After a first grad_output of exactly 0 the gradient is lost; it comes out NaN.)
+        return grad * (d_loss / first).to(grad.dtype), None, None, None, None, None
 
 
 def grao_loss(

@@ -1,0 +1,198 @@
+"""The fused backends (chunked torch; Triton where it runs) against the float64 reference.
+
+Every case draws fresh random inputs, runs the backend in the input dtype, and compares the loss,
+the three terms, the sequence log-probs and the gradient (under a random ``grad_output``) with
+``backend="reference"`` run in float64 on the same (rounded) inputs.
+"""
+
+import os
+
+import pytest
+import torch
+from tolerances import assert_close
+
+from grao_fast import _torch_ops, grao_loss, token_logprobs
+from grao_fast.loss import triton_available
+
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            not (torch.cuda.is_available() or triton_available(torch.device("cpu"))),
+            reason="Triton needs CUDA or TRITON_INTERPRET=1",
+        ),
+    ),
+]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _batch(b, g, t, v, dtype, *, scale=2.0, ignore_frac=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = b * (g + 1)
+    logits = (torch.randn(n, t, v, generator=gen) * scale).to(dtype)
+    labels = torch.randint(0, v, (n, t), generator=gen)
+    labels[torch.rand(n, t, generator=gen) < ignore_frac] = -100
+    labels[:, 0] = -100  # a prompt position
+    rewards = torch.rand(b, g + 1, generator=gen)
+    return logits.to(DEVICE), labels.to(DEVICE), rewards.to(DEVICE)
+
+
+def _compare(backend, logits, labels, rewards, g, **kw):
+    dtype = logits.dtype
+    grad_out = torch.rand((), device=logits.device) + 0.5
+    extras = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    opts = {k: v for k, v in kw.items() if k not in extras}
+    ref_in = logits.detach().double().requires_grad_()
+    ref = grao_loss(ref_in, labels, rewards.double(), group_size=g, backend="reference",
+                    **opts, **{k: v.double() for k, v in extras.items()})  # fmt: skip
+    (ref.loss * grad_out).backward()
+    x = logits.detach().clone().requires_grad_()
+    out = grao_loss(x, labels, rewards, group_size=g, backend=backend, **kw)
+    (out.loss * grad_out).backward()
+    for field in ("loss", "exploration", "imitation", "alignment", "seq_logps", "advantages"):
+        assert_close(getattr(out, field), getattr(ref, field), dtype, "value")
+    if ref.kl is not None:
+        assert_close(out.kl, ref.kl, dtype, "value")
+    assert_close(x.grad, ref_in.grad, dtype, "grad")
+    ignored = labels == -100
+    assert torch.equal(x.grad[ignored], torch.zeros_like(x.grad[ignored]))
+    assert x.grad.dtype == dtype
+    return out, x.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(backend, dtype):
+    _compare(backend, *_batch(2, 3, 5, 37, dtype), g=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": 0.7},
+        {"reference_in_group": False, "eps": 1e-3},
+        {"terms": ("exploration",)},
+        {"terms": ("imitation", "alignment"), "beta": 0.9, "lam": 0.2},
+        {"return_entropy": True},
+    ],
+    ids=["temperature", "outside-pool", "exploration-only", "no-exploration", "entropy"],
+)
+def test_options(backend, kw):
+    out, _ = _compare(backend, *_batch(2, 2, 4, 29, torch.float32, seed=1), g=2, **kw)
+    if kw.get("return_entropy"):
+        logits, labels, _ = _batch(2, 2, 4, 29, torch.float32, seed=1)
+        logp = torch.log_softmax(logits.double(), -1)
+        mask = labels != -100
+        ent = (-(logp.exp() * logp).sum(-1))[mask].mean()
+        assert_close(out.entropy, ent, torch.float32, "value")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_shape_and_many_chunks(backend, monkeypatch):
+    # rows x vocab not multiples of anything; the torch backend forced to 1-row chunks.
+    monkeypatch.setattr(_torch_ops, "DEFAULT_CHUNK_BYTES", 1)
+    logits, labels, rewards = _batch(1, 2, 7, 507, torch.bfloat16, seed=2)
+    _compare(backend, logits, labels, rewards, g=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extras_kl_and_importance_weights(backend):
+    logits, labels, rewards = _batch(2, 2, 4, 23, torch.float32, seed=3)
+    n, t = labels.shape
+    gen = torch.Generator().manual_seed(4)
+    ref_logps = (-torch.rand(n, t, generator=gen) * 4).to(DEVICE)
+    sampler = (-torch.rand(n, t, generator=gen) * 4).to(DEVICE)
+    _compare(backend, logits, labels, rewards, g=2, kl_coef=0.3, ref_logps=ref_logps)
+    _compare(backend, logits, labels, rewards, g=2, sampler_logps=sampler, is_cap=1.5)
+    _compare(backend, logits, labels, rewards, g=2, sampler_logps=sampler)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_std_groups_and_large_logits(backend):
+    logits, labels, rewards = _batch(3, 2, 4, 31, torch.float32, scale=1e4, seed=5)
+    rewards[1] = 0.25
+    out, grad = _compare(backend, logits, labels, rewards, g=2)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    assert torch.equal(grad[3:6], torch.zeros_like(grad[3:6]))
+    assert torch.equal(out.advantages[1], torch.zeros_like(out.advantages[1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_equals_out_of_place(backend, dtype):
+    logits, labels, rewards = _batch(2, 2, 3, 19, dtype, seed=6)
+    a = logits.clone().requires_grad_()
+    grao_loss(a, labels, rewards, group_size=2, backend=backend).loss.backward()
+    b = logits.clone()  # a non-leaf, as the output of an lm_head would be
+    leaf = b.clone().requires_grad_()
+    view = leaf * 1.0
+    out = grao_loss(view, labels, rewards, group_size=2, backend=backend, inplace=True)
+    out.loss.backward()
+    assert torch.equal(leaf.grad, a.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_forward_and_retained_graph(backend):
+    logits, labels, rewards = _batch(2, 2, 3, 17, torch.float32, seed=7)
+    with torch.no_grad():
+        plain = grao_loss(logits, labels, rewards, group_size=2, backend=backend)
+    x = logits.clone().requires_grad_()
+    out = grao_loss(x, labels, rewards, group_size=2, backend=backend)
+    assert_close(out.loss, plain.loss, torch.float32, "value")
+    (g1,) = torch.autograd.grad(out.loss, x, torch.tensor(2.0, device=DEVICE), retain_graph=True)
+    g1 = g1.clone()
+    (g2,) = torch.autograd.grad(out.loss, x, torch.tensor(3.0, device=DEVICE))
+    assert_close(g2, g1 * 1.5, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_logprobs(backend, dtype):
+    logits, labels, _ = _batch(2, 1, 5, 41, dtype, seed=8)
+    x = logits.clone().requires_grad_()
+    lp = token_logprobs(x, labels, temperature=0.8, backend=backend)
+    assert lp.dtype == torch.float32
+    ref_in = logits.double().requires_grad_()
+    ref = token_logprobs(ref_in, labels, temperature=0.8, backend="reference")
+    assert_close(lp, ref, dtype, "value")
+    w = torch.randn(lp.shape, device=DEVICE)
+    (lp * w).sum().backward()
+    (ref * w.double()).sum().backward()
+    assert_close(x.grad, ref_in.grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("compiling the Triton path needs CUDA (the interpreter is eager-only)")
+    logits, labels, rewards = _batch(2, 2, 3, 13, torch.float32, seed=9)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(x, y, r):
+        out = grao_loss(x, y, r, group_size=2, backend=backend)
+        return out.loss, out.exploration
+
+    x = logits.clone().requires_grad_()
+    loss, _ = step(x, labels, rewards)
+    loss.backward()
+    y = logits.clone().requires_grad_()
+    eager = grao_loss(y, labels, rewards, group_size=2, backend=backend)
+    eager.loss.backward()
+    assert_close(loss, eager.loss, torch.float32, "value")
+    assert_close(x.grad, y.grad, torch.float32, "grad")
+
+
+def test_auto_backend_choice():
+    from grao_fast.loss import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.float32) == "torch"
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            resolve_backend("triton", cpu, torch.float32)

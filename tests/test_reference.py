@@ -1,0 +1,140 @@
+"""The reference implementation against hand-computed values and finite differences."""
+
+import math
+
+import pytest
+import torch
+
+from grao_fast import grao_loss, group_advantages, reference, token_logprobs
+
+
+def _two_token_case():
+    """B=1, G=2, V=2, T=2. Every row's logits are chosen so its log-probs are simple numbers."""
+    l3 = math.log(3.0)
+    logits = torch.tensor(
+        [
+            [[0.0, l3], [0.0, 0.0]],  # sample 1: labels (1, 0) -> log 3/4, log 1/2
+            [[0.0, 0.0], [l3, 0.0]],  # sample 2: labels (0, -100) -> log 1/2 only
+            [[l3, 0.0], [0.0, l3]],  # reference: labels (0, 1) -> log 3/4, log 3/4
+        ],
+        dtype=torch.float64,
+    )
+    labels = torch.tensor([[1, 0], [0, -100], [0, 1]])
+    rewards = torch.tensor([[1.0, 0.0, 2.0]], dtype=torch.float64)
+    j = [
+        (math.log(0.75) + math.log(0.5)) / 2,
+        math.log(0.5),
+        math.log(0.75),
+    ]
+    mu = 1.0
+    sigma = math.sqrt(2.0 / 3.0)
+    return logits, labels, rewards, j, mu, sigma
+
+
+def test_hand_computed_terms():
+    logits, labels, rewards, j, mu, sigma = _two_token_case()
+    eps, beta, lam, g = 1e-6, 0.5, 0.6, 2
+    a = [(r - mu) / (sigma + eps) for r in (1.0, 0.0, 2.0)]
+    exploration = (a[0] * j[0] + a[1] * j[1]) / g
+    imitation = beta * a[2] * j[2]
+    alignment = lam / g * (a[0] * (j[0] - j[2]) + a[1] * (j[1] - j[2]))
+    out = grao_loss(logits, labels, rewards, group_size=g, backend="reference")
+    assert out.exploration.item() == pytest.approx(exploration, rel=1e-12)
+    assert out.imitation.item() == pytest.approx(imitation, rel=1e-12)
+    assert out.alignment.item() == pytest.approx(alignment, rel=1e-12)
+    assert out.loss.item() == pytest.approx(-(exploration + imitation + alignment), rel=1e-12)
+    torch.testing.assert_close(out.seq_logps, torch.tensor(j, dtype=torch.float64))
+    torch.testing.assert_close(out.advantages, torch.tensor([a], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("off", ["exploration", "imitation", "alignment"])
+def test_each_term_switched_off(off):
+    logits, labels, rewards, *_ = _two_token_case()
+    full = grao_loss(logits, labels, rewards, group_size=2, backend="reference")
+    terms = tuple(t for t in reference.TERMS if t != off)
+    out = grao_loss(logits, labels, rewards, group_size=2, terms=terms, backend="reference")
+    assert getattr(out, off).item() == 0.0
+    kept = sum(getattr(full, t).item() for t in terms)
+    assert out.loss.item() == pytest.approx(-kept, rel=1e-12)
+
+
+def test_advantages_population_std_and_reference_outside_pool():
+    r = torch.tensor([[1.0, 2.0, 3.0, 10.0]], dtype=torch.float64)
+    inside = group_advantages(r, eps=0.0)
+    mu, sd = r.mean(), r.std(unbiased=False)
+    torch.testing.assert_close(inside, (r - mu) / sd)
+    outside = group_advantages(r, eps=0.0, reference_in_group=False)
+    mu, sd = r[:, :3].mean(), r[:, :3].std(unbiased=False)
+    torch.testing.assert_close(outside, (r - mu) / sd)
+    flat = torch.full((1, 9), 0.1)
+    assert torch.equal(group_advantages(flat), torch.zeros(1, 9))
+    # pool of equal samples, reference outside: no signal, no (r_y - mu) / eps blow-up
+    assert torch.equal(group_advantages(torch.tensor([[0.3, 0.3, 5.0]]), reference_in_group=False), torch.zeros(1, 3))
+
+
+def test_zero_std_group_has_zero_loss_and_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (6, 5))
+    rewards = torch.tensor([[0.5, 0.5, 0.5], [1.0, 0.0, 0.5]], dtype=torch.float64)
+    out = grao_loss(logits, labels, rewards, group_size=2, backend="reference")
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert torch.equal(logits.grad[:3], torch.zeros_like(logits.grad[:3]))
+    assert logits.grad[3:].abs().sum() > 0
+
+
+def test_row_without_tokens_and_single_group():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (3, 4))
+    labels[1] = -100
+    out = grao_loss(logits, labels, torch.tensor([0.0, 1.0, 2.0]), group_size=2, backend="reference")
+    out.loss.backward()
+    assert out.seq_logps[1].item() == 0.0
+    assert torch.isfinite(out.loss) and torch.isfinite(logits.grad).all()
+    assert torch.equal(logits.grad[1], torch.zeros_like(logits.grad[1]))
+
+
+def test_token_logprobs_temperature_and_ignored():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 3, 6, dtype=torch.float64)
+    labels = torch.tensor([[0, 5, -100], [2, -100, 1]])
+    lp = token_logprobs(logits, labels, temperature=0.7, backend="reference")
+    expected = torch.log_softmax(logits / 0.7, -1)
+    assert lp[0, 2].item() == 0.0 and lp[1, 1].item() == 0.0
+    assert lp[0, 1].item() == pytest.approx(expected[0, 1, 5].item(), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"temperature": 0.7, "reference_in_group": False},
+        {"terms": ("alignment",)},
+        {"kl_coef": 0.2, "use_ref": True},
+        {"is_cap": 1.5, "use_sampler": True},
+    ],
+    ids=["default", "temp-outside", "alignment-only", "kl", "importance"],
+)
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gradcheck_float64(kw, backend):
+    torch.manual_seed(3)
+    b, g, t, v = 2, 2, 3, 5
+    n = b * (g + 1)
+    labels = torch.randint(0, v, (n, t))
+    labels[0, 0] = -100
+    rewards = torch.randn(b, g + 1, dtype=torch.float64)
+    kw = dict(kw)
+    if kw.pop("use_ref", False):
+        kw["ref_logps"] = -torch.rand(n, t, dtype=torch.float64) - 1
+    if kw.pop("use_sampler", False):
+        # The importance weight is held constant (no gradient through it), so finite
+        # differences agree only where it does not move: every weight at its cap here.
+        kw["sampler_logps"] = torch.full((n, t), -30.0, dtype=torch.float64)
+
+    def f(x):
+        return grao_loss(x, labels, rewards, group_size=g, backend=backend, **kw).loss
+
+    x = torch.randn(n, t, v, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x,), check_undefined_grad=False)

@@ -1,0 +1,90 @@
+"""Bad input gets a clear error naming the argument; legal edge cases are not errors."""
+
+import pytest
+import torch
+
+from grao_fast import GRAOLoss, grao_loss, group_advantages, token_logprobs
+
+N, T, V, G = 6, 4, 9, 2
+
+
+def _ok():
+    torch.manual_seed(0)
+    return torch.randn(N, T, V), torch.randint(0, V, (N, T)), torch.randn(N // (G + 1), G + 1)
+
+
+def _call(**over):
+    logits, labels, rewards = _ok()
+    args = {"logits": logits, "labels": labels, "rewards": rewards, "group_size": G, "backend": "torch"}
+    args.update(over)
+    return grao_loss(args.pop("logits"), args.pop("labels"), args.pop("rewards"), **args)
+
+
+@pytest.mark.parametrize(
+    ("over", "exc", "match"),
+    [
+        ({"logits": torch.randn(N, T)}, ValueError, "logits must be 3-D"),
+        ({"labels": torch.zeros(N, T + 1, dtype=torch.long)}, ValueError, "labels must have shape"),
+        ({"logits": torch.randn(N + 1, T, V), "labels": torch.zeros(N + 1, T, dtype=torch.long)}, ValueError, "not divisible by group_size"),
+        ({"rewards": torch.randn(3, 3)}, ValueError, "rewards must have shape"),
+        ({"rewards": torch.randn(N + 3)}, ValueError, "rewards must have shape"),
+        ({"rewards": torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])}, ValueError, "rewards must be finite; row 1"),
+        ({"rewards": torch.tensor([[0.0, 1.0, 1.0], [0.0, float("inf"), 2.0]])}, ValueError, "group 1"),
+        ({"labels": torch.full((N, T), V)}, ValueError, r"outside \[0, 9\)"),
+        ({"labels": torch.full((N, T), -1)}, ValueError, "ignore_index=-100"),
+        ({"logits": torch.randint(0, 3, (N, T, V))}, TypeError, "logits must be float32"),
+        ({"labels": torch.zeros(N, T)}, TypeError, "labels must be int64 or int32"),
+        ({"labels": torch.zeros(N, T, dtype=torch.int16)}, TypeError, "labels must be int64 or int32"),
+        ({"temperature": 0.0}, ValueError, "temperature must be > 0"),
+        ({"temperature": -1.0}, ValueError, "temperature must be > 0"),
+        ({"group_size": 0}, ValueError, "group_size must be >= 1"),
+        ({"group_size": 2.0}, TypeError, "group_size must be an int"),
+        ({"terms": ("exploration", "imitaton")}, ValueError, "unknown term"),
+        ({"terms": "exploration"}, TypeError, "terms must be a sequence"),
+        ({"backend": "cuda"}, ValueError, "backend must be one of"),
+        ({"rewards": torch.randn(2, 3, device="meta")}, ValueError, "rewards is on meta"),
+        ({"labels": torch.zeros(N, T, dtype=torch.long, device="meta")}, ValueError, "labels is on meta"),
+        ({"ref_logps": torch.zeros(N, T + 1), "kl_coef": 0.1}, ValueError, "ref_logps must have shape"),
+        ({"sampler_logps": torch.zeros(N, T, dtype=torch.long)}, TypeError, "sampler_logps must be a floating"),
+        ({"kl_coef": -1.0}, ValueError, "kl_coef must be >= 0"),
+        ({"is_cap": 0.0}, ValueError, "is_cap must be > 0"),
+        ({"logits": [[1.0]]}, TypeError, "logits must be a torch.Tensor"),
+    ],
+)
+def test_errors(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _call(**over)
+
+
+def test_unchecked_out_of_range_label_is_nan_not_a_crash():
+    labels = torch.randint(0, V, (N, T))
+    labels[2, 1] = V + 1000
+    out = _call(labels=labels, check_labels=False)
+    assert torch.isnan(out.loss)
+
+
+def test_other_entry_points_validate():
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), temperature=0)
+    with pytest.raises(ValueError, match="need group_size"):
+        group_advantages(torch.randn(6))
+    with pytest.raises(ValueError, match="group_size=3"):
+        group_advantages(torch.randn(2, 3), group_size=3)
+    with pytest.raises(ValueError, match="unknown term"):
+        GRAOLoss(2, terms=("nope",))
+    with pytest.raises(ValueError, match="backend"):
+        GRAOLoss(2, backend="nope")
+
+
+def test_edge_cases_are_legal():
+    logits, labels, _ = _ok()
+    labels[0] = -100  # a row with no loss tokens
+    rewards = torch.ones(N)  # every group flat
+    out = _call(labels=labels, rewards=rewards)
+    assert out.loss.item() == 0.0
+    assert torch.equal(out.advantages, torch.zeros(2, 3))
+    single = grao_loss(logits[:3], labels[:3], torch.randn(3), group_size=2, backend="torch")
+    assert torch.isfinite(single.loss)
+    mod = GRAOLoss(G, backend="torch")
+    assert torch.isfinite(mod(logits, labels, torch.randn(N)).loss)
+    assert "group_size=2" in repr(mod)
