@@ -1,0 +1,343 @@
+"""The Triton kernels of ``grao_fast.kernels`` against float64 PyTorch written out here.
+
+Runs compiled on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (small shapes: the interpreter
+executes the kernels with NumPy).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = [
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+        reason="Triton needs a CUDA device or TRITON_INTERPRET=1",
+    ),
+    # The interpreter evaluates both sides of tl.where: exp of a -inf shift warns in NumPy.
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+]
+
+from grao_fast.kernels import group_coefficients, token_logprob_grad, token_logprobs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (atol, rtol) of a kernel output stored in this dtype; float32 outputs (logp, entropy) use the
+# float32 entry whatever the logits' dtype (the kernel reads them exactly and accumulates in fp32).
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 1e-2),
+    torch.float16: (1e-6, 2e-3),
+}
+DTYPES = list(TOL)
+
+
+def expected_rows(
+    logits, labels, coef=None, *, temperature=1.0, ignore_index=-100,
+    ref_logps=None, kl_coef=None, sampler_logps=None, is_cap=math.inf,
+):  # fmt: skip
+    """float64 logp [M], entropy [M] and gradient rows [M, V] (None without coef)."""
+    x = logits.double() / temperature
+    v = x.shape[1]
+    ignored = labels == ignore_index
+    valid = (labels >= 0) & (labels < v) & ~ignored
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    log_p = torch.log_softmax(x, dim=-1)
+    p = log_p.exp()
+    logp = log_p.gather(1, safe[:, None])[:, 0]
+    logp = torch.where(valid, logp, torch.full_like(logp, math.nan))
+    logp = torch.where(ignored, torch.zeros_like(logp), logp)
+    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
+    entropy = torch.where(ignored, torch.zeros_like(entropy), entropy)
+    if coef is None:
+        return logp, entropy, None
+    g = coef.double()
+    if sampler_logps is not None:
+        s = sampler_logps.double()
+        w = torch.exp(logp - s).clamp(max=is_cap)
+        g = g * torch.where(torch.isnan(s), torch.ones_like(w), w)
+    if ref_logps is not None:
+        g = g + kl_coef.double() * (1 - torch.exp(ref_logps.double() - logp))
+    g = torch.where(valid, g, torch.zeros_like(g))
+    onehot = torch.nn.functional.one_hot(safe, v).double() * valid[:, None]
+    grad = g[:, None] * (onehot - p) / temperature
+    return logp, entropy, torch.where(valid[:, None], grad, torch.zeros_like(grad))
+
+
+def make_rows(m, v, dtype, *, scale=3.0, row_pad=0, seed=0):
+    """Random logits [m, v] (a view with row stride v + row_pad) and labels [m]."""
+    gen = torch.Generator().manual_seed(seed)
+    full = torch.randn(m, v + row_pad, generator=gen) * scale
+    logits = full.to(device=DEVICE, dtype=dtype)[:, :v]
+    labels = torch.randint(0, v, (m,), generator=gen).to(DEVICE)
+    return logits, labels
+
+
+def assert_close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "m, v, block_v, row_pad",
+    [(7, 507, None, 0), (6, 300, 64, 5)],  # one block; several blocks, ragged tail, row stride
+)
+def test_rows_match_float64(m, v, block_v, row_pad, dtype):
+    logits, labels = make_rows(m, v, dtype, row_pad=row_pad)
+    labels[1] = -100
+    labels[3] = labels[3] % 64 + 64 * (v // 64 - 1)  # the label in a later block
+    coef = torch.randn(m, device=DEVICE)
+    grad = torch.empty(m, v, device=DEVICE, dtype=dtype)
+    logp, ent = token_logprob_grad(
+        logits, labels, coef, temperature=0.7, grad=grad, compute_entropy=True, block_v=block_v
+    )
+    want_logp, want_ent, want_grad = expected_rows(logits, labels, coef, temperature=0.7)
+    assert logp.dtype == ent.dtype == torch.float32
+    assert_close(logp, want_logp, torch.float32)
+    assert_close(ent, want_ent, torch.float32)
+    assert_close(grad, want_grad, dtype)
+    assert torch.all(grad[1] == 0) and logp[1] == 0 and ent[1] == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inplace_equals_out_of_place(dtype):
+    logits, labels = make_rows(5, 200, dtype, row_pad=3)
+    labels[0] = -100
+    coef = torch.randn(5, device=DEVICE)
+    out = torch.empty(5, 200, device=DEVICE, dtype=dtype)
+    logp, _ = token_logprob_grad(logits, labels, coef, temperature=1.3, grad=out, block_v=64)
+    inplace = logits.clone()
+    logp_inplace, _ = token_logprob_grad(
+        inplace, labels, coef, temperature=1.3, grad=inplace, block_v=64
+    )
+    assert torch.equal(logp_inplace, logp)
+    assert torch.equal(inplace, out)
+
+
+@pytest.mark.parametrize("offset, scale", [(1e4, 1.0), (0.0, 1e4)], ids=["shifted", "wide"])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_large_logits_stay_finite_and_exact(offset, scale, temperature):
+    logits, labels = make_rows(4, 300, torch.float32, scale=scale)
+    logits = logits + offset
+    coef = torch.randn(4, device=DEVICE)
+    grad = torch.empty_like(logits)
+    logp, ent = token_logprob_grad(
+        logits, labels, coef, temperature=temperature, grad=grad, compute_entropy=True,
+        block_v=128,
+    )  # fmt: skip
+    want_logp, want_ent, want_grad = expected_rows(logits, labels, coef, temperature=temperature)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+    assert torch.isfinite(grad).all()
+    assert_close(logp, want_logp, torch.float32)
+    assert_close(ent, want_ent, torch.float32)
+    assert_close(grad, want_grad, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kl_and_capped_importance_weights(dtype):
+    m, v = 8, 150
+    logits, labels = make_rows(m, v, dtype)
+    gen = torch.Generator().manual_seed(1)
+    coef = torch.randn(m, generator=gen).to(DEVICE)
+    kl_coef = torch.rand(m, generator=gen).to(DEVICE)
+    want_plain, _, _ = expected_rows(logits, labels)
+    ref_logps = (want_plain + torch.randn(m, generator=gen, dtype=torch.float64).to(DEVICE)).float()
+    # Ratios exp(logp - sampler) from e^-2 to e^2: some above the cap of 2, some below.
+    sampler = (want_plain + torch.linspace(-2, 2, m, dtype=torch.float64, device=DEVICE)).float()
+    sampler[5] = math.nan  # a row that was not sampled: weight 1
+    labels[2] = -100
+    extras = dict(ref_logps=ref_logps, kl_coef=kl_coef, sampler_logps=sampler, is_cap=2.0)
+    grad = torch.empty(m, v, device=DEVICE, dtype=dtype)
+    logp, _ = token_logprob_grad(logits, labels, coef, grad=grad, block_v=64, **extras)
+    want_logp, _, want_grad = expected_rows(logits, labels, coef, **extras)
+    assert_close(logp, want_logp, torch.float32)
+    assert_close(grad, want_grad, dtype)
+    assert torch.all(grad[2] == 0)
+
+
+def test_out_of_range_labels_give_nan_and_zero_gradient():
+    logits, labels = make_rows(5, 100, torch.float32)
+    labels[1], labels[3] = 100, -7  # outside [0, V), not ignore_index
+    labels[4] = -100
+    coef = torch.randn(5, device=DEVICE)
+    grad = torch.full_like(logits, 7.0)
+    logp, ent = token_logprob_grad(
+        logits, labels, coef, grad=grad, compute_entropy=True, block_v=32
+    )
+    want_logp, want_ent, want_grad = expected_rows(logits, labels, coef)
+    assert torch.isnan(logp[[1, 3]]).all()
+    assert torch.all(grad[[1, 3, 4]] == 0)
+    assert_close(logp, want_logp, torch.float32)
+    assert_close(ent, want_ent, torch.float32)
+    assert_close(grad, want_grad, torch.float32)
+
+
+def test_masked_vocabulary_block_is_harmless():
+    logits, labels = make_rows(3, 200, torch.float32)
+    logits[:, :64] = -math.inf  # the whole first block
+    labels = labels % 100 + 100
+    coef = torch.randn(3, device=DEVICE)
+    grad = torch.empty_like(logits)
+    logp, ent = token_logprob_grad(
+        logits, labels, coef, grad=grad, compute_entropy=True, block_v=64
+    )
+    want_logp, want_ent, want_grad = expected_rows(logits, labels, coef)
+    assert_close(logp, want_logp, torch.float32)
+    assert_close(ent, want_ent, torch.float32)
+    assert_close(grad, want_grad, torch.float32)
+
+
+def test_forward_only_and_int32_labels():
+    logits, labels = make_rows(6, 120, torch.bfloat16)
+    labels[0] = 3  # ignore_index is a vocabulary id here
+    logp = token_logprobs(logits, labels.int(), temperature=2.0, ignore_index=3, block_v=64)
+    want_logp, _, _ = expected_rows(logits, labels, temperature=2.0, ignore_index=3)
+    assert_close(logp, want_logp, torch.float32)
+    _, ent = token_logprob_grad(logits, labels, None)
+    assert ent is None
+
+
+def test_empty_rows_launch_nothing():
+    logp, ent = token_logprob_grad(
+        torch.empty(0, 10, device=DEVICE), torch.empty(0, dtype=torch.long, device=DEVICE), None,
+        compute_entropy=True,
+    )  # fmt: skip
+    assert logp.shape == ent.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(logits=torch.zeros(2, 3, 4)), ValueError, "logits"),
+        (dict(logits=torch.zeros(2, 4, dtype=torch.float64)), TypeError, "logits"),
+        (dict(logits=torch.zeros(4, 2).t()), ValueError, "unit stride"),
+        (dict(labels=torch.zeros(2)), TypeError, "labels"),
+        (dict(labels=torch.zeros(3, dtype=torch.long)), ValueError, "labels"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(coef=torch.zeros(2)), ValueError, "grad"),
+        (dict(coef=torch.zeros(2, dtype=torch.long), grad=torch.zeros(2, 4)), TypeError, "coef"),
+        (dict(coef=torch.zeros(2), grad=torch.zeros(2, 5)), ValueError, "grad"),
+        (dict(coef=torch.zeros(2), grad=torch.zeros(2, 4), ref_logps=torch.zeros(2)), ValueError,
+         "kl_coef"),  # fmt: skip
+        (dict(coef=torch.zeros(2), grad=torch.zeros(2, 4), sampler_logps=torch.zeros(2)),
+         ValueError, "is_cap"),  # fmt: skip
+        (dict(sampler_logps=torch.zeros(2), is_cap=2.0), ValueError, "coef"),
+        (dict(block_v=48), ValueError, "block_v"),
+    ],
+)
+def test_row_launcher_rejects_bad_input(kwargs, error, match):
+    args = dict(logits=torch.zeros(2, 4), labels=torch.zeros(2, dtype=torch.long), coef=None)
+    args.update(kwargs)
+    logits, labels, coef = args.pop("logits"), args.pop("labels"), args.pop("coef")
+    with pytest.raises(error, match=match):
+        token_logprob_grad(logits, labels, coef, **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Group kernel
+
+
+def expected_group(rewards, lengths, *, eps, beta, lam, kl_coef, reference_in_group, terms):
+    """float64 advantages and d loss / d J / |s|, the latter by autograd through GRAO_SPEC's loss."""
+    r = rewards.double()
+    b, g1 = r.shape
+    g = g1 - 1
+    pool = r if reference_in_group else r[:, :g]
+    mu = pool.mean(dim=1, keepdim=True)
+    adv = (r - mu) / (((pool - mu) ** 2).mean(dim=1, keepdim=True).sqrt() + eps)
+    j = torch.zeros(b, g1, dtype=torch.float64, requires_grad=True)
+    a_i, a_y = adv[:, :g], adv[:, g]
+    parts = {
+        "exploration": (a_i * j[:, :g]).mean(dim=1),
+        "imitation": beta * a_y * j[:, g],
+        "alignment": (lam / g) * (a_i * (j[:, :g] - j[:, g:])).sum(dim=1),
+    }
+    loss = -sum(parts[t].mean() for t in terms)
+    (d_j,) = torch.autograd.grad(loss, j)
+    n_tok = lengths.double().cpu()
+    inv_len = torch.where(n_tok > 0, 1 / n_tok.clamp(min=1), torch.zeros_like(n_tok))
+    is_sample = torch.arange(b * g1) % g1 != g
+    kl = torch.where(is_sample, kl_coef / (b * g) * inv_len, torch.zeros_like(inv_len))
+    return adv, d_j.reshape(-1) * inv_len, kl
+
+
+ALL_TERMS = ("exploration", "imitation", "alignment")
+
+
+@pytest.mark.parametrize("reference_in_group", [True, False])
+@pytest.mark.parametrize(
+    "terms", [ALL_TERMS, *[tuple(t for t in ALL_TERMS if t != off) for off in ALL_TERMS]],
+    ids=["all", "no-exploration", "no-imitation", "no-alignment"],
+)  # fmt: skip
+def test_group_coefficients_match_float64(reference_in_group, terms):
+    b, g = 4, 5
+    gen = torch.Generator().manual_seed(2)
+    rewards = torch.randn(b, g + 1, generator=gen)
+    rewards[1] = 0.25  # a zero-std group
+    lengths = torch.randint(0, 6, (b * (g + 1),), generator=gen)
+    lengths[[0, 5, 11]] = 0  # empty sample and reference rows
+    opts = dict(eps=1e-6, beta=0.5, lam=0.6, kl_coef=0.05, reference_in_group=reference_in_group)
+    flags = {t: t in terms for t in ALL_TERMS}
+    adv, seq_coef, seq_kl = group_coefficients(rewards.to(DEVICE), lengths.to(DEVICE), **opts, **flags)
+    want_adv, want_coef, want_kl = expected_group(rewards, lengths, terms=terms, **opts)
+    assert adv.dtype == seq_coef.dtype == seq_kl.dtype == torch.float32
+    assert_close(adv.cpu(), want_adv, torch.float32)
+    assert_close(seq_coef.cpu(), want_coef, torch.float32)
+    assert_close(seq_kl.cpu(), want_kl, torch.float32)
+    assert torch.all(seq_coef.cpu()[[0, 5, 11]] == 0)
+
+
+def test_equal_rewards_give_exactly_zero_advantages():
+    g = 8
+    rewards = torch.full((2, g + 1), 0.1)  # a float32 mean of nine 0.1 need not equal 0.1
+    rewards[1, g] = 1.0  # reference outside the pool: normalised with the pool's std of 0
+    lengths = torch.full((2 * (g + 1),), 3.0)
+    for in_group in (True, False):
+        adv, seq_coef, _ = group_coefficients(
+            rewards.to(DEVICE), lengths.to(DEVICE), eps=1e-6, beta=0.5, lam=0.6,
+            reference_in_group=in_group,
+        )  # fmt: skip
+        adv, seq_coef = adv.cpu(), seq_coef.cpu()
+        assert torch.all(adv[0] == 0) and torch.all(seq_coef[: g + 1] == 0)
+    assert torch.all(adv[1, :g] == 0)  # the samples alone are the pool
+    assert adv[1, g] == pytest.approx((1.0 - 0.1) / 1e-6, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rewards, lengths, error",
+    [
+        (torch.zeros(2, 1), torch.zeros(2), ValueError),
+        (torch.zeros(6), torch.zeros(6), ValueError),
+        (torch.zeros(2, 3, dtype=torch.long), torch.zeros(6), TypeError),
+        (torch.zeros(2, 3), torch.zeros(5), ValueError),
+        (torch.zeros(2, 3), torch.zeros(6, dtype=torch.bool), TypeError),
+    ],
+)
+def test_group_launcher_rejects_bad_input(rewards, lengths, error):
+    with pytest.raises(error):
+        group_coefficients(rewards, lengths, eps=1e-6, beta=0.5, lam=0.6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Realistic shape, compiled only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="realistic shape: CUDA only")
+def test_realistic_qwen_vocabulary_bf16():
+    m, v = 64, 151_936
+    logits, labels = make_rows(m, v, torch.bfloat16, scale=4.0)
+    labels[::7] = -100
+    coef = torch.randn(m, device=DEVICE)
+    grad = torch.empty_like(logits)
+    logp, ent = token_logprob_grad(logits, labels, coef, grad=grad, compute_entropy=True)
+    want_logp, want_ent, want_grad = expected_rows(logits, labels, coef)
+    assert_close(logp, want_logp, torch.float32)
+    assert_close(ent, want_ent, torch.float32)
+    assert_close(grad, want_grad, torch.bfloat16)
+    inplace = logits.clone()
+    token_logprob_grad(inplace, labels, coef, grad=inplace)
+    assert torch.equal(inplace, grad)
