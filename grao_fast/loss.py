@@ -247,7 +247,7 @@ class _GRAOFunction(torch.autograd.Function):
             # The saved buffer is ours (or the logits the caller gave up with inplace=True):
             # rescale it in place instead of allocating a second [N, T, V] tensor.
             ctx.first_scale = d_loss.detach().clone()
-            return grad.mul_(d_loss.to(grad.dtype)), None, None, None, None, None
+            return grad.mul_(d_loss), None, None, None, None, None
         # A retained graph backpropagated again: the buffer already holds grad * first_scale.
         # (After a first grad_output of exactly 0 the gradient is lost; it comes out NaN.)
         return grad * (d_loss / first).to(grad.dtype), None, None, None, None, None
