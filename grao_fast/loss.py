@@ -175,82 +175,108 @@ def _row_means(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return values.sum(dim=1) / lengths.clamp(min=1)
 
 
+class Plan(NamedTuple):
+    """What the rewards and labels fix before any logit is read (per token: flattened [N*T])."""
+
+    adv: torch.Tensor  # [B, G+1]
+    mask: torch.Tensor  # [N, T] bool: loss tokens
+    lengths: torch.Tensor  # [N] float: |s|
+    is_sample: torch.Tensor  # [N] bool
+    coef: Optional[torch.Tensor]  # [N*T] d loss / d logp, None without gradient
+    kl_coef: Optional[torch.Tensor]  # [N*T] d loss / d k3, None without KL or gradient
+    ref_logps: Optional[torch.Tensor]  # [N*T], None without KL
+    sampler_logps: Optional[torch.Tensor]  # [N*T], NaN on reference rows; None without IS
+
+
+def plan(labels, rewards, ref_logps, sampler_logps, p: GRAOParams, need_grad: bool) -> Plan:
+    """Advantages and every token's gradient coefficient (GRAO_SPEC.md, "Why one pass")."""
+    n, t = labels.shape
+    mask = labels != p.ignore_index
+    lengths = mask.sum(dim=1).to(rewards.dtype)
+    use_kl = ref_logps is not None and p.kl_coef != 0.0
+    adv, seq_coef, seq_kl = _group_coefficients(
+        rewards, lengths, p.eps, p.beta, p.lam, p.kl_coef if use_kl else 0.0,
+        p.reference_in_group, *(term in p.terms for term in TERMS), p.use_triton,
+    )  # fmt: skip
+    is_sample = (torch.arange(n, device=labels.device) % (p.group_size + 1)) != p.group_size
+    per_token = lambda x: x[:, None].expand(n, t).reshape(-1)  # noqa: E731
+    acc = rewards.dtype
+    s_logps = None
+    if sampler_logps is not None:
+        # Reference rows were not sampled: a NaN sampler log-prob gives them weight 1.
+        s_logps = torch.where(is_sample[:, None], sampler_logps.to(acc), float("nan")).reshape(-1)
+    return Plan(
+        adv=adv,
+        mask=mask,
+        lengths=lengths,
+        is_sample=is_sample,
+        coef=per_token(seq_coef) if need_grad else None,
+        kl_coef=per_token(seq_kl) if need_grad and use_kl else None,
+        ref_logps=ref_logps.to(acc).reshape(-1) if use_kl else None,
+        sampler_logps=s_logps,
+    )
+
+
+def objective(pl: Plan, logp: torch.Tensor, entropy: torch.Tensor, p: GRAOParams) -> tuple:
+    """Loss and reported values from the token log-probs [N, T] (and entropies [N*T])."""
+    seq = _row_means(logp, pl.lengths)  # [N]: J
+    seq_w = seq
+    if pl.sampler_logps is not None:
+        w = torch.exp(logp - pl.sampler_logps.view_as(logp)).clamp(max=p.is_cap)
+        w = torch.where(pl.is_sample[:, None], w, 1.0).masked_fill(~pl.mask, 0.0)
+        seq_w = _row_means(w * logp, pl.lengths)
+    parts = reference.objective_terms(
+        seq_w.view(-1, p.group_size + 1), pl.adv, beta=p.beta, lam=p.lam, terms=p.terms
+    )
+    loss = -(parts["exploration"] + parts["imitation"] + parts["alignment"])
+    kl = logp.new_zeros(())
+    if pl.ref_logps is not None:
+        delta = torch.where(pl.mask, pl.ref_logps.view_as(logp) - logp, 0.0)
+        k3 = _row_means(torch.exp(delta) - delta - 1, pl.lengths)
+        kl = (k3 * pl.is_sample).sum() / pl.is_sample.sum()
+        loss = loss + p.kl_coef * kl
+    ent = logp.new_zeros(())
+    if p.return_entropy:
+        ent = entropy.sum() / pl.mask.sum().clamp(min=1)
+    extras = (parts["exploration"], parts["imitation"], parts["alignment"], pl.adv, seq, kl, ent)
+    return loss, extras
+
+
+def rescale(ctx, d_loss: torch.Tensor) -> list:
+    """Backward of a loss whose gradients were written in forward: ``ctx.grads * d_loss``.
+
+    The buffers are ours, so the first backward rescales them in place (no second copy of a
+    [N, T, V] or [V, H] tensor). They are held on ``ctx``, not ``save_for_backward``, because the
+    saved-tensor version check would reject that on a retained graph's second backward, which
+    gets ``grads * d_loss / first_d_loss`` (NaN if the first ``grad_output`` was exactly 0).
+    """
+    first = getattr(ctx, "first_scale", None)
+    if first is None:
+        ctx.first_scale = d_loss.detach().clone()
+        return [None if g is None else g.mul_(d_loss) for g in ctx.grads]
+    return [None if g is None else g * (d_loss / first).to(g.dtype) for g in ctx.grads]
+
+
 class _GRAOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, rewards, ref_logps, sampler_logps, p: GRAOParams):
         n, t, v = logits.shape
-        g1 = p.group_size + 1
-        mask = labels != p.ignore_index
-        lengths = mask.sum(dim=1).float()  # [N]
-        use_kl = ref_logps is not None and p.kl_coef != 0.0
-        adv, seq_coef, seq_kl = _group_coefficients(
-            rewards, lengths, p.eps, p.beta, p.lam, p.kl_coef if use_kl else 0.0,
-            p.reference_in_group, *(term in p.terms for term in TERMS), p.use_triton,
-        )  # fmt: skip
-        is_sample = (torch.arange(n, device=logits.device) % g1) != p.group_size  # [N]
-
-        flat = lambda x: None if x is None else x.float().reshape(-1)  # noqa: E731
-        # Reference rows were not sampled: a NaN sampler log-prob gives them weight 1.
-        s_logps = None
-        if sampler_logps is not None:
-            s_logps = torch.where(is_sample[:, None], sampler_logps.float(), float("nan"))
         need_grad = ctx.needs_input_grad[0]
-        grad = None
-        coef = kl_coef = None
-        if need_grad:
-            grad = logits if p.inplace else torch.empty_like(logits)
-            coef = seq_coef[:, None].expand(n, t).reshape(-1)
-            kl_coef = seq_kl[:, None].expand(n, t).reshape(-1) if use_kl else None
+        pl = plan(labels, rewards, ref_logps, sampler_logps, p, need_grad)
+        grad = (logits if p.inplace else torch.empty_like(logits)) if need_grad else None
         logp, ent = _token_pass(
-            logits.view(n * t, v), labels.reshape(-1), coef,
-            flat(ref_logps) if use_kl else None, kl_coef, flat(s_logps),
-            None if grad is None else grad.view(n * t, v),
+            logits.view(n * t, v), labels.reshape(-1), pl.coef, pl.ref_logps, pl.kl_coef,
+            pl.sampler_logps, None if grad is None else grad.view(n * t, v),
             p.temperature, p.ignore_index, p.is_cap, p.return_entropy, p.use_triton,
         )  # fmt: skip
-        logp = logp.view(n, t)
-
-        seq = _row_means(logp, lengths)  # [N]: J
-        seq_w = seq
-        if s_logps is not None:
-            w = torch.exp(logp - s_logps).clamp(max=p.is_cap)
-            w = torch.where(is_sample[:, None], w, 1.0).masked_fill(~mask, 0.0)
-            seq_w = _row_means(w * logp, lengths)
-        parts = reference.objective_terms(
-            seq_w.view(-1, g1), adv, beta=p.beta, lam=p.lam, terms=p.terms
-        )
-        loss = -(parts["exploration"] + parts["imitation"] + parts["alignment"])
-        kl = logp.new_zeros(())
-        if use_kl:
-            delta = torch.where(mask, ref_logps.float() - logp, 0.0)
-            kl = (_row_means(torch.exp(delta) - delta - 1, lengths) * is_sample).sum() / (
-                is_sample.sum()
-            )
-            loss = loss + p.kl_coef * kl
-        entropy = logp.new_zeros(())
-        if p.return_entropy:
-            entropy = ent.sum() / mask.sum().clamp(min=1)
-
-        # Held on ctx, not save_for_backward: backward rescales it in place, which the saved-
-        # tensor version check would reject on a second backward through a retained graph.
-        ctx.grad = grad
-        extras = (parts["exploration"], parts["imitation"], parts["alignment"], adv, seq, kl, entropy)
+        loss, extras = objective(pl, logp.view(n, t), ent, p)
+        ctx.grads = (grad,)
         ctx.mark_non_differentiable(*extras)
         return (loss, *extras)
 
     @staticmethod
     def backward(ctx, d_loss, *_):
-        grad = ctx.grad
-        if grad is None:
-            return (None,) * 6
-        first = getattr(ctx, "first_scale", None)
-        if first is None:
-            # The saved buffer is ours (or the logits the caller gave up with inplace=True):
-            # rescale it in place instead of allocating a second [N, T, V] tensor.
-            ctx.first_scale = d_loss.detach().clone()
-            return grad.mul_(d_loss), None, None, None, None, None
-        # A retained graph backpropagated again: the buffer already holds grad * first_scale.
-        # (After a first grad_output of exactly 0 the gradient is lost; it comes out NaN.)
-        return grad * (d_loss / first).to(grad.dtype), None, None, None, None, None
+        return (*rescale(ctx, d_loss), None, None, None, None, None)
 
 
 def grao_loss(
