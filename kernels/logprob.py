@@ -89,7 +89,9 @@ def _token_logprob_grad_kernel(
         offs = start + cols
         x = tl.load(logits_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        scale = tl.exp((m - m_new) * inv_temperature)
+        # exp of the old terms' shift; clamped so the first shift, from the start value, stays
+        # finite (exp(-1e30 / T) is 0 all the same, and the interpreter warns on overflow).
+        scale = tl.exp(tl.maximum(m - m_new, -1e30) * inv_temperature)
         e = tl.exp((x - m_new) * inv_temperature)
         if HAS_ENTROPY:
             # Moving the old terms to the new max: sum e' (x - m_new) = scale * (s + (m - m_new) d).
