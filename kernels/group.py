@@ -16,7 +16,7 @@ from .utils import check_vector
 
 
 @triton.jit
-def _group_coefficients_kernel(
+def _group_coefficients_kernel(  # noqa: PLR0917  (a kernel takes its arguments by position)
     rewards_ptr,  # [B, G+1] f32, contiguous, the reference last
     lengths_ptr,  # [B*(G+1)] int or float: loss tokens of each row
     adv_ptr,  # [B, G+1] f32 out
@@ -48,16 +48,13 @@ def _group_coefficients_kernel(
         pool = samples
         n_pool = G
     mu = tl.sum(tl.where(pool, r, 0.0), axis=0) / n_pool
-    # Equal pool rewards: sigma is exactly 0 and mu exactly their value, so their advantages are
-    # exactly 0 (a float32 mean of equal values need not round back to that value).
-    r_max = tl.max(tl.where(pool, r, float("-inf")), axis=0)
-    r_min = tl.min(tl.where(pool, r, float("inf")), axis=0)
-    flat = r_max == r_min
-    mu = tl.where(flat, r_max, mu)
     diff = tl.where(pool, r - mu, 0.0)
     sigma = tl.sqrt(tl.sum(diff * diff, axis=0) / n_pool)  # population std
-    sigma = tl.where(flat, 0.0, sigma)
-    adv = tl.where(r == mu, 0.0, (r - mu) / (sigma + eps))  # 0, not 0/0, when eps = 0
+    # A pool of equal rewards carries no signal: every member, the reference included, gets
+    # exactly 0 (a float32 mean of equal values need not round back to them; eps may be 0).
+    r_max = tl.max(tl.where(pool, r, float("-inf")), axis=0)
+    flat = r_max == tl.min(tl.where(pool, r, float("inf")), axis=0)
+    adv = tl.where(flat, 0.0, (r - mu) / tl.where(flat, 1.0, sigma + eps))
     tl.store(adv_ptr + base + offs, adv, mask=members)
 
     a_i = tl.where(samples, adv, 0.0)
@@ -105,7 +102,7 @@ def group_coefficients(
             advantage always uses the pool's mean and std.
         exploration, imitation, alignment: which terms of the objective are in the loss.
 
-    A pool of equal rewards has std exactly 0 and its members' advantages are exactly 0.
+    A pool of equal rewards gives advantages exactly 0 to the whole group (reference included).
 
     Returns:
         advantages [B, G+1] float32;

@@ -38,7 +38,7 @@ def default_config(vocab: int, element_size: int) -> tuple[int, int]:
     }
 )
 @triton.jit
-def _token_logprob_grad_kernel(
+def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments by position)
     logits_ptr,  # [M, V] fp32/bf16/fp16, unit stride along V
     stride_logits,  # elements between rows of logits
     labels_ptr,  # [M] int32/int64
@@ -115,7 +115,8 @@ def _token_logprob_grad_kernel(
         if HAS_IS:
             sampler = tl.load(sampler_ptr + row)
             w = tl.minimum(tl.exp(logp - sampler), is_cap)
-            g = g * tl.where(sampler == sampler, w, 1.0)  # NaN: row not sampled, weight 1
+            not_nan = sampler == sampler  # noqa: PLR0124  (False only for NaN)
+            g = g * tl.where(not_nan, w, 1.0)  # NaN: a row that was not sampled, weight 1
         if HAS_KL:
             ref = tl.load(ref_ptr + row)
             g += tl.load(kl_coef_ptr + row) * (1.0 - tl.exp(ref - logp))
