@@ -278,6 +278,7 @@ def test_group_coefficients_match_float64(reference_in_group, terms):
     gen = torch.Generator().manual_seed(2)
     rewards = torch.randn(b, g + 1, generator=gen)
     rewards[1] = 0.25  # a zero-std group
+    rewards[2, :g] = 0.1  # equal samples, a different reference: flat without the reference
     lengths = torch.randint(0, 6, (b * (g + 1),), generator=gen)
     lengths[[0, 5, 11]] = 0  # empty sample and reference rows
     opts = dict(eps=1e-6, beta=0.5, lam=0.6, kl_coef=0.05, reference_in_group=reference_in_group)
