@@ -1,0 +1,273 @@
+"""GRAOTrainer (grao_fast.integrations.trl) against TRL's GRPOTrainer and the reference loss.
+
+A tiny random Qwen2-style model and a character-level tokenizer are written to a temporary
+directory once per module; nothing is downloaded. Generation is replaced by fixed completions
+where a test needs one fixed batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no telemetry or hub look-ups from the trainers
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.trainer.utils import split_tensor_dict  # noqa: E402
+
+import grao_fast  # noqa: E402
+from grao_fast.integrations.trl import GRAOConfig, GRAOTrainer, shuffle_groups  # noqa: E402
+from grao_fast.rewards import position_match  # noqa: E402
+from grao_fast.tiny import build_tiny_model_dir, build_tokenizer  # noqa: E402
+
+PROMPTS = ["reverse 123", "reverse 4567"]
+REFERENCES = ["321", "7654"]
+# Fixed sampled completions, [group][member], of different lengths (the per-row length normalisation
+# matters); "!" marks a completion cut at max_completion_length (no EOS).
+COMPLETIONS = [["3", "32", "12!", "3x21"], ["7645", "76!", "4", "765"]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen2")))
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    return build_tokenizer()
+
+
+def _ids(text: str) -> list[int]:
+    tok = _tokenizer()
+    if text.endswith("!"):
+        return tok(text[:-1], add_special_tokens=False)["input_ids"]
+    return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def _dataset() -> Dataset:
+    return Dataset.from_dict({"prompt": PROMPTS, "reference": REFERENCES})
+
+
+def _trainer(cls: type, model_dir: str, rewards: list[list[float]], args) -> GRPOTrainer:
+    return cls(model_dir, _reward_table(rewards), args=args, train_dataset=_dataset())
+
+
+def _config(cls: type, tmp_path, **overrides) -> GRPOConfig:
+    settings = {
+        "output_dir": str(tmp_path),
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,  # float32 end to end: the comparisons are exact up to float32 rounding
+        "max_completion_length": 5,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": 0,
+    }
+    return cls(**{**settings, **overrides})
+
+
+def _reward_table(rewards: list[list[float]]):
+    """A reward function returning ``rewards[b][i]`` for the fixed completion ``COMPLETIONS[b][i]``;
+    a reference answer gets 1.0."""
+    table = {
+        tuple(_ids(c)): r
+        for group_c, group_r in zip(COMPLETIONS, rewards, strict=True)
+        for c, r in zip(group_c, group_r, strict=True)
+    }
+    table.update({tuple(_ids(ref)): 1.0 for ref in REFERENCES})
+
+    def fixed_reward(completion_ids, **kwargs) -> list[float]:
+        return [table[tuple(ids)] for ids in completion_ids]
+
+    return fixed_reward
+
+
+@pytest.fixture
+def fixed_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRL's sampling returns COMPLETIONS: row ``i`` is member ``i % G`` of group ``i // G``."""
+
+    def generate(self, prompt_ids, images, multimodal_fields, num_generations, *extra):
+        rows = range(len(prompt_ids))
+        return [_ids(COMPLETIONS[i // num_generations][i % num_generations]) for i in rows], None
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", generate)
+
+
+def _fixed_batch(trainer: GRPOTrainer, group: int) -> dict:
+    """The trainer's batch for PROMPTS, each repeated ``group`` times, with fixed generation."""
+    rows = [{"prompt": p, "reference": r} for p, r in zip(PROMPTS, REFERENCES, strict=True)]
+    trainer.model.train()
+    return trainer._generate_and_score_completions([row for row in rows for _ in range(group)])
+
+
+def _gradients(trainer: GRPOTrainer, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Gradient accumulated over ``micro_batches`` as in one optimizer step of the trainer."""
+    trainer.model.zero_grad()
+    trainer.current_gradient_accumulation_steps = len(micro_batches)
+    for batch in micro_batches:
+        trainer._compute_loss(trainer.model, batch).backward()
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Equal up to float32 rounding: every entry within 1e-5 of itself or of its tensor's largest
+    entry (rounding in the backward through the network lands on small entries too)."""
+    assert a.keys() == b.keys() and len(a) > 0
+    for name, expected in b.items():
+        atol = 1e-5 * expected.abs().max().item()
+        torch.testing.assert_close(a[name], expected, rtol=1e-5, atol=atol, msg=name.__add__)
+
+
+# Rewards of the fixed samples for the equivalence test. "group": every group holds the same
+# rewards up to a shift, so all groups share one std. "none": population std exactly 1 per group.
+EQUIVALENCE_REWARDS = {
+    "group": [[0.0, 1.0, 3.0, 4.5], [10.0, 11.0, 13.0, 14.5]],
+    "none": [[0.0, 2.0, 2.0, 0.0], [5.0, 3.0, 3.0, 5.0]],
+}
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "none"])
+def test_exploration_only_matches_trl_grpo(model_dir, tmp_path, fixed_generation, scale_rewards):
+    """GRAO with terms=("exploration",) and reference_in_group=False has TRL's GRPO gradient.
+
+    The two are the same function of the policy under these settings:
+      * TRL ``loss_type="grpo"``: each sequence's token losses averaged over its own length, then
+        the mean over sequences; GRAO's exploration is ``(1/B) sum_b (1/G) sum_i A_i J(o_i)`` with
+        ``J`` the length-normalised log-likelihood: the same weights.
+      * ``beta=0`` (no KL), ``num_iterations=1`` and on-policy batches, so TRL's ratio is exactly 1
+        and its gradient is ``A * grad log pi``; ``use_vllm=False``, so no importance weights.
+      * the same ``temperature`` (0.7) in both.
+      * Advantages: TRL uses ``(r - mean) / (std_unbiased + 1e-4)``, GRAO
+        ``(r - mean) / (std_population + eps)`` over the G samples. With ``scale_rewards="group"``
+        every group has the same rewards up to a shift, and ``eps = std_unbiased + 1e-4 -
+        std_population`` makes the denominators equal. With ``scale_rewards="none"`` TRL uses
+        ``r - mean``, and GRAO with ``eps=0`` matches it on rewards of population std 1.
+    The reference row is in GRAO's batch but carries no weight.
+    """
+    g = 4
+    rewards = EQUIVALENCE_REWARDS[scale_rewards]
+    if scale_rewards == "group":
+        r = torch.tensor(rewards[0], dtype=torch.float64)
+        eps = (r.std(unbiased=True) + 1e-4 - r.std(unbiased=False)).item()
+    else:
+        eps = 0.0
+    common = {"per_device_train_batch_size": 2 * g + 2, "temperature": 0.7, "beta": 0.0}
+    grao = _trainer(
+        GRAOTrainer, model_dir, rewards,
+        _config(GRAOConfig, tmp_path / "grao", num_generations=g + 1, grao_terms=["exploration"],
+                reference_in_group=False, grao_eps=eps, grao_backend="torch", **common),
+    )  # fmt: skip
+    common["per_device_train_batch_size"] = 2 * g
+    grpo = _trainer(
+        GRPOTrainer, model_dir, rewards,
+        _config(GRPOConfig, tmp_path / "grpo", num_generations=g, loss_type="grpo",
+                scale_rewards=scale_rewards, **common),
+    )  # fmt: skip
+    batch = _fixed_batch(grao, g + 1)
+    grad_grao, grad_grpo = _gradients(grao, [batch]), _gradients(grpo, [_fixed_batch(grpo, g)])
+    # The last row of every GRAO group is the tokenised reference answer.
+    for b, ref in enumerate(REFERENCES):
+        row = batch["completion_ids"][b * (g + 1) + g]
+        assert row[batch["completion_mask"][b * (g + 1) + g].bool()].tolist() == _ids(ref)
+    _assert_same_gradients(grad_grao, grad_grpo)
+
+
+GRAO_REWARDS = [[0.0, 0.5, 0.25, 0.0], [0.75, 0.0, 0.5, 0.5]]  # samples; the reference gets 1
+
+
+def _grao_trainer(model_dir: str, path, **overrides) -> GRAOTrainer:
+    g = len(GRAO_REWARDS[0])
+    args = _config(GRAOConfig, path, num_generations=g + 1, per_device_train_batch_size=2 * g + 2,
+                   temperature=0.7, **overrides)  # fmt: skip
+    return _trainer(GRAOTrainer, model_dir, GRAO_REWARDS, args)
+
+
+def test_full_grao_gradient_matches_reference_backend(model_dir, tmp_path, fixed_generation):
+    """The default GRAO loss (all terms, reference in the group) through the trainer gives the
+    gradient of the plain-PyTorch specification (backend="reference")."""
+    grads = {}
+    for backend in ("reference", "torch"):
+        trainer = _grao_trainer(model_dir, tmp_path / backend, grao_backend=backend)
+        batch = _fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)
+        grads[backend] = _gradients(trainer, [batch])
+    expected = torch.tensor([*GRAO_REWARDS[0], 1.0, *GRAO_REWARDS[1], 1.0])
+    torch.testing.assert_close(batch["rewards"], expected)
+    _assert_same_gradients(grads["torch"], grads["reference"])
+
+
+def test_gradient_accumulation_over_groups(model_dir, tmp_path, fixed_generation):
+    """Two micro-batches of one group each, accumulated, give the gradient of one batch of both
+    groups: the loss is a mean over groups divided by the accumulation steps, as in TRL."""
+    trainer = _grao_trainer(model_dir, tmp_path, grao_backend="torch")
+    batch = _fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)
+    whole = _gradients(trainer, [batch])
+    _assert_same_gradients(_gradients(trainer, split_tensor_dict(batch, 2)), whole)
+
+
+@pytest.mark.skipif(not hasattr(grao_fast, "grao_loss_linear"), reason="no grao_loss_linear")
+def test_fused_linear_matches_logits_path(model_dir, tmp_path, fixed_generation):
+    grads = {}
+    for fused in (False, True):
+        trainer = _grao_trainer(model_dir, tmp_path / str(fused), use_fused_linear=fused)
+        grads[fused] = _gradients(trainer, [_fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)])
+    _assert_same_gradients(grads[True], grads[False])
+
+
+def test_two_training_steps_change_the_weights(model_dir, tmp_path):
+    def reward(prompts, completions, reference, **kwargs) -> list[float]:
+        rows = zip(prompts, completions, reference, strict=True)
+        return [position_match(p, c, r) for p, c, r in rows]
+
+    prompts = [f"reverse {n}" for n in (12, 345, 678, 90)]
+    data = Dataset.from_dict({"prompt": prompts, "reference": ["21", "543", "876", "09"]})
+    args = _config(GRAOConfig, tmp_path, num_generations=3, per_device_train_batch_size=6,
+                   gradient_accumulation_steps=2, max_steps=2, max_completion_length=4)  # fmt: skip
+    trainer = GRAOTrainer(model_dir, reward, args, train_dataset=data)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    after = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(after[n].detach(), p) for n, p in before.items())
+    logged = [entry for entry in trainer.state.log_history if "grao/exploration" in entry]
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logged)
+
+
+def test_shuffle_groups_keeps_groups_whole():
+    batch = {"ids": torch.arange(12).reshape(6, 2), "names": list("abcdef")}
+    batch |= {"count": torch.tensor(6), "none": None}
+    out = shuffle_groups(batch, 3)
+    first = out["ids"][:, 0].tolist()
+    assert first in ([0, 2, 4, 6, 8, 10], [6, 8, 10, 0, 2, 4])
+    assert out["names"] == ["abcdef"[i // 2] for i in first]
+    assert out["count"] is batch["count"] and out["none"] is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"per_device_train_batch_size": 2, "steps_per_generation": 3}, "per_device_train"),
+        ({"num_iterations": 2}, "num_iterations"),
+        ({"grao_terms": ["bogus"]}, "grao_terms"),
+        ({"grao_backend": "cuda"}, "grao_backend"),
+        ({"use_vllm": True, "vllm_importance_sampling_mode": "sequence_mask"}, "token_truncate"),
+    ],
+)
+def test_config_rejects_unsupported_settings(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _config(
+            GRAOConfig,
+            tmp_path,
+            num_generations=3,
+            **{"per_device_train_batch_size": 3, **overrides},
+        )
+
+
+def test_trainer_requires_grao_config(model_dir, tmp_path):
+    with pytest.raises(TypeError, match="GRAOConfig"):
+        _trainer(GRAOTrainer, model_dir, GRAO_REWARDS, _config(GRPOConfig, tmp_path))
