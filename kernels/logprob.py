@@ -18,9 +18,9 @@ from .utils import FLOAT_DTYPES, check_power_of_two, check_vector
 
 # Default block: 16 KiB of logits per block (8192 bf16/fp16 or 4096 fp32 values), with 16 warps
 # for 8192-wide blocks (16 values per thread) and 8 below. Sensible Hopper defaults, NOT yet timed
-# on hardware. What was checked: compiled for sm_90 by Triton 3.9 (no launch), every variant uses
-# 64 registers per thread and spills nothing, and loads/stores are 128-bit vectors when V and the
-# row strides are multiples of 16 (Triton specialises such arguments; other V load 16 bits a lane).
+# on hardware. What was checked: compiled for sm_90 by Triton 3.9 (no launch) with every feature
+# on, both defaults use 64 registers per thread and spill nothing, and loads/stores are 128-bit
+# vectors when V and the row strides are multiples of 16 (Triton specialises such arguments).
 _BLOCK_BYTES = 16384
 
 
