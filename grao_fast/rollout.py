@@ -12,6 +12,7 @@ optimizer step (``sync_weights``); the transformers backend samples from the tra
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Protocol
@@ -86,7 +87,12 @@ class VLLMRollout:
         kv_cache_bytes: int = 256 << 20,
     ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # must precede the import
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # no INFO lines at every weight sync
         from vllm import LLM
+
+        # Every reload warns that the rotary embedding's cache (a buffer, not a checkpoint
+        # weight) was not loaded; it is rebuilt from the config, so the warning is noise.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
         self.tokenizer, self.sampling = tokenizer, sampling
         extra = {"kv_cache_memory_bytes": kv_cache_bytes} if not torch.cuda.is_available() else {}
@@ -175,7 +181,7 @@ class HFRollout:
             rollouts.append(Rollout(list(ids), token_ids, texts, sampler))
         model.train(was_training)
         return rollouts
-    
+
     def sync_weights(self, model: torch.nn.Module) -> None:
         if model is not self.model:
             self.model.load_state_dict(model.state_dict())

@@ -1,0 +1,177 @@
+"""The training loop: batch layout, bad input caught before anything is written, short runs with
+both rollout backends, the baselines, gradient accumulation, and exact resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import grao_fast
+from grao_fast.rollout import Rollout
+from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, train
+
+
+def _cfg(tmp_path, **kw) -> TrainConfig:
+    """A short run of the toy task on the transformers backend."""
+    base = dict(output_dir=str(tmp_path / "run"), rollout="hf", steps=2, batch_prompts=2, group_size=3,
+                max_new_tokens=4, checkpoint_every=0, plot=False)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_build_batch_layout():
+    rollouts = [Rollout([1, 2], [[7], [8, 9]], ["a", "b"], [[-0.5], [-0.1, -0.2]]),
+                Rollout([3], [[4, 5, 6], [6]], ["c", "d"], [[-1.0, -2.0, -3.0], [-0.3]])]  # fmt: skip
+    batch = build_batch(rollouts, [[10, 11], [12]], pad_id=0)
+    i = IGNORE
+    expected_ids = [[1, 2, 7, 0], [1, 2, 8, 9], [1, 2, 10, 11], [3, 4, 5, 6], [3, 6, 0, 0], [3, 12, 0, 0]]
+    expected_labels = [[i, 7, i, i], [i, 8, 9, i], [i, 10, 11, i], [4, 5, 6, i], [6, i, i, i], [12, i, i, i]]
+    assert batch["input_ids"].tolist() == expected_ids
+    assert batch["labels"].tolist() == expected_labels
+    assert batch["attention_mask"].tolist() == [[int(t != 0) for t in row] for row in expected_ids]
+    assert batch["sampler_logps"][0].tolist() == [0.0, -0.5, 0.0, 0.0]
+    assert batch["sampler_logps"][3].tolist() == [-1.0, -2.0, -3.0, 0.0]
+    assert batch["sampler_logps"][2].abs().sum() == 0  # reference rows were not sampled
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(group_size=1), ValueError, "group_size: GRAO needs at least 2"),
+        (dict(batch_prompts=3, grad_accum=2), ValueError, "do not split into grad_accum=2"),
+        (dict(model="/nonexistent/model"), FileNotFoundError, "model: no such directory"),
+        (dict(loss="dpo"), ValueError, "loss: expected one of"),
+        (dict(terms="exploration,curiosity"), ValueError, "terms: expected"),
+        (dict(steps=0), ValueError, "steps: must be >= 1"),
+        (dict(data_format="csv"), ValueError, "data_format"),
+    ],
+)
+def test_bad_config_is_rejected_before_anything_is_written(tmp_path, change, error, message):
+    cfg = _cfg(tmp_path, **change)
+    with pytest.raises(error, match=message):
+        check_config(cfg)
+    with pytest.raises(error, match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def _jsonl(tmp_path, lines):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_bad_data_is_rejected_before_anything_is_written(tmp_path):
+    bad = _jsonl(tmp_path, ['{"prompt": "reverse 12", "reference": "21"}', '{"prompt": "reverse 3"}'])
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: missing field 'reference'"):
+        train(_cfg(tmp_path, data=bad))
+    long = _jsonl(tmp_path, ['{"prompt": "reverse 12", "reference": "21"}', '{"prompt": "' + "9" * 60 + '", "reference": "1"}'])
+    with pytest.raises(ValueError, match=r"example 1 is too long: prompt 63 \+ answer 4 tokens > max_length 64"):
+        train(_cfg(tmp_path, data=long, max_length=64))
+    few = _jsonl(tmp_path, ['{"prompt": "reverse 12", "reference": "21"}'])
+    with pytest.raises(ValueError, match=r"batch_prompts \(2\) exceeds the number of examples \(1\)"):
+        train(_cfg(tmp_path, data=few))
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_output_needs_resume_or_overwrite(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="pass --resume or --overwrite"):
+        train(_cfg(tmp_path))
+
+
+def test_short_run_writes_metrics_plot_and_checkpoint(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, model=str(tiny_model_dir), data=_jsonl(tmp_path, [
+        json.dumps({"prompt": f"reverse {n}", "reference": str(n)[::-1]}) for n in (12, 345, 6789)]), plot=True)
+    records = train(cfg)
+    out = tmp_path / "run"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == records and [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert r["reward_reference"] == 1.0 and 0.0 <= r["reward"] <= 1.0
+        assert r["loss"] == pytest.approx(-(r["exploration"] + r["imitation"] + r["alignment"]), abs=1e-5)
+        assert sum(r[f"share_{t}"] for t in ("exploration", "imitation", "alignment")) == pytest.approx(1.0)
+    assert (out / "plot.png").stat().st_size > 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert json.loads((out / "config.json").read_text())["group_size"] == 3
+
+
+@pytest.mark.parametrize("loss", ["grpo", "sft"])
+def test_baselines_run_in_the_same_loop(tmp_path, loss):
+    records = train(_cfg(tmp_path, loss=loss, steps=1))
+    r = records[0]
+    assert torch.isfinite(torch.tensor(r["loss"]))
+    if loss == "grpo":
+        assert r["imitation"] == 0.0 and r["alignment"] == 0.0 and r["loss"] == pytest.approx(-r["exploration"])
+    else:
+        assert r["exploration"] is None and r["loss"] > 0  # NLL of the reference answers
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    return load_file(ckpt / "model.safetensors")
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path):
+    one = _cfg(tmp_path, steps=1, batch_prompts=4, output_dir=str(tmp_path / "one"))
+    r1 = train(one)[0]
+    r2 = train(replace(one, grad_accum=2, output_dir=str(tmp_path / "two")))[0]
+    # grad_norm is the norm of the accumulated gradient before clipping: a wrong micro-batch
+    # weighting would scale it by the number of micro-batches.
+    for key in ("grad_norm", "loss", "exploration", "imitation", "alignment"):
+        assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-6)
+    # Adam's first update is lr * g / (|g| + eps): rounding differences in near-zero gradient
+    # entries move it by a fraction of lr, so weights agree to a small fraction of lr.
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=one.lr * 1e-2, rtol=0)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = _cfg(tmp_path, steps=5, checkpoint_every=2, output_dir=str(tmp_path / "full"))
+    expected = train(full)
+
+    def stop_at_step_3(record):
+        if record["step"] == 3:
+            raise _Interrupt
+
+    parted = replace(full, output_dir=str(tmp_path / "parted"))
+    with pytest.raises(_Interrupt):
+        train(parted, on_step=stop_at_step_3)
+    # Step 3 was logged but not checkpointed: the resumed run drops it and redoes it.
+    assert len((tmp_path / "parted" / "metrics.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(ValueError, match=r"resume: settings differ .*\['lr'\]"):
+        train(replace(parted, resume=True, lr=0.5))
+    resumed = train(replace(parted, resume=True))
+
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert drop(resumed) == drop(expected)
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "parted")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not hasattr(grao_fast, "grao_loss_linear"), reason="grao_loss_linear not in this version")
+def test_fused_linear_matches_logits_path(tmp_path):
+    plain = _cfg(tmp_path, steps=1, output_dir=str(tmp_path / "plain"))
+    fused = replace(plain, fused_linear=True, output_dir=str(tmp_path / "fused"))
+    a, b = train(plain)[0], train(fused)[0]
+    for key in ("loss", "exploration", "imitation", "alignment", "reward"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_short_run_with_vllm_rollouts(tmp_path):
+    pytest.importorskip("vllm")
+    records = train(_cfg(tmp_path, rollout="vllm", steps=3, checkpoint_every=2))
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(0.0 <= r["reward"] <= 1.0 and r["reward_reference"] == 1.0 for r in records)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
