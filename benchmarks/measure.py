@@ -23,44 +23,34 @@ LossFn = Callable[[], torch.Tensor]
 
 @dataclass(frozen=True)
 class Timings:
-    """Medians in milliseconds."""
+    """Medians in milliseconds, and the loss of the last timed call."""
 
     fwd_ms: float  # the loss's forward, graph recorded (fused paths compute gradients here)
     bwd_ms: float  # loss.backward() alone
-    fwdbwd_ms: float  # both
+    fwdbwd_ms: float  # both, from the same calls
+    loss: float
 
 
-class _Stopwatch:
-    """Times regions on ``device``: CUDA events (read after one sync at the end) or wall clock."""
+class _Clock:
+    """Time marks on ``device``: CUDA events (read after one sync at the end) or wall clock."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self._marks: list[tuple[object, object]] = []
 
-    def start(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._marks.append((event, None))
-        else:
-            self._marks.append((time.perf_counter(), None))
+    def mark(self) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
-    def stop(self) -> None:
-        begin, _ = self._marks[-1]
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._marks[-1] = (begin, event)
-        else:
-            self._marks[-1] = (begin, time.perf_counter())
+    def ms(self, begin: object, end: object) -> float:
+        """Milliseconds from ``begin`` to ``end``; on CUDA call after ``torch.cuda.synchronize``."""
+        return begin.elapsed_time(end) if self.cuda else (end - begin) * 1e3
 
-    def median_ms(self) -> float:
+    def sync(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()  # the one sync: all events are recorded by now
-            times = [begin.elapsed_time(end) for begin, end in self._marks]
-        else:
-            times = [(end - begin) * 1e3 for begin, end in self._marks]
-        return statistics.median(times)
+            torch.cuda.synchronize()
 
 
 def _clear_grads(leaves: list[torch.Tensor]) -> None:
@@ -79,24 +69,31 @@ def warm_up(loss_fn: LossFn, leaves: list[torch.Tensor], calls: int) -> None:
 def time_loss(
     loss_fn: LossFn, leaves: list[torch.Tensor], device: torch.device, *, warmup: int, reps: int
 ) -> Timings:
-    """Forward, backward and forward+backward medians of ``loss_fn`` (gradients cleared between)."""
+    """Forward, backward and forward+backward medians of ``loss_fn`` over ``reps`` calls.
+
+    Each call is marked three times (before the forward, between, after the backward), so the
+    three medians come from the same calls; gradients are cleared between calls, untimed.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
     warm_up(loss_fn, leaves, warmup)
-    fwd, bwd, both = _Stopwatch(device), _Stopwatch(device), _Stopwatch(device)
+    clock, marks = _Clock(device), []
     for _ in range(reps):
         _clear_grads(leaves)
-        fwd.start()
+        start = clock.mark()
         loss = loss_fn()
-        fwd.stop()
-        bwd.start()
+        middle = clock.mark()
         loss.backward()
-        bwd.stop()
-        del loss
-        _clear_grads(leaves)
-        both.start()
-        loss_fn().backward()
-        both.stop()
+        marks.append((start, middle, clock.mark()))
+    clock.sync()  # the one sync: every mark is recorded by now
+    value = float(loss.detach())
     _clear_grads(leaves)
-    return Timings(fwd.median_ms(), bwd.median_ms(), both.median_ms())
+    return Timings(
+        fwd_ms=statistics.median(clock.ms(a, b) for a, b, _ in marks),
+        bwd_ms=statistics.median(clock.ms(b, c) for _, b, c in marks),
+        fwdbwd_ms=statistics.median(clock.ms(a, c) for a, _, c in marks),
+        loss=value,
+    )
 
 
 def _rss_bytes() -> int | None:
@@ -164,12 +161,14 @@ def peak_memory(loss_fn: LossFn, leaves: list[torch.Tensor], device: torch.devic
 def _median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int) -> float:
     for _ in range(warmup):
         fn()
-    watch = _Stopwatch(device)
+    clock = _Clock(device)
+    marks = []
     for _ in range(reps):
-        watch.start()
+        start = clock.mark()
         fn()
-        watch.stop()
-    return watch.median_ms()
+        marks.append((start, clock.mark()))
+    clock.sync()
+    return statistics.median(clock.ms(a, b) for a, b in marks)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, *, warmup: int, reps: int) -> float:

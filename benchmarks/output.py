@@ -154,6 +154,8 @@ def markdown(result: dict) -> str:
         "(2 N T V bytes per element size); `% of copy` divides it by the measured copy bandwidth.",
         "- TFLOP/s counts the three GEMMs (6 M V H FLOPs); `GEMMs / row time` is the bare GEMMs' "
         "time over the row's forward+backward time (1.0 = no overhead beyond the GEMMs).",
+        "- Fused rows (grao-fast, Liger fused-linear) write the gradient during the forward; "
+        "their backward only rescales it, so compare them on forward+backward.",
         "- Peak memory is what one forward+backward allocates beyond its inputs, gradients "
         "included" + ("." if cuda else "; on CPU it is the resident-set growth, approximate."),
         f"- Plot: [{result['slug']}.png]({result['slug']}.png)",

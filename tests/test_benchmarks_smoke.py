@@ -1,0 +1,83 @@
+"""The benchmark report runs end to end on a tiny CPU shape and writes its three files.
+
+It runs ``python -m benchmarks`` from the repository root, as a user would. The compiled rows
+(torch.compile, cut-cross-entropy's torch_compile, Liger's compiled loss) are left out to keep
+this under half a minute; the CUDA-only rows are kept and must come back skipped on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [
+    "reference",
+    "trl_style",
+    "torch",
+    "triton",
+    "liger_grpo",
+    "reference_linear",
+    "grao_linear",
+]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_help_lists_the_options() -> None:
+    done = _run("--help")
+    assert done.returncode == 0, done.stderr
+    for option in ("--quick", "--rows", "--tokens", "--sweep", "--out"):
+        assert option in done.stdout
+
+
+def test_unknown_row_is_a_clear_error() -> None:
+    done = _run("--quick", "--rows", "reference,nonsense", "--device", "cpu")
+    assert done.returncode != 0
+    assert "nonsense" in done.stderr
+
+
+def test_quick_report_writes_md_json_png(tmp_path: Path) -> None:
+    done = _run("--quick", "--device", "cpu", "--rows", ",".join(ROWS), "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (json_path,) = tmp_path.glob("*.json")
+    result = json.loads(json_path.read_text())
+    assert result["device_type"] == "cpu"
+    assert result["torch"] and result["date"] and result["copy_bandwidth_bytes_per_s"] > 0
+
+    (table,) = result["tables"]
+    assert table["problem"]["tokens"] == 144 and table["gemm_ms"] > 0
+    entries = {e["name"]: e for e in table["rows"]}
+    assert sorted(entries) == sorted(ROWS)
+    for name in ("triton", "liger_grpo"):  # CUDA only
+        assert entries[name]["status"] == "skipped" and "CUDA" in entries[name]["reason"]
+    measured = [e for e in entries.values() if e["status"] == "ok"]
+    assert {"reference", "trl_style", "reference_linear"} <= {e["name"] for e in measured}
+    for e in measured:
+        for key in ("fwd_ms", "bwd_ms", "fwdbwd_ms", "speedup"):
+            assert math.isfinite(e[key]) and e[key] > 0, (e["name"], key, e[key])
+        # Every row here computes GRAO on the same inputs: the loss must match the reference.
+        assert e["loss_rel_diff"] < 1e-5, (e["name"], e["loss_rel_diff"])
+        roof = "copy_fraction" if e["path"] == "logits" else "gemm_fraction"
+        assert e[roof] > 0
+    assert entries["reference"]["speedup"] == 1.0
+
+    sweep = result["sweep"]
+    assert sweep["tokens"] == [72, 144]
+    assert all(len(peaks) == 2 for peaks in sweep["peak_bytes"].values())
+
+    markdown = json_path.with_suffix(".md").read_text()
+    assert "| reference (plain PyTorch) | GRAO |" in markdown and "not GRAO" in markdown
+    assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
