@@ -4,6 +4,7 @@ The loss of arXiv 2508.07750 (Eq. 2-4) as fused kernels that read the logits onc
 hidden -> lm_head path, and a slim training loop on vLLM rollouts. See GRAO_SPEC in the docs.
 """
 
+from .linear import grao_loss_linear
 from .loss import GRAOLoss, GRAOOutput, grao_loss, group_advantages, token_logprobs
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "GRAOLoss",
     "GRAOOutput",
     "grao_loss",
+    "grao_loss_linear",
     "group_advantages",
     "token_logprobs",
     "__version__",

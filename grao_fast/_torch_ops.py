@@ -72,24 +72,27 @@ def token_logprob_grad(
     logp = torch.empty(m, dtype=acc, device=logits.device)
     entropy = torch.empty_like(logp) if compute_entropy else None
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    rows = max(1, budget // (8 * v))  # two float32 [rows, V] buffers per chunk
+    rows = max(1, budget // (8 * v))  # at most two float32 [rows, V] buffers per chunk
     inv_t = 1.0 / temperature
     for start in range(0, m, rows):
         sl = slice(start, min(start + rows, m))
-        x = logits[sl].to(acc) * inv_t  # [r, V] float32 (float64 for float64 logits)
         lab = labels[sl]
         ignored = lab == ignore_index
         in_range = (lab >= 0) & (lab < v)
         safe = torch.where(in_range, lab, torch.zeros_like(lab)).long()
-        lse = torch.logsumexp(x, dim=-1)
-        lp = x.gather(1, safe[:, None]).squeeze(1) - lse
-        lp = torch.where(in_range, lp, torch.full_like(lp, float("nan")))
+        # One [r, V] working buffer, transformed in place: x -> x - max -> exp -> p -> grad.
+        y = logits[sl].to(acc) * inv_t
+        picked = y.gather(1, safe[:, None]).squeeze(1)
+        mx = y.amax(dim=-1)
+        y.sub_(mx[:, None])
+        e = y.exp() if entropy is not None else y.exp_()
+        total = e.sum(dim=-1)
+        lse = mx + torch.log(total)
+        lp = torch.where(in_range, picked - lse, torch.full_like(lse, float("nan")))
         lp = torch.where(ignored, torch.zeros_like(lp), lp)
         logp[sl] = lp
-        if entropy is not None or grad is not None:
-            p = torch.exp(x - lse[:, None])  # [r, V]
-        if entropy is not None:
-            ent = lse - (p * x).sum(dim=-1)
+        if entropy is not None:  # -sum p log p = log S - sum e (x - max) / S
+            ent = torch.log(total) - torch.linalg.vecdot(e, y) / total
             entropy[sl] = torch.where(ignored, torch.zeros_like(ent), ent)
         if grad is not None:
             g = _per_token_scale(
@@ -99,12 +102,11 @@ def token_logprob_grad(
                 None if kl_coef is None else kl_coef[sl],
                 None if sampler_logps is None else sampler_logps[sl],
                 is_cap,
-            )
-            g = g.to(acc)
+            ).to(acc)
             g = torch.where(in_range & ~ignored, g * inv_t, torch.zeros_like(g))
-            d = p.mul_(-g[:, None])
+            d = e.mul_((-g / total)[:, None])  # -g * softmax
             d.scatter_add_(1, safe[:, None], g[:, None])
-            grad[sl] = d.to(grad.dtype)
+            grad[sl] = d
     return logp, entropy
 
 

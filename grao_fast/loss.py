@@ -356,8 +356,8 @@ def grao_loss(
             entropy = (-(logp.exp() * logp).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
         kl = r.kl if ref_logps is not None and kl_coef != 0.0 else None
         return GRAOOutput(r.loss, r.exploration, r.imitation, r.alignment, r.advantages, r.seq_logps, kl, entropy)
-    if which == "triton" or logits.dtype != torch.float64:
-        rewards = rewards.float()
+    # Coefficients and log-probs in float32, float64 for float64 logits (exact tests).
+    rewards = rewards.double() if logits.dtype == torch.float64 else rewards.float()
     params = GRAOParams(
         group_size=group_size, beta=float(beta), lam=float(lam), temperature=float(temperature),
         ignore_index=int(ignore_index), eps=float(eps), reference_in_group=bool(reference_in_group),
