@@ -219,23 +219,55 @@ def test_fused_linear_matches_logits_path(model_dir, tmp_path, fixed_generation)
     _assert_same_gradients(grads[True], grads[False])
 
 
-def test_two_training_steps_change_the_weights(model_dir, tmp_path):
+class RecordingGRAOTrainer(GRAOTrainer):
+    """Keeps every micro-batch the loss sees."""
+
+    def _compute_loss(self, model, inputs):
+        self.seen = [*getattr(self, "seen", []), inputs]
+        return super()._compute_loss(model, inputs)
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_two_training_steps_change_the_weights(model_dir, tmp_path, conversational):
+    """Two optimizer steps of two accumulated micro-batches through TRL's own loop. Every micro-
+    batch holds whole groups, the reference answer of the group's prompt last."""
+
     def reward(prompts, completions, reference, **kwargs) -> list[float]:
         rows = zip(prompts, completions, reference, strict=True)
-        return [position_match(p, c, r) for p, c, r in rows]
+        return [position_match(_text(p), _text(c), _text(r)) for p, c, r in rows]
 
-    prompts = [f"reverse {n}" for n in (12, 345, 678, 90)]
-    data = Dataset.from_dict({"prompt": prompts, "reference": ["21", "543", "876", "09"]})
+    digits = ["12", "345", "678", "90"]
+    prompts, references = [f"reverse {d}" for d in digits], [d[::-1] for d in digits]
+    if conversational:
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
+        references = [[{"role": "assistant", "content": r}] for r in references]
+    data = Dataset.from_dict({"prompt": prompts, "reference": references})
     args = _config(GRAOConfig, tmp_path, num_generations=3, per_device_train_batch_size=6,
                    gradient_accumulation_steps=2, max_steps=2, max_completion_length=4)  # fmt: skip
-    trainer = GRAOTrainer(model_dir, reward, args, train_dataset=data)
+    trainer = RecordingGRAOTrainer(model_dir, reward, args, train_dataset=data)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
-    assert trainer.state.global_step == 2
+
+    assert trainer.state.global_step == 2 and len(trainer.seen) == 4
     after = dict(trainer.model.named_parameters())
     assert all(not torch.equal(after[n].detach(), p) for n, p in before.items())
     logged = [entry for entry in trainer.state.log_history if "grao/exploration" in entry]
     assert len(logged) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logged)
+    tok = _tokenizer()
+    for batch in trainer.seen:
+        prompts = tok.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+        answers = tok.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+        assert (
+            len(prompts) == 6
+            and prompts[0:3] == [prompts[0]] * 3
+            and prompts[3:] == [prompts[3]] * 3
+        )
+        for row in (2, 5):  # the last member of each group: "reverse 345" -> "543"
+            assert answers[row] == prompts[row].split("reverse ")[-1][::-1]
 
 
 def test_shuffle_groups_keeps_groups_whole():
