@@ -84,7 +84,7 @@ def _table(table: dict, path: str, memory_note: str) -> list[str]:
         return []
     roof = ["GB/s", "% of copy"] if path == "logits" else ["TFLOP/s", "GEMMs / row time"]
     head = ["row", "computes", "fwd ms", "bwd ms", "fwd+bwd ms", f"peak MiB{memory_note}",
-            "speed-up", *roof, "loss Δ"]  # fmt: skip
+            "speed-up vs reference", *roof, "loss Δ"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     skipped = []
     for e in entries:
@@ -140,11 +140,17 @@ def markdown(result: dict) -> str:
                       f"{gemm:,.2f} ms)", "", *linear]  # fmt: skip
     sweep = result.get("sweep")
     if sweep:
-        lines += ["", f"## Peak memory (MiB{memory_note}) of one forward+backward", ""]
+        lines += [
+            "",
+            f"## Peak memory (MiB{memory_note}) of one forward+backward",
+            "",
+        ]
         head = ["row", *[f"{t:,}" for t in sweep["tokens"]]]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, peaks in sweep["peak_bytes"].items():
             lines.append("| " + " | ".join([sweep["labels"][name], *map(_mib, peaks)]) + " |")
+        if sweep["failures"]:
+            lines += ["", "Blank cells:", "", *(f"- {failure}" for failure in sweep["failures"])]
     lines += [
         "",
         "## Notes",

@@ -154,7 +154,7 @@ def _roofline(
     }
 
 
-def _measure_row(row: Row, inputs: Inputs, settings: Settings, device: torch.device) -> dict:
+def _measure_row(inputs: Inputs, row: Row, settings: Settings, device: torch.device) -> dict:
     loss_fn = row.build(inputs)
     leaves = inputs.leaves()
     timings = measure.time_loss(loss_fn, leaves, device, warmup=settings.warmup, reps=settings.reps)
@@ -165,13 +165,22 @@ def _measure_row(row: Row, inputs: Inputs, settings: Settings, device: torch.dev
     }
 
 
-def _run_guarded(fn, *args) -> dict:
-    """Runs one measurement; an error (out of memory included) becomes the row's status."""
+def _run_guarded(fn, inputs: Inputs, *args) -> dict:
+    """Runs one measurement; running out of device memory or an error becomes the row's status.
+
+    Out of memory is an outcome at large shapes ("oom"); any other error ("error") makes the
+    report exit with status 1 once its files are written.
+    """
     try:
-        return fn(*args)
+        return fn(inputs, *args)
+    except torch.cuda.OutOfMemoryError:
+        return {"status": "oom", "reason": "out of device memory"}
     except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return {"status": "error", "reason": f"{type(err).__name__}: {first_line[:200]}"}
+    finally:
+        for leaf in inputs.leaves():
+            leaf.grad = None
 
 
 def run_tables(
@@ -198,7 +207,7 @@ def run_tables(
                 reason = row.skip_reason(device)
                 result = {"status": "skipped", "reason": reason}
                 if reason is None:
-                    result = _run_guarded(_measure_row, row, inputs, settings, device)
+                    result = _run_guarded(_measure_row, inputs, row, settings, device)
                     _free(device)
                 results[row.name] = result
                 table["rows"].append(
@@ -242,6 +251,7 @@ def run_sweep(settings: Settings, rows: list[Row], device: torch.device) -> dict
     """Peak memory of one forward+backward (after one warm-up) per row and token count."""
     active = [row for row in rows if row.skip_reason(device) is None]
     peaks: dict[str, list[int | None]] = {row.name: [] for row in active}
+    failures: list[str] = []
     problems = [settings.problem(tokens) for tokens in settings.sweep]
     with tqdm(total=len(problems) * len(active), desc="memory sweep", unit="run") as bar:
         for problem in problems:
@@ -251,17 +261,21 @@ def run_sweep(settings: Settings, rows: list[Row], device: torch.device) -> dict
                     continue
                 inputs = make_inputs(problem, device, path=path, seed=settings.seed)
                 for row in path_rows:
-                    result = _run_guarded(_sweep_point, row, inputs, device)
+                    result = _run_guarded(_sweep_point, inputs, row, device)
                     peaks[row.name].append(result.get("peak_bytes"))
+                    if "reason" in result:
+                        failures.append(
+                            f"{row.name} at {problem.tokens} tokens: {result['reason']}"
+                        )
                     _free(device)
                     bar.update()
                 del inputs
                 _free(device)
-    return {"tokens": [p.tokens for p in problems], "peak_bytes": peaks,
+    return {"tokens": [p.tokens for p in problems], "peak_bytes": peaks, "failures": failures,
             "labels": {row.name: row.label for row in active}}  # fmt: skip
 
 
-def _sweep_point(row: Row, inputs: Inputs, device: torch.device) -> dict:
+def _sweep_point(inputs: Inputs, row: Row, device: torch.device) -> dict:
     loss_fn = row.build(inputs)
     leaves = inputs.leaves()
     measure.warm_up(loss_fn, leaves, 1)
