@@ -170,6 +170,49 @@ def _(rewards, lengths, eps, beta, lam, kl_coef, reference_in_group, exploration
     return torch.empty(rewards.shape, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
 
 
+def token_pass_3d(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    coef: Optional[torch.Tensor],
+    ref_logps: Optional[torch.Tensor],
+    kl_coef: Optional[torch.Tensor],
+    sampler_logps: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    is_cap: float,
+    compute_entropy: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_token_pass` over logits [N, T, V] of any strides with a unit-stride last dim.
+
+    A slice such as ``model_logits[:, :-1]`` is not one [N*T, V] matrix; it is passed one
+    sequence at a time (each ``[T, V]`` with its own row stride) instead of being copied.
+    The per-token tensors are [N*T]; ``grad`` is [N, T, V]. Returns (logp [N*T], entropy).
+    """
+    n, t, v = logits.shape
+    flat = n == 1 or logits.stride(0) == t * logits.stride(1)
+    flat_grad = grad is None or n == 1 or grad.stride(0) == t * grad.stride(1)
+    if flat and flat_grad:
+        view = lambda x: x.as_strided((n * t, v), (x.stride(1), 1))  # noqa: E731
+        return _token_pass(
+            view(logits), labels.reshape(-1), coef, ref_logps, kl_coef, sampler_logps,
+            None if grad is None else view(grad),
+            temperature, ignore_index, is_cap, compute_entropy, use_triton,
+        )  # fmt: skip
+    logps, ents = [], []
+    piece = lambda x, i: None if x is None else x[i * t : (i + 1) * t]  # noqa: E731
+    for i in range(n):
+        lp, e = _token_pass(
+            logits[i], labels[i], piece(coef, i), piece(ref_logps, i), piece(kl_coef, i),
+            piece(sampler_logps, i), None if grad is None else grad[i],
+            temperature, ignore_index, is_cap, compute_entropy, use_triton,
+        )  # fmt: skip
+        logps.append(lp)
+        ents.append(e)
+    return torch.cat(logps), torch.cat(ents)
+
+
 def _row_means(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """values [N, T] (0 at ignored tokens) -> per-row mean over ``lengths`` [N], 0 if empty."""
     return values.sum(dim=1) / lengths.clamp(min=1)
@@ -263,10 +306,11 @@ class _GRAOFunction(torch.autograd.Function):
         n, t, v = logits.shape
         need_grad = ctx.needs_input_grad[0]
         pl = plan(labels, rewards, ref_logps, sampler_logps, p, need_grad)
-        grad = (logits if p.inplace else torch.empty_like(logits)) if need_grad else None
-        logp, ent = _token_pass(
-            logits.view(n * t, v), labels.reshape(-1), pl.coef, pl.ref_logps, pl.kl_coef,
-            pl.sampler_logps, None if grad is None else grad.view(n * t, v),
+        grad = None
+        if need_grad:
+            grad = logits if p.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        logp, ent = token_pass_3d(
+            logits, labels, pl.coef, pl.ref_logps, pl.kl_coef, pl.sampler_logps, grad,
             p.temperature, p.ignore_index, p.is_cap, p.return_entropy, p.use_triton,
         )  # fmt: skip
         loss, extras = objective(pl, logp.view(n, t), ent, p)
@@ -336,6 +380,10 @@ def grao_loss(
     )  # fmt: skip
     check_logits_labels(logits, labels)
     n, t, v = logits.shape
+    if logits.stride(-1) != 1:
+        if inplace:
+            raise ValueError("inplace=True needs logits with a unit stride along the vocabulary")
+        logits = logits.contiguous()
     rewards = check_rewards(rewards, n, group_size, logits.device)
     check_token_tensor(ref_logps, "ref_logps", labels.shape, logits.device)
     check_token_tensor(sampler_logps, "sampler_logps", labels.shape, logits.device)
@@ -380,8 +428,8 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature: float, ignore_index: int, use_triton: bool):
         n, t, v = logits.shape
-        logp, _ = _token_pass(
-            logits.view(n * t, v), labels.reshape(-1), None, None, None, None, None,
+        logp, _ = token_pass_3d(
+            logits, labels, None, None, None, None, None,
             temperature, ignore_index, float("inf"), False, use_triton,
         )  # fmt: skip
         ctx.save_for_backward(logits, labels)
@@ -393,10 +441,9 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, labels = ctx.saved_tensors
         temperature, ignore_index, use_triton = ctx.opts
         n, t, v = logits.shape
-        grad = torch.empty_like(logits)
-        _token_pass(
-            logits.view(n * t, v), labels.reshape(-1), d_logp.float().reshape(-1),
-            None, None, None, grad.view(n * t, v),
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        token_pass_3d(
+            logits, labels, d_logp.float().reshape(-1), None, None, None, grad,
             temperature, ignore_index, float("inf"), False, use_triton,
         )  # fmt: skip
         return grad, None, None, None, None
@@ -420,6 +467,8 @@ def token_logprobs(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     check_logits_labels(logits, labels)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
     if check_labels:
         check_label_range(labels, logits.shape[-1], ignore_index)
     which = resolve_backend(backend, logits.device, logits.dtype)

@@ -135,6 +135,26 @@ def test_inplace_equals_out_of_place(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_sliced_logits_are_not_copied_or_misread(backend):
+    # model_logits[:, :-1] is not one [N*T, V] matrix: rows of different sequences are T+1 apart.
+    logits, labels, rewards = _batch(2, 2, 5, 23, torch.float32, seed=10)
+    full = torch.cat([logits, torch.randn_like(logits[:, :1]) * 50], dim=1)
+    for inplace in (False, True):
+        leaf = full.clone().requires_grad_()
+        sliced = (leaf * 1.0)[:, :-1]
+        out = grao_loss(sliced, labels, rewards, group_size=2, backend=backend, inplace=inplace)
+        out.loss.backward()
+        x = logits.clone().requires_grad_()
+        ref = grao_loss(x, labels, rewards, group_size=2, backend=backend)
+        ref.loss.backward()
+        assert_close(out.loss, ref.loss, torch.float32, "value")
+        assert torch.equal(leaf.grad[:, :-1], x.grad)
+        assert torch.equal(leaf.grad[:, -1], torch.zeros_like(leaf.grad[:, -1]))
+    lp = token_logprobs(full[:, :-1], labels, backend=backend)
+    assert torch.equal(lp, token_logprobs(logits, labels, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_forward_and_retained_graph(backend):
     logits, labels, rewards = _batch(2, 2, 3, 17, torch.float32, seed=7)
     with torch.no_grad():
