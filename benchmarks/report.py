@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import gc
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from benchmarks import measure, output
 from benchmarks.problems import DTYPES, Inputs, Problem, make_inputs, problem_for_tokens
-from benchmarks.rows import BASELINES, Row, select_rows
+from benchmarks.rows import BASELINES, ROWS, Row, select_rows
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # Presets. The CUDA shapes are the issue's: Qwen-like vocabulary, bf16, 8k and 32k tokens,
 # hidden 3,584. The CPU shapes finish in a few minutes on two cores.
@@ -101,9 +104,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=_positive, help="timed calls; the median is reported")
     parser.add_argument("--copy-mib", type=_positive, help="size of the copy-bandwidth tensor, MiB")
     parser.add_argument(
-        "--rows", help="comma-separated row names (default: all); see benchmarks/rows.py"
+        "--rows",
+        help="comma-separated rows to run (default: all): " + ", ".join(row.name for row in ROWS),
     )
-    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser.add_argument(
+        "--out", default=str(RESULTS), help="output folder (default: benchmarks/results/)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     return parser.parse_args(argv)
 
