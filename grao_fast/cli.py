@@ -50,9 +50,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kind = _scalar_type(hints[f.name])
         text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
         else:
-            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
+            parser.add_argument(
+                flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text
+            )
 
 
 def build_dataclass(cls: type, args: argparse.Namespace, config_file: str | None = None):
@@ -75,7 +79,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         description="GRAO training loop: rollouts -> rewards -> GRAO loss -> AdamW -> weight sync. "
         "Settings come from the defaults, then --config, then the flags.",
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (flags override it)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file of settings (flags override it)"
+    )
     add_dataclass_arguments(parser, TrainConfig)
     parser.set_defaults(func=run_train)
 
@@ -95,7 +101,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="grao-fast", description="Fast GRAO training (arXiv 2508.07750).")
+    parser = argparse.ArgumentParser(
+        prog="grao-fast", description="Fast GRAO training (arXiv 2508.07750)."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

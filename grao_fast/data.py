@@ -42,7 +42,9 @@ def parse_hh(chosen: str) -> Example:
     return Example(prompt=prompt, reference=reference)
 
 
-def _example_from_record(record: object, where: str, fmt: str, prompt_field: str, reference_field: str) -> Example:
+def _example_from_record(
+    record: object, where: str, fmt: str, prompt_field: str, reference_field: str
+) -> Example:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     fields = ("chosen",) if fmt == "hh" else (prompt_field, reference_field)
@@ -50,7 +52,9 @@ def _example_from_record(record: object, where: str, fmt: str, prompt_field: str
         if name not in record:
             raise ValueError(f"{where}: missing field {name!r} (has {sorted(record)})")
         if not isinstance(record[name], str):
-            raise ValueError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
+            raise ValueError(
+                f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}"
+            )
     if fmt == "hh":
         try:
             return parse_hh(record["chosen"])
@@ -65,7 +69,11 @@ def _check_format(fmt: str) -> None:
 
 
 def load_jsonl(
-    path: str | Path, *, fmt: str = "plain", prompt_field: str = "prompt", reference_field: str = "reference"
+    path: str | Path,
+    *,
+    fmt: str = "plain",
+    prompt_field: str = "prompt",
+    reference_field: str = "reference",
 ) -> list[Example]:
     """Read one JSON object per line. ``fmt="plain"``: fields ``prompt_field`` and
     ``reference_field``; ``fmt="hh"``: an HH-RLHF ``chosen`` field (see :func:`parse_hh`).
@@ -123,7 +131,9 @@ class PromptSampler:
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int) -> None:
         if batch_size > len(examples):
-            raise ValueError(f"batch_prompts ({batch_size}) exceeds the number of examples ({len(examples)})")
+            raise ValueError(
+                f"batch_prompts ({batch_size}) exceeds the number of examples ({len(examples)})"
+            )
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self._orders: dict[int, list[int]] = {}
 

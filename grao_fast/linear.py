@@ -158,7 +158,7 @@ def grao_loss_linear(
         raise ValueError(f"bias must be a [V] = [{v}] tensor on {weight.device}")
     if not chunk_bytes > 0:
         raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
-    rewards = check_rewards(rewards, n, group_size, hidden.device)
+    rewards = check_rewards(rewards, n, group_size, hidden.device, finite=check_labels)
     check_token_tensor(ref_logps, "ref_logps", labels.shape, hidden.device)
     check_token_tensor(sampler_logps, "sampler_logps", labels.shape, hidden.device)
     if check_labels:

@@ -367,8 +367,9 @@ def grao_loss(
             ``min(pi / pi_sampler, is_cap)`` (held constant), given the sampler's log-probs [N, T].
         inplace: overwrite ``logits`` with the gradient (saves one [N, T, V] buffer; ``logits``
             must not be used afterwards, and the graph can be backpropagated once).
-        check_labels: verify label range on the host (one device sync). An out-of-range label
-            is never read out of bounds either way: unchecked, it makes the loss NaN.
+        check_labels: verify on the host that labels are in range and rewards finite (a
+            device sync; off in the sync-free fast path). An out-of-range label is never read
+            out of bounds either way: unchecked, it makes the loss NaN.
         return_entropy: also report the mean token entropy.
 
     Returns:
@@ -384,7 +385,7 @@ def grao_loss(
         if inplace:
             raise ValueError("inplace=True needs logits with a unit stride along the vocabulary")
         logits = logits.contiguous()
-    rewards = check_rewards(rewards, n, group_size, logits.device)
+    rewards = check_rewards(rewards, n, group_size, logits.device, finite=check_labels)
     check_token_tensor(ref_logps, "ref_logps", labels.shape, logits.device)
     check_token_tensor(sampler_logps, "sampler_logps", labels.shape, logits.device)
     if check_labels:

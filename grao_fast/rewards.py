@@ -30,7 +30,7 @@ def position_match(prompt: str, completion: str, reference: str) -> float:
     longest = max(len(completion), len(reference))
     if longest == 0:
         return 1.0
-    return sum(a == b for a, b in zip(completion, reference)) / longest
+    return sum(a == b for a, b in zip(completion, reference, strict=False)) / longest
 
 
 def exact_match(prompt: str, completion: str, reference: str) -> float:
@@ -68,12 +68,18 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompt: str, completion: str, reference: str) -> float:
-        enc = self.tokenizer(prompt + completion, return_tensors="pt", truncation=True, max_length=self.max_length)
+        enc = self.tokenizer(
+            prompt + completion, return_tensors="pt", truncation=True, max_length=self.max_length
+        )
         logits = self.model(**enc.to(self.device)).logits  # [1, num_labels]
         return float(logits[0, 0])
 
 
-BUILT_IN: dict[str, RewardFn] = {"position_match": position_match, "exact": exact_match, "token_f1": token_f1}
+BUILT_IN: dict[str, RewardFn] = {
+    "position_match": position_match,
+    "exact": exact_match,
+    "token_f1": token_f1,
+}
 
 
 def get_reward(spec: str) -> RewardFn:
@@ -82,7 +88,9 @@ def get_reward(spec: str) -> RewardFn:
     if spec.startswith("rm:"):
         return RewardModel(spec[3:])
     if spec not in BUILT_IN:
-        raise ValueError(f"reward: unknown {spec!r}; expected one of {sorted(BUILT_IN)} or 'rm:<path>'")
+        raise ValueError(
+            f"reward: unknown {spec!r}; expected one of {sorted(BUILT_IN)} or 'rm:<path>'"
+        )
     return BUILT_IN[spec]
 
 
@@ -99,7 +107,10 @@ def _checked(reward: RewardFn, prompt: str, completion: str, reference: str, whe
 
 
 def score_groups(
-    reward: RewardFn, prompts: Sequence[str], completions: Sequence[Sequence[str]], references: Sequence[str]
+    reward: RewardFn,
+    prompts: Sequence[str],
+    completions: Sequence[Sequence[str]],
+    references: Sequence[str],
 ) -> torch.Tensor:
     """Rewards ``[B, G+1]`` float32: the ``G`` completions of each query, then the reference
     scored against itself (the row layout of ``grao_loss``).
@@ -110,7 +121,9 @@ def score_groups(
     if not len(prompts) == len(completions) == len(references):
         raise ValueError("prompts, completions and references must have the same length")
     rows = []
-    for b, (prompt, group, reference) in enumerate(zip(prompts, completions, references)):
+    for b, (prompt, group, reference) in enumerate(
+        zip(prompts, completions, references, strict=True)
+    ):
         row = []
         for i, text in enumerate([*group, reference]):
             who = "the reference" if i == len(group) else f"sample {i}"

@@ -92,7 +92,9 @@ class VLLMRollout:
 
         # Every reload warns that the rotary embedding's cache (a buffer, not a checkpoint
         # weight) was not loaded; it is rebuilt from the config, so the warning is noise.
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(
+            logging.ERROR
+        )
 
         self.tokenizer, self.sampling = tokenizer, sampling
         extra = {"kv_cache_memory_bytes": kv_cache_bytes} if not torch.cuda.is_available() else {}
@@ -112,17 +114,25 @@ class VLLMRollout:
         s = self.sampling
         params = [
             SamplingParams(
-                n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, logprobs=0, seed=seed + j
+                n=s.n,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                logprobs=0,
+                seed=seed + j,
             )
             for j in range(len(prompts))
         ]
         requests = [{"prompt_token_ids": ids} for ids in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         rollouts = []
-        for ids, out in zip(prompts, outputs):
+        for ids, out in zip(prompts, outputs, strict=True):
             samples = sorted(out.outputs, key=lambda o: o.index)
             token_ids = [list(o.token_ids) for o in samples]
-            logps = [[step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids)] for o in samples]
+            logps = [
+                [step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids, strict=True)]
+                for o in samples
+            ]
             texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
             rollouts.append(Rollout(list(ids), token_ids, texts, logps))
         return rollouts
@@ -130,7 +140,9 @@ class VLLMRollout:
     def sync_weights(self, model: torch.nn.Module) -> None:
         # Device sync: the tensors are read by the engine's workers; in-process they share memory.
         weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+        )
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
 
@@ -171,7 +183,9 @@ class HFRollout:
                 )
             new = out.sequences[:, len(ids) :].tolist()  # device sync: ids to the host
             # Raw logits of each step [n, V]; processed like vLLM's: log_softmax(logits / T).
-            logps = torch.stack(out.logits, dim=1).float().div(s.temperature).log_softmax(-1)  # [n, steps, V]
+            logps = (
+                torch.stack(out.logits, dim=1).float().div(s.temperature).log_softmax(-1)
+            )  # [n, steps, V]
             token_ids, sampler = [], []
             for i, row in enumerate(new):
                 kept = _cut_at_eos(row, self.eos_ids)

@@ -17,7 +17,12 @@ import torch
 from grao_fast.data import Example
 
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz :.,?!'-"
-SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+SPECIAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+}
 ROLE_TOKENS = ("<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -92,17 +97,18 @@ def build_tiny_model_dir(path: str | Path, *, seed: int = 0) -> Path:
 
 @dataclass(frozen=True)
 class ReverseTask:
-    """Reverse a string of ``min_digits``..``max_digits`` random digits: ``"reverse 123"`` -> ``"321"``."""
+    """Reverse ``min_digits``..``max_digits`` random digits: ``"reverse 123"`` -> ``"321"``."""
 
     min_digits: int = 3
     max_digits: int = 5
 
     def example(self, rng: random.Random) -> Example:
-        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(self.min_digits, self.max_digits)))
+        digits = "".join(
+            rng.choice("0123456789") for _ in range(rng.randint(self.min_digits, self.max_digits))
+        )
         return Example(prompt=f"reverse {digits}", reference=digits[::-1])
 
     def examples(self, count: int, seed: int) -> list[Example]:
         """``count`` examples, a pure function of ``seed``."""
         rng = random.Random(seed)
         return [self.example(rng) for _ in range(count)]
-

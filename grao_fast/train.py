@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,33 +52,55 @@ class TrainConfig:
 
     name: str = _f("toy-reverse", "run name; the output goes to runs/<name> unless --output-dir")
     output_dir: str | None = _f(None, "output directory (metrics.jsonl, plot, checkpoints)")
-    model: str | None = _f(None, "Hugging Face causal-LM directory; default: build the tiny local model")
-    data: str = _f("reverse", "'reverse' (built-in toy task), a .jsonl file, or hf:<dataset name or path>")
-    data_format: str = _f("plain", "'plain' (prompt/reference fields) or 'hh' (HH-RLHF 'chosen' dialogues)")
+    model: str | None = _f(
+        None, "Hugging Face causal-LM directory; default: build the tiny local model"
+    )
+    data: str = _f(
+        "reverse", "'reverse' (built-in toy task), a .jsonl file, or hf:<dataset name or path>"
+    )
+    data_format: str = _f(
+        "plain", "'plain' (prompt/reference fields) or 'hh' (HH-RLHF 'chosen' dialogues)"
+    )
     prompt_field: str = _f("prompt", "JSONL field / dataset column holding the prompt")
-    reference_field: str = _f("reference", "JSONL field / dataset column holding the reference answer")
+    reference_field: str = _f(
+        "reference", "JSONL field / dataset column holding the reference answer"
+    )
     split: str = _f("train", "dataset split for hf: data")
-    reward: str = _f("position_match", "position_match, exact, token_f1, or rm:<reward model directory>")
+    reward: str = _f(
+        "position_match", "position_match, exact, token_f1, or rm:<reward model directory>"
+    )
     loss: str = _f("grao", "grao, grpo (exploration only, reference out of the statistics) or sft")
-    terms: str = _f("exploration,imitation,alignment", "GRAO terms kept (comma list; ablations drop one)")
+    terms: str = _f(
+        "exploration,imitation,alignment", "GRAO terms kept (comma list; ablations drop one)"
+    )
     beta: float = _f(0.5, "imitation weight (paper: 0.5)")
     lam: float = _f(0.6, "alignment weight (paper: 0.6)")
-    kl_coef: float = _f(0.0, "k3 KL penalty to the initial policy (0: off, no reference model kept)")
-    is_cap: float | None = _f(None, "cap of the truncated importance weight vs the sampler (off if unset)")
+    kl_coef: float = _f(
+        0.0, "k3 KL penalty to the initial policy (0: off, no reference model kept)"
+    )
+    is_cap: float | None = _f(
+        None, "cap of the truncated importance weight vs the sampler (off if unset)"
+    )
     steps: int = _f(120, "optimizer steps")
     batch_prompts: int = _f(8, "prompts (groups) per optimizer step, B")
     group_size: int = _f(8, "sampled completions per prompt, G (paper: 8)")
     grad_accum: int = _f(1, "micro-batches per step (B must be divisible by it)")
-    lr: float = _f(1e-3, "AdamW learning rate (paper: 1e-6 for 7B models; the tiny toy model needs far more)")
+    lr: float = _f(
+        1e-3, "AdamW learning rate (paper: 1e-6 for 7B models; the tiny toy model needs far more)"
+    )
     weight_decay: float = _f(0.01, "AdamW weight decay (paper: 0.01)")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    temperature: float = _f(1.0, "sampling temperature; the loss scores tokens at the same temperature")
+    temperature: float = _f(
+        1.0, "sampling temperature; the loss scores tokens at the same temperature"
+    )
     top_p: float = _f(1.0, "nucleus sampling")
     max_new_tokens: int = _f(8, "most tokens per sampled completion")
     max_length: int = _f(128, "context limit: prompt + answer tokens (also vLLM's max_model_len)")
     rollout: str = _f("auto", "auto (vllm when installed), vllm, or hf (transformers generate)")
-    fused_linear: bool = _f(False, "fused hidden->lm_head loss (grao_loss_linear) instead of logits")
+    fused_linear: bool = _f(
+        False, "fused hidden->lm_head loss (grao_loss_linear) instead of logits"
+    )
     seed: int = _f(0, "seed of the data order, sampling and the tiny model's initial weights")
     checkpoint_every: int = _f(50, "checkpoint every K steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk")
@@ -96,7 +118,11 @@ RESUME_MAY_DIFFER = {"steps", "resume", "overwrite", "plot", "checkpoint_every",
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise ``ValueError`` naming the first bad setting (before anything is loaded or written)."""
-    choices = {"loss": ("grao", "grpo", "sft"), "rollout": ("auto", "vllm", "hf"), "data_format": ("plain", "hh")}
+    choices = {
+        "loss": ("grao", "grpo", "sft"),
+        "rollout": ("auto", "vllm", "hf"),
+        "data_format": ("plain", "hh"),
+    }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
@@ -104,11 +130,14 @@ def check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
-        raise ValueError(f"group_size: GRAO needs at least 2 samples per prompt, got {cfg.group_size}")
+        raise ValueError(
+            f"group_size: GRAO needs at least 2 samples per prompt, got {cfg.group_size}"
+        )
     if cfg.batch_prompts % cfg.grad_accum:
         raise ValueError(
             f"group_size/batch: {cfg.batch_prompts} groups per step do not split into grad_accum="
-            f"{cfg.grad_accum} micro-batches of whole groups; make batch_prompts a multiple of grad_accum"
+            f"{cfg.grad_accum} micro-batches of whole groups; make batch_prompts a multiple "
+            "of grad_accum"
         )
     unknown = set(_terms(cfg)) - set(TERMS)
     if unknown or not _terms(cfg):
@@ -133,24 +162,40 @@ def load_examples(cfg: TrainConfig) -> list[Example]:
     if cfg.data == "reverse":
         return ReverseTask().examples(10_000, seed=cfg.seed)
     if cfg.data.startswith("hf:"):
-        return load_hf(cfg.data[3:], split=cfg.split, fmt=cfg.data_format,
-                       prompt_field=cfg.prompt_field, reference_field=cfg.reference_field)  # fmt: skip
-    return load_jsonl(cfg.data, fmt=cfg.data_format, prompt_field=cfg.prompt_field, reference_field=cfg.reference_field)
+        return load_hf(
+            cfg.data[3:],
+            split=cfg.split,
+            fmt=cfg.data_format,
+            prompt_field=cfg.prompt_field,
+            reference_field=cfg.reference_field,
+        )
+    return load_jsonl(
+        cfg.data,
+        fmt=cfg.data_format,
+        prompt_field=cfg.prompt_field,
+        reference_field=cfg.reference_field,
+    )
 
 
 def check_lengths(examples: list[Example], tokenizer, cfg: TrainConfig) -> None:
     """Every prompt plus its longest answer (a sample or the reference) must fit ``max_length``."""
     for i, ex in enumerate(examples):
         prompt = len(encode_prompt(tokenizer, ex.prompt))
-        answer = max(cfg.max_new_tokens, len(tokenizer(ex.reference, add_special_tokens=False)["input_ids"]) + 1)
+        answer = max(
+            cfg.max_new_tokens,
+            len(tokenizer(ex.reference, add_special_tokens=False)["input_ids"]) + 1,
+        )
         if prompt + answer > cfg.max_length:
             raise ValueError(
-                f"data: example {i} is too long: prompt {prompt} + answer {answer} tokens > max_length "
+                f"data: example {i} is too long: prompt {prompt} + answer {answer} tokens "
+                f"> max_length "
                 f"{cfg.max_length} (prompt starts {ex.prompt[:40]!r})"
             )
 
 
-def build_batch(rollouts: list[Rollout], references: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def build_batch(
+    rollouts: list[Rollout], references: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
     """Rows ``[sample_1 .. sample_G, reference]`` per group, right-padded.
 
     Returns input_ids/attention_mask [N, L] and the shifted labels/sampler_logps [N, L]:
@@ -158,8 +203,11 @@ def build_batch(rollouts: list[Rollout], references: list[list[int]], pad_id: in
     column always), so the model's full logits [N, L, V] line up without slicing or copying.
     """
     rows, logps = [], []
-    for r, ref in zip(rollouts, references):
-        for ids, lp in [*zip(r.completion_ids, r.sampler_logps), (ref, [0.0] * len(ref))]:
+    for r, ref in zip(rollouts, references, strict=True):
+        for ids, lp in [
+            *zip(r.completion_ids, r.sampler_logps, strict=True),
+            (ref, [0.0] * len(ref)),
+        ]:
             rows.append((r.prompt_ids, ids))
             logps.append(lp)
     length = max(len(p) + len(a) for p, a in rows)
@@ -167,23 +215,33 @@ def build_batch(rollouts: list[Rollout], references: list[list[int]], pad_id: in
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
     sampler = torch.zeros(len(rows), length)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for n, ((prompt, answer), lp) in enumerate(zip(rows, logps)):
+    for n, ((prompt, answer), lp) in enumerate(zip(rows, logps, strict=True)):
         p, a = len(prompt), len(answer)
         input_ids[n, : p + a] = torch.tensor(prompt + answer)
         mask[n, : p + a] = 1
         labels[n, p - 1 : p + a - 1] = torch.tensor(answer)
         sampler[n, p - 1 : p + a - 1] = torch.tensor(lp)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "sampler_logps": sampler}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "sampler_logps": sampler,
+    }
 
 
-def policy_loss(cfg: TrainConfig, model, ref_model, batch: dict[str, torch.Tensor], rewards: torch.Tensor):
+def policy_loss(
+    cfg: TrainConfig, model, ref_model, batch: dict[str, torch.Tensor], rewards: torch.Tensor
+):
     """The step's loss on one micro-batch of whole groups; returns a ``GRAOOutput``-like record
     (for SFT only ``loss`` is set)."""
     g, labels = cfg.group_size, batch["labels"]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if cfg.loss == "sft":  # NLL of the reference rows (every (G+1)-th), mean over their tokens
         ref_rows = slice(g, None, g + 1)
-        logits = model(input_ids=inputs["input_ids"][ref_rows], attention_mask=inputs["attention_mask"][ref_rows]).logits
+        logits = model(
+            input_ids=inputs["input_ids"][ref_rows],
+            attention_mask=inputs["attention_mask"][ref_rows],
+        ).logits
         logp = grao_fast.token_logprobs(logits, labels[ref_rows], temperature=cfg.temperature)
         return {"loss": -logp.sum() / (labels[ref_rows] != IGNORE).sum().clamp(min=1)}
     ref_logps = None
@@ -192,13 +250,22 @@ def policy_loss(cfg: TrainConfig, model, ref_model, batch: dict[str, torch.Tenso
             ref_logits = ref_model(**inputs).logits
             ref_logps = grao_fast.token_logprobs(ref_logits, labels, temperature=cfg.temperature)
     options = dict(
-        group_size=g, beta=cfg.beta, lam=cfg.lam, temperature=cfg.temperature, terms=_terms(cfg),
-        reference_in_group=cfg.loss != "grpo", kl_coef=cfg.kl_coef, ref_logps=ref_logps,
-        sampler_logps=batch["sampler_logps"] if cfg.is_cap is not None else None, is_cap=cfg.is_cap,
-    )  # fmt: skip
+        group_size=g,
+        beta=cfg.beta,
+        lam=cfg.lam,
+        temperature=cfg.temperature,
+        terms=_terms(cfg),
+        reference_in_group=cfg.loss != "grpo",
+        kl_coef=cfg.kl_coef,
+        ref_logps=ref_logps,
+        sampler_logps=batch["sampler_logps"] if cfg.is_cap is not None else None,
+        is_cap=cfg.is_cap,
+    )
     if cfg.fused_linear:
         hidden = model.get_decoder()(**inputs).last_hidden_state  # [N, L, H]
-        out = grao_fast.grao_loss_linear(hidden, model.lm_head.weight, labels, rewards, bias=model.lm_head.bias, **options)
+        out = grao_fast.grao_loss_linear(
+            hidden, model.lm_head.weight, labels, rewards, bias=model.lm_head.bias, **options
+        )
     else:
         out = grao_fast.grao_loss(model(**inputs).logits, labels, rewards, **options)
     return out._asdict()
@@ -210,7 +277,9 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, keep: int) -> Path:
+def save_checkpoint(
+    out: Path, step: int, model, tokenizer, optimizer, scheduler, *, keep: int
+) -> Path:
     """Write ``checkpoints/step-XXXXXX`` atomically: into a hidden temporary directory, then one
     rename, so a crash leaves either the whole checkpoint or none."""
     root = out / "checkpoints"
@@ -218,8 +287,12 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state()}  # fmt: skip
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
@@ -239,7 +312,9 @@ def prepare_output(cfg: TrainConfig) -> Path | None:
     saved = out / "config.json"
     if cfg.resume and saved.exists():
         before = json.loads(saved.read_text())
-        changed = sorted(k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and before.get(k) != v)
+        changed = sorted(
+            k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and before.get(k) != v
+        )
         if changed:
             raise ValueError(f"resume: settings differ from the run in {out}: {changed}")
         return latest_checkpoint(out)
@@ -269,6 +344,12 @@ def plot_metrics(records: list[dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot(steps, [r["reward"] for r in records], label="samples (mean)")
     left.plot(steps, [r["reward_reference"] for r in records], label="reference", linestyle="--")
+    left.plot(
+        steps,
+        [r["solved"] for r in records],
+        label="samples as good as the reference",
+        linewidth=0.8,
+    )
     left.set(xlabel="step", ylabel="reward", title="reward")
     left.legend()
     if records and records[0].get("exploration") is not None:
@@ -306,7 +387,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(checkpoint or model_dir, dtype=torch.float32, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint or model_dir, dtype=torch.float32, attn_implementation=attn
+    )
     model.to(device).train()
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef else None
     if ref_model is not None and checkpoint:
@@ -322,45 +405,85 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
     metrics_path = out / "metrics.jsonl"
-    records = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    records = (
+        [json.loads(x) for x in metrics_path.read_text().splitlines()]
+        if metrics_path.exists()
+        else []
+    )
     records = [r for r in records if r["step"] <= start]  # drop steps after the checkpoint
     _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
-    sampling = SamplingConfig(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
-    use_vllm = cfg.rollout == "vllm" or (cfg.rollout == "auto" and importlib.util.find_spec("vllm") is not None)
+    sampling = SamplingConfig(
+        n=cfg.group_size,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_tokens=cfg.max_new_tokens,
+    )
+    use_vllm = cfg.rollout == "vllm" or (
+        cfg.rollout == "auto" and importlib.util.find_spec("vllm") is not None
+    )
     if use_vllm:
-        engine = VLLMRollout(str(model_dir), tokenizer, sampling, max_model_len=cfg.max_length, seed=cfg.seed,
-                             dtype="bfloat16" if cuda else "float32")  # fmt: skip
+        engine = VLLMRollout(
+            str(model_dir),
+            tokenizer,
+            sampling,
+            max_model_len=cfg.max_length,
+            seed=cfg.seed,
+            dtype="bfloat16" if cuda else "float32",
+        )
         if checkpoint:
-            engine.sync_weights(model)  # the engine loaded the initial weights: re-sync to the resumed ones
+            engine.sync_weights(
+                model
+            )  # the engine loaded the initial weights: re-sync to the resumed ones
     else:
         engine = HFRollout(model, tokenizer, sampling)
     eos = [tokenizer.eos_token_id]
     micro = cfg.batch_prompts // cfg.grad_accum
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=cfg.name, dynamic_ncols=True)
+    bar = tqdm(
+        range(start + 1, cfg.steps + 1),
+        initial=start,
+        total=cfg.steps,
+        desc=cfg.name,
+        dynamic_ncols=True,
+    )
     with metrics_path.open("a") as log:
         for step in bar:
             t0 = time.perf_counter()
             batch_examples = sampler.batch(step - 1)
             prompts = [encode_prompt(tokenizer, ex.prompt) for ex in batch_examples]
-            refs = [tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + eos for ex in batch_examples]
-            rollouts = engine.generate(prompts, seed=(cfg.seed * 1_000_003 + step) * cfg.batch_prompts)
-            rewards = score_groups(reward_fn, [ex.prompt for ex in batch_examples],
-                                   [r.completions for r in rollouts], [ex.reference for ex in batch_examples])  # fmt: skip
+            refs = [
+                tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + eos
+                for ex in batch_examples
+            ]
+            rollouts = engine.generate(
+                prompts, seed=(cfg.seed * 1_000_003 + step) * cfg.batch_prompts
+            )
+            rewards = score_groups(
+                reward_fn,
+                [ex.prompt for ex in batch_examples],
+                [r.completions for r in rollouts],
+                [ex.reference for ex in batch_examples],
+            )
 
             optimizer.zero_grad(set_to_none=True)
             parts = {k: 0.0 for k in ("loss", *TERMS)}
             for lo in range(0, cfg.batch_prompts, micro):
-                batch = build_batch(rollouts[lo : lo + micro], refs[lo : lo + micro], tokenizer.pad_token_id)
+                batch = build_batch(
+                    rollouts[lo : lo + micro], refs[lo : lo + micro], tokenizer.pad_token_id
+                )
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    result = policy_loss(cfg, model, ref_model, batch, rewards[lo : lo + micro].to(device))
+                    result = policy_loss(
+                        cfg, model, ref_model, batch, rewards[lo : lo + micro].to(device)
+                    )
                 # Loss normalisation: each micro-batch's loss is a mean over its `micro` groups;
                 # weighting by micro / B makes the accumulated gradient that of the mean over all B.
                 (result["loss"] * (micro / cfg.batch_prompts)).backward()
                 for k in parts:
                     if result.get(k) is not None:
-                        parts[k] += float(result[k].detach()) * micro / cfg.batch_prompts  # device sync (logging)
+                        parts[k] += (
+                            float(result[k].detach()) * micro / cfg.batch_prompts
+                        )  # device sync (logging)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -374,9 +497,10 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
                 **parts,
                 "grad_norm": grad_norm.item(),  # device sync
                 "lr": scheduler.get_last_lr()[0],
-                "completion_tokens": sum(map(len, (c for r in rollouts for c in r.completion_ids))) / (cfg.batch_prompts * cfg.group_size),
+                "completion_tokens": sum(map(len, (c for r in rollouts for c in r.completion_ids)))
+                / (cfg.batch_prompts * cfg.group_size),
                 "seconds": time.perf_counter() - t0,
-            }  # fmt: skip
+            }
             if cfg.loss == "sft":
                 record.update({t: None for t in TERMS})
             else:
@@ -384,13 +508,20 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
             log.write(json.dumps(record) + "\n")
             log.flush()
             records.append(record)
-            shares = "/".join(f"{record.get(f'share_{t}', 0):.2f}" for t in TERMS) if cfg.loss != "sft" else "-"
-            bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3f}", EIA=shares)
+            shares = (
+                "/".join(f"{record.get(f'share_{t}', 0):.2f}" for t in TERMS)
+                if cfg.loss != "sft"
+                else "-"
+            )
+            bar.set_postfix(
+                reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3f}", EIA=shares
+            )
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-                save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints)
+                save_checkpoint(
+                    out, step, model, tokenizer, optimizer, scheduler, keep=cfg.keep_checkpoints
+                )
             if on_step is not None:
                 on_step(record)
     if cfg.plot and records:
         plot_metrics(records, out / "plot.png")
     return records
-
