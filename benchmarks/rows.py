@@ -171,7 +171,7 @@ def _liger_grpo(inputs: Inputs) -> LossFn:
 
     t = inputs.problem.seq_len
     ids = _safe_labels(inputs)[:, : t - 1].contiguous()
-    mask = inputs.mask[:, : t - 1].contiguous()
+    mask = inputs.mask[:, : t - 1].long().contiguous()  # an attention-style mask, as TRL passes
     adv = _flat_advantages(inputs)
 
     def loss() -> torch.Tensor:
