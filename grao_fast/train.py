@@ -50,58 +50,36 @@ def _f(default, help: str):
 class TrainConfig:
     """Every setting of a run; the defaults are the built-in toy run (reverse 3-5 digits)."""
 
-    name: str = _f("toy-reverse", "run name; the output goes to runs/<name> unless --output-dir")
-    output_dir: str | None = _f(None, "output directory (metrics.jsonl, plot, checkpoints)")
-    model: str | None = _f(
-        None, "Hugging Face causal-LM directory; default: build the tiny local model"
-    )
-    data: str = _f(
-        "reverse", "'reverse' (built-in toy task), a .jsonl file, or hf:<dataset name or path>"
-    )
-    data_format: str = _f(
-        "plain", "'plain' (prompt/reference fields) or 'hh' (HH-RLHF 'chosen' dialogues)"
-    )
-    prompt_field: str = _f("prompt", "JSONL field / dataset column holding the prompt")
-    reference_field: str = _f(
-        "reference", "JSONL field / dataset column holding the reference answer"
-    )
+    name: str = _f("toy-reverse", "run name; output in runs/<name> unless --output-dir")
+    output_dir: str | None = _f(None, "output directory (metrics.jsonl, plot.png, checkpoints)")
+    model: str | None = _f(None, "causal-LM directory (default: build the tiny local model)")
+    data: str = _f("reverse", "'reverse' (toy task), a .jsonl file, or hf:<dataset name or path>")
+    data_format: str = _f("plain", "'plain' (prompt/reference) or 'hh' (HH-RLHF 'chosen')")
+    prompt_field: str = _f("prompt", "JSONL field / dataset column of the prompt")
+    reference_field: str = _f("reference", "JSONL field / dataset column of the reference")
     split: str = _f("train", "dataset split for hf: data")
-    reward: str = _f(
-        "position_match", "position_match, exact, token_f1, or rm:<reward model directory>"
-    )
-    loss: str = _f("grao", "grao, grpo (exploration only, reference out of the statistics) or sft")
-    terms: str = _f(
-        "exploration,imitation,alignment", "GRAO terms kept (comma list; ablations drop one)"
-    )
+    reward: str = _f("position_match", "position_match, exact, token_f1, or rm:<model directory>")
+    loss: str = _f("grao", "grao, grpo (exploration only, reference out of the stats) or sft")
+    terms: str = _f("exploration,imitation,alignment", "GRAO terms kept (ablations drop one)")
     beta: float = _f(0.5, "imitation weight (paper: 0.5)")
     lam: float = _f(0.6, "alignment weight (paper: 0.6)")
-    kl_coef: float = _f(
-        0.0, "k3 KL penalty to the initial policy (0: off, no reference model kept)"
-    )
-    is_cap: float | None = _f(
-        None, "cap of the truncated importance weight vs the sampler (off if unset)"
-    )
-    steps: int = _f(120, "optimizer steps")
-    batch_prompts: int = _f(8, "prompts (groups) per optimizer step, B")
+    kl_coef: float = _f(0.0, "k3 KL penalty to the initial policy (0: off)")
+    is_cap: float | None = _f(None, "cap of the truncated importance weight (unset: off)")
+    steps: int = _f(200, "optimizer steps")
+    batch_prompts: int = _f(16, "prompts (groups) per optimizer step, B")
     group_size: int = _f(8, "sampled completions per prompt, G (paper: 8)")
-    grad_accum: int = _f(1, "micro-batches per step (B must be divisible by it)")
-    lr: float = _f(
-        1e-3, "AdamW learning rate (paper: 1e-6 for 7B models; the tiny toy model needs far more)"
-    )
+    grad_accum: int = _f(1, "micro-batches per step (must divide B)")
+    lr: float = _f(1e-3, "AdamW learning rate (paper: 1e-6 on 7B; the tiny model needs more)")
     weight_decay: float = _f(0.01, "AdamW weight decay (paper: 0.01)")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    temperature: float = _f(
-        1.0, "sampling temperature; the loss scores tokens at the same temperature"
-    )
+    temperature: float = _f(0.7, "sampling temperature (paper: 0.7; the loss scores tokens at it)")
     top_p: float = _f(1.0, "nucleus sampling")
     max_new_tokens: int = _f(8, "most tokens per sampled completion")
-    max_length: int = _f(128, "context limit: prompt + answer tokens (also vLLM's max_model_len)")
+    max_length: int = _f(128, "context limit: prompt + answer tokens (vLLM's max_model_len)")
     rollout: str = _f("auto", "auto (vllm when installed), vllm, or hf (transformers generate)")
-    fused_linear: bool = _f(
-        False, "fused hidden->lm_head loss (grao_loss_linear) instead of logits"
-    )
-    seed: int = _f(0, "seed of the data order, sampling and the tiny model's initial weights")
+    fused_linear: bool = _f(False, "fused hidden->lm_head loss (grao_loss_linear)")
+    seed: int = _f(0, "seed of data order, sampling and the tiny model's initial weights")
     checkpoint_every: int = _f(50, "checkpoint every K steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk")
     resume: bool = _f(False, "continue from the latest checkpoint in the output directory")
@@ -278,7 +256,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    out: Path, step: int, model, tokenizer, optimizer, scheduler, *, keep: int
+    out: Path, step: int, *, model, tokenizer, optimizer, scheduler, keep: int
 ) -> Path:
     """Write ``checkpoints/step-XXXXXX`` atomically: into a hidden temporary directory, then one
     rename, so a crash leaves either the whole checkpoint or none."""
@@ -518,7 +496,13 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
             )
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                 save_checkpoint(
-                    out, step, model, tokenizer, optimizer, scheduler, keep=cfg.keep_checkpoints
+                    out,
+                    step,
+                    model=model,
+                    tokenizer=tokenizer,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    keep=cfg.keep_checkpoints,
                 )
             if on_step is not None:
                 on_step(record)

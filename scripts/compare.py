@@ -1,4 +1,4 @@
-"""The paper's claim in miniature: GRAO against GRPO, SFT and GRAO's three ablations on the toy task.
+"""The paper's claim in miniature: GRAO vs GRPO, SFT and GRAO's three ablations on the toy task.
 
 Every method runs ``grao-fast train`` (the built-in reverse-digits task, vLLM rollouts when
 installed) with the same settings and several seeds; the seed changes the tiny model's initial
@@ -43,9 +43,26 @@ def run_all(args: argparse.Namespace) -> None:
         out = run_dir(args.runs, method, seed)
         if (out / "checkpoints" / f"step-{args.steps:06d}").exists() and not args.rerun:
             continue  # finished earlier
-        command = [sys.executable, "-m", "grao_fast", "train", "--name", out.name, "--output-dir", str(out),
-                   "--seed", str(seed), "--steps", str(args.steps), "--overwrite", "--no-plot",
-                   "--checkpoint-every", "0", *METHODS[method], *args.train_args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "grao_fast",
+            "train",
+            "--name",
+            out.name,
+            "--output-dir",
+            str(out),
+            "--seed",
+            str(seed),
+            "--steps",
+            str(args.steps),
+            "--overwrite",
+            "--no-plot",
+            "--checkpoint-every",
+            "0",
+            *METHODS[method],
+            *args.train_args,
+        ]
         with (args.runs / f"{out.name}.log").open("w") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
 
@@ -59,7 +76,9 @@ def summarize_run(path: Path, threshold: float, window: int) -> dict:
     records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in records]
     smoothed = smooth(rewards, window)
-    reached = next((r["step"] for r, s in zip(records, smoothed) if s >= threshold), None)
+    reached = next(
+        (r["step"] for r, s in zip(records, smoothed, strict=True) if s >= threshold), None
+    )
     return {
         "final_reward": statistics.fmean(rewards[-window:]),
         "final_solved": statistics.fmean(r["solved"] for r in records[-window:]),
@@ -73,17 +92,30 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def write_summary(args: argparse.Namespace) -> None:
-    results = {m: {s: summarize_run(run_dir(args.runs, m, s), args.threshold, args.window) for s in args.seeds}
-               for m in METHODS}  # fmt: skip
+    results = {
+        m: {
+            s: summarize_run(run_dir(args.runs, m, s), args.threshold, args.window)
+            for s in args.seeds
+        }
+        for m in METHODS
+    }
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = {"steps": args.steps, "seeds": args.seeds, "threshold": args.threshold, "window": args.window,
-                "train_args": args.train_args}  # fmt: skip
-    (args.out / "summary.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
+    settings = {
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "threshold": args.threshold,
+        "window": args.window,
+        "train_args": args.train_args,
+    }
+    (args.out / "summary.json").write_text(
+        json.dumps({"settings": settings, "results": results}, indent=1) + "\n"
+    )
 
     lines = [
-        f"Toy task (reverse 3-5 digits), {args.steps} steps, seeds {args.seeds}; reward = mean sampled reward, "
-        f"final = mean of the last {args.window} steps; threshold = first step where the {args.window}-step "
-        f"moving average reaches {args.threshold} (runs that never do are not averaged, and counted).",
+        f"Toy task (reverse 3-5 digits), {args.steps} steps, seeds {args.seeds}; reward = mean "
+        f"sampled reward, final = mean of the last {args.window} steps; threshold = first step "
+        f"where the {args.window}-step moving average reaches {args.threshold} (runs that never "
+        "do are not averaged, and counted).",
         "",
         "| method | final reward | exact answers (final) | steps to reward >= "
         f"{args.threshold} | runs reaching it |",
@@ -95,8 +127,10 @@ def write_summary(args: argparse.Namespace) -> None:
         solved, solved_sd = mean_std([r["final_solved"] for r in runs])
         reached = [r["steps_to_threshold"] for r in runs if r["steps_to_threshold"] is not None]
         steps = "n/a" if not reached else "{:.0f} ± {:.0f}".format(*mean_std(reached))
-        lines.append(f"| {method} | {final:.3f} ± {final_sd:.3f} | {solved:.3f} ± {solved_sd:.3f} | {steps} | "
-                     f"{len(reached)}/{len(runs)} |")  # fmt: skip
+        lines.append(
+            f"| {method} | {final:.3f} ± {final_sd:.3f} | {solved:.3f} ± {solved_sd:.3f} | "
+            f"{steps} | {len(reached)}/{len(runs)} |"
+        )
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     plot(results, args.out / "reward.png", args.threshold)
     print("\n".join(lines))
@@ -115,12 +149,23 @@ def plot(results: dict, path: Path, threshold: float) -> None:
         mean = [statistics.fmean(c[i - 1] for c in curves) for i in steps]
         std = [statistics.pstdev([c[i - 1] for c in curves]) for i in steps]
         style = "-" if method in ("GRAO", "GRPO", "SFT") else ":"
-        (line,) = ax.plot(steps, mean, style, label=method, linewidth=2 if method == "GRAO" else 1.3)
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=line.get_color(), alpha=0.12)  # fmt: skip
+        (line,) = ax.plot(
+            steps, mean, style, label=method, linewidth=2 if method == "GRAO" else 1.3
+        )
+        ax.fill_between(
+            steps,
+            [m - s for m, s in zip(mean, std, strict=True)],
+            [m + s for m, s in zip(mean, std, strict=True)],
+            color=line.get_color(),
+            alpha=0.12,
+        )
     ax.axhline(threshold, color="grey", linewidth=0.8, linestyle="--")
-    ax.set(xlabel="optimizer step", ylabel="mean sampled reward (moving average)", ylim=(0, 1),
-           title="Reverse-digits toy task: reward vs step (mean ± std over seeds)")  # fmt: skip
+    ax.set(
+        xlabel="optimizer step",
+        ylabel="mean sampled reward (moving average)",
+        ylim=(0, 1),
+        title="Reverse-digits toy task: reward vs step (mean ± std over seeds)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -128,16 +173,32 @@ def plot(results: dict, path: Path, threshold: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Arguments after -- go to every `grao-fast train` call.")  # fmt: skip
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per method (default 0 1 2)")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run (the toy default)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="reward level for 'steps to threshold'")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Arguments after -- go to every `grao-fast train` call.",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per method (default 0 1 2)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=150, help="optimizer steps per run"
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="reward level for 'steps to threshold'"
+    )
     parser.add_argument("--window", type=int, default=10, help="moving-average window in steps")
-    parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="where the runs are written")
-    parser.add_argument("--out", type=Path, default=Path("results/compare"), help="where the summary goes")
-    parser.add_argument("--rerun", action="store_true", help="run again even when a run has finished")
-    parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from the runs")
+    parser.add_argument(
+        "--runs", type=Path, default=Path("runs/compare"), help="where the runs are written"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/compare"), help="where the summary goes"
+    )
+    parser.add_argument(
+        "--rerun", action="store_true", help="run again even when a run has finished"
+    )
+    parser.add_argument(
+        "--summarize-only", action="store_true", help="only rebuild the summary from the runs"
+    )
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])

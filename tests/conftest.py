@@ -8,7 +8,9 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: a test that takes more than a few seconds (still run in CI)")
+    config.addinivalue_line(
+        "markers", "slow: a test that takes more than a few seconds (still run in CI)"
+    )
 
 
 @pytest.fixture(scope="session")

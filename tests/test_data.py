@@ -51,14 +51,22 @@ def _write(path, lines):
 
 
 def test_load_jsonl_plain_and_blank_lines(tmp_path):
-    path = _write(tmp_path / "d.jsonl", [json.dumps({"prompt": "p1", "reference": "r1"}), "",
-                                         json.dumps({"prompt": "p2", "reference": "r2", "extra": 1})])
+    path = _write(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"prompt": "p1", "reference": "r1"}),
+            "",
+            json.dumps({"prompt": "p2", "reference": "r2", "extra": 1}),
+        ],
+    )
     assert load_jsonl(path) == [Example("p1", "r1"), Example("p2", "r2")]
 
 
 def test_load_jsonl_column_mapping_and_hh(tmp_path):
     path = _write(tmp_path / "q.jsonl", [json.dumps({"question": "q", "answer": "a"})])
-    assert load_jsonl(path, prompt_field="question", reference_field="answer") == [Example("q", "a")]
+    assert load_jsonl(path, prompt_field="question", reference_field="answer") == [
+        Example("q", "a")
+    ]
     hh = _write(tmp_path / "hh.jsonl", [json.dumps({"chosen": HH_MULTI, "rejected": "x"})])
     assert load_jsonl(hh, fmt="hh")[0].reference == "How about Tom?"
 
@@ -67,7 +75,10 @@ def test_load_jsonl_column_mapping_and_hh(tmp_path):
     "lines, message",
     [
         (['{"prompt": "a", "reference": "b"}', '{"prompt": "a", '], r"d\.jsonl:2: malformed JSON"),
-        (['{"prompt": "a", "reference": "b"}', "", '{"prompt": "a"}'], r"d\.jsonl:3: missing field 'reference'"),
+        (
+            ['{"prompt": "a", "reference": "b"}', "", '{"prompt": "a"}'],
+            r"d\.jsonl:3: missing field 'reference'",
+        ),
         (['{"prompt": 3, "reference": "b"}'], r"d\.jsonl:1: field 'prompt' must be a string"),
         (['["prompt", "reference"]'], r"d\.jsonl:1: expected a JSON object"),
     ],
@@ -79,7 +90,10 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path, lines, message):
 
 
 def test_load_jsonl_hh_error_names_line(tmp_path):
-    path = _write(tmp_path / "hh.jsonl", [json.dumps({"chosen": HH_MULTI}), json.dumps({"chosen": "no turns"})])
+    path = _write(
+        tmp_path / "hh.jsonl",
+        [json.dumps({"chosen": HH_MULTI}), json.dumps({"chosen": "no turns"})],
+    )
     with pytest.raises(ValueError, match=r"hh\.jsonl:2: chosen: not an HH-RLHF dialogue"):
         load_jsonl(path, fmt="hh")
 
@@ -96,7 +110,9 @@ def test_load_jsonl_missing_empty_and_bad_format(tmp_path):
 def test_load_hf_local_dataset_with_column_mapping(tmp_path):
     rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)]
     _write(tmp_path / "train.jsonl", [json.dumps(r) for r in rows])
-    examples = load_hf(str(tmp_path), split="train", prompt_field="question", reference_field="answer")
+    examples = load_hf(
+        str(tmp_path), split="train", prompt_field="question", reference_field="answer"
+    )
     assert examples == [Example(f"q{i}", f"a{i}") for i in range(3)]
     with pytest.raises(ValueError, match=r"row 0: missing field 'prompt'"):
         load_hf(str(tmp_path), split="train")
@@ -108,7 +124,12 @@ def test_prompt_sampler_is_a_pure_function_of_step():
     order = [a.batch(s) for s in range(6)]
     assert [b.batch(s) for s in reversed(range(6))] == order[::-1]  # any access order
     first_epoch = [ex for batch in order[:2] for ex in batch] + order[2][:2]
-    assert sorted(ex.prompt for ex in first_epoch) == sorted(str(i) for i in range(10))  # a permutation
-    assert PromptSampler(examples, 4, seed=2).batch(0) != order[0] or PromptSampler(examples, 4, seed=2).batch(1) != order[1]
+    assert sorted(ex.prompt for ex in first_epoch) == sorted(
+        str(i) for i in range(10)
+    )  # a permutation
+    assert (
+        PromptSampler(examples, 4, seed=2).batch(0) != order[0]
+        or PromptSampler(examples, 4, seed=2).batch(1) != order[1]
+    )
     with pytest.raises(ValueError, match="batch_prompts"):
         PromptSampler(examples, 11, seed=0)

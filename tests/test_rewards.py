@@ -20,8 +20,15 @@ from grao_fast.rewards import (
 
 @pytest.mark.parametrize(
     "completion, reference, expected",
-    [("321", "321", 1.0), (" 321\n", "321", 1.0), ("3", "321", 1 / 3), ("3210", "321", 3 / 4),
-     ("123", "321", 1 / 3), ("", "321", 0.0), ("", "", 1.0)],
+    [
+        ("321", "321", 1.0),
+        (" 321\n", "321", 1.0),
+        ("3", "321", 1 / 3),
+        ("3210", "321", 3 / 4),
+        ("123", "321", 1 / 3),
+        ("", "321", 0.0),
+        ("", "", 1.0),
+    ],
 )
 def test_position_match(completion, reference, expected):
     assert position_match("p", completion, reference) == pytest.approx(expected)
@@ -31,7 +38,11 @@ def test_exact_and_token_f1():
     assert exact_match("p", " a b ", "a b") == 1.0 and exact_match("p", "a", "b") == 0.0
     assert token_f1("p", "the cat sat", "the cat") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
     assert token_f1("p", "The Cat", "the cat") == 1.0
-    assert token_f1("p", "dog", "cat") == 0.0 and token_f1("p", "", "") == 1.0 and token_f1("p", "", "x") == 0.0
+    assert (
+        token_f1("p", "dog", "cat") == 0.0
+        and token_f1("p", "", "") == 1.0
+        and token_f1("p", "", "x") == 0.0
+    )
 
 
 def test_score_groups_layout_reference_last():
@@ -52,12 +63,24 @@ def _raises(prompt, completion, reference):
 @pytest.mark.parametrize(
     "reward, completions, message",
     [
-        (_nan_on_second, [["ok", "bad"]], r"reward returned nan on query 0 \('why\?'\), sample 1 \('bad'\)"),
+        (
+            _nan_on_second,
+            [["ok", "bad"]],
+            r"reward returned nan on query 0 \('why\?'\), sample 1 \('bad'\)",
+        ),
         (lambda p, c, r: math.inf, [["ok", "ok"]], r"returned inf on query 0 .*sample 0"),
         (lambda p, c, r: "0.5", [["ok", "ok"]], r"returned str on query 0"),
         (lambda p, c, r: None, [["ok", "ok"]], r"returned NoneType"),
-        (_raises, [["ok", "ok"]], r"reward failed on query 0 .*sample 0 .*KeyError: 'judge unavailable'"),
-        (lambda p, c, r: math.nan if c == r else 0.0, [["a", "b"]], r"nan on query 0 .*the reference \('ref'\)"),
+        (
+            _raises,
+            [["ok", "ok"]],
+            r"reward failed on query 0 .*sample 0 .*KeyError: 'judge unavailable'",
+        ),
+        (
+            lambda p, c, r: math.nan if c == r else 0.0,
+            [["a", "b"]],
+            r"nan on query 0 .*the reference \('ref'\)",
+        ),
     ],
 )
 def test_bad_rewards_name_the_sample(reward, completions, message):
@@ -82,9 +105,17 @@ def test_get_reward():
 def test_reward_model_scores_with_a_local_classifier(tmp_path, tiny_tokenizer):
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-    config = Qwen2Config(vocab_size=56, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, num_labels=1,
-                         pad_token_id=tiny_tokenizer.pad_token_id)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=56,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=64,
+        num_labels=1,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     Qwen2ForSequenceClassification(config).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)

@@ -33,15 +33,22 @@ def test_encode_prompt_without_template(tiny_model_dir):
 def test_hf_rollout_is_seeded_and_reports_sampler_logps(tiny_model, tiny_tokenizer):
     sampling = SamplingConfig(n=4, temperature=0.7, max_tokens=6)
     engine = HFRollout(tiny_model, tiny_tokenizer, sampling)
-    prompts = [encode_prompt(tiny_tokenizer, "reverse 123"), encode_prompt(tiny_tokenizer, "reverse 4567")]
+    prompts = [
+        encode_prompt(tiny_tokenizer, "reverse 123"),
+        encode_prompt(tiny_tokenizer, "reverse 4567"),
+    ]
     first = engine.generate(prompts, seed=11)
     assert [r.prompt_ids for r in first] == prompts
-    assert [r.completion_ids for r in engine.generate(prompts, seed=11)] == [r.completion_ids for r in first]
-    assert [r.completion_ids for r in engine.generate(prompts, seed=12)] != [r.completion_ids for r in first]
+    assert [r.completion_ids for r in engine.generate(prompts, seed=11)] == [
+        r.completion_ids for r in first
+    ]
+    assert [r.completion_ids for r in engine.generate(prompts, seed=12)] != [
+        r.completion_ids for r in first
+    ]
     eos = tiny_tokenizer.eos_token_id
     for r in first:
         assert len(r.completion_ids) == 4 and len(r.completions) == 4
-        for ids, text, logps in zip(r.completion_ids, r.completions, r.sampler_logps):
+        for ids, text, logps in zip(r.completion_ids, r.completions, r.sampler_logps, strict=True):
             assert len(ids) == len(logps) and 1 <= len(ids) <= 6
             assert eos not in ids[:-1] and (ids[-1] == eos or len(ids) == 6)
             assert text == tiny_tokenizer.decode(ids, skip_special_tokens=True)
@@ -56,12 +63,17 @@ def test_vllm_rollout_logps_and_weight_sync(tiny_model_dir, tiny_model, tiny_tok
 
     sampling = SamplingConfig(n=3, temperature=1.0, max_tokens=5)
     engine = VLLMRollout(str(tiny_model_dir), tiny_tokenizer, sampling, max_model_len=64, seed=0)
-    prompts = [encode_prompt(tiny_tokenizer, "reverse 123"), encode_prompt(tiny_tokenizer, "reverse 98")]
+    prompts = [
+        encode_prompt(tiny_tokenizer, "reverse 123"),
+        encode_prompt(tiny_tokenizer, "reverse 98"),
+    ]
     before = engine.generate(prompts, seed=5)
-    assert [r.completion_ids for r in engine.generate(prompts, seed=5)] == [r.completion_ids for r in before]
+    assert [r.completion_ids for r in engine.generate(prompts, seed=5)] == [
+        r.completion_ids for r in before
+    ]
     for r in before:
         assert len(r.completion_ids) == 3
-        for ids, logps in zip(r.completion_ids, r.sampler_logps):
+        for ids, logps in zip(r.completion_ids, r.sampler_logps, strict=True):
             expected = _forward_logps(tiny_model, r.prompt_ids, ids, 1.0)
             torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)
 
@@ -73,6 +85,6 @@ def test_vllm_rollout_logps_and_weight_sync(tiny_model_dir, tiny_model, tiny_tok
     after = engine.generate(prompts, seed=5)
     assert [r.completion_ids for r in after] != [r.completion_ids for r in before]
     for r in after:
-        for ids, logps in zip(r.completion_ids, r.sampler_logps):
+        for ids, logps in zip(r.completion_ids, r.sampler_logps, strict=True):
             expected = _forward_logps(tiny_model, r.prompt_ids, ids, 1.0)
             torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)

@@ -16,18 +16,42 @@ from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, trai
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
     """A short run of the toy task on the transformers backend."""
-    base = dict(output_dir=str(tmp_path / "run"), rollout="hf", steps=2, batch_prompts=2, group_size=3,
-                max_new_tokens=4, checkpoint_every=0, plot=False)  # fmt: skip
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        rollout="hf",
+        steps=2,
+        batch_prompts=2,
+        group_size=3,
+        max_new_tokens=4,
+        checkpoint_every=0,
+        plot=False,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def test_build_batch_layout():
-    rollouts = [Rollout([1, 2], [[7], [8, 9]], ["a", "b"], [[-0.5], [-0.1, -0.2]]),
-                Rollout([3], [[4, 5, 6], [6]], ["c", "d"], [[-1.0, -2.0, -3.0], [-0.3]])]  # fmt: skip
+    rollouts = [
+        Rollout([1, 2], [[7], [8, 9]], ["a", "b"], [[-0.5], [-0.1, -0.2]]),
+        Rollout([3], [[4, 5, 6], [6]], ["c", "d"], [[-1.0, -2.0, -3.0], [-0.3]]),
+    ]
     batch = build_batch(rollouts, [[10, 11], [12]], pad_id=0)
     i = IGNORE
-    expected_ids = [[1, 2, 7, 0], [1, 2, 8, 9], [1, 2, 10, 11], [3, 4, 5, 6], [3, 6, 0, 0], [3, 12, 0, 0]]
-    expected_labels = [[i, 7, i, i], [i, 8, 9, i], [i, 10, 11, i], [4, 5, 6, i], [6, i, i, i], [12, i, i, i]]
+    expected_ids = [
+        [1, 2, 7, 0],
+        [1, 2, 8, 9],
+        [1, 2, 10, 11],
+        [3, 4, 5, 6],
+        [3, 6, 0, 0],
+        [3, 12, 0, 0],
+    ]
+    expected_labels = [
+        [i, 7, i, i],
+        [i, 8, 9, i],
+        [i, 10, 11, i],
+        [4, 5, 6, i],
+        [6, i, i, i],
+        [12, i, i, i],
+    ]
     assert batch["input_ids"].tolist() == expected_ids
     assert batch["labels"].tolist() == expected_labels
     assert batch["attention_mask"].tolist() == [[int(t != 0) for t in row] for row in expected_ids]
@@ -64,14 +88,26 @@ def _jsonl(tmp_path, lines):
 
 
 def test_bad_data_is_rejected_before_anything_is_written(tmp_path):
-    bad = _jsonl(tmp_path, ['{"prompt": "reverse 12", "reference": "21"}', '{"prompt": "reverse 3"}'])
+    bad = _jsonl(
+        tmp_path, ['{"prompt": "reverse 12", "reference": "21"}', '{"prompt": "reverse 3"}']
+    )
     with pytest.raises(ValueError, match=r"data\.jsonl:2: missing field 'reference'"):
         train(_cfg(tmp_path, data=bad))
-    long = _jsonl(tmp_path, ['{"prompt": "reverse 12", "reference": "21"}', '{"prompt": "' + "9" * 60 + '", "reference": "1"}'])
-    with pytest.raises(ValueError, match=r"example 1 is too long: prompt 63 \+ answer 4 tokens > max_length 64"):
+    long = _jsonl(
+        tmp_path,
+        [
+            '{"prompt": "reverse 12", "reference": "21"}',
+            '{"prompt": "' + "9" * 60 + '", "reference": "1"}',
+        ],
+    )
+    with pytest.raises(
+        ValueError, match=r"example 1 is too long: prompt 63 \+ answer 4 tokens > max_length 64"
+    ):
         train(_cfg(tmp_path, data=long, max_length=64))
     few = _jsonl(tmp_path, ['{"prompt": "reverse 12", "reference": "21"}'])
-    with pytest.raises(ValueError, match=r"batch_prompts \(2\) exceeds the number of examples \(1\)"):
+    with pytest.raises(
+        ValueError, match=r"batch_prompts \(2\) exceeds the number of examples \(1\)"
+    ):
         train(_cfg(tmp_path, data=few))
     assert not (tmp_path / "run").exists()
 
@@ -84,16 +120,30 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path):
 
 
 def test_short_run_writes_metrics_plot_and_checkpoint(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, model=str(tiny_model_dir), data=_jsonl(tmp_path, [
-        json.dumps({"prompt": f"reverse {n}", "reference": str(n)[::-1]}) for n in (12, 345, 6789)]), plot=True)
+    cfg = _cfg(
+        tmp_path,
+        model=str(tiny_model_dir),
+        data=_jsonl(
+            tmp_path,
+            [
+                json.dumps({"prompt": f"reverse {n}", "reference": str(n)[::-1]})
+                for n in (12, 345, 6789)
+            ],
+        ),
+        plot=True,
+    )
     records = train(cfg)
     out = tmp_path / "run"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines == records and [r["step"] for r in records] == [1, 2]
     for r in records:
         assert r["reward_reference"] == 1.0 and 0.0 <= r["reward"] <= 1.0
-        assert r["loss"] == pytest.approx(-(r["exploration"] + r["imitation"] + r["alignment"]), abs=1e-5)
-        assert sum(r[f"share_{t}"] for t in ("exploration", "imitation", "alignment")) == pytest.approx(1.0)
+        assert r["loss"] == pytest.approx(
+            -(r["exploration"] + r["imitation"] + r["alignment"]), abs=1e-5
+        )
+        assert sum(
+            r[f"share_{t}"] for t in ("exploration", "imitation", "alignment")
+        ) == pytest.approx(1.0)
     assert (out / "plot.png").stat().st_size > 0
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
     assert json.loads((out / "config.json").read_text())["group_size"] == 3
@@ -105,7 +155,11 @@ def test_baselines_run_in_the_same_loop(tmp_path, loss):
     r = records[0]
     assert torch.isfinite(torch.tensor(r["loss"]))
     if loss == "grpo":
-        assert r["imitation"] == 0.0 and r["alignment"] == 0.0 and r["loss"] == pytest.approx(-r["exploration"])
+        assert (
+            r["imitation"] == 0.0
+            and r["alignment"] == 0.0
+            and r["loss"] == pytest.approx(-r["exploration"])
+        )
     else:
         assert r["exploration"] is None and r["loss"] > 0  # NLL of the reference answers
 
@@ -159,7 +213,9 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.skipif(not hasattr(grao_fast, "grao_loss_linear"), reason="grao_loss_linear not in this version")
+@pytest.mark.skipif(
+    not hasattr(grao_fast, "grao_loss_linear"), reason="grao_loss_linear not in this version"
+)
 def test_fused_linear_matches_logits_path(tmp_path):
     plain = _cfg(tmp_path, steps=1, output_dir=str(tmp_path / "plain"))
     fused = replace(plain, fused_linear=True, output_dir=str(tmp_path / "fused"))
@@ -174,4 +230,7 @@ def test_short_run_with_vllm_rollouts(tmp_path):
     records = train(_cfg(tmp_path, rollout="vllm", steps=3, checkpoint_every=2))
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(0.0 <= r["reward"] <= 1.0 and r["reward_reference"] == 1.0 for r in records)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-000002",
+        "step-000003",
+    ]
