@@ -180,9 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per method (default 0 1 2)"
     )
-    parser.add_argument(
-        "--steps", type=int, default=150, help="optimizer steps per run"
-    )
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     parser.add_argument(
         "--threshold", type=float, default=0.5, help="reward level for 'steps to threshold'"
     )
