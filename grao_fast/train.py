@@ -20,7 +20,6 @@ through the chat template; token log-probs are taken at the sampling temperature
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import os
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 import grao_fast
 from grao_fast.data import Example, PromptSampler, load_hf, load_jsonl
@@ -96,11 +96,8 @@ RESUME_MAY_DIFFER = {"steps", "resume", "overwrite", "plot", "checkpoint_every",
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise ``ValueError`` naming the first bad setting (before anything is loaded or written)."""
-    choices = {
-        "loss": ("grao", "grpo", "sft"),
-        "rollout": ("auto", "vllm", "hf"),
-        "data_format": ("plain", "hh"),
-    }
+    choices = {"loss": ("grao", "grpo", "sft"), "rollout": ("auto", "vllm", "hf"),
+               "data_format": ("plain", "hh")}  # fmt: skip
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
@@ -139,20 +136,12 @@ def _terms(cfg: TrainConfig) -> tuple[str, ...]:
 def load_examples(cfg: TrainConfig) -> list[Example]:
     if cfg.data == "reverse":
         return ReverseTask().examples(10_000, seed=cfg.seed)
-    if cfg.data.startswith("hf:"):
-        return load_hf(
-            cfg.data[3:],
-            split=cfg.split,
-            fmt=cfg.data_format,
-            prompt_field=cfg.prompt_field,
-            reference_field=cfg.reference_field,
-        )
-    return load_jsonl(
-        cfg.data,
-        fmt=cfg.data_format,
-        prompt_field=cfg.prompt_field,
-        reference_field=cfg.reference_field,
+    fields = dict(
+        fmt=cfg.data_format, prompt_field=cfg.prompt_field, reference_field=cfg.reference_field
     )
+    if cfg.data.startswith("hf:"):
+        return load_hf(cfg.data[3:], split=cfg.split, **fields)
+    return load_jsonl(cfg.data, **fields)
 
 
 def check_lengths(examples: list[Example], tokenizer, cfg: TrainConfig) -> None:
@@ -166,8 +155,7 @@ def check_lengths(examples: list[Example], tokenizer, cfg: TrainConfig) -> None:
         if prompt + answer > cfg.max_length:
             raise ValueError(
                 f"data: example {i} is too long: prompt {prompt} + answer {answer} tokens "
-                f"> max_length "
-                f"{cfg.max_length} (prompt starts {ex.prompt[:40]!r})"
+                f"> max_length {cfg.max_length} (prompt starts {ex.prompt[:40]!r})"
             )
 
 
@@ -199,12 +187,7 @@ def build_batch(
         mask[n, : p + a] = 1
         labels[n, p - 1 : p + a - 1] = torch.tensor(answer)
         sampler[n, p - 1 : p + a - 1] = torch.tensor(lp)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "sampler_logps": sampler,
-    }
+    return dict(input_ids=input_ids, attention_mask=mask, labels=labels, sampler_logps=sampler)
 
 
 def policy_loss(
@@ -227,18 +210,11 @@ def policy_loss(
         with torch.no_grad():
             ref_logits = ref_model(**inputs).logits
             ref_logps = grao_fast.token_logprobs(ref_logits, labels, temperature=cfg.temperature)
-    options = dict(
-        group_size=g,
-        beta=cfg.beta,
-        lam=cfg.lam,
-        temperature=cfg.temperature,
-        terms=_terms(cfg),
-        reference_in_group=cfg.loss != "grpo",
-        kl_coef=cfg.kl_coef,
-        ref_logps=ref_logps,
-        sampler_logps=batch["sampler_logps"] if cfg.is_cap is not None else None,
-        is_cap=cfg.is_cap,
-    )
+    options = dict(group_size=g, beta=cfg.beta, lam=cfg.lam, temperature=cfg.temperature,
+                   terms=_terms(cfg), reference_in_group=cfg.loss != "grpo", kl_coef=cfg.kl_coef,
+                   ref_logps=ref_logps, is_cap=cfg.is_cap, sampler_logps=None)  # fmt: skip
+    if cfg.is_cap is not None:  # truncated importance weights against the sampler's log-probs
+        options["sampler_logps"] = batch["sampler_logps"]
     if cfg.fused_linear:
         hidden = model.get_decoder()(**inputs).last_hidden_state  # [N, L, H]
         out = grao_fast.grao_loss_linear(
@@ -247,6 +223,24 @@ def policy_loss(
     else:
         out = grao_fast.grao_loss(model(**inputs).logits, labels, rewards, **options)
     return out._asdict()
+
+
+def accumulate_gradients(cfg, model, ref_model, *, rollouts, refs, rewards, pad_id, device) -> dict:
+    """Backward the step's loss in ``grad_accum`` micro-batches of whole groups; returns the
+    loss and the three terms, averaged over the step's groups (for logging)."""
+    b, micro = cfg.batch_prompts, cfg.batch_prompts // cfg.grad_accum
+    parts = {k: 0.0 for k in ("loss", *TERMS)}
+    for lo in range(0, b, micro):
+        rows = build_batch(rollouts[lo : lo + micro], refs[lo : lo + micro], pad_id)
+        rows = {k: v.to(device) for k, v in rows.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            result = policy_loss(cfg, model, ref_model, rows, rewards[lo : lo + micro].to(device))
+        # Loss normalisation: each micro-batch's loss is a mean over its `micro` groups; weighting
+        # by micro / B makes the accumulated gradient that of the mean over all B groups.
+        (result["loss"] * (micro / b)).backward()
+        for k in parts:  # device sync (logging)
+            parts[k] += float(result[k].detach()) * micro / b if k in result else 0.0
+    return parts
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -265,12 +259,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-    }
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state()}  # fmt: skip
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
@@ -340,6 +330,43 @@ def plot_metrics(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def load_policy(cfg: TrainConfig, model_dir: Path, checkpoint: Path | None, device):
+    """The policy (float32 master weights), the frozen initial policy when ``kl_coef`` is set,
+    AdamW with a linear warm-up, and the first step; restored from ``checkpoint`` if given."""
+    from transformers import AutoModelForCausalLM
+
+    cuda = device.type == "cuda"
+    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    load = lambda path: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        path, dtype=torch.float32, attn_implementation=attn
+    ).to(device)
+    model = load(checkpoint or model_dir).train()
+    ref_model = load(model_dir).eval().requires_grad_(False) if cfg.kl_coef else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(cfg.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    if checkpoint is None:
+        return model, ref_model, optimizer, scheduler, 0
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return model, ref_model, optimizer, scheduler, state["step"]
+
+
+def make_engine(cfg: TrainConfig, model, tokenizer, model_dir: Path, resumed: bool):
+    sampling = SamplingConfig(cfg.group_size, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    vllm = importlib.util.find_spec("vllm") is not None
+    if cfg.rollout == "hf" or (cfg.rollout == "auto" and not vllm):
+        return HFRollout(model, tokenizer, sampling)
+    cuda = torch.cuda.is_available()
+    engine = VLLMRollout(str(model_dir), tokenizer, sampling, max_model_len=cfg.max_length,
+                         seed=cfg.seed, dtype="bfloat16" if cuda else "float32")  # fmt: skip
+    if resumed:
+        engine.sync_weights(model)  # it loaded the initial weights: push the resumed ones
+    return engine
+
+
 def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """Run (or resume) a training run; returns the metrics of every step in ``metrics.jsonl``.
 
@@ -347,7 +374,6 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
     notebooks; an exception raised there stops the run like an interruption would).
     """
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_config(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if cfg.model else build_tokenizer()
@@ -361,149 +387,64 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
     model_dir = Path(cfg.model) if cfg.model else out / "init-model"
     if not model_dir.exists():
         build_tiny_model_dir(out / ".tmp-init-model", seed=cfg.seed).rename(model_dir)
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint or model_dir, dtype=torch.float32, attn_implementation=attn
-    )
-    model.to(device).train()
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef else None
-    if ref_model is not None and checkpoint:
-        ref_model.load_state_dict(AutoModelForCausalLM.from_pretrained(model_dir).state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(cfg.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    start = 0
-    if checkpoint:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, ref_model, optimizer, scheduler, start = load_policy(cfg, model_dir, checkpoint, device)
     metrics_path = out / "metrics.jsonl"
-    records = (
-        [json.loads(x) for x in metrics_path.read_text().splitlines()]
-        if metrics_path.exists()
-        else []
-    )
-    records = [r for r in records if r["step"] <= start]  # drop steps after the checkpoint
+    logged = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    records = [r for r in map(json.loads, logged) if r["step"] <= start]  # drop unsaved steps
     _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+    engine = make_engine(cfg, model, tokenizer, model_dir, resumed=checkpoint is not None)
 
-    sampling = SamplingConfig(
-        n=cfg.group_size,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_tokens=cfg.max_new_tokens,
-    )
-    use_vllm = cfg.rollout == "vllm" or (
-        cfg.rollout == "auto" and importlib.util.find_spec("vllm") is not None
-    )
-    if use_vllm:
-        engine = VLLMRollout(
-            str(model_dir),
-            tokenizer,
-            sampling,
-            max_model_len=cfg.max_length,
-            seed=cfg.seed,
-            dtype="bfloat16" if cuda else "float32",
-        )
-        if checkpoint:
-            engine.sync_weights(
-                model
-            )  # the engine loaded the initial weights: re-sync to the resumed ones
-    else:
-        engine = HFRollout(model, tokenizer, sampling)
-    eos = [tokenizer.eos_token_id]
-    micro = cfg.batch_prompts // cfg.grad_accum
-    bar = tqdm(
-        range(start + 1, cfg.steps + 1),
-        initial=start,
-        total=cfg.steps,
-        desc=cfg.name,
-        dynamic_ncols=True,
-    )
+    pad, eos = tokenizer.pad_token_id, [tokenizer.eos_token_id]
+    steps = range(start + 1, cfg.steps + 1)
+    bar = tqdm(steps, initial=start, total=cfg.steps, desc=cfg.name, dynamic_ncols=True)
     with metrics_path.open("a") as log:
         for step in bar:
             t0 = time.perf_counter()
-            batch_examples = sampler.batch(step - 1)
-            prompts = [encode_prompt(tokenizer, ex.prompt) for ex in batch_examples]
+            batch = sampler.batch(step - 1)
+            prompts = [encode_prompt(tokenizer, ex.prompt) for ex in batch]
             refs = [
-                tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + eos
-                for ex in batch_examples
+                tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + eos for ex in batch
             ]
             rollouts = engine.generate(
                 prompts, seed=(cfg.seed * 1_000_003 + step) * cfg.batch_prompts
             )
+            texts = [r.completions for r in rollouts]
             rewards = score_groups(
-                reward_fn,
-                [ex.prompt for ex in batch_examples],
-                [r.completions for r in rollouts],
-                [ex.reference for ex in batch_examples],
+                reward_fn, [ex.prompt for ex in batch], texts, [ex.reference for ex in batch]
             )
 
             optimizer.zero_grad(set_to_none=True)
-            parts = {k: 0.0 for k in ("loss", *TERMS)}
-            for lo in range(0, cfg.batch_prompts, micro):
-                batch = build_batch(
-                    rollouts[lo : lo + micro], refs[lo : lo + micro], tokenizer.pad_token_id
-                )
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    result = policy_loss(
-                        cfg, model, ref_model, batch, rewards[lo : lo + micro].to(device)
-                    )
-                # Loss normalisation: each micro-batch's loss is a mean over its `micro` groups;
-                # weighting by micro / B makes the accumulated gradient that of the mean over all B.
-                (result["loss"] * (micro / cfg.batch_prompts)).backward()
-                for k in parts:
-                    if result.get(k) is not None:
-                        parts[k] += (
-                            float(result[k].detach()) * micro / cfg.batch_prompts
-                        )  # device sync (logging)
+            parts = accumulate_gradients(cfg, model, ref_model, rollouts=rollouts, refs=refs,
+                                         rewards=rewards, pad_id=pad, device=device)  # fmt: skip
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             engine.sync_weights(model)  # the next step's rollouts sample from the new weights
 
+            samples, tokens = rewards[:, :-1], [len(c) for r in rollouts for c in r.completion_ids]
             record = {
                 "step": step,
-                "reward": rewards[:, :-1].mean().item(),
+                "reward": samples.mean().item(),
                 "reward_reference": rewards[:, -1].mean().item(),
-                "solved": (rewards[:, :-1] >= rewards[:, -1:]).float().mean().item(),
+                "solved": (samples >= rewards[:, -1:]).float().mean().item(),
                 **parts,
                 "grad_norm": grad_norm.item(),  # device sync
                 "lr": scheduler.get_last_lr()[0],
-                "completion_tokens": sum(map(len, (c for r in rollouts for c in r.completion_ids)))
-                / (cfg.batch_prompts * cfg.group_size),
+                "completion_tokens": sum(tokens) / len(tokens),
                 "seconds": time.perf_counter() - t0,
             }
-            if cfg.loss == "sft":
-                record.update({t: None for t in TERMS})
-            else:
-                record.update(term_shares(record))
+            record.update({t: None for t in TERMS} if cfg.loss == "sft" else term_shares(record))
             log.write(json.dumps(record) + "\n")
             log.flush()
             records.append(record)
-            shares = (
-                "/".join(f"{record.get(f'share_{t}', 0):.2f}" for t in TERMS)
-                if cfg.loss != "sft"
-                else "-"
-            )
+            shares = "/".join(f"{record.get(f'share_{t}', 0):.2f}" for t in TERMS)
             bar.set_postfix(
                 reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3f}", EIA=shares
             )
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-                save_checkpoint(
-                    out,
-                    step,
-                    model=model,
-                    tokenizer=tokenizer,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    keep=cfg.keep_checkpoints,
-                )
+                save_checkpoint(out, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                scheduler=scheduler, keep=cfg.keep_checkpoints)  # fmt: skip
             if on_step is not None:
                 on_step(record)
     if cfg.plot and records:
