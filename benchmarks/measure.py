@@ -3,12 +3,14 @@
 CUDA: CUDA events around each call, the median over ``reps`` calls after ``warmup`` calls; peak
 memory is ``torch.cuda.max_memory_allocated`` minus what was allocated before the call (the
 inputs). CPU: wall clock (``time.perf_counter``) median; peak memory is the growth of the
-process's resident set, sampled every 0.2 ms by a thread: approximate (memory the allocator
-already holds is reused without growing it), and ``None`` where /proc is missing.
+process's resident set, sampled every 0.2 ms by a thread, after handing the allocator's free
+pages back to the OS: approximate (short-lived peaks between samples are missed), and ``None``
+where /proc is missing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import threading
@@ -104,6 +106,15 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _release_free_heap() -> None:
+    """Hands freed heap pages back to the OS (glibc ``malloc_trim``), so that memory a later
+    allocation reuses shows up as resident-set growth again. A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _RssPeak:
     """Context manager: the largest growth of the resident set while inside, in bytes."""
 
@@ -119,6 +130,7 @@ class _RssPeak:
             time.sleep(self.interval_s)
 
     def __enter__(self) -> _RssPeak:
+        _release_free_heap()
         base = _rss_bytes()
         self._base = base
         self._high = base or 0

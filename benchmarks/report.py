@@ -34,8 +34,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "hidden": 3584, "dtype": "bfloat16", "warmup": 3, "reps": 20, "copy_mib": 2048,
     },
     "cpu": {
-        "tokens": [2048], "sweep": [512, 1024, 2048], "vocab": 32_768, "hidden": 256,
-        "dtype": "float32", "warmup": 1, "reps": 3, "copy_mib": 256,
+        "tokens": [2048], "sweep": [512, 1024, 2048, 4096], "vocab": 32_768, "hidden": 256,
+        "dtype": "float32", "warmup": 1, "reps": 5, "copy_mib": 256,
     },
     "quick": {
         "tokens": [144], "sweep": [72, 144], "vocab": 512, "hidden": 32, "dtype": "float32",
