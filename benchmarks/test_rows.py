@@ -37,3 +37,23 @@ def test_row_matches_reference(row: Row, device: torch.device) -> None:
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "groups", "seq_len"),
+    [(8192, 1, 910), (32768, 4, 910), (2048, 1, 227), (72, 1, 8)],
+)
+def test_problem_for_tokens(tokens: int, groups: int, seq_len: int) -> None:
+    problem = problem_for_tokens(tokens, group_size=8, vocab=10, hidden=4, dtype=torch.float32)
+    assert (problem.groups, problem.rows, problem.seq_len) == (groups, 9 * groups, seq_len)
+    assert tokens - problem.rows < problem.tokens <= tokens
+
+
+def test_inputs_follow_the_row_layout() -> None:
+    inputs = make_inputs(TINY, torch.device("cpu"), path="logits")
+    assert inputs.logits.shape == (TINY.rows, TINY.seq_len, TINY.vocab)
+    assert inputs.rewards.shape == (TINY.groups, TINY.group_size + 1)
+    lengths = inputs.mask.sum(dim=1)
+    assert bool((lengths >= TINY.seq_len // 2).all()) and bool((lengths <= TINY.seq_len).all())
+    with pytest.raises(ValueError, match="path"):
+        make_inputs(TINY, torch.device("cpu"), path="hidden")
