@@ -90,12 +90,6 @@ class VLLMRollout:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # no INFO lines at every weight sync
         from vllm import LLM
 
-        # Every reload warns that the rotary embedding's cache (a buffer, not a checkpoint
-        # weight) was not loaded; it is rebuilt from the config, so the warning is noise.
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(
-            logging.ERROR
-        )
-
         self.tokenizer, self.sampling = tokenizer, sampling
         extra = {"kv_cache_memory_bytes": kv_cache_bytes} if not torch.cuda.is_available() else {}
         self.llm = LLM(
@@ -107,6 +101,11 @@ class VLLMRollout:
             seed=seed,
             **extra,
         )
+        # Every reload warns that the rotary embedding's cache (a buffer, not a checkpoint
+        # weight) was not loaded; it is rebuilt from the config, so the warning is noise. (Set
+        # after the engine starts: its logging set-up resets the levels of vLLM's loggers.)
+        quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        quiet.setLevel(logging.ERROR)
 
     def generate(self, prompts: list[list[int]], *, seed: int) -> list[Rollout]:
         from vllm import SamplingParams
