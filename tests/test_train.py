@@ -164,6 +164,18 @@ def test_baselines_run_in_the_same_loop(tmp_path, loss):
         assert r["exploration"] is None and r["loss"] > 0  # NLL of the reference answers
 
 
+def test_importance_weights_and_kl_are_neutral_on_policy(tmp_path):
+    """At step 1 the sampler is the policy and the policy is the initial one: importance weights
+    are 1 (if the sampler log-probs line up with the labels) and the KL is 0, so the loss and
+    terms equal the plain run's."""
+    plain = train(_cfg(tmp_path, steps=1, output_dir=str(tmp_path / "plain")))[0]
+    capped = train(_cfg(tmp_path, steps=1, is_cap=2.0, output_dir=str(tmp_path / "is")))[0]
+    kl = train(_cfg(tmp_path, steps=1, kl_coef=0.5, output_dir=str(tmp_path / "kl")))[0]
+    for key in ("loss", "exploration", "imitation", "alignment"):
+        assert capped[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5)
+        assert kl[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6)
+
+
 def _weights(out):
     from safetensors.torch import load_file
 
