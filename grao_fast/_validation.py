@@ -46,7 +46,9 @@ def check_options(
     return tuple(t for t in TERMS if t in terms)
 
 
-def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, *, name: str = "logits") -> None:
+def check_logits_labels(
+    logits: torch.Tensor, labels: torch.Tensor, *, name: str = "logits"
+) -> None:
     """``logits`` [N, T, V] floating, ``labels`` [N, T] int32/int64 on the same device."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
@@ -57,7 +59,10 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, *, name: str
     if labels.dtype not in _INT_LABELS:
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
     if logits.dim() != 3:
-        raise ValueError(f"{name} must be 3-D [N, T, {'H' if name == 'hidden' else 'V'}], got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"{name} must be 3-D [N, T, {'H' if name == 'hidden' else 'V'}], "
+            f"got shape {tuple(logits.shape)}"
+        )
     if labels.shape != logits.shape[:2]:
         raise ValueError(
             f"labels must have shape [N, T] = {tuple(logits.shape[:2])} to match {name}, "
@@ -70,7 +75,7 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, *, name: str
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Every label is in ``[0, vocab)`` or ``ignore_index`` (a host sync; skipped when compiling)."""
+    """Every label is in ``[0, vocab)`` or ``ignore_index`` (a host sync; not when compiling)."""
     if _compiling():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
@@ -83,7 +88,12 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
 
 
 def check_rewards(
-    rewards: torch.Tensor, n_rows: int, group_size: int, device: torch.device, *, finite: bool = True
+    rewards: torch.Tensor,
+    n_rows: int,
+    group_size: int,
+    device: torch.device,
+    *,
+    finite: bool = True,
 ) -> torch.Tensor:
     """Rewards [B, G+1] or [N] -> [B, G+1] float32 (float64 kept); checks count and finiteness."""
     if not isinstance(rewards, torch.Tensor):
@@ -106,12 +116,17 @@ def check_rewards(
         raise ValueError(f"rewards is on {rewards.device} but the logits are on {device}")
     if finite and not _compiling() and not bool(torch.isfinite(rewards).all()):  # host sync
         bad = int((~torch.isfinite(rewards.reshape(-1))).nonzero()[0])
-        raise ValueError(f"rewards must be finite; row {bad} (group {bad // g1}) is {float(rewards.reshape(-1)[bad])}")
+        raise ValueError(
+            f"rewards must be finite; row {bad} (group {bad // g1}) is "
+            f"{float(rewards.reshape(-1)[bad])}"
+        )
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     return rewards.reshape(b, g1).to(dtype)
 
 
-def check_token_tensor(t: torch.Tensor | None, name: str, shape: torch.Size, device: torch.device) -> None:
+def check_token_tensor(
+    t: torch.Tensor | None, name: str, shape: torch.Size, device: torch.device
+) -> None:
     """An optional per-token tensor (ref_logps, sampler_logps) of shape [N, T]."""
     if t is None:
         return

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._ops import resolve_backend, token_pass
+from ._plan import GRAOOutput, GRAOParams, make_output, make_params, objective, plan, rescale
 from ._validation import (
     check_label_range,
     check_logits_labels,
@@ -21,7 +23,6 @@ from ._validation import (
     check_rewards,
     check_token_tensor,
 )
-from .loss import GRAOOutput, GRAOParams, _token_pass, objective, plan, rescale, resolve_backend
 from .reference import TERMS
 
 # One chunk of logits (in the compute dtype). 512 MiB is ~1,700 tokens of a 151,936-word
@@ -37,7 +38,9 @@ def chunk_tokens(vocab: int, dtype: torch.dtype, chunk_bytes: int) -> int:
 
 class _GRAOLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rewards, ref_logps, sampler_logps, p: GRAOParams, opts):
+    def forward(
+        ctx, hidden, weight, bias, labels, rewards, ref_logps, sampler_logps, p: GRAOParams, opts
+    ):
         lm_head_fp32, chunk_bytes = opts
         n, t, h = hidden.shape
         v = weight.shape[0]
@@ -63,7 +66,7 @@ class _GRAOLinearFunction(torch.autograd.Function):
             xc = x[sl].to(compute)
             # [c, V] logits of this chunk: the only vocabulary-sized buffer.
             logits = torch.addmm(b, xc, w.t()) if b is not None else xc @ w.t()
-            lp, e = _token_pass(
+            lp, e = token_pass(
                 logits, lab[sl], piece(pl.coef, sl), piece(pl.ref_logps, sl),
                 piece(pl.kl_coef, sl), piece(pl.sampler_logps, sl),
                 logits if need_grad else None,  # the gradient replaces the logits in place
@@ -168,7 +171,11 @@ def grao_loss_linear(
     if which == "reference":
         from .loss import grao_loss  # noqa: PLC0415
 
-        logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden.flatten(0, 1), weight.t()).view(n, t, v)
+        logits = (
+            hidden @ weight.t()
+            if bias is None
+            else torch.addmm(bias, hidden.flatten(0, 1), weight.t()).view(n, t, v)
+        )
         return grao_loss(
             logits.to(compute), labels, rewards, group_size=group_size, beta=beta, lam=lam,
             temperature=temperature, ignore_index=ignore_index, eps=eps,
@@ -177,18 +184,14 @@ def grao_loss_linear(
             check_labels=False, return_entropy=return_entropy,
         )  # fmt: skip
     rewards = rewards.double() if compute == torch.float64 else rewards.float()
-    params = GRAOParams(
-        group_size=group_size, beta=float(beta), lam=float(lam), temperature=float(temperature),
-        ignore_index=int(ignore_index), eps=float(eps), reference_in_group=bool(reference_in_group),
-        terms=terms, kl_coef=float(kl_coef), is_cap=float("inf") if is_cap is None else float(is_cap),
-        return_entropy=bool(return_entropy), use_triton=which == "triton",
+    params = make_params(
+        group_size=group_size, beta=beta, lam=lam, temperature=temperature,
+        ignore_index=ignore_index, eps=eps, reference_in_group=reference_in_group, terms=terms,
+        kl_coef=kl_coef, is_cap=is_cap, return_entropy=return_entropy,
+        use_triton=which == "triton",
     )  # fmt: skip
-    loss, expl, imit, align, adv, seq, kl, entropy = _GRAOLinearFunction.apply(
+    results = _GRAOLinearFunction.apply(
         hidden, weight, bias, labels, rewards, ref_logps, sampler_logps, params,
         (bool(lm_head_fp32), int(chunk_bytes)),
     )  # fmt: skip
-    return GRAOOutput(
-        loss, expl, imit, align, adv, seq,
-        kl if ref_logps is not None and kl_coef != 0.0 else None,
-        entropy if return_entropy else None,
-    )  # fmt: skip
+    return make_output(results, params, has_kl=ref_logps is not None and kl_coef != 0.0)

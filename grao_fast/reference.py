@@ -28,7 +28,11 @@ class ReferenceTerms(NamedTuple):
 
 
 def token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
 ) -> torch.Tensor:
     """``log_softmax(logits / temperature)[labels]``, 0 where ``labels == ignore_index``.
 

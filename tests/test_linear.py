@@ -46,7 +46,7 @@ def _reference(hidden, weight, bias, labels, rewards, g, grad_out, *, lm_head_fp
         logits = h @ w.t() + (0 if b is None else b)
     else:  # the GEMM's output rounding, then exact math on those logits
         flat = hidden.flatten(0, 1)
-        low = (flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t()))
+        low = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
         low = low.view(*hidden.shape[:2], -1)
         exact = h @ w.t() + (0 if b is None else b)
         logits = exact + (low.double() - exact).detach()
@@ -55,21 +55,31 @@ def _reference(hidden, weight, bias, labels, rewards, g, grad_out, *, lm_head_fp
     return out, (h.grad, w.grad, None if b is None else b.grad)
 
 
-def _check(backend, dtype, *, b=2, g=2, t=5, h=16, v=53, bias=True, lm_head_fp32=False, seed=0, **kw):
+def _check(
+    backend, dtype, *, b=2, g=2, t=5, h=16, v=53, bias=True, lm_head_fp32=False, seed=0, **kw
+):
     hidden, weight, bias_t, labels, rewards = _inputs(b, g, t, h, v, dtype, bias=bias, seed=seed)
     grad_out = torch.rand((), device=DEVICE) + 0.5
     ref, ref_grads = _reference(hidden, weight, bias_t, labels, rewards, g, grad_out,
                                 lm_head_fp32=lm_head_fp32, **kw)  # fmt: skip
     params = [x.clone().requires_grad_() for x in (hidden, weight) + ((bias_t,) if bias else ())]
     out = grao_loss_linear(
-        params[0], params[1], labels, rewards, group_size=g, bias=params[2] if bias else None,
-        backend=backend, lm_head_fp32=lm_head_fp32, chunk_bytes=7 * v * 4, **kw,
+        params[0],
+        params[1],
+        labels,
+        rewards,
+        group_size=g,
+        bias=params[2] if bias else None,
+        backend=backend,
+        lm_head_fp32=lm_head_fp32,
+        chunk_bytes=7 * v * 4,
+        **kw,
     )  # fmt: skip (7-token chunks: several chunks, one of them short)
     (out.loss * grad_out).backward()
     value_dtype = torch.float32 if lm_head_fp32 else dtype
     for field in ("loss", "exploration", "imitation", "alignment", "seq_logps"):
         assert_close(getattr(out, field), getattr(ref, field), value_dtype, "value")
-    for p, expected in zip(params, ref_grads):
+    for p, expected in zip(params, ref_grads, strict=False):
         assert p.grad.dtype == dtype
         assert_close(p.grad, expected, dtype, "gemm")
     return out, params

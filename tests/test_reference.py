@@ -69,7 +69,10 @@ def test_advantages_population_std_and_reference_outside_pool():
     flat = torch.full((1, 9), 0.1)
     assert torch.equal(group_advantages(flat), torch.zeros(1, 9))
     # pool of equal samples, reference outside: no signal, no (r_y - mu) / eps blow-up
-    assert torch.equal(group_advantages(torch.tensor([[0.3, 0.3, 5.0]]), reference_in_group=False), torch.zeros(1, 3))
+    assert torch.equal(
+        group_advantages(torch.tensor([[0.3, 0.3, 5.0]]), reference_in_group=False),
+        torch.zeros(1, 3),
+    )
 
 
 def test_zero_std_group_has_zero_loss_and_gradient():
@@ -89,7 +92,9 @@ def test_row_without_tokens_and_single_group():
     logits = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 5, (3, 4))
     labels[1] = -100
-    out = grao_loss(logits, labels, torch.tensor([0.0, 1.0, 2.0]), group_size=2, backend="reference")
+    out = grao_loss(
+        logits, labels, torch.tensor([0.0, 1.0, 2.0]), group_size=2, backend="reference"
+    )
     out.loss.backward()
     assert out.seq_logps[1].item() == 0.0
     assert torch.isfinite(out.loss) and torch.isfinite(logits.grad).all()

@@ -15,7 +15,13 @@ def _ok():
 
 def _call(**over):
     logits, labels, rewards = _ok()
-    args = {"logits": logits, "labels": labels, "rewards": rewards, "group_size": G, "backend": "torch"}
+    args = {
+        "logits": logits,
+        "labels": labels,
+        "rewards": rewards,
+        "group_size": G,
+        "backend": "torch",
+    }
     args.update(over)
     return grao_loss(args.pop("logits"), args.pop("labels"), args.pop("rewards"), **args)
 
@@ -25,16 +31,32 @@ def _call(**over):
     [
         ({"logits": torch.randn(N, T)}, ValueError, "logits must be 3-D"),
         ({"labels": torch.zeros(N, T + 1, dtype=torch.long)}, ValueError, "labels must have shape"),
-        ({"logits": torch.randn(N + 1, T, V), "labels": torch.zeros(N + 1, T, dtype=torch.long)}, ValueError, "not divisible by group_size"),
+        (
+            {"logits": torch.randn(N + 1, T, V), "labels": torch.zeros(N + 1, T, dtype=torch.long)},
+            ValueError,
+            "not divisible by group_size",
+        ),
         ({"rewards": torch.randn(3, 3)}, ValueError, "rewards must have shape"),
         ({"rewards": torch.randn(N + 3)}, ValueError, "rewards must have shape"),
-        ({"rewards": torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])}, ValueError, "rewards must be finite; row 1"),
-        ({"rewards": torch.tensor([[0.0, 1.0, 1.0], [0.0, float("inf"), 2.0]])}, ValueError, "group 1"),
+        (
+            {"rewards": torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])},
+            ValueError,
+            "rewards must be finite; row 1",
+        ),
+        (
+            {"rewards": torch.tensor([[0.0, 1.0, 1.0], [0.0, float("inf"), 2.0]])},
+            ValueError,
+            "group 1",
+        ),
         ({"labels": torch.full((N, T), V)}, ValueError, r"outside \[0, 9\)"),
         ({"labels": torch.full((N, T), -1)}, ValueError, "ignore_index=-100"),
         ({"logits": torch.randint(0, 3, (N, T, V))}, TypeError, "logits must be float32"),
         ({"labels": torch.zeros(N, T)}, TypeError, "labels must be int64 or int32"),
-        ({"labels": torch.zeros(N, T, dtype=torch.int16)}, TypeError, "labels must be int64 or int32"),
+        (
+            {"labels": torch.zeros(N, T, dtype=torch.int16)},
+            TypeError,
+            "labels must be int64 or int32",
+        ),
         ({"temperature": 0.0}, ValueError, "temperature must be > 0"),
         ({"temperature": -1.0}, ValueError, "temperature must be > 0"),
         ({"group_size": 0}, ValueError, "group_size must be >= 1"),
@@ -43,9 +65,21 @@ def _call(**over):
         ({"terms": "exploration"}, TypeError, "terms must be a sequence"),
         ({"backend": "cuda"}, ValueError, "backend must be one of"),
         ({"rewards": torch.randn(2, 3, device="meta")}, ValueError, "rewards is on meta"),
-        ({"labels": torch.zeros(N, T, dtype=torch.long, device="meta")}, ValueError, "labels is on meta"),
-        ({"ref_logps": torch.zeros(N, T + 1), "kl_coef": 0.1}, ValueError, "ref_logps must have shape"),
-        ({"sampler_logps": torch.zeros(N, T, dtype=torch.long)}, TypeError, "sampler_logps must be a floating"),
+        (
+            {"labels": torch.zeros(N, T, dtype=torch.long, device="meta")},
+            ValueError,
+            "labels is on meta",
+        ),
+        (
+            {"ref_logps": torch.zeros(N, T + 1), "kl_coef": 0.1},
+            ValueError,
+            "ref_logps must have shape",
+        ),
+        (
+            {"sampler_logps": torch.zeros(N, T, dtype=torch.long)},
+            TypeError,
+            "sampler_logps must be a floating",
+        ),
         ({"kl_coef": -1.0}, ValueError, "kl_coef must be >= 0"),
         ({"is_cap": 0.0}, ValueError, "is_cap must be > 0"),
         ({"logits": [[1.0]]}, TypeError, "logits must be a torch.Tensor"),

@@ -18,14 +18,36 @@ atol is relative to the largest |entry| (4u: bf16 1.6e-2, fp16 2e-3) and rtol is
 import torch
 
 TOL = {
-    torch.float64: {"value": (1e-10, 1e-10), "grad": (1e-12, 1e-10), "kernel": (1e-10, 1e-10), "gemm": (1e-10, 1e-10)},
-    torch.float32: {"value": (1e-5, 1e-5), "grad": (1e-7, 1e-5), "kernel": (1e-5, 1e-5), "gemm": (1e-5, 1e-4)},
-    torch.bfloat16: {"value": (1e-5, 1e-4), "grad": (1e-6, 1.2e-2), "kernel": (1e-5, 1e-2), "gemm": (1.6e-2, 1.6e-2)},
-    torch.float16: {"value": (1e-5, 1e-4), "grad": (1e-7, 1.5e-3), "kernel": (1e-6, 2e-3), "gemm": (2e-3, 2e-3)},
+    torch.float64: {
+        "value": (1e-10, 1e-10),
+        "grad": (1e-12, 1e-10),
+        "kernel": (1e-10, 1e-10),
+        "gemm": (1e-10, 1e-10),
+    },
+    torch.float32: {
+        "value": (1e-5, 1e-5),
+        "grad": (1e-7, 1e-5),
+        "kernel": (1e-5, 1e-5),
+        "gemm": (1e-5, 1e-4),
+    },
+    torch.bfloat16: {
+        "value": (1e-5, 1e-4),
+        "grad": (1e-6, 1.2e-2),
+        "kernel": (1e-5, 1e-2),
+        "gemm": (1.6e-2, 1.6e-2),
+    },
+    torch.float16: {
+        "value": (1e-5, 1e-4),
+        "grad": (1e-7, 1.5e-3),
+        "kernel": (1e-6, 2e-3),
+        "gemm": (2e-3, 2e-3),
+    },
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, kind: str) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, kind: str
+) -> None:
     """``actual`` (any dtype) against the float64 ``expected`` with the table's tolerance."""
     atol, rtol = TOL[dtype][kind]
     if kind == "gemm":

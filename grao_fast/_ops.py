@@ -1,0 +1,194 @@
+"""The backends' row and group operations as custom operators, and the backend choice.
+
+``torch.library.custom_op`` makes each operation one opaque node for ``torch.compile`` (no
+graph break, no tracing into Triton launchers); the chunked PyTorch implementation
+(``_torch_ops``) and the Triton kernels (``grao_fast.kernels``) share one signature.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from . import _torch_ops
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton can run here: a CUDA device, or the interpreter (``TRITON_INTERPRET=1``)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Map ``backend`` to the implementation that runs: "reference", "torch" or "triton"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if backend == "triton":
+        if not triton_available(device):
+            raise ValueError(
+                f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 and an installed "
+                f"triton; the tensors are on {device}"
+            )
+        if dtype == torch.float64:
+            raise TypeError("backend='triton' takes float32/bfloat16/float16 logits, got float64")
+    return backend
+
+
+def _ops(use_triton: bool):  # noqa: ANN202
+    if use_triton:
+        from . import kernels  # noqa: PLC0415  (imports triton only when asked for)
+
+        return kernels
+    return _torch_ops
+
+
+@torch.library.custom_op("grao_fast::token_pass", mutates_args=("grad",))
+def token_pass(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    coef: Optional[torch.Tensor],
+    ref_logps: Optional[torch.Tensor],
+    kl_coef: Optional[torch.Tensor],
+    sampler_logps: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    is_cap: float,
+    compute_entropy: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One read of ``logits`` [M, V]: log-probs [M], entropy [M] (empty if not asked) and,
+    when ``grad`` is given, the gradient rows written into it (``grad`` may be ``logits``)."""
+    logp, ent = _ops(use_triton).token_logprob_grad(
+        logits,
+        labels,
+        coef,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        ref_logps=ref_logps,
+        kl_coef=kl_coef,
+        sampler_logps=sampler_logps,
+        is_cap=is_cap,
+        grad=grad,
+        compute_entropy=compute_entropy,
+    )
+    return logp, (ent if ent is not None else logp.new_empty(0))
+
+
+@token_pass.register_fake
+def _(
+    logits,
+    labels,
+    coef,
+    ref_logps,
+    kl_coef,
+    sampler_logps,
+    grad,
+    temperature,
+    ignore_index,
+    is_cap,
+    compute_entropy,
+    use_triton,
+):
+    m = logits.shape[0]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty(m, dtype=acc), logits.new_empty(m if compute_entropy else 0, dtype=acc)
+
+
+@torch.library.custom_op("grao_fast::group_coefficients", mutates_args=())
+def group_coefficients(
+    rewards: torch.Tensor,
+    lengths: torch.Tensor,
+    eps: float,
+    beta: float,
+    lam: float,
+    kl_coef: float,
+    reference_in_group: bool,
+    exploration: bool,
+    imitation: bool,
+    alignment: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Advantages [B, G+1], d loss / d J / |s| [N] and the per-token KL coefficient [N]."""
+    return _ops(use_triton).group_coefficients(
+        rewards,
+        lengths,
+        eps=eps,
+        beta=beta,
+        lam=lam,
+        kl_coef=kl_coef,
+        reference_in_group=reference_in_group,
+        exploration=exploration,
+        imitation=imitation,
+        alignment=alignment,
+    )
+
+
+@group_coefficients.register_fake
+def _(
+    rewards,
+    lengths,
+    eps,
+    beta,
+    lam,
+    kl_coef,
+    reference_in_group,
+    exploration,
+    imitation,
+    alignment,
+    use_triton,
+):
+    n = lengths.shape[0]
+    f32 = dict(dtype=rewards.dtype, device=rewards.device)
+    return torch.empty(rewards.shape, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
+
+
+def token_pass_3d(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    coef: Optional[torch.Tensor],
+    ref_logps: Optional[torch.Tensor],
+    kl_coef: Optional[torch.Tensor],
+    sampler_logps: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    is_cap: float,
+    compute_entropy: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_pass` over logits [N, T, V] of any strides with a unit-stride last dim.
+
+    A slice such as ``model_logits[:, :-1]`` is not one [N*T, V] matrix; it is passed one
+    sequence at a time (each ``[T, V]`` with its own row stride) instead of being copied.
+    The per-token tensors are [N*T]; ``grad`` is [N, T, V]. Returns (logp [N*T], entropy).
+    """
+    n, t, v = logits.shape
+    flat = n == 1 or logits.stride(0) == t * logits.stride(1)
+    flat_grad = grad is None or n == 1 or grad.stride(0) == t * grad.stride(1)
+    if flat and flat_grad:
+        view = lambda x: x.as_strided((n * t, v), (x.stride(1), 1))  # noqa: E731
+        return token_pass(
+            view(logits), labels.reshape(-1), coef, ref_logps, kl_coef, sampler_logps,
+            None if grad is None else view(grad),
+            temperature, ignore_index, is_cap, compute_entropy, use_triton,
+        )  # fmt: skip
+    logps, ents = [], []
+    piece = lambda x, i: None if x is None else x[i * t : (i + 1) * t]  # noqa: E731
+    for i in range(n):
+        lp, e = token_pass(
+            logits[i], labels[i], piece(coef, i), piece(ref_logps, i), piece(kl_coef, i),
+            piece(sampler_logps, i), None if grad is None else grad[i],
+            temperature, ignore_index, is_cap, compute_entropy, use_triton,
+        )  # fmt: skip
+        logps.append(lp)
+        ents.append(e)
+    return torch.cat(logps), torch.cat(ents)
