@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     parser.add_argument(
-        "--threshold", type=float, default=0.5, help="reward level for 'steps to threshold'"
+        "--threshold", type=float, default=0.4, help="reward level for 'steps to threshold'"
     )
     parser.add_argument("--window", type=int, default=10, help="moving-average window in steps")
     parser.add_argument(
