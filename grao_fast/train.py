@@ -391,7 +391,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
     model, ref_model, optimizer, scheduler, start = load_policy(cfg, model_dir, checkpoint, device)
     metrics_path = out / "metrics.jsonl"
     logged = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-    records = [r for r in map(json.loads, logged) if r["step"] <= start]  # drop unsaved steps
+    # Keep the steps up to the checkpoint (a line cut by a crash can only come after it).
+    records = [r for r in map(json.loads, logged[:start]) if r["step"] <= start]
     _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     engine = make_engine(cfg, model, tokenizer, model_dir, resumed=checkpoint is not None)
 
