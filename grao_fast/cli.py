@@ -3,6 +3,7 @@ registers its parser and sets ``func``; adding a subcommand is adding one such f
 
     grao-fast train                      # the built-in toy run (vLLM rollouts on CPU)
     grao-fast train --config run.yaml --steps 200
+    grao-fast bench --quick              # the benchmark report (python -m benchmarks)
 """
 
 from __future__ import annotations
@@ -97,13 +98,42 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train]
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    # Listed here for 'grao-fast --help'; main() hands every later argument to the report.
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="benchmark the loss paths against the reference and the peers (source checkout); "
+        "'grao-fast bench --help' for its options",
+    )
+
+
+def run_bench(bench_args: Sequence[str]) -> int:
+    """``python -m benchmarks`` in the source checkout this package was installed from."""
+    import subprocess
+
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "benchmarks" / "report.py").is_file():
+            cmd = [sys.executable, "-m", "benchmarks", *bench_args]
+            return subprocess.run(cmd, check=False, cwd=root).returncode
+    print(
+        "grao-fast bench: error: the benchmarks ship with the source, not the wheel: run it "
+        "from a clone of the repository",
+        file=sys.stderr,
+    )
+    return 2
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_bench]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="grao-fast", description="Fast GRAO training (arXiv 2508.07750)."
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return run_bench(argv[1:])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

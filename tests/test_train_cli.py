@@ -111,3 +111,10 @@ def test_train_from_a_config_file(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 0
     assert "done: step 1" in capsys.readouterr().out
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_bench_subcommand_forwards_to_the_report(capfd):
+    from grao_fast.cli import main
+
+    assert main(["bench", "--help"]) == 0
+    assert "python -m benchmarks" in capfd.readouterr().out
