@@ -114,7 +114,5 @@ def test_train_from_a_config_file(tmp_path, capsys):
 
 
 def test_bench_subcommand_forwards_to_the_report(capfd):
-    from grao_fast.cli import main
-
     assert main(["bench", "--help"]) == 0
     assert "python -m benchmarks" in capfd.readouterr().out
