@@ -183,12 +183,20 @@ def plot(result: dict, path: Path) -> None:
     for i, table in enumerate(tables):
         times = {e["label"]: e.get("fwdbwd_ms") for e in table["rows"] if e["status"] == "ok"}
         ys = [j + i * height for j, label in enumerate(labels) if label in times]
-        ax_time.barh(ys, [times[label] for label in labels if label in times], height=height,
-                     label=f"{table['problem']['tokens']:,} tokens")  # fmt: skip
+        bars = ax_time.barh(ys, [times[label] for label in labels if label in times], height=height,
+                            label=f"{table['problem']['tokens']:,} tokens")  # fmt: skip
+        values = [times[label] for label in labels if label in times]
+        texts = [f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values]
+        ax_time.bar_label(bars, labels=texts, padding=2, fontsize="small")
+        for j, label in enumerate(labels):
+            if i == 0 and label not in times:
+                ax_time.text(
+                    0, j + i * height, " not run (see table)", va="center", fontsize="small"
+                )
     ax_time.set_yticks([j + 0.4 - height / 2 for j in range(len(labels))], labels)
     ax_time.invert_yaxis()
-    ax_time.set_xscale("log")
-    ax_time.set_xlabel("forward + backward, ms (log)")
+    ax_time.set_xlabel("forward + backward, ms (median)")
+    ax_time.margins(x=0.15)
     ax_time.legend()
     sweep = result.get("sweep")
     if sweep:
