@@ -25,9 +25,10 @@ from ._validation import (
 )
 from .reference import TERMS
 
-# One chunk of logits (in the compute dtype). 512 MiB is ~1,700 tokens of a 151,936-word
-# vocabulary in bf16: large enough for full-speed GEMMs, small beside a 7B model's activations.
-DEFAULT_CHUNK_BYTES = 512 << 20
+# One chunk of logits (in the compute dtype). 256 MiB is ~880 tokens of a 151,936-word
+# vocabulary in bf16: each GEMM of a chunk is still ~1 TFLOP at H = 3,584 (full speed on a
+# GPU), and the chunk is small beside a 7B model's activations.
+DEFAULT_CHUNK_BYTES = 256 << 20
 
 
 def chunk_tokens(vocab: int, dtype: torch.dtype, chunk_bytes: int) -> int:
@@ -130,7 +131,7 @@ def grao_loss_linear(
         lm_head_fp32: compute the logits (and their gradient) in float32, as samplers such as
             vLLM often do, instead of the weight's dtype. Costs a float32 copy of ``weight``
             and a float32 ``grad_weight`` accumulator ([V, H] each) when the weight is bf16/fp16.
-        chunk_bytes: bound on the one chunk of logits held at a time (default 512 MiB).
+        chunk_bytes: bound on the one chunk of logits held at a time (default 256 MiB).
         The other keywords are those of :func:`grao_loss` (``inplace`` does not apply: the
         chunks' logits are always overwritten by their gradient).
 
