@@ -131,9 +131,10 @@ def grao_loss(
     if check_labels:
         check_label_range(labels, v, ignore_index)
     which = resolve_backend(backend, logits.device, logits.dtype)
-    if which == "reference":
+    if which == "reference":  # the spec's numerics: float32 math for bf16/fp16 logits
+        acc = torch.promote_types(logits.dtype, torch.float32)
         r = reference.grao_terms(
-            logits, labels, rewards, group_size=group_size, beta=beta, lam=lam,
+            logits.to(acc), labels, rewards.to(acc), group_size=group_size, beta=beta, lam=lam,
             temperature=temperature, ignore_index=ignore_index, eps=eps,
             reference_in_group=reference_in_group, terms=terms, kl_coef=kl_coef,
             ref_logps=ref_logps, sampler_logps=sampler_logps, is_cap=is_cap,

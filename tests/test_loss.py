@@ -216,3 +216,28 @@ def test_auto_backend_choice():
     elif os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="needs a CUDA device"):
             resolve_backend("triton", cpu, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device syncs only exist on CUDA")
+@pytest.mark.parametrize("linear", [False, True], ids=["logits", "linear"])
+def test_fast_path_has_no_host_sync(linear):
+    from grao_fast import grao_loss_linear
+
+    logits, labels, rewards = _batch(2, 2, 6, 300, torch.bfloat16, seed=11)
+    hidden = torch.randn(*labels.shape, 32, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(300, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    x = logits.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if linear:
+            out = grao_loss_linear(
+                hidden, weight, labels, rewards, group_size=2, check_labels=False
+            )
+        else:
+            out = grao_loss(x, labels, rewards, group_size=2, check_labels=False)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(out.loss)
+
