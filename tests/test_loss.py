@@ -240,4 +240,3 @@ def test_fast_path_has_no_host_sync(linear):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out.loss)
-
