@@ -133,6 +133,11 @@ def rescale(ctx, d_loss: torch.Tensor) -> list:
     first = getattr(ctx, "first_scale", None)
     if first is None:
         ctx.first_scale = d_loss.detach().clone()
+        # loss.backward() passes exactly 1: on CPU that is free to see (no device to sync
+        # with), and skipping the multiply saves a pass over the gradient. On CUDA the
+        # check would stall the host, so the multiply always runs there.
+        if d_loss.device.type == "cpu" and not torch.compiler.is_compiling() and d_loss == 1:
+            return list(ctx.grads)
         return [None if g is None else g.mul_(d_loss) for g in ctx.grads]
     return [None if g is None else g * (d_loss / first).to(g.dtype) for g in ctx.grads]
 

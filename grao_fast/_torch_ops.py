@@ -81,7 +81,10 @@ def token_logprob_grad(
         in_range = (lab >= 0) & (lab < v)
         safe = torch.where(in_range, lab, torch.zeros_like(lab)).long()
         # One [r, V] working buffer, transformed in place: x -> x - max -> exp -> p -> grad.
-        y = logits[sl].to(acc) * inv_t
+        # For float32 logits it is the chunk of the gradient itself (no copy at the end; with
+        # grad = logits each chunk is read here before it is overwritten).
+        direct = grad is not None and grad.dtype == acc and entropy is None
+        y = torch.mul(logits[sl], inv_t, out=grad[sl]) if direct else logits[sl].to(acc) * inv_t
         picked = y.gather(1, safe[:, None]).squeeze(1)
         mx = y.amax(dim=-1)
         y.sub_(mx[:, None])
@@ -106,7 +109,8 @@ def token_logprob_grad(
             g = torch.where(in_range & ~ignored, g * inv_t, torch.zeros_like(g))
             d = e.mul_((-g / total)[:, None])  # -g * softmax
             d.scatter_add_(1, safe[:, None], g[:, None])
-            grad[sl] = d
+            if not direct:
+                grad[sl] = d
     return logp, entropy
 
 
