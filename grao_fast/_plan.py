@@ -125,21 +125,25 @@ def objective(pl: Plan, logp: torch.Tensor, entropy: torch.Tensor, p: GRAOParams
 def rescale(ctx, d_loss: torch.Tensor) -> list:
     """Backward of a loss whose gradients were written in forward: ``ctx.grads * d_loss``.
 
-    The buffers are ours, so the first backward rescales them in place (no second copy of a
-    [N, T, V] or [V, H] tensor). They are held on ``ctx``, not ``save_for_backward``, because the
-    saved-tensor version check would reject that on a retained graph's second backward, which
-    gets ``grads * d_loss / first_d_loss`` (NaN if the first ``grad_output`` was exactly 0).
+    The buffers are ours, so they are rescaled in place and handed over: ``ctx`` drops its
+    references, which lets autograd adopt a buffer as a leaf's ``.grad`` without the copy it
+    makes of a gradient that is still referenced elsewhere (a [N, T, V] logits or a [V, H]
+    lm_head gradient). So the graph can be backpropagated once; a second backward (a retained
+    graph) is an error rather than a silently wrong or doubled-memory result.
     """
-    first = getattr(ctx, "first_scale", None)
-    if first is None:
-        ctx.first_scale = d_loss.detach().clone()
-        # loss.backward() passes exactly 1: on CPU that is free to see (no device to sync
-        # with), and skipping the multiply saves a pass over the gradient. On CUDA the
-        # check would stall the host, so the multiply always runs there.
-        if d_loss.device.type == "cpu" and not torch.compiler.is_compiling() and d_loss == 1:
-            return list(ctx.grads)
-        return [None if g is None else g.mul_(d_loss) for g in ctx.grads]
-    return [None if g is None else g * (d_loss / first).to(g.dtype) for g in ctx.grads]
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError(
+            "grao_fast: this loss was already backpropagated (its gradient buffers were handed "
+            "to autograd, not copied); compute the loss again to backpropagate again"
+        )
+    ctx.grads = None
+    # loss.backward() passes exactly 1: on CPU that is free to see (no device to sync with),
+    # and skipping the multiply saves a pass over the gradient. On CUDA the check would stall
+    # the host, so the multiply always runs there.
+    if d_loss.device.type == "cpu" and not torch.compiler.is_compiling() and d_loss == 1:
+        return list(grads)
+    return [None if g is None else g.mul_(d_loss) for g in grads]
 
 
 def make_params(

@@ -106,14 +106,16 @@ def grao_loss(
         sampler_logps, is_cap: weight each sample token by the truncated importance weight
             ``min(pi / pi_sampler, is_cap)`` (held constant), given the sampler's log-probs [N, T].
         inplace: overwrite ``logits`` with the gradient (saves one [N, T, V] buffer; ``logits``
-            must not be used afterwards, and the graph can be backpropagated once).
+            must not be used afterwards).
         check_labels: verify on the host that labels are in range and rewards finite (a
             device sync; off in the sync-free fast path). An out-of-range label is never read
             out of bounds either way: unchecked, it makes the loss NaN.
         return_entropy: also report the mean token entropy.
 
     Returns:
-        :class:`GRAOOutput`; ``loss`` is differentiable w.r.t. ``logits``.
+        :class:`GRAOOutput`; ``loss`` is differentiable w.r.t. ``logits``, once: the gradient
+        buffer written in forward is handed to autograd (no copy), so a retained graph cannot
+        be backpropagated a second time.
     """
     terms = check_options(
         group_size=group_size, temperature=temperature, eps=eps, terms=terms,

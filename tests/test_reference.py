@@ -142,4 +142,17 @@ def test_gradcheck_float64(kw, backend):
         return grao_loss(x, labels, rewards, group_size=g, backend=backend, **kw).loss
 
     x = torch.randn(n, t, v, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(f, (x,), check_undefined_grad=False)
+    if backend == "reference":
+        assert torch.autograd.gradcheck(f, (x,), check_undefined_grad=False)
+        return
+    # The fused backends hand their gradient buffer to autograd, so they allow one backward
+    # and gradcheck (which backpropagates repeatedly) does not apply: central differences
+    # along random directions check the one gradient instead.
+    f(x).backward()
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        d = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+        h = 1e-6
+        with torch.no_grad():
+            numeric = (f(x + h * d) - f(x - h * d)) / (2 * h)
+        assert torch.allclose((x.grad * d).sum(), numeric, rtol=1e-6, atol=1e-9)
