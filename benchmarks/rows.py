@@ -151,7 +151,9 @@ def _grao_backend(backend: str) -> Callable[[Inputs], LossFn]:
     def build(inputs: Inputs) -> LossFn:
         import grao_fast
 
-        kwargs = _grao_kwargs(inputs)
+        # check_labels=False: the sync-free fast path a training step runs once its data are
+        # known to be valid (the label/reward check is one host-device sync).
+        kwargs = {**_grao_kwargs(inputs), "check_labels": False}
         return lambda: (
             grao_fast.grao_loss(
                 inputs.logits, inputs.labels, inputs.rewards, backend=backend, **kwargs
@@ -201,7 +203,7 @@ def _reference_linear(inputs: Inputs) -> LossFn:
 def _grao_linear(inputs: Inputs) -> LossFn:
     import grao_fast
 
-    kwargs = _grao_kwargs(inputs)
+    kwargs = {**_grao_kwargs(inputs), "check_labels": False}  # as in _grao_backend
     return lambda: (
         grao_fast.grao_loss_linear(
             inputs.hidden, inputs.weight, inputs.labels, inputs.rewards, **kwargs
