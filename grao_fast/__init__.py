@@ -1,7 +1,8 @@
 """grao-fast: fast, exact GRAO (Group Relative Alignment Optimization) training.
 
 The loss of arXiv 2508.07750 (Eq. 2-4) as fused kernels that read the logits once, a fused
-hidden -> lm_head path, and a slim training loop on vLLM rollouts. See GRAO_SPEC in the docs.
+hidden -> lm_head path, and a slim training loop on vLLM rollouts. The loss is specified in
+docs/GRAO_SPEC.md of the source distribution.
 """
 
 from .linear import grao_loss_linear

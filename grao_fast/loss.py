@@ -1,8 +1,8 @@
 """The public loss API: :func:`grao_loss`, :func:`token_logprobs`, :func:`group_advantages`.
 
 The forward reads each row of logits once and writes both its log-prob and its gradient row;
-backward only rescales that gradient by ``grad_output`` (in place, no new ``[N, T, V]`` buffer).
-What is saved for backward: that gradient, nothing else.
+backward only rescales that gradient by ``grad_output`` in place and hands it to autograd (no
+new ``[N, T, V]`` buffer, no copy). What is kept for backward: that gradient, nothing else.
 """
 
 from __future__ import annotations
