@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import group_advantages
+
 # Float32 working set of one chunk (upcast logits + probabilities): 64 MiB is large enough that
 # the per-chunk Python overhead is negligible at vocabulary 32k-152k and small beside any model.
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -137,12 +139,7 @@ def group_coefficients(
     b, g1 = rewards.shape
     g = g1 - 1
     r = rewards if rewards.dtype == torch.float64 else rewards.float()
-    pool = r if reference_in_group else r[:, :g]
-    mu = pool.mean(dim=1, keepdim=True)
-    sigma = ((pool - mu) ** 2).mean(dim=1, keepdim=True).sqrt()
-    adv = (r - mu) / (sigma + eps)
-    flat = pool.amax(dim=1, keepdim=True) == pool.amin(dim=1, keepdim=True)
-    adv = torch.where(flat, torch.zeros_like(adv), adv)  # equal pool rewards: exactly 0
+    adv = group_advantages(r, eps=eps, reference_in_group=reference_in_group)
     a_i, a_y = adv[:, :g], adv[:, g]
     w_sample = -(float(exploration) + float(alignment) * lam) * a_i / (b * g)
     w_ref = -(float(imitation) * beta * a_y - float(alignment) * (lam / g) * a_i.sum(dim=1)) / b
