@@ -73,9 +73,9 @@ def plan(labels, rewards, ref_logps, sampler_logps, p: GRAOParams, need_grad: bo
     n, t = labels.shape
     mask = labels != p.ignore_index
     lengths = mask.sum(dim=1).to(rewards.dtype)
-    use_kl = ref_logps is not None and p.kl_coef != 0.0
+    use_kl = p.kl_coef != 0.0  # callers zero kl_coef when there is no ref_logps
     adv, seq_coef, seq_kl = group_coefficients(
-        rewards, lengths, p.eps, p.beta, p.lam, p.kl_coef if use_kl else 0.0,
+        rewards, lengths, p.eps, p.beta, p.lam, p.kl_coef,
         p.reference_in_group, *(term in p.terms for term in TERMS), p.use_triton,
     )  # fmt: skip
     is_sample = (torch.arange(n, device=labels.device) % (p.group_size + 1)) != p.group_size
@@ -161,10 +161,10 @@ def make_params(
     )  # fmt: skip
 
 
-def make_output(results: tuple, p: GRAOParams, has_kl: bool) -> GRAOOutput:
+def make_output(results: tuple, p: GRAOParams) -> GRAOOutput:
     """A Function's outputs -> :class:`GRAOOutput` (None for the extras not asked for)."""
     loss, expl, imit, align, adv, seq, kl, entropy = results
     return GRAOOutput(
         loss, expl, imit, align, adv, seq,
-        kl if has_kl else None, entropy if p.return_entropy else None,
+        kl if p.kl_coef != 0.0 else None, entropy if p.return_entropy else None,
     )  # fmt: skip

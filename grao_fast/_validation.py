@@ -94,8 +94,10 @@ def check_rewards(
     device: torch.device,
     *,
     finite: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Rewards [B, G+1] or [N] -> [B, G+1] float32 (float64 kept); checks count and finiteness."""
+    """Rewards [B, G+1] or [N] -> [B, G+1] in ``dtype`` (default float32, float64 kept);
+    checks the count and, with ``finite``, finiteness (a host sync)."""
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
     if not (rewards.dtype.is_floating_point or rewards.dtype in _INT_LABELS):
@@ -120,7 +122,8 @@ def check_rewards(
             f"rewards must be finite; row {bad} (group {bad // g1}) is "
             f"{float(rewards.reshape(-1)[bad])}"
         )
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    if dtype is None:
+        dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     return rewards.reshape(b, g1).to(dtype)
 
 
@@ -136,3 +139,30 @@ def check_token_tensor(
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the logits are on {device}")
+
+
+def check_batch(
+    labels: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    vocab: int,
+    group_size: int,
+    ignore_index: int,
+    ref_logps: torch.Tensor | None,
+    sampler_logps: torch.Tensor | None,
+    check_values: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The per-call tensors beside the logits (or hidden states) of a loss call.
+
+    ``labels`` is already checked against the logits. Returns the rewards as [B, G+1] in
+    ``dtype``. ``check_values`` adds the data-dependent checks (labels in range, finite
+    rewards): one host-device sync.
+    """
+    n = labels.shape[0]
+    rewards = check_rewards(rewards, n, group_size, labels.device, finite=check_values, dtype=dtype)
+    check_token_tensor(ref_logps, "ref_logps", labels.shape, labels.device)
+    check_token_tensor(sampler_logps, "sampler_logps", labels.shape, labels.device)
+    if check_values:
+        check_label_range(labels, vocab, ignore_index)
+    return rewards

@@ -16,13 +16,7 @@ import torch
 
 from ._ops import resolve_backend, token_pass
 from ._plan import GRAOOutput, GRAOParams, make_output, make_params, objective, plan, rescale
-from ._validation import (
-    check_label_range,
-    check_logits_labels,
-    check_options,
-    check_rewards,
-    check_token_tensor,
-)
+from ._validation import check_batch, check_logits_labels, check_options
 from .reference import TERMS
 
 # One chunk of logits (in the compute dtype). 256 MiB is ~880 tokens of a 151,936-word
@@ -162,29 +156,26 @@ def grao_loss_linear(
         raise ValueError(f"bias must be a [V] = [{v}] tensor on {weight.device}")
     if not chunk_bytes > 0:
         raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
-    rewards = check_rewards(rewards, n, group_size, hidden.device, finite=check_labels)
-    check_token_tensor(ref_logps, "ref_logps", labels.shape, hidden.device)
-    check_token_tensor(sampler_logps, "sampler_logps", labels.shape, hidden.device)
-    if check_labels:
-        check_label_range(labels, v, ignore_index)
     compute = torch.float32 if lm_head_fp32 else weight.dtype
+    rewards = check_batch(
+        labels, rewards, vocab=v, group_size=group_size, ignore_index=ignore_index,
+        ref_logps=ref_logps, sampler_logps=sampler_logps, check_values=check_labels,
+        dtype=torch.promote_types(compute, torch.float32),
+    )  # fmt: skip
+    kl_coef = kl_coef if ref_logps is not None else 0.0  # no reference policy, no KL term
     which = resolve_backend(backend, hidden.device, compute)
     if which == "reference":
         from .loss import grao_loss  # noqa: PLC0415
 
-        logits = (
-            hidden @ weight.t()
-            if bias is None
-            else torch.addmm(bias, hidden.flatten(0, 1), weight.t()).view(n, t, v)
-        )
+        x, w = hidden.flatten(0, 1).to(compute), weight.to(compute)
+        logits = x @ w.t() if bias is None else torch.addmm(bias.to(compute), x, w.t())
         return grao_loss(
-            logits.to(compute), labels, rewards, group_size=group_size, beta=beta, lam=lam,
+            logits.view(n, t, v), labels, rewards, group_size=group_size, beta=beta, lam=lam,
             temperature=temperature, ignore_index=ignore_index, eps=eps,
             reference_in_group=reference_in_group, terms=terms, backend="reference",
             kl_coef=kl_coef, ref_logps=ref_logps, sampler_logps=sampler_logps, is_cap=is_cap,
             check_labels=False, return_entropy=return_entropy,
         )  # fmt: skip
-    rewards = rewards.double() if compute == torch.float64 else rewards.float()
     params = make_params(
         group_size=group_size, beta=beta, lam=lam, temperature=temperature,
         ignore_index=ignore_index, eps=eps, reference_in_group=reference_in_group, terms=terms,
@@ -195,4 +186,4 @@ def grao_loss_linear(
         hidden, weight, bias, labels, rewards, ref_logps, sampler_logps, params,
         (bool(lm_head_fp32), int(chunk_bytes)),
     )  # fmt: skip
-    return make_output(results, params, has_kl=ref_logps is not None and kl_coef != 0.0)
+    return make_output(results, params)

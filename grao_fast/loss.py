@@ -16,11 +16,11 @@ from . import reference
 from ._ops import BACKENDS, resolve_backend, token_pass_3d, triton_available
 from ._plan import GRAOOutput, GRAOParams, make_output, make_params, objective, plan, rescale
 from ._validation import (
+    check_batch,
     check_label_range,
     check_logits_labels,
     check_options,
     check_rewards,
-    check_token_tensor,
 )
 from .reference import TERMS
 
@@ -127,16 +127,17 @@ def grao_loss(
         if inplace:
             raise ValueError("inplace=True needs logits with a unit stride along the vocabulary")
         logits = logits.contiguous()
-    rewards = check_rewards(rewards, n, group_size, logits.device, finite=check_labels)
-    check_token_tensor(ref_logps, "ref_logps", labels.shape, logits.device)
-    check_token_tensor(sampler_logps, "sampler_logps", labels.shape, logits.device)
-    if check_labels:
-        check_label_range(labels, v, ignore_index)
+    # The spec's numerics: float32 math for bf16/fp16 logits (float64 kept, for exact tests).
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    rewards = check_batch(
+        labels, rewards, vocab=v, group_size=group_size, ignore_index=ignore_index,
+        ref_logps=ref_logps, sampler_logps=sampler_logps, check_values=check_labels, dtype=acc,
+    )  # fmt: skip
+    kl_coef = kl_coef if ref_logps is not None else 0.0  # no reference policy, no KL term
     which = resolve_backend(backend, logits.device, logits.dtype)
-    if which == "reference":  # the spec's numerics: float32 math for bf16/fp16 logits
-        acc = torch.promote_types(logits.dtype, torch.float32)
+    if which == "reference":
         r = reference.grao_terms(
-            logits.to(acc), labels, rewards.to(acc), group_size=group_size, beta=beta, lam=lam,
+            logits.to(acc), labels, rewards, group_size=group_size, beta=beta, lam=lam,
             temperature=temperature, ignore_index=ignore_index, eps=eps,
             reference_in_group=reference_in_group, terms=terms, kl_coef=kl_coef,
             ref_logps=ref_logps, sampler_logps=sampler_logps, is_cap=is_cap,
@@ -146,12 +147,10 @@ def grao_loss(
             logp = torch.log_softmax(logits.detach().double() / temperature, dim=-1)
             mask = labels != ignore_index
             entropy = (-(logp.exp() * logp).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
-        kl = r.kl if ref_logps is not None and kl_coef != 0.0 else None
+        kl = r.kl if kl_coef != 0.0 else None
         return GRAOOutput(
             r.loss, r.exploration, r.imitation, r.alignment, r.advantages, r.seq_logps, kl, entropy
         )
-    # Coefficients and log-probs in float32, float64 for float64 logits (exact tests).
-    rewards = rewards.double() if logits.dtype == torch.float64 else rewards.float()
     params = make_params(
         group_size=group_size, beta=beta, lam=lam, temperature=temperature,
         ignore_index=ignore_index, eps=eps, reference_in_group=reference_in_group, terms=terms,
@@ -159,7 +158,7 @@ def grao_loss(
         use_triton=which == "triton", inplace=inplace,
     )  # fmt: skip
     results = _GRAOFunction.apply(logits, labels, rewards, ref_logps, sampler_logps, params)
-    return make_output(results, params, has_kl=ref_logps is not None and kl_coef != 0.0)
+    return make_output(results, params)
 
 
 class _TokenLogprobs(torch.autograd.Function):

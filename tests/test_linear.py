@@ -103,6 +103,15 @@ def test_lm_head_fp32(backend):
     _check(backend, torch.bfloat16, lm_head_fp32=True, seed=1)
 
 
+def test_reference_backend_honours_lm_head_fp32():
+    hidden, weight, bias, labels, rewards = _inputs(2, 2, 5, 16, 53, torch.bfloat16, seed=3)
+    args = (hidden, weight, labels, rewards)
+    ref = grao_loss_linear(*args, group_size=2, bias=bias, lm_head_fp32=True, backend="reference")
+    fused = grao_loss_linear(*args, group_size=2, bias=bias, lm_head_fp32=True, backend="torch")
+    assert_close(ref.loss, fused.loss, torch.float32, "value")
+    assert_close(ref.seq_logps, fused.seq_logps, torch.float32, "value")
+
+
 def test_float64_and_frozen_weight():
     _check("torch", torch.float64, seed=2)
     hidden, weight, _, labels, rewards = _inputs(2, 2, 4, 8, 31, torch.float32, bias=False)
