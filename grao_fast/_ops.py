@@ -154,41 +154,29 @@ def _(
 def token_pass_3d(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    coef: Optional[torch.Tensor],
-    ref_logps: Optional[torch.Tensor],
-    kl_coef: Optional[torch.Tensor],
-    sampler_logps: Optional[torch.Tensor],
     grad: Optional[torch.Tensor],
-    temperature: float,
-    ignore_index: int,
-    is_cap: float,
-    compute_entropy: bool,
-    use_triton: bool,
+    per_token: tuple[Optional[torch.Tensor], ...],
+    *options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_pass` over logits [N, T, V] of any strides with a unit-stride last dim.
 
-    A slice such as ``model_logits[:, :-1]`` is not one [N*T, V] matrix; it is passed one
-    sequence at a time (each ``[T, V]`` with its own row stride) instead of being copied.
-    The per-token tensors are [N*T]; ``grad`` is [N, T, V]. Returns (logp [N*T], entropy).
+    ``per_token`` is ``(coef, ref_logps, kl_coef, sampler_logps)``, each [N*T] or None;
+    ``grad`` is [N, T, V] or None; ``options`` are :func:`token_pass`'s trailing arguments
+    (temperature, ignore_index, is_cap, compute_entropy, use_triton). A slice such as
+    ``model_logits[:, :-1]`` is not one [N*T, V] matrix: it is passed one sequence at a time
+    (each ``[T, V]`` with its own row stride) instead of being copied.
+    Returns (logp [N*T], entropy [N*T] or empty).
     """
     n, t, v = logits.shape
     flat = n == 1 or logits.stride(0) == t * logits.stride(1)
     flat_grad = grad is None or n == 1 or grad.stride(0) == t * grad.stride(1)
     if flat and flat_grad:
-        view = lambda x: x.as_strided((n * t, v), (x.stride(1), 1))  # noqa: E731
-        return token_pass(
-            view(logits), labels.reshape(-1), coef, ref_logps, kl_coef, sampler_logps,
-            None if grad is None else view(grad),
-            temperature, ignore_index, is_cap, compute_entropy, use_triton,
-        )  # fmt: skip
-    logps, ents = [], []
-    piece = lambda x, i: None if x is None else x[i * t : (i + 1) * t]  # noqa: E731
+        view = lambda x: None if x is None else x.as_strided((n * t, v), (x.stride(1), 1))  # noqa: E731
+        return token_pass(view(logits), labels.reshape(-1), *per_token, view(grad), *options)
+    pieces = []
     for i in range(n):
-        lp, e = token_pass(
-            logits[i], labels[i], piece(coef, i), piece(ref_logps, i), piece(kl_coef, i),
-            piece(sampler_logps, i), None if grad is None else grad[i],
-            temperature, ignore_index, is_cap, compute_entropy, use_triton,
-        )  # fmt: skip
-        logps.append(lp)
-        ents.append(e)
-    return torch.cat(logps), torch.cat(ents)
+        rows = [None if x is None else x[i * t : (i + 1) * t] for x in per_token]
+        pieces.append(
+            token_pass(logits[i], labels[i], *rows, None if grad is None else grad[i], *options)
+        )
+    return torch.cat([lp for lp, _ in pieces]), torch.cat([e for _, e in pieces])

@@ -67,6 +67,11 @@ class Plan(NamedTuple):
     ref_logps: Optional[torch.Tensor]  # [N*T], None without KL
     sampler_logps: Optional[torch.Tensor]  # [N*T], NaN on reference rows; None without IS
 
+    @property
+    def per_token(self) -> tuple[Optional[torch.Tensor], ...]:
+        """The per-token inputs of the row pass, in its order."""
+        return self.coef, self.ref_logps, self.kl_coef, self.sampler_logps
+
 
 def plan(labels, rewards, ref_logps, sampler_logps, p: GRAOParams, need_grad: bool) -> Plan:
     """Advantages and every token's gradient coefficient (GRAO_SPEC.md, "Why one pass")."""
@@ -168,3 +173,8 @@ def make_output(results: tuple, p: GRAOParams) -> GRAOOutput:
         loss, expl, imit, align, adv, seq,
         kl if p.kl_coef != 0.0 else None, entropy if p.return_entropy else None,
     )  # fmt: skip
+
+
+def pass_options(p: GRAOParams) -> tuple:
+    """The row pass's trailing arguments for this call."""
+    return p.temperature, p.ignore_index, p.is_cap, p.return_entropy, p.use_triton

@@ -15,7 +15,16 @@ from collections.abc import Sequence
 import torch
 
 from ._ops import resolve_backend, token_pass
-from ._plan import GRAOOutput, GRAOParams, make_output, make_params, objective, plan, rescale
+from ._plan import (
+    GRAOOutput,
+    GRAOParams,
+    make_output,
+    make_params,
+    objective,
+    pass_options,
+    plan,
+    rescale,
+)
 from ._validation import check_batch, check_logits_labels, check_options
 from .reference import TERMS
 
@@ -54,19 +63,15 @@ class _GRAOLinearFunction(torch.autograd.Function):
         grad_b = torch.zeros(v, dtype=pl.lengths.dtype, device=weight.device) if need_b else None
         logp = torch.empty(m, dtype=pl.lengths.dtype, device=hidden.device)
         ent = torch.empty(m if p.return_entropy else 0, dtype=logp.dtype, device=hidden.device)
-        piece = lambda a, sl: None if a is None else a[sl]  # noqa: E731
         step = chunk_tokens(v, compute, chunk_bytes)
         for start in range(0, m, step):
             sl = slice(start, min(start + step, m))
             xc = x[sl].to(compute)
             # [c, V] logits of this chunk: the only vocabulary-sized buffer.
             logits = torch.addmm(b, xc, w.t()) if b is not None else xc @ w.t()
-            lp, e = token_pass(
-                logits, lab[sl], piece(pl.coef, sl), piece(pl.ref_logps, sl),
-                piece(pl.kl_coef, sl), piece(pl.sampler_logps, sl),
-                logits if need_grad else None,  # the gradient replaces the logits in place
-                p.temperature, p.ignore_index, p.is_cap, p.return_entropy, p.use_triton,
-            )  # fmt: skip
+            rows = [None if a is None else a[sl] for a in pl.per_token]
+            grad = logits if need_grad else None  # the gradient replaces the logits in place
+            lp, e = token_pass(logits, lab[sl], *rows, grad, *pass_options(p))
             logp[sl] = lp
             if p.return_entropy:
                 ent[sl] = e

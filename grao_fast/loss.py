@@ -14,7 +14,16 @@ from torch import nn
 
 from . import reference
 from ._ops import BACKENDS, resolve_backend, token_pass_3d, triton_available
-from ._plan import GRAOOutput, GRAOParams, make_output, make_params, objective, plan, rescale
+from ._plan import (
+    GRAOOutput,
+    GRAOParams,
+    make_output,
+    make_params,
+    objective,
+    pass_options,
+    plan,
+    rescale,
+)
 from ._validation import (
     check_batch,
     check_label_range,
@@ -49,10 +58,7 @@ class _GRAOFunction(torch.autograd.Function):
                 if p.inplace
                 else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             )
-        logp, ent = token_pass_3d(
-            logits, labels, pl.coef, pl.ref_logps, pl.kl_coef, pl.sampler_logps, grad,
-            p.temperature, p.ignore_index, p.is_cap, p.return_entropy, p.use_triton,
-        )  # fmt: skip
+        logp, ent = token_pass_3d(logits, labels, grad, pl.per_token, *pass_options(p))
         loss, extras = objective(pl, logp.view(n, t), ent, p)
         ctx.grads = (grad,)
         ctx.mark_non_differentiable(*extras)
@@ -167,24 +173,18 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature: float, ignore_index: int, use_triton: bool):
         n, t, v = logits.shape
-        logp, _ = token_pass_3d(
-            logits, labels, None, None, None, None, None,
-            temperature, ignore_index, float("inf"), False, use_triton,
-        )  # fmt: skip
+        options = (temperature, ignore_index, float("inf"), False, use_triton)
+        logp, _ = token_pass_3d(logits, labels, None, (None,) * 4, *options)
         ctx.save_for_backward(logits, labels)
-        ctx.opts = (temperature, ignore_index, use_triton)
+        ctx.options = options
         return logp.view(n, t)
 
     @staticmethod
     def backward(ctx, d_logp):
         logits, labels = ctx.saved_tensors
-        temperature, ignore_index, use_triton = ctx.opts
-        n, t, v = logits.shape
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        token_pass_3d(
-            logits, labels, d_logp.float().reshape(-1), None, None, None, grad,
-            temperature, ignore_index, float("inf"), False, use_triton,
-        )  # fmt: skip
+        coef = d_logp.float().reshape(-1)
+        token_pass_3d(logits, labels, grad, (coef, None, None, None), *ctx.options)
         return grad, None, None, None, None
 
 
