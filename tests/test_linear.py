@@ -7,22 +7,10 @@ import textwrap
 
 import pytest
 import torch
+from backends import BACKENDS, DEVICE
 from tolerances import assert_close
 
 from grao_fast import grao_loss, grao_loss_linear
-from grao_fast.loss import triton_available
-
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            not (torch.cuda.is_available() or triton_available(torch.device("cpu"))),
-            reason="Triton needs CUDA or TRITON_INTERPRET=1",
-        ),
-    ),
-]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _inputs(b, g, t, h, v, dtype, *, bias=True, seed=0):

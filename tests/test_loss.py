@@ -9,22 +9,11 @@ import os
 
 import pytest
 import torch
+from backends import BACKENDS, DEVICE
 from tolerances import assert_close
 
 from grao_fast import _torch_ops, grao_loss, token_logprobs
-from grao_fast.loss import triton_available
 
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            not (torch.cuda.is_available() or triton_available(torch.device("cpu"))),
-            reason="Triton needs CUDA or TRITON_INTERPRET=1",
-        ),
-    ),
-]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
