@@ -75,8 +75,11 @@ class _GRAOLinearFunction(torch.autograd.Function):
             logp[sl] = lp
             if p.return_entropy:
                 ent[sl] = e
-            if need_h:
-                grad_h[sl] = (logits @ w).to(grad_h.dtype)  # [c, V] @ [V, H]
+            if need_h:  # [c, V] @ [V, H], straight into grad_hidden unless dtypes differ
+                if grad_h.dtype == compute:
+                    torch.mm(logits, w, out=grad_h[sl])
+                else:
+                    grad_h[sl] = logits @ w
             if need_w:
                 grad_w.addmm_(logits.t(), xc)  # [V, c] @ [c, H]
             if need_b:
