@@ -69,7 +69,11 @@ class Plan(NamedTuple):
 
     @property
     def per_token(self) -> tuple[Optional[torch.Tensor], ...]:
-        """The per-token inputs of the row pass, in its order."""
+        """The per-token inputs of the row pass, in its order. The extras only shape the
+        gradient, so a pass without one (no coef) gets none of them; the loss value uses them
+        in :func:`objective`."""
+        if self.coef is None:
+            return (None,) * 4
         return self.coef, self.ref_logps, self.kl_coef, self.sampler_logps
 
 

@@ -97,6 +97,13 @@ def test_extras_kl_and_importance_weights(backend):
     _compare(backend, logits, labels, rewards, g=2, kl_coef=0.3, ref_logps=ref_logps)
     _compare(backend, logits, labels, rewards, g=2, sampler_logps=sampler, is_cap=1.5)
     _compare(backend, logits, labels, rewards, g=2, sampler_logps=sampler)
+    with torch.no_grad():  # forward only: the extras still enter the loss value
+        both = {"kl_coef": 0.3, "ref_logps": ref_logps, "sampler_logps": sampler, "is_cap": 1.5}
+        plain = grao_loss(logits, labels, rewards, group_size=2, backend=backend, **both)
+    x = logits.clone().requires_grad_()
+    with_grad = grao_loss(x, labels, rewards, group_size=2, backend=backend, **both)
+    assert_close(plain.loss, with_grad.loss, torch.float32, "value")
+    assert_close(plain.kl, with_grad.kl, torch.float32, "value")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
