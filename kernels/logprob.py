@@ -1,14 +1,28 @@
 """Row kernel: per-token log-prob, entropy and the GRAO gradient row, in one pass over the logits.
 
-One program per token row (a 1-D grid over rows). The first loop streams the row in ``BLOCK_V``
-blocks and keeps an online, max-subtracted log-sum-exp (and, for the entropy, a running
-``sum p * x``); the second loop re-reads the row (from L2 on a GPU: the row was just read) and
-writes ``grad = g * (onehot(label) - softmax(x)) / T``. The gradient of the loss is known in
-forward (it is linear in the log-probs with coefficients fixed by the rewards), so nothing is
-saved for backward: the backward only rescales the gradient by ``grad_output``.
+A persistent 1-D grid: each program walks its rows. Per row, the first loop streams the row in
+``BLOCK_V`` blocks and keeps an online, max-subtracted log-sum-exp (and, for the entropy, a
+running ``sum p * x``); the second loop re-reads the row and writes
+``grad = g * (onehot(label) - softmax(x)) / T``. The gradient of the loss is known in forward (it
+is linear in the log-probs with coefficients fixed by the rewards), so nothing is saved for
+backward: the backward only rescales the gradient by ``grad_output``.
+
+Memory traffic is one read of the logits plus one write of the gradient when the second read of
+each row hits L2. At V = 151,936 a bf16 row is 300 KB, and as many rows are in flight as there
+are programs running, so the launch bounds them (``default_programs``: rows in flight fit in L2,
+at most two programs per SM) instead of leaving it to occupancy (four 16-warp programs per SM,
+160 MB of rows, three times the H100's 50 MB L2). Within a row, the first pass loads with
+``evict_last`` when a second pass follows; the second pass walks the row backwards, so it starts
+with the blocks read last; its loads (the row's last use) and its gradient stores are marked
+evict-first, so they do not push out rows still waiting for their second read. Both loops are
+software-pipelined (``NUM_STAGES`` blocks in flight through shared memory), which keeps the
+memory busy with only one or two programs per SM.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -16,19 +30,49 @@ import triton.language as tl
 
 from .utils import FLOAT_DTYPES, check_power_of_two, check_vector
 
-# Default block: 16 KiB of logits per block (8192 bf16/fp16 or 4096 fp32 values), with 16 warps
-# for 8192-wide blocks (16 values per thread) and 8 below. Sensible Hopper defaults, NOT yet timed
-# on hardware. What was checked: compiled for sm_90 by Triton 3.9 (no launch) with every feature
-# on, both defaults use 64 registers per thread and spill nothing, and loads/stores are 128-bit
-# vectors when V and the row strides are multiples of 16 (Triton specialises such arguments).
+# Launch defaults, chosen from the compiled code (``python -m benchmarks.codegen``, no GPU needed)
+# and NOT yet timed on hardware: 16 KiB blocks (8192 bf16/fp16 or 4096 fp32 values) and one warp
+# per KiB of block, so each thread moves two 16-byte vectors per block; 3 pipeline stages. With
+# every feature on this spills nothing and two programs fit on one SM by registers and shared
+# memory (tests/test_codegen.py), which the persistent grid relies on.
 _BLOCK_BYTES = 16384
+_NUM_STAGES = 3
+_MAX_PROGRAMS_PER_SM = 2
 
 
-def default_config(vocab: int, element_size: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for rows of ``vocab`` values of ``element_size`` bytes."""
+class LaunchConfig(NamedTuple):
+    block_v: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(vocab: int, element_size: int) -> LaunchConfig:
+    """Launch config for rows of ``vocab`` values of ``element_size`` bytes."""
     block_v = min(triton.next_power_of_2(vocab), _BLOCK_BYTES // element_size)
-    num_warps = 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
-    return block_v, num_warps
+    num_warps = max(1, block_v * element_size // 1024)
+    return LaunchConfig(block_v, num_warps, _NUM_STAGES)
+
+
+@functools.cache
+def _sm_count_and_l2(device: torch.device) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, props.L2_cache_size
+
+
+def default_programs(device: torch.device, rows: int, row_bytes: int) -> int:
+    """Programs of the persistent grid: the rows in flight.
+
+    On CUDA: one or two programs per SM, as many as keep ``programs * row_bytes`` within L2 (at
+    least one per SM), or one program per row when even full occupancy fits in L2. Elsewhere
+    (the interpreter) one program per row.
+    """
+    if device.type != "cuda":
+        return max(rows, 1)
+    sms, l2 = _sm_count_and_l2(device)
+    per_sm = l2 // max(row_bytes * sms, 1)
+    if per_sm >= 16:  # L2 holds more rows than SMs can run (16 programs of 4 warps): no bound
+        return max(rows, 1)
+    return max(min(rows, sms * max(1, min(per_sm, _MAX_PROGRAMS_PER_SM))), 1)
 
 
 @triton.heuristics(
@@ -37,6 +81,8 @@ def default_config(vocab: int, element_size: int) -> tuple[int, int]:
         "HAS_KL": lambda args: args["ref_ptr"] is not None,
         "HAS_IS": lambda args: args["sampler_ptr"] is not None,
         "HAS_ENTROPY": lambda args: args["entropy_ptr"] is not None,
+        # L2 priority of the first pass's loads: keep the row for the second pass, if any.
+        "FIRST_READ": lambda args: "evict_first" if args["coef_ptr"] is None else "evict_last",
     }
 )
 @triton.jit
@@ -52,6 +98,7 @@ def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments 
     stride_grad,  # elements between rows of grad
     logp_ptr,  # [M] f32 out
     entropy_ptr,  # [M] f32 out or None
+    M,  # rows (runtime)
     V,  # vocabulary size (runtime)
     inv_temperature,  # 1 / T (runtime)
     ignore_index,  # (runtime)
@@ -61,25 +108,43 @@ def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments 
     HAS_KL: tl.constexpr,
     HAS_IS: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    FIRST_READ: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    # 64-bit row index: row * stride overflows int32 once M * V > 2**31, e.g. 16k tokens of a
-    # 151,936-word vocabulary (2.5e9 elements).
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    logits_row = logits_ptr + row * stride_logits
+    # A persistent grid: program p handles rows p, p + P, p + 2P, ... so that the number of rows
+    # in flight (P) is set by the launch, not by occupancy. 64-bit rows: row * stride overflows
+    # int32 once M * V > 2**31, e.g. 16k tokens of a 151,936-word vocabulary.
     cols = tl.arange(0, BLOCK_V)
+    for row in range(tl.program_id(0).to(tl.int64), M, tl.num_programs(0)):
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        logits_row = logits_ptr + row * stride_logits
+        if label == ignore_index:
+            tl.store(logp_ptr + row, 0.0)
+            if HAS_ENTROPY:
+                tl.store(entropy_ptr + row, 0.0)
+            if HAS_GRAD:
+                grad_row = grad_ptr + row * stride_grad
+                zeros = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    tl.store(grad_row + offs, zeros, mask=offs < V, cache_modifier=".cs")
+        else:
+            _row(
+                logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, grad_ptr,
+                stride_grad, logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap,
+                BLOCK_V, HAS_GRAD, HAS_KL, HAS_IS, HAS_ENTROPY, FIRST_READ, NUM_STAGES,
+            )  # fmt: skip
 
-    if label == ignore_index:
-        tl.store(logp_ptr + row, 0.0)
-        if HAS_ENTROPY:
-            tl.store(entropy_ptr + row, 0.0)
-        if HAS_GRAD:
-            grad_row = grad_ptr + row * stride_grad
-            zeros = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                tl.store(grad_row + start + cols, zeros, mask=start + cols < V)
-        return
 
+@triton.jit
+def _row(  # noqa: PLR0917
+    logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, grad_ptr, stride_grad,
+    logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap,
+    BLOCK_V: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_IS: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, FIRST_READ: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """One row that is not ignored: logp (and entropy) and, with HAS_GRAD, its gradient row."""
+    cols = tl.arange(0, BLOCK_V)
     # Pass 1: online log-sum-exp of z = (x - m) / T over the row. Subtracting the raw max before
     # scaling keeps (x - m) exact for |x| ~ 1e4, where x / T alone would already lose digits.
     # Running max of the raw logits, started at the most negative finite float32 so that a block
@@ -87,9 +152,11 @@ def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments 
     m = -3.4028234663852886e38
     d = 0.0  # sum exp((x - m) / T)
     s = 0.0  # sum exp((x - m) / T) * (x - m), for the entropy
-    for start in range(0, V, BLOCK_V):
+    for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
         offs = start + cols
-        x = tl.load(logits_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(
+            logits_row + offs, mask=offs < V, other=float("-inf"), eviction_policy=FIRST_READ
+        ).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # exp of the old terms' shift; clamped so the first shift, from the start value, stays
         # finite (exp(-1e30 / T) is 0 all the same, and the interpreter warns on overflow).
@@ -123,16 +190,21 @@ def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments 
             ref = tl.load(ref_ptr + row)
             g += tl.load(kl_coef_ptr + row) * (1.0 - tl.exp(ref - logp))
         g = tl.where(in_range, g * inv_temperature, 0.0)
-        # Pass 2: each block is read, then written, by this program only, so writing into the
-        # logits themselves (grad_ptr == logits_ptr) reads every value before overwriting it.
+        # Pass 2, last block first (the blocks most likely still in L2). Each block is read, then
+        # written, by this program only, so writing into the logits themselves
+        # (grad_ptr == logits_ptr) reads every value before overwriting it.
         grad_row = grad_ptr + row * stride_grad
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
+        last_block = tl.cdiv(V, BLOCK_V) - 1
+        for i in tl.range(0, last_block + 1, num_stages=NUM_STAGES):
+            offs = (last_block - i) * BLOCK_V + cols
             mask = offs < V
-            x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            x = tl.load(
+                logits_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first"
+            ).to(tl.float32)
             p = tl.exp((x - m) * inv_temperature - log_d)
             d_x = g * (tl.where(offs == label, 1.0, 0.0) - p)
-            tl.store(grad_row + offs, d_x.to(grad_ptr.dtype.element_ty), mask=mask)
+            d_x = d_x.to(grad_ptr.dtype.element_ty)
+            tl.store(grad_row + offs, d_x, mask=mask, cache_modifier=".cs")
 
 
 def token_logprob_grad(
@@ -150,6 +222,8 @@ def token_logprob_grad(
     compute_entropy: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
+    num_programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (and entropy) and, in the same pass, the gradient rows of the loss.
 
@@ -170,7 +244,9 @@ def token_logprob_grad(
             It may be ``logits`` itself (same storage, same strides): each block of a row is
             read by the program that then overwrites it, so the gradient replaces the logits.
         compute_entropy: also return ``-sum p log p`` per token.
-        block_v, num_warps: override the default launch config (block_v a power of two).
+        block_v, num_warps, num_stages: override the default launch config (``default_config``;
+            block_v a power of two).
+        num_programs: override the size of the persistent grid (``default_programs``).
 
     Per token, in float32: ``logp = x[label] - logsumexp(x)``, ``p = softmax(x)``,
     ``grad[m] = g * (onehot(label) - p) / T`` with ``g = coef * w + KL term``. An ignored token
@@ -221,14 +297,20 @@ def token_logprob_grad(
     entropy = torch.empty_like(logp) if compute_entropy else None
     if m == 0:
         return logp, entropy
-    default_block, default_warps = default_config(v, logits.element_size())
-    block_v = default_block if block_v is None else block_v
+    config = default_config(v, logits.element_size())
+    block_v = config.block_v if block_v is None else block_v
     check_power_of_two("block_v", block_v)
-    _token_logprob_grad_kernel[(m,)](
+    for name, value in (("num_programs", num_programs), ("num_stages", num_stages)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_programs is None:
+        num_programs = default_programs(device, m, v * logits.element_size())
+    _token_logprob_grad_kernel[(min(num_programs, m),)](
         logits, logits.stride(0), labels, coef, ref_logps, kl_coef, sampler_logps,
         grad, 0 if grad is None else grad.stride(0), logp, entropy,
-        v, 1.0 / temperature, ignore_index, float(is_cap) if sampler_logps is not None else 1.0,
-        BLOCK_V=block_v, num_warps=default_warps if num_warps is None else num_warps,
+        m, v, 1.0 / temperature, ignore_index, float(is_cap) if sampler_logps is not None else 1.0,
+        BLOCK_V=block_v, NUM_STAGES=config.num_stages if num_stages is None else num_stages,
+        num_warps=config.num_warps if num_warps is None else num_warps,
     )  # fmt: skip
     return logp, entropy
 

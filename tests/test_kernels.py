@@ -73,18 +73,21 @@ def assert_close(actual, expected, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "m, v, block_v, row_pad",
-    [(7, 507, None, 0), (6, 300, 64, 5)],  # one block; several blocks, ragged tail, row stride
+    "m, v, block_v, row_pad, programs",
+    # one block, a program per row; several blocks with a ragged tail, a row stride, and a
+    # persistent grid of 4 programs over 6 rows (two programs walk two rows)
+    [(7, 507, None, 0, None), (6, 300, 64, 5, 4)],
 )
-def test_rows_match_float64(m, v, block_v, row_pad, dtype):
+def test_rows_match_float64(m, v, block_v, row_pad, programs, dtype):
     logits, labels = make_rows(m, v, dtype, row_pad=row_pad)
     labels[1] = -100
     labels[3] = labels[3] % 64 + 64 * (v // 64 - 1)  # the label in a later block
     coef = torch.randn(m, device=DEVICE)
     grad = torch.empty(m, v, device=DEVICE, dtype=dtype)
     logp, ent = token_logprob_grad(
-        logits, labels, coef, temperature=0.7, grad=grad, compute_entropy=True, block_v=block_v
-    )
+        logits, labels, coef, temperature=0.7, grad=grad, compute_entropy=True, block_v=block_v,
+        num_programs=programs,
+    )  # fmt: skip
     want_logp, want_ent, want_grad = expected_rows(logits, labels, coef, temperature=0.7)
     assert logp.dtype == ent.dtype == torch.float32
     assert_close(logp, want_logp, torch.float32)
@@ -102,7 +105,7 @@ def test_inplace_equals_out_of_place(dtype):
     logp, _ = token_logprob_grad(logits, labels, coef, temperature=1.3, grad=out, block_v=64)
     inplace = logits.clone()
     logp_inplace, _ = token_logprob_grad(
-        inplace, labels, coef, temperature=1.3, grad=inplace, block_v=64
+        inplace, labels, coef, temperature=1.3, grad=inplace, block_v=64, num_programs=2
     )
     assert torch.equal(logp_inplace, logp)
     assert torch.equal(inplace, out)
@@ -217,6 +220,8 @@ def test_empty_rows_launch_nothing():
          ValueError, "is_cap"),
         (dict(sampler_logps=torch.zeros(2), is_cap=2.0), ValueError, "coef"),
         (dict(block_v=48), ValueError, "block_v"),
+        (dict(num_programs=0), ValueError, "num_programs"),
+        (dict(num_stages=1.5), ValueError, "num_stages"),
     ],
 )  # fmt: skip
 def test_row_launcher_rejects_bad_input(kwargs, error, match):
@@ -225,6 +230,28 @@ def test_row_launcher_rejects_bad_input(kwargs, error, match):
     logits, labels, coef = args.pop("logits"), args.pop("labels"), args.pop("coef")
     with pytest.raises(error, match=match):
         token_logprob_grad(logits, labels, coef, **args)
+
+
+@pytest.mark.parametrize(
+    "rows, vocab, element_size, programs",
+    [
+        (32_768, 151_936, 2, 132),  # 300 KB rows: one program per SM keeps 40 MB in flight
+        (32_768, 151_936, 4, 132),  # 600 KB rows: never fewer than one per SM
+        (32_768, 32_768, 2, 264),  # 64 KB rows: two per SM (the most that stay resident)
+        (32_768, 4_096, 2, 32_768),  # 8 KB rows: L2 holds every row an SM can run, no bound
+        (100, 151_936, 2, 100),  # fewer rows than programs
+    ],
+)  # fmt: skip
+def test_default_programs_bound_rows_in_flight_by_l2(
+    monkeypatch, rows, vocab, element_size, programs
+):
+    from grao_fast.kernels import logprob
+
+    h100 = (132, 50 * 1024 * 1024)
+    monkeypatch.setattr(logprob, "_sm_count_and_l2", lambda device: h100)
+    got = logprob.default_programs(torch.device("cuda", 0), rows, vocab * element_size)
+    assert got == programs
+    assert logprob.default_programs(torch.device("cpu"), rows, vocab * element_size) == rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,10 +34,12 @@ KERNEL_DTYPES = [
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Force 16-wide vocabulary blocks, so that every row spans several kernel blocks."""
+    """16-wide vocabulary blocks and a 3-program grid: every row spans several kernel blocks and
+    every program walks several rows."""
     from grao_fast.kernels import logprob
 
-    monkeypatch.setattr(logprob, "default_config", lambda vocab, element_size: (16, 4))
+    monkeypatch.setattr(logprob, "default_config", lambda *_: logprob.LaunchConfig(16, 4, 3))
+    monkeypatch.setattr(logprob, "default_programs", lambda device, rows, row_bytes: 3)
 
 
 def _extras(labels, seed):
