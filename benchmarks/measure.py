@@ -174,7 +174,8 @@ def peak_memory(loss_fn: LossFn, leaves: list[torch.Tensor], device: torch.devic
     return peak
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int) -> float:
+def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     clock = _Clock(device)
@@ -192,7 +193,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, *, warmup: int, reps: int)
     ``nbytes`` each, so ``2 * nbytes`` bytes move per copy. The ceiling for memory-bound rows."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), device, warmup=warmup, reps=reps)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=warmup, reps=reps)
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
@@ -216,5 +217,5 @@ def gemm_ms(
     dl = torch.randn(tokens, vocab, device=device, dtype=dtype)
     total = 0.0
     for fn in (lambda: x @ w.T, lambda: dl @ w, lambda: dl.T @ x):
-        total += _median_ms(fn, device, warmup=warmup, reps=reps)
+        total += median_ms(fn, device, warmup=warmup, reps=reps)
     return total

@@ -81,3 +81,42 @@ def test_quick_report_writes_md_json_png(tmp_path: Path) -> None:
     markdown = json_path.with_suffix(".md").read_text()
     assert "| reference (plain PyTorch) | GRAO |" in markdown and "not GRAO" in markdown
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tune_quick_checks_and_times_every_config(tmp_path: Path) -> None:
+    """The launch-config sweep on a tiny shape under the interpreter (times mean nothing here):
+    every config passes its check and is timed, and both files are written."""
+    import os
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "benchmarks.tune", "--quick", "--device", "cpu"]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (json_path,) = tmp_path.glob("tune-*.json")
+    record = json.loads(json_path.read_text())
+    assert record["shape"] == {"tokens": 24, "vocab": 300, "dtype": "bfloat16"}
+    assert len(record["results"]) == 12
+    for r in record["results"]:
+        assert r["status"] == "ok" and r["ms"] > 0, r
+    assert {r["grid"] for r in record["results"]} == {"1/SM", "2/SM", "row"}
+    assert "| block_v | warps |" in json_path.with_suffix(".md").read_text()
+
+
+def test_tune_check_rejects_unwritten_or_wrong_gradients() -> None:
+    import torch
+
+    from benchmarks.tune import _check
+
+    logp, rows = torch.zeros(4), torch.tensor([0, 2])
+    want_grad = torch.rand(2, 8)
+    grad = torch.zeros(4, 8, dtype=torch.bfloat16)
+    grad[rows] = want_grad.bfloat16()
+    assert _check(logp, grad, logp, want_grad, rows, torch.bfloat16) is None
+    poisoned = grad.clone()
+    poisoned[1, 3] = float("nan")
+    assert "NaN" in _check(logp, poisoned, logp, want_grad, rows, torch.bfloat16)
+    assert "logp" in _check(logp + 1, grad, logp, want_grad, rows, torch.bfloat16)
+    assert "gradient" in _check(logp, grad * 1.1, logp, want_grad, rows, torch.bfloat16)
