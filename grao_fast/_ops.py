@@ -151,6 +151,17 @@ def _(
     return torch.empty(rewards.shape, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
 
 
+@torch.library.custom_op("grao_fast::scale_", mutates_args=("x",))
+def scale_(x: torch.Tensor, scale: torch.Tensor) -> None:
+    """``x *= scale`` in place (Triton): no pass over ``x`` when ``scale`` is 1, no host sync."""
+    _ops(True).scale_(x, scale)
+
+
+@scale_.register_fake
+def _(x, scale):
+    return None
+
+
 def token_pass_3d(
     logits: torch.Tensor,
     labels: torch.Tensor,

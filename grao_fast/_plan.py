@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import reference
-from ._ops import group_coefficients
+from ._ops import group_coefficients, scale_
 from .reference import TERMS
 
 
@@ -147,9 +147,14 @@ def rescale(ctx, d_loss: torch.Tensor) -> list:
             "to autograd, not copied); compute the loss again to backpropagate again"
         )
     ctx.grads = None
-    # loss.backward() passes exactly 1: on CPU that is free to see (no device to sync with),
-    # and skipping the multiply saves a pass over the gradient. On CUDA the check would stall
-    # the host, so the multiply always runs there.
+    # loss.backward() passes exactly 1, and skipping the multiply then saves a pass over the
+    # gradient (as many bytes as the forward). On CUDA a Triton kernel checks for 1 on the device
+    # (a host check would wait for the device); on CPU the host check is free.
+    if ctx.use_triton and d_loss.device.type == "cuda":
+        for g in grads:
+            if g is not None:
+                scale_(g, d_loss)
+        return list(grads)
     if d_loss.device.type == "cpu" and not torch.compiler.is_compiling() and d_loss == 1:
         return list(grads)
     return [None if g is None else g.mul_(d_loss) for g in grads]

@@ -85,6 +85,7 @@ class _GRAOLinearFunction(torch.autograd.Function):
             if need_b:
                 grad_b += logits.sum(dim=0, dtype=grad_b.dtype)
         loss, extras = objective(pl, logp.view(n, t), ent, p)
+        ctx.use_triton = p.use_triton
         ctx.grads = (
             None if grad_h is None else grad_h.view(n, t, h),
             None if grad_w is None else grad_w.to(weight.dtype),

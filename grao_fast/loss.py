@@ -2,7 +2,8 @@
 
 The forward reads each row of logits once and writes both its log-prob and its gradient row;
 backward only rescales that gradient by ``grad_output`` in place and hands it to autograd (no
-new ``[N, T, V]`` buffer, no copy). What is kept for backward: that gradient, nothing else.
+new ``[N, T, V]`` buffer, no copy; on CUDA no pass at all when ``grad_output`` is 1, checked on the
+device). What is kept for backward: that gradient, nothing else.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class _GRAOFunction(torch.autograd.Function):
             )
         logp, ent = token_pass_3d(logits, labels, grad, pl.per_token, *pass_options(p))
         loss, extras = objective(pl, logp.view(n, t), ent, p)
+        ctx.use_triton = p.use_triton
         ctx.grads = (grad,)
         ctx.mark_non_differentiable(*extras)
         return (loss, *extras)

@@ -19,7 +19,12 @@ pytestmark = pytest.mark.skipif(
     reason="Triton needs a CUDA device or TRITON_INTERPRET=1",
 )
 
-from grao_fast.kernels import group_coefficients, token_logprob_grad, token_logprobs  # noqa: E402
+from grao_fast.kernels import (  # noqa: E402
+    group_coefficients,
+    scale_,
+    token_logprob_grad,
+    token_logprobs,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -362,3 +367,51 @@ def test_realistic_qwen_vocabulary_bf16():
     inplace = logits.clone()
     token_logprob_grad(inplace, labels, coef, grad=inplace)
     assert torch.equal(inplace, grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale kernel (backward of the fused losses)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [1.0, 0.37, -2.0, math.nan])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: t[0, 0],  # 1-D
+        lambda t: t[1],  # 2-D
+        lambda t: t,  # 3-D, contiguous
+        lambda t: t[:, 1:, :50],  # 3-D slice: row strides of the parent
+    ],
+    ids=["1d", "2d", "3d", "3d-slice"],
+)
+def test_scale_matches_torch_mul(dtype, value, make):
+    gen = torch.Generator().manual_seed(3)
+    parent = torch.randn(3, 5, 67, generator=gen).to(device=DEVICE, dtype=dtype)
+    x = make(parent)
+    untouched = parent.clone()
+    scale = torch.tensor(value, device=DEVICE)
+    expected = x.double() * value
+    want = x.clone().mul_(scale)
+    assert scale_(x, scale) is x
+    assert_close(x, expected, dtype)
+    if value == 1.0 or torch.cuda.is_available():  # (the interpreter truncates bf16 stores)
+        torch.testing.assert_close(x, want, atol=0, rtol=0, equal_nan=True)
+    outside = torch.ones_like(parent, dtype=torch.bool)
+    make(outside).fill_(False)
+    assert torch.equal(parent[outside], untouched[outside])  # nothing outside the view moved
+
+
+@pytest.mark.parametrize(
+    "x, scale, error, match",
+    [
+        (torch.zeros(4, dtype=torch.float64), torch.tensor(2.0), TypeError, "x must"),
+        (torch.zeros(2, 3, 4, 5), torch.tensor(2.0), ValueError, "1 to 3 dims"),
+        (torch.zeros(4, 3).t(), torch.tensor(2.0), ValueError, "unit last stride"),
+        (torch.zeros(4), torch.tensor(2), TypeError, "scale"),
+        (torch.zeros(4), torch.ones(2), ValueError, "one element"),
+    ],
+)  # fmt: skip
+def test_scale_rejects_bad_input(x, scale, error, match):
+    with pytest.raises(error, match=match):
+        scale_(x, scale)
