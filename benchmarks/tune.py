@@ -1,6 +1,8 @@
-"""Time the row kernel's launch configs against a copy measured in the same run.
+"""Time the row kernel's launch configs against a copy measured in the same run, or the fused
+linear path's chunk sizes against the three bare GEMMs.
 
     python -m benchmarks.tune            # CUDA: bf16, vocab 151,936, 8,192 tokens, every config
+    python -m benchmarks.tune --linear   # CUDA: grao_loss_linear, 32,768 tokens, H 3,584
     python -m benchmarks.tune --quick    # tiny shapes, a few configs (also runs on CPU under
                                          # TRITON_INTERPRET=1, where the times mean nothing)
 
@@ -11,6 +13,12 @@ poisoned with NaN, and every row's log-prob and a sample of gradient rows are co
 float32 PyTorch. Then the forward+gradient pass is timed (median), and its bytes (one read of the
 logits, one write of the gradient) are divided by the time and by the copy bandwidth. The
 launcher's default config is marked; writes ``<out>/tune-<device>.md`` and ``.json``.
+
+``--linear``: ``grao_loss_linear`` forward+backward per ``chunk_bytes`` (fewer, larger chunks
+mean fewer read-modify-writes of the ``[V, H]`` weight gradient and larger GEMMs, for more
+memory), against the three bare GEMMs timed in the same run, with the peak memory beyond the
+inputs and their gradients; every chunk size's loss and gradients are compared with the
+first's. Writes ``tune-linear-<device>.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FULL = dict(block_bytes=(8192, 16384, 32768), thread_bytes=(16, 32, 64), stages=(1, 2, 3, 4))
 QUICK = dict(block_bytes=(512, 1024), thread_bytes=(16,), stages=(1, 3))
 GRIDS = ("1/SM", "2/SM", "row")
+CHUNKS_MIB = (64, 128, 256, 512, 768, 1024)
+QUICK_CHUNKS_KIB = (1, 4, 64)
 
 
 def _configs(space: dict, element_size: int) -> list[dict]:
@@ -138,6 +148,93 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def run_linear(args: argparse.Namespace) -> dict:
+    import grao_fast
+    from benchmarks.problems import make_inputs, problem_for_tokens
+    from benchmarks.rows import _grao_kwargs
+
+    device = torch.device(args.device)
+    problem = problem_for_tokens(
+        args.tokens, group_size=8, vocab=args.vocab, hidden=args.hidden, dtype=DTYPES[args.dtype]
+    )
+    inputs = make_inputs(problem, device, path="linear", seed=args.seed)
+    leaves = inputs.leaves()
+    m, v, h = problem.tokens, problem.vocab, problem.hidden
+    gemm = measure.gemm_ms(m, v, h, problem.dtype, device, warmup=args.warmup, reps=args.reps)
+    grad_bytes = sum(t.numel() * t.element_size() for t in leaves)
+    kwargs = {**_grao_kwargs(inputs), "check_labels": False}
+    sizes = [k << 10 for k in QUICK_CHUNKS_KIB] if args.quick else [c << 20 for c in CHUNKS_MIB]
+    first, results = None, []
+    for chunk_bytes in tqdm(sizes, desc="chunk sizes", unit="size"):
+
+        def loss_fn(chunk_bytes=chunk_bytes):
+            return grao_fast.grao_loss_linear(
+                inputs.hidden, inputs.weight, inputs.labels, inputs.rewards,
+                chunk_bytes=chunk_bytes, **kwargs,
+            ).loss  # fmt: skip
+
+        record = {"chunk_mib": chunk_bytes / 2**20, "chunk_tokens": None, "status": "ok"}
+        record["chunk_tokens"] = grao_fast.linear.chunk_tokens(v, problem.dtype, chunk_bytes)
+        try:
+            measure.warm_up(loss_fn, leaves, 1)
+            loss = loss_fn()
+            loss.backward()
+            got = (float(loss), *(t.grad.float() for t in leaves))
+            first = first or got
+            diffs = [abs(got[0] - first[0]) / max(abs(first[0]), 1e-12)]
+            for a, b in zip(got[1:], first[1:], strict=True):
+                diffs.append(float((a - b).norm() / b.norm().clamp(min=1e-30)))
+            record["max_rel_diff_vs_first"] = max(diffs)
+            timings = measure.time_loss(loss_fn, leaves, device, warmup=args.warmup, reps=args.reps)
+            peak = measure.peak_memory(loss_fn, leaves, device)
+        except Exception as exc:  # noqa: BLE001  (out of memory etc.: the size's status)
+            results.append({**record, "status": f"{type(exc).__name__}: {str(exc)[:120]}"})
+            continue
+        finally:
+            for t in leaves:
+                t.grad = None
+        results.append(
+            {
+                **record,
+                "ms": timings.fwdbwd_ms,
+                "gemm_ratio": timings.fwdbwd_ms / gemm,
+                "extra_mib": None if peak is None else (peak - grad_bytes) / 2**20,
+            }  # fmt: skip
+        )
+    return {
+        **output.environment(device),
+        "shape": dict(tokens=m, vocab=v, hidden=h, dtype=args.dtype),
+        "gemm_ms": gemm,
+        "results": results,
+    }
+
+
+def markdown_linear(record: dict) -> str:
+    shape = record["shape"]
+    lines = [
+        f"# grao_loss_linear chunk sizes: {record['device']}",
+        "",
+        f"{record['date']}; torch {record['torch']}, triton {record['triton']}, "
+        f"CUDA {record['cuda']}. {shape['tokens']:,} tokens x hidden {shape['hidden']:,} x "
+        f"vocab {shape['vocab']:,}, {shape['dtype']}; the three bare GEMMs take "
+        f"{record['gemm_ms']:.2f} ms. Extra memory: peak beyond the inputs and their gradients.",
+        "",
+        "| chunk MiB | tokens per chunk | fwd+bwd ms | x GEMMs | extra MiB | rel. diff | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in record["results"]:
+        if "ms" not in r:
+            lines.append(f"| {r['chunk_mib']:g} | {r['chunk_tokens']:,} | - | - | - | - | "
+                         f"{r['status']} |")  # fmt: skip
+            continue
+        extra = "-" if r["extra_mib"] is None else f"{r['extra_mib']:,.0f}"
+        lines.append(
+            f"| {r['chunk_mib']:g} | {r['chunk_tokens']:,} | {r['ms']:.2f} | "
+            f"{r['gemm_ratio']:.2f} | {extra} | {r['max_rel_diff_vs_first']:.1e} | ok |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(record: dict) -> str:
     shape = record["shape"]
     lines = [
@@ -171,9 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline stages, grid) against a device copy; write tune-<device>.md/.json.",
     )
     parser.add_argument("--quick", action="store_true", help="tiny shape, a few configs")
+    parser.add_argument("--linear", action="store_true", help="grao_loss_linear chunk sizes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", type=int, help="rows M (8,192; quick 24)")
+    parser.add_argument("--tokens", type=int, help="rows M (8,192; linear 32,768; quick 24)")
     parser.add_argument("--vocab", type=int, help="vocabulary V (151,936; quick 300)")
+    parser.add_argument("--hidden", type=int, help="hidden size H, --linear (3,584; quick 32)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--warmup", type=int, help="untimed calls per config (3; quick 0)")
     parser.add_argument("--reps", type=int, help="timed calls per config, median (20; quick 1)")
@@ -181,22 +280,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     args = parser.parse_args(argv)
     preset = (
-        dict(tokens=24, vocab=300, warmup=0, reps=1)
+        dict(tokens=24, vocab=300, hidden=32, warmup=0, reps=1)
         if args.quick
-        else dict(tokens=8192, vocab=151_936, warmup=3, reps=20)
+        else dict(
+            tokens=32_768 if args.linear else 8192, vocab=151_936, hidden=3584, warmup=3, reps=20
+        )
     )
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if min(args.tokens, args.vocab, args.reps) < 1 or args.warmup < 0:
-        parser.error("--tokens, --vocab and --reps must be positive, --warmup not negative")
+    if min(args.tokens, args.vocab, args.hidden, args.reps) < 1 or args.warmup < 0:
+        parser.error("--tokens, --vocab, --hidden, --reps must be positive, --warmup not negative")
     if args.device.startswith("cpu") and not args.quick:
         parser.error("the full sweep needs a CUDA device (on CPU, --quick checks the script)")
-    record = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"tune-{record['slug']}"
+    if args.linear:
+        record = run_linear(args)
+        stem = args.out / f"tune-linear-{record['slug']}"
+        table = markdown_linear(record)
+    else:
+        record = run(args)
+        stem = args.out / f"tune-{record['slug']}"
+        table = markdown(record)
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    table = markdown(record)
     stem.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {stem}.md and .json")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks only a CUDA machine can run, in as few commands as possible:
 #
-#   bash scripts/gpu_check.sh [STAGE ...]      STAGE: env, tests, codegen, tune, bench (default: all)
+#   bash scripts/gpu_check.sh [STAGE ...]   STAGE: env tests codegen tune linear bench (default: all)
 #
 # env      GPU, driver, versions; installs grao-fast without dependencies (the machine's torch and
 #          Triton are used) and any wheels in .wheels/ (the benchmark peers: fetch them on a
@@ -10,9 +10,10 @@
 # tests    python -m pytest: every test with the kernels compiled, plus the CUDA-only ones
 # codegen  python -m benchmarks.codegen (registers, spills, pipelining, L2 hints on this Triton)
 # tune     python -m benchmarks.tune: every launch config of the row kernel against a copy
+# linear   python -m benchmarks.tune --linear: grao_loss_linear's chunk sizes against 3 GEMMs
 # bench    python -m benchmarks: the report at the CUDA preset (vocab 151,936 bf16, 8k/32k tokens)
 #
-# Logs and results (tune-<gpu>.md/.json, <gpu>.md/.json/.png) go to $OUT (default:
+# Logs and results (tune-*<gpu>.md/.json, <gpu>.md/.json/.png) go to $OUT (default:
 # runs/gpu-check); commit the results under benchmarks/results/. Each stage's exit status is
 # recorded; the script goes on after a failure and exits non-zero if any stage failed.
 set -uo pipefail
@@ -25,7 +26,7 @@ OUT="${OUT:-runs/gpu-check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env tests codegen tune bench)
+[ ${#stages[@]} -eq 0 ] && stages=(env tests codegen tune linear bench)
 failed=()
 
 run_stage() {
@@ -65,8 +66,9 @@ for stage in "${stages[@]}"; do
         tests) run_stage tests "$PY" -m pytest -q -rs -p no:cacheprovider ;;
         codegen) run_stage codegen "$PY" -m benchmarks.codegen ;;
         tune) run_stage tune "$PY" -m benchmarks.tune --out "$OUT" ;;
+        linear) run_stage linear "$PY" -m benchmarks.tune --linear --out "$OUT" ;;
         bench) run_stage bench "$PY" -m benchmarks --out "$OUT" ;;
-        *) echo "unknown stage: $stage (env, tests, codegen, tune, bench)" >&2; exit 2 ;;
+        *) echo "unknown stage: $stage (env, tests, codegen, tune, linear, bench)" >&2; exit 2 ;;
     esac
 done
 if [ ${#failed[@]} -gt 0 ]; then

@@ -120,3 +120,19 @@ def test_tune_check_rejects_unwritten_or_wrong_gradients() -> None:
     assert "NaN" in _check(logp, poisoned, logp, want_grad, rows, torch.bfloat16)
     assert "logp" in _check(logp + 1, grad, logp, want_grad, rows, torch.bfloat16)
     assert "gradient" in _check(logp, grad * 1.1, logp, want_grad, rows, torch.bfloat16)
+
+
+def test_tune_linear_quick_times_every_chunk_size(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "benchmarks.tune", "--linear", "--quick", "--device", "cpu"]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (json_path,) = tmp_path.glob("tune-linear-*.json")
+    record = json.loads(json_path.read_text())
+    assert record["gemm_ms"] > 0
+    assert [r["chunk_tokens"] for r in record["results"]] == [1, 6, 64]
+    for r in record["results"]:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["gemm_ratio"] > 0, r
+        assert r["max_rel_diff_vs_first"] < 1e-2  # bf16: chunking only reorders the sums
