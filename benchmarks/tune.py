@@ -209,19 +209,29 @@ def run_linear(args: argparse.Namespace) -> dict:
     }
 
 
-def markdown_linear(record: dict) -> str:
-    shape = record["shape"]
-    lines = [
-        f"# grao_loss_linear chunk sizes: {record['device']}",
+def _header(title: str, record: dict, setting: str, columns: list[str]) -> list[str]:
+    """Title, the run's date and versions, ``setting``, and the table's head."""
+    return [
+        f"# {title}: {record['device']}",
         "",
         f"{record['date']}; torch {record['torch']}, triton {record['triton']}, "
-        f"CUDA {record['cuda']}. {shape['tokens']:,} tokens x hidden {shape['hidden']:,} x "
-        f"vocab {shape['vocab']:,}, {shape['dtype']}; the three bare GEMMs take "
-        f"{record['gemm_ms']:.2f} ms. Extra memory: peak beyond the inputs and their gradients.",
+        f"CUDA {record['cuda']}. {setting}",
         "",
-        "| chunk MiB | tokens per chunk | fwd+bwd ms | x GEMMs | extra MiB | rel. diff | status |",
-        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
+
+
+def markdown_linear(record: dict) -> str:
+    shape = record["shape"]
+    lines = _header(
+        "grao_loss_linear chunk sizes", record,
+        f"{shape['tokens']:,} tokens x hidden {shape['hidden']:,} x vocab {shape['vocab']:,}, "
+        f"{shape['dtype']}; the three bare GEMMs take {record['gemm_ms']:.2f} ms. Extra memory: "
+        "peak beyond the inputs and their gradients.",
+        ["chunk MiB", "tokens per chunk", "fwd+bwd ms", "x GEMMs", "extra MiB", "rel. diff",
+         "status"],
+    )  # fmt: skip
     for r in record["results"]:
         if "ms" not in r:
             lines.append(f"| {r['chunk_mib']:g} | {r['chunk_tokens']:,} | - | - | - | - | "
@@ -237,17 +247,13 @@ def markdown_linear(record: dict) -> str:
 
 def markdown(record: dict) -> str:
     shape = record["shape"]
-    lines = [
-        f"# Row kernel launch configs: {record['device']}",
-        "",
-        f"{record['date']}; torch {record['torch']}, triton {record['triton']}, "
-        f"CUDA {record['cuda']}. {shape['tokens']:,} tokens x vocab {shape['vocab']:,}, "
-        f"{shape['dtype']}, gradient into a separate buffer; copy bandwidth "
-        f"{record['copy_gb_per_s']:,.0f} GB/s (read + write). `*`: the launcher's default.",
-        "",
-        "| block_v | warps | stages | grid (programs) | ms | GB/s | of copy | status |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = _header(
+        "Row kernel launch configs", record,
+        f"{shape['tokens']:,} tokens x vocab {shape['vocab']:,}, {shape['dtype']}, gradient into "
+        f"a separate buffer; copy bandwidth {record['copy_gb_per_s']:,.0f} GB/s (read + write). "
+        "`*`: the launcher's default.",
+        ["block_v", "warps", "stages", "grid (programs)", "ms", "GB/s", "of copy", "status"],
+    )  # fmt: skip
     for r in record["results"]:
         timed = "ms" in r
         lines.append(
