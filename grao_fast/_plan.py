@@ -131,7 +131,7 @@ def objective(pl: Plan, logp: torch.Tensor, entropy: torch.Tensor, p: GRAOParams
     return loss, extras
 
 
-def rescale(ctx, d_loss: torch.Tensor) -> list:
+def rescale(ctx, d_loss: Optional[torch.Tensor]) -> list:
     """Backward of a loss whose gradients were written in forward: ``ctx.grads * d_loss``.
 
     The buffers are ours, so they are rescaled in place and handed over: ``ctx`` drops its
@@ -147,6 +147,8 @@ def rescale(ctx, d_loss: torch.Tensor) -> list:
             "to autograd, not copied); compute the loss again to backpropagate again"
         )
     ctx.grads = None
+    if d_loss is None:  # only the extras (non-differentiable) reached backward: no gradient
+        return [None] * len(grads)
     # loss.backward() passes exactly 1, and skipping the multiply then saves a pass over the
     # gradient (as many bytes as the forward). On CUDA a Triton kernel checks for 1 on the device
     # (a host check would wait for the device); on CPU the host check is free.

@@ -86,6 +86,7 @@ class _GRAOLinearFunction(torch.autograd.Function):
                 grad_b += logits.sum(dim=0, dtype=grad_b.dtype)
         loss, extras = objective(pl, logp.view(n, t), ent, p)
         ctx.use_triton = p.use_triton
+        ctx.set_materialize_grads(False)  # no zero tensors for the extras' gradients
         ctx.grads = (
             None if grad_h is None else grad_h.view(n, t, h),
             None if grad_w is None else grad_w.to(weight.dtype),

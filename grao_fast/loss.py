@@ -62,6 +62,7 @@ class _GRAOFunction(torch.autograd.Function):
         logp, ent = token_pass_3d(logits, labels, grad, pl.per_token, *pass_options(p))
         loss, extras = objective(pl, logp.view(n, t), ent, p)
         ctx.use_triton = p.use_triton
+        ctx.set_materialize_grads(False)  # no zero tensors for the extras' gradients
         ctx.grads = (grad,)
         ctx.mark_non_differentiable(*extras)
         return (loss, *extras)
