@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 from ._ops import group_coefficients, scale_
-from .reference import TERMS
+from .reference import TERMS, sample_rows
 
 
 class GRAOOutput(NamedTuple):
@@ -61,11 +61,16 @@ class Plan(NamedTuple):
     adv: torch.Tensor  # [B, G+1]
     mask: torch.Tensor  # [N, T] bool: loss tokens
     lengths: torch.Tensor  # [N] float: |s|
-    is_sample: torch.Tensor  # [N] bool
+    group_size: int
     coef: Optional[torch.Tensor]  # [N*T] d loss / d logp, None without gradient
     kl_coef: Optional[torch.Tensor]  # [N*T] d loss / d k3, None without KL or gradient
     ref_logps: Optional[torch.Tensor]  # [N*T], None without KL
     sampler_logps: Optional[torch.Tensor]  # [N*T], NaN on reference rows; None without IS
+
+    @property
+    def is_sample(self) -> torch.Tensor:
+        """[N] bool: the sampled rows (made when needed: only the extras use it)."""
+        return sample_rows(self.mask.shape[0], self.group_size, self.mask.device)
 
     @property
     def per_token(self) -> tuple[Optional[torch.Tensor], ...]:
@@ -81,24 +86,24 @@ def plan(labels, rewards, ref_logps, sampler_logps, p: GRAOParams, need_grad: bo
     """Advantages and every token's gradient coefficient (GRAO_SPEC.md, "Why one pass")."""
     n, t = labels.shape
     mask = labels != p.ignore_index
-    lengths = mask.sum(dim=1).to(rewards.dtype)
+    lengths = mask.sum(dim=1, dtype=rewards.dtype)
     use_kl = p.kl_coef != 0.0  # callers zero kl_coef when there is no ref_logps
     adv, seq_coef, seq_kl = group_coefficients(
         rewards, lengths, p.eps, p.beta, p.lam, p.kl_coef,
         p.reference_in_group, *(term in p.terms for term in TERMS), p.use_triton,
     )  # fmt: skip
-    is_sample = (torch.arange(n, device=labels.device) % (p.group_size + 1)) != p.group_size
     per_token = lambda x: x[:, None].expand(n, t).reshape(-1)  # noqa: E731
     acc = rewards.dtype
     s_logps = None
     if sampler_logps is not None:
         # Reference rows were not sampled: a NaN sampler log-prob gives them weight 1.
+        is_sample = sample_rows(n, p.group_size, labels.device)
         s_logps = torch.where(is_sample[:, None], sampler_logps.to(acc), float("nan")).reshape(-1)
     return Plan(
         adv=adv,
         mask=mask,
         lengths=lengths,
-        is_sample=is_sample,
+        group_size=p.group_size,
         coef=per_token(seq_coef) if need_grad else None,
         kl_coef=per_token(seq_kl) if need_grad and use_kl else None,
         ref_logps=ref_logps.to(acc).reshape(-1) if use_kl else None,
@@ -122,7 +127,8 @@ def objective(pl: Plan, logp: torch.Tensor, entropy: torch.Tensor, p: GRAOParams
     if pl.ref_logps is not None:
         delta = torch.where(pl.mask, pl.ref_logps.view_as(logp) - logp, 0.0)
         k3 = _row_means(torch.exp(delta) - delta - 1, pl.lengths)
-        kl = (k3 * pl.is_sample).sum() / pl.is_sample.sum()
+        is_sample = pl.is_sample
+        kl = (k3 * is_sample).sum() / is_sample.sum()
         loss = loss + p.kl_coef * kl
     ent = logp.new_zeros(())
     if p.return_entropy:

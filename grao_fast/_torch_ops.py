@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import group_advantages
+from .reference import group_advantages, sample_rows
 
 # Float32 working set of one chunk (upcast logits + probabilities): 64 MiB is large enough that
 # the per-chunk Python overhead is negligible at vocabulary 32k-152k and small beside any model.
@@ -147,6 +147,6 @@ def group_coefficients(
     n_tok = lengths.to(r.dtype).reshape(-1)
     has = n_tok > 0
     inv_len = torch.where(has, 1.0 / n_tok.clamp(min=1), torch.zeros_like(n_tok))
-    is_sample = (torch.arange(b * g1, device=r.device) % g1) != g
-    seq_kl = torch.where(is_sample, inv_len * (kl_coef / (b * g)), torch.zeros_like(inv_len))
+    kl_per_token = inv_len * (kl_coef / (b * g))
+    seq_kl = torch.where(sample_rows(b * g1, g, r.device), kl_per_token, torch.zeros_like(inv_len))
     return adv, dj * inv_len, seq_kl

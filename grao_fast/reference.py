@@ -92,6 +92,11 @@ def objective_terms(
     return {k: (v.mean() if k in terms else zero) for k, v in parts.items()}
 
 
+def sample_rows(n: int, group_size: int, device: torch.device) -> torch.Tensor:
+    """[N] bool: True for the G sampled rows of each group, False for its reference row."""
+    return (torch.arange(n, device=device) % (group_size + 1)) != group_size
+
+
 def grao_terms(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -127,7 +132,7 @@ def grao_terms(
     rewards = rewards.reshape(b, g + 1).to(logits.dtype)
     mask = labels != ignore_index
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
-    is_sample = (torch.arange(n, device=labels.device) % (g + 1)) != g  # [N]
+    is_sample = sample_rows(n, g, labels.device)  # [N]
 
     weighted = logp
     if sampler_logps is not None:
