@@ -34,6 +34,19 @@ from .reference import TERMS
 DEFAULT_CHUNK_BYTES = 256 << 20
 
 
+# torch.addmm(..., out_dtype=) (bf16/fp16 operands, float32 output) exists on CUDA from 2.8.
+_ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def _addmm_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for a float32 ``acc`` and bf16/fp16 ``a``, ``b``: one GEMM into the
+    accumulator on CUDA; elsewhere a temporary product in ``a``'s dtype, then a float32 add."""
+    if _ADDMM_OUT_DTYPE and acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).float()
+
+
 def chunk_tokens(vocab: int, dtype: torch.dtype, chunk_bytes: int) -> int:
     """Tokens per chunk whose logits fit ``chunk_bytes`` (a multiple of 64 when possible)."""
     tokens = max(1, chunk_bytes // (vocab * torch.finfo(dtype).bits // 8))
@@ -45,7 +58,7 @@ class _GRAOLinearFunction(torch.autograd.Function):
     def forward(
         ctx, hidden, weight, bias, labels, rewards, ref_logps, sampler_logps, p: GRAOParams, opts
     ):
-        lm_head_fp32, chunk_bytes = opts
+        lm_head_fp32, grad_weight_fp32, chunk_bytes = opts
         n, t, h = hidden.shape
         v = weight.shape[0]
         m = n * t
@@ -59,7 +72,8 @@ class _GRAOLinearFunction(torch.autograd.Function):
         x = hidden.reshape(m, h)
         lab = labels.reshape(-1)
         grad_h = torch.empty_like(x) if need_h else None
-        grad_w = torch.zeros(v, h, dtype=compute, device=weight.device) if need_w else None
+        acc = torch.float32 if grad_weight_fp32 else compute
+        grad_w = torch.zeros(v, h, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(v, dtype=pl.lengths.dtype, device=weight.device) if need_b else None
         logp = torch.empty(m, dtype=pl.lengths.dtype, device=hidden.device)
         ent = torch.empty(m if p.return_entropy else 0, dtype=logp.dtype, device=hidden.device)
@@ -80,8 +94,11 @@ class _GRAOLinearFunction(torch.autograd.Function):
                     torch.mm(logits, w, out=grad_h[sl])
                 else:
                     grad_h[sl] = logits @ w
-            if need_w:
-                grad_w.addmm_(logits.t(), xc)  # [V, c] @ [c, H]
+            if need_w:  # [V, c] @ [c, H]
+                if grad_w.dtype == compute:
+                    grad_w.addmm_(logits.t(), xc)
+                else:
+                    _addmm_float32(grad_w, logits.t(), xc)
             if need_b:
                 grad_b += logits.sum(dim=0, dtype=grad_b.dtype)
         loss, extras = objective(pl, logp.view(n, t), ent, p)
@@ -123,6 +140,7 @@ def grao_loss_linear(
     check_labels: bool = True,
     return_entropy: bool = False,
     lm_head_fp32: bool = False,
+    grad_weight_fp32: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> GRAOOutput:
     """:func:`grao_loss` of ``hidden @ weight.T + bias`` without materialising those logits.
@@ -135,12 +153,15 @@ def grao_loss_linear(
         lm_head_fp32: compute the logits (and their gradient) in float32, as samplers such as
             vLLM often do, instead of the weight's dtype. Costs a float32 copy of ``weight``
             and a float32 ``grad_weight`` accumulator ([V, H] each) when the weight is bf16/fp16.
+        grad_weight_fp32: accumulate ``grad_weight`` over the chunks in float32 (one rounding
+            to the weight's dtype at the end) instead of the weight's dtype (a rounding per
+            chunk). Costs a float32 [V, H] accumulator; on CUDA the GEMMs stay bf16/fp16.
         chunk_bytes: bound on the one chunk of logits held at a time (default 256 MiB).
         The other keywords are those of :func:`grao_loss` (``inplace`` does not apply: the
         chunks' logits are always overwritten by their gradient).
 
-    ``grad_weight`` accumulates over chunks in the weight's dtype (float32 with
-    ``lm_head_fp32``). Under FSDP / ZeRO-3 the full ``weight`` must be gathered when this runs.
+    ``grad_weight`` accumulates over chunks in the weight's dtype unless ``grad_weight_fp32`` or
+    ``lm_head_fp32``. Under FSDP / ZeRO-3 the full ``weight`` must be gathered when this runs.
 
     Returns:
         :class:`GRAOOutput`; ``loss`` is differentiable w.r.t. ``hidden``, ``weight``, ``bias``.
@@ -194,6 +215,6 @@ def grao_loss_linear(
     )  # fmt: skip
     results = _GRAOLinearFunction.apply(
         hidden, weight, bias, labels, rewards, ref_logps, sampler_logps, params,
-        (bool(lm_head_fp32), int(chunk_bytes)),
+        (bool(lm_head_fp32), bool(grad_weight_fp32), int(chunk_bytes)),
     )  # fmt: skip
     return make_output(results, params)
