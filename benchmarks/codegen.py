@@ -93,9 +93,9 @@ def compile_row_kernel(
         "entropy_ptr": ("*fp32", f["entropy"]),
     }
     signature = dict(
-        logits_ptr=ptr, stride_logits="i64", labels_ptr="*i64", stride_grad="i64",
-        logp_ptr="*fp32", M="i32", V="i32", inv_temperature="fp32", ignore_index="i32",
-        is_cap="fp32",
+        logits_ptr=ptr, stride_ls="i64", stride_lt="i64", labels_ptr="*i64", stride_gs="i64",
+        stride_gt="i64", logp_ptr="*fp32", M="i32", T="i32", V="i32", inv_temperature="fp32",
+        ignore_index="i32", is_cap="fp32",
     )  # fmt: skip
     constants = dict(
         BLOCK_V=block_v, HAS_GRAD=f["grad"], HAS_KL=f["kl"], HAS_IS=f["is_"],
@@ -111,7 +111,7 @@ def compile_row_kernel(
     # Pointers 16-byte aligned, strides and V multiples of 16: what Triton specialises on for
     # real inputs (V = 151,936 is one).
     aligned = [n for n in signature if n.endswith("_ptr") and signature[n] != "constexpr"]
-    aligned += ["stride_logits", "stride_grad", "V"]
+    aligned += ["stride_ls", "stride_lt", "stride_gs", "stride_gt", "V"]
     index = kernel.arg_names.index
     source = ASTSource(
         fn=kernel,

@@ -65,8 +65,9 @@ def token_pass(
     compute_entropy: bool,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One read of ``logits`` [M, V]: log-probs [M], entropy [M] (empty if not asked) and,
-    when ``grad`` is given, the gradient rows written into it (``grad`` may be ``logits``)."""
+    """One read of ``logits`` [M, V] (Triton: also [S, T, V] of any strides, M = S * T):
+    log-probs [M], entropy [M] (empty if not asked) and, when ``grad`` is given, the gradient
+    rows written into it (``grad`` may be ``logits``)."""
     logp, ent = _ops(use_triton).token_logprob_grad(
         logits,
         labels,
@@ -98,7 +99,7 @@ def _(
     compute_entropy,
     use_triton,
 ):
-    m = logits.shape[0]
+    m = logits.numel() // logits.shape[-1]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return logits.new_empty(m, dtype=acc), logits.new_empty(m if compute_entropy else 0, dtype=acc)
 
@@ -174,10 +175,13 @@ def token_pass_3d(
     ``per_token`` is ``(coef, ref_logps, kl_coef, sampler_logps)``, each [N*T] or None;
     ``grad`` is [N, T, V] or None; ``options`` are :func:`token_pass`'s trailing arguments
     (temperature, ignore_index, is_cap, compute_entropy, use_triton). A slice such as
-    ``model_logits[:, :-1]`` is not one [N*T, V] matrix: it is passed one sequence at a time
-    (each ``[T, V]`` with its own row stride) instead of being copied.
+    ``model_logits[:, :-1]`` is not one [N*T, V] matrix: the Triton kernel reads it in place in
+    one launch; the PyTorch path takes it one sequence at a time (each ``[T, V]`` with its own
+    row stride). Nothing is copied.
     Returns (logp [N*T], entropy [N*T] or empty).
     """
+    if options[-1]:  # use_triton
+        return token_pass(logits, labels.reshape(-1), *per_token, grad, *options)
     n, t, v = logits.shape
     flat = n == 1 or logits.stride(0) == t * logits.stride(1)
     flat_grad = grad is None or n == 1 or grad.stride(0) == t * grad.stride(1)

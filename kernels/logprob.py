@@ -87,18 +87,21 @@ def default_programs(device: torch.device, rows: int, row_bytes: int) -> int:
 )
 @triton.jit
 def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments by position)
-    logits_ptr,  # [M, V] fp32/bf16/fp16, unit stride along V
-    stride_logits,  # elements between rows of logits
+    logits_ptr,  # [S, T, V] fp32/bf16/fp16 (M = S * T rows), unit stride along V
+    stride_ls,  # elements between sequences of logits (0 for a single [M, V] matrix)
+    stride_lt,  # elements between positions (rows) of a sequence
     labels_ptr,  # [M] int32/int64
     coef_ptr,  # [M] f32 or None: d loss / d logp (policy-gradient part)
     ref_ptr,  # [M] f32 or None: reference-policy log-probs (KL extra)
     kl_coef_ptr,  # [M] f32 or None: d loss / d k3 per token
     sampler_ptr,  # [M] f32 or None: sampler log-probs (importance-weight extra); NaN -> weight 1
-    grad_ptr,  # [M, V] fp32/bf16/fp16 or None; may alias logits_ptr
-    stride_grad,  # elements between rows of grad
+    grad_ptr,  # [S, T, V] fp32/bf16/fp16 or None; may alias logits_ptr
+    stride_gs,  # elements between sequences of grad
+    stride_gt,  # elements between positions of grad
     logp_ptr,  # [M] f32 out
     entropy_ptr,  # [M] f32 out or None
-    M,  # rows (runtime)
+    M,  # rows S * T (runtime)
+    T,  # rows per sequence (runtime)
     V,  # vocabulary size (runtime)
     inv_temperature,  # 1 / T (runtime)
     ignore_index,  # (runtime)
@@ -112,33 +115,40 @@ def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments 
     NUM_STAGES: tl.constexpr,
 ):
     # A persistent grid: program p handles rows p, p + P, p + 2P, ... so that the number of rows
-    # in flight (P) is set by the launch, not by occupancy. 64-bit rows: row * stride overflows
-    # int32 once M * V > 2**31, e.g. 16k tokens of a 151,936-word vocabulary.
+    # in flight (P) is set by the launch, not by occupancy. Rows are addressed by (sequence,
+    # position), so a sliced [S, T, V] view (``logits[:, :-1]``) is one launch, not S. 64-bit
+    # rows: row * stride overflows int32 once M * V > 2**31, e.g. 16k tokens of a 151,936-word
+    # vocabulary.
     cols = tl.arange(0, BLOCK_V)
     for row in range(tl.program_id(0).to(tl.int64), M, tl.num_programs(0)):
         label = tl.load(labels_ptr + row).to(tl.int64)
-        logits_row = logits_ptr + row * stride_logits
+        seq = row // T
+        pos = row - seq * T
+        logits_row = logits_ptr + seq * stride_ls + pos * stride_lt
+        if HAS_GRAD:
+            grad_row = grad_ptr + seq * stride_gs + pos * stride_gt
+        else:
+            grad_row = grad_ptr  # None
         if label == ignore_index:
             tl.store(logp_ptr + row, 0.0)
             if HAS_ENTROPY:
                 tl.store(entropy_ptr + row, 0.0)
             if HAS_GRAD:
-                grad_row = grad_ptr + row * stride_grad
-                zeros = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
+                zeros = tl.zeros([BLOCK_V], dtype=grad_row.dtype.element_ty)
                 for start in range(0, V, BLOCK_V):
                     offs = start + cols
                     tl.store(grad_row + offs, zeros, mask=offs < V, cache_modifier=".cs")
         else:
             _row(
-                logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, grad_ptr,
-                stride_grad, logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap,
+                logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, grad_row,
+                logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap,
                 BLOCK_V, HAS_GRAD, HAS_KL, HAS_IS, HAS_ENTROPY, FIRST_READ, NUM_STAGES,
             )  # fmt: skip
 
 
 @triton.jit
 def _row(  # noqa: PLR0917
-    logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, grad_ptr, stride_grad,
+    logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, grad_row,
     logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap,
     BLOCK_V: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_IS: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, FIRST_READ: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -193,7 +203,6 @@ def _row(  # noqa: PLR0917
         # Pass 2, last block first (the blocks most likely still in L2). Each block is read, then
         # written, by this program only, so writing into the logits themselves
         # (grad_ptr == logits_ptr) reads every value before overwriting it.
-        grad_row = grad_ptr + row * stride_grad
         last_block = tl.cdiv(V, BLOCK_V) - 1
         for i in tl.range(0, last_block + 1, num_stages=NUM_STAGES):
             offs = (last_block - i) * BLOCK_V + cols
@@ -203,7 +212,7 @@ def _row(  # noqa: PLR0917
             ).to(tl.float32)
             p = tl.exp((x - m) * inv_temperature - log_d)
             d_x = g * (tl.where(offs == label, 1.0, 0.0) - p)
-            d_x = d_x.to(grad_ptr.dtype.element_ty)
+            d_x = d_x.to(grad_row.dtype.element_ty)
             tl.store(grad_row + offs, d_x, mask=mask, cache_modifier=".cs")
 
 
@@ -228,8 +237,10 @@ def token_logprob_grad(
     """Per-token log-probs (and entropy) and, in the same pass, the gradient rows of the loss.
 
     Args:
-        logits: [M, V] float32/bfloat16/float16, unit stride along V, any row stride.
-        labels: [M] int64/int32; ``ignore_index`` marks tokens outside every sequence.
+        logits: [M, V] or [S, T, V] (M = S * T rows) float32/bfloat16/float16, unit stride
+            along V, any other strides: a slice such as ``logits[:, :-1]`` is read in place.
+        labels: [M] (or [S, T]) int64/int32; ``ignore_index`` marks tokens outside every
+            sequence.
         coef: [M] float32, ``d loss / d logp`` of each token (policy-gradient part), or None:
             no gradient is written (forward only; the extras below then need coef).
         temperature: T > 0; the kernel works on ``x = logits / T``.
@@ -240,7 +251,8 @@ def token_logprob_grad(
             that were not sampled, e.g. reference answers).
         is_cap: cap of the importance weight, > 0 (``float("inf")`` for none); used only with
             ``sampler_logps``.
-        grad: [M, V] float32/bfloat16/float16 output, unit stride along V; required with coef.
+        grad: float32/bfloat16/float16 output of logits' shape, unit stride along V; required
+            with coef.
             It may be ``logits`` itself (same storage, same strides): each block of a row is
             read by the program that then overwrites it, so the gradient replaces the logits.
         compute_entropy: also return ``-sum p log p`` per token.
@@ -256,18 +268,21 @@ def token_logprob_grad(
     Returns:
         (logp [M] float32, entropy [M] float32 or None).
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError("logits must be a 2-D tensor [M, V]")
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        raise ValueError("logits must be a tensor [M, V] or [S, T, V]")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float32/bfloat16/float16, got {logits.dtype}")
-    m, v = logits.shape
+    v = logits.shape[-1]
+    m = logits.numel() // v if v else 0
     if v == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension")
-    if logits.stride(1) != 1:
+    if logits.stride(-1) != 1:
         raise ValueError("logits must have unit stride along the vocabulary (last) dimension")
     device = logits.device
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         raise TypeError("labels must be an int64 or int32 tensor")
+    if labels.shape == logits.shape[:-1]:
+        labels = labels.reshape(-1)
     labels = check_vector("labels", labels, m, device, floating=False)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -287,10 +302,10 @@ def token_logprob_grad(
     )
     if grad is not None:
         if grad.shape != logits.shape or grad.device != device:
-            raise ValueError(f"grad must be a [{m}, {v}] tensor on {device}")
+            raise ValueError(f"grad must be a {list(logits.shape)} tensor on {device}")
         if grad.dtype not in FLOAT_DTYPES:
             raise TypeError(f"grad must be float32/bfloat16/float16, got {grad.dtype}")
-        if grad.stride(1) != 1:
+        if grad.stride(-1) != 1:
             raise ValueError("grad must have unit stride along the vocabulary (last) dimension")
 
     logp = torch.empty(m, dtype=torch.float32, device=device)
@@ -305,10 +320,14 @@ def token_logprob_grad(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if num_programs is None:
         num_programs = default_programs(device, m, v * logits.element_size())
+    # As [S, T, V]: a matrix is one sequence of M rows (sequence stride unused).
+    as3 = lambda x: x.unsqueeze(0) if x.dim() == 2 else x  # noqa: E731
+    logits3, grad3 = as3(logits), None if grad is None else as3(grad)
     _token_logprob_grad_kernel[(min(num_programs, m),)](
-        logits, logits.stride(0), labels, coef, ref_logps, kl_coef, sampler_logps,
-        grad, 0 if grad is None else grad.stride(0), logp, entropy,
-        m, v, 1.0 / temperature, ignore_index, float(is_cap) if sampler_logps is not None else 1.0,
+        logits3, logits3.stride(0), logits3.stride(1), labels, coef, ref_logps, kl_coef,
+        sampler_logps, grad3, *((0, 0) if grad3 is None else grad3.stride()[:2]), logp, entropy,
+        m, logits3.shape[1], v, 1.0 / temperature, ignore_index,
+        float(is_cap) if sampler_logps is not None else 1.0,
         BLOCK_V=block_v, NUM_STAGES=config.num_stages if num_stages is None else num_stages,
         num_warps=config.num_warps if num_warps is None else num_warps,
     )  # fmt: skip

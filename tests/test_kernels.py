@@ -116,6 +116,30 @@ def test_inplace_equals_out_of_place(dtype):
     assert torch.equal(inplace, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_sliced_sequences_in_one_launch(dtype, inplace):
+    """logits[:, :-1] of [S, T + 1, V] is no [M, V] matrix: rows addressed by (sequence,
+    position) over a persistent grid of 4 programs; labels given as [S, T]."""
+    s, t, v = 3, 7, 150
+    full, _ = make_rows(s * (t + 1), v, dtype, seed=5)
+    full = full.reshape(s, t + 1, v)
+    logits = full[:, :-1]
+    labels = torch.randint(0, v, (s, t), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    labels[1, 2] = -100
+    coef = torch.randn(s * t, device=DEVICE)
+    want_logp, want_ent, want_grad = expected_rows(logits.reshape(-1, v), labels.reshape(-1), coef)
+    untouched = full[:, -1].clone()
+    grad = logits if inplace else torch.empty(s, t + 2, v, device=DEVICE, dtype=dtype)[:, 1:-1]
+    logp, ent = token_logprob_grad(
+        logits, labels, coef, grad=grad, compute_entropy=True, block_v=64, num_programs=4
+    )
+    assert_close(logp, want_logp, torch.float32)
+    assert_close(ent, want_ent, torch.float32)
+    assert_close(grad.reshape(-1, v), want_grad, dtype)
+    assert torch.equal(full[:, -1], untouched)  # the row outside the slice is not written
+
+
 @pytest.mark.parametrize("offset, scale", [(1e4, 1.0), (0.0, 1e4)], ids=["shifted", "wide"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_large_logits_stay_finite_and_exact(offset, scale, temperature):
@@ -210,7 +234,7 @@ def test_empty_rows_launch_nothing():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(logits=torch.zeros(2, 3, 4)), ValueError, "logits"),
+        (dict(logits=torch.zeros(2, 1, 1, 4)), ValueError, "logits"),
         (dict(logits=torch.zeros(2, 4, dtype=torch.float64)), TypeError, "logits"),
         (dict(logits=torch.zeros(4, 2).t()), ValueError, "unit stride"),
         (dict(labels=torch.zeros(2)), TypeError, "labels"),
