@@ -58,7 +58,7 @@ def test_l2_hints_keep_rows_for_the_second_read(reports):
 
     hints_kept = all(r["l2_hints"] for r in reports)
     if not hints_kept and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
-        # Seen with Triton 3.6 (the GPU machines' version): software-pipelined loads lose their
+        # Seen with Triton 3.6 (pinned by PyTorch 2.11): software-pipelined loads lose their
         # cache hints; with num_stages=1 they keep them. benchmarks.tune times both.
         pytest.xfail(f"Triton {triton.__version__} drops L2 hints on pipelined loads")
     for r in reports:
