@@ -21,21 +21,18 @@ memory busy with only one or two programs per SM.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import FLOAT_DTYPES, check_power_of_two, check_vector
+from .utils import FLOAT_DTYPES, block_and_warps, check_power_of_two, check_vector, sm_count_and_l2
 
 # Launch defaults, chosen from the compiled code (``python -m benchmarks.codegen``, no GPU needed)
-# and NOT yet timed on hardware: 16 KiB blocks (8192 bf16/fp16 or 4096 fp32 values) and one warp
-# per KiB of block, so each thread moves two 16-byte vectors per block; 3 pipeline stages. With
-# every feature on this spills nothing and two programs fit on one SM by registers and shared
-# memory (tests/test_codegen.py), which the persistent grid relies on.
-_BLOCK_BYTES = 16384
+# and NOT yet timed on hardware: ``block_and_warps`` (16 KiB blocks, one warp per KiB) and 3
+# pipeline stages. With every feature on this spills nothing and two programs fit on one SM by
+# registers and shared memory (tests/test_codegen.py), which the persistent grid relies on.
 _NUM_STAGES = 3
 _MAX_PROGRAMS_PER_SM = 2
 
@@ -48,15 +45,7 @@ class LaunchConfig(NamedTuple):
 
 def default_config(vocab: int, element_size: int) -> LaunchConfig:
     """Launch config for rows of ``vocab`` values of ``element_size`` bytes."""
-    block_v = min(triton.next_power_of_2(vocab), _BLOCK_BYTES // element_size)
-    num_warps = max(1, block_v * element_size // 1024)
-    return LaunchConfig(block_v, num_warps, _NUM_STAGES)
-
-
-@functools.cache
-def _sm_count_and_l2(device: torch.device) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, props.L2_cache_size
+    return LaunchConfig(*block_and_warps(vocab, element_size), _NUM_STAGES)
 
 
 def default_programs(device: torch.device, rows: int, row_bytes: int) -> int:
@@ -68,7 +57,7 @@ def default_programs(device: torch.device, rows: int, row_bytes: int) -> int:
     """
     if device.type != "cuda":
         return max(rows, 1)
-    sms, l2 = _sm_count_and_l2(device)
+    sms, l2 = sm_count_and_l2(device)
     per_sm = l2 // max(row_bytes * sms, 1)
     if per_sm >= 16:  # L2 holds more rows than SMs can run (16 programs of 4 warps): no bound
         return max(rows, 1)
@@ -273,9 +262,9 @@ def token_logprob_grad(
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float32/bfloat16/float16, got {logits.dtype}")
     v = logits.shape[-1]
-    m = logits.numel() // v if v else 0
     if v == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension")
+    m = logits.numel() // v
     if logits.stride(-1) != 1:
         raise ValueError("logits must have unit stride along the vocabulary (last) dimension")
     device = logits.device

@@ -10,15 +10,11 @@ other value (loss scaling, ``(loss / k).backward()``) gets the full multiply.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .utils import FLOAT_DTYPES
-
-_BLOCK_BYTES = 16384
+from .utils import FLOAT_DTYPES, block_and_warps, sm_count_and_l2
 
 
 @triton.jit
@@ -42,11 +38,6 @@ def _scale_kernel(
                 mask = offs < cols
                 x = tl.load(row + offs, mask=mask).to(tl.float32)
                 tl.store(row + offs, (x * s).to(x_ptr.dtype.element_ty), mask=mask)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -74,10 +65,10 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     view = x.view(1, 1, -1) if x.dim() == 1 else x.unsqueeze(0) if x.dim() == 2 else x
     outer, inner, cols = view.shape
     rows = outer * inner
-    programs = 4 * _sm_count(x.device) if x.device.type == "cuda" else 4
-    block = min(triton.next_power_of_2(cols), _BLOCK_BYTES // x.element_size())
+    programs = 4 * sm_count_and_l2(x.device)[0] if x.device.type == "cuda" else 4
+    block, num_warps = block_and_warps(cols, x.element_size())
     _scale_kernel[(min(rows, programs),)](
         view, scale.reshape(1), rows, inner, cols, view.stride(0), view.stride(1),
-        BLOCK=block, num_warps=max(1, min(16, block * x.element_size() // 1024)),
+        BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     return x

@@ -1,10 +1,30 @@
-"""Host-side argument checks shared by the launchers (no host-device syncs in here)."""
+"""Host-side helpers shared by the launchers: argument checks and launch sizes (no host-device
+syncs in here)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import triton
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Bytes of a row one program moves per loop step: 8192 bf16/fp16 or 4096 fp32 values.
+BLOCK_BYTES = 16384
+
+
+def block_and_warps(n: int, element_size: int) -> tuple[int, int]:
+    """Block (a power of two, at most ``BLOCK_BYTES``) over rows of ``n`` values, and one warp per
+    KiB of block: each thread moves two 16-byte vectors per block."""
+    block = min(triton.next_power_of_2(n), BLOCK_BYTES // element_size)
+    return block, max(1, block * element_size // 1024)
+
+
+@functools.cache
+def sm_count_and_l2(device: torch.device) -> tuple[int, int]:
+    """Multiprocessors and L2 bytes of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, props.L2_cache_size
 
 
 def check_vector(

@@ -277,7 +277,7 @@ def test_default_programs_bound_rows_in_flight_by_l2(
     from grao_fast.kernels import logprob
 
     h100 = (132, 50 * 1024 * 1024)
-    monkeypatch.setattr(logprob, "_sm_count_and_l2", lambda device: h100)
+    monkeypatch.setattr(logprob, "sm_count_and_l2", lambda device: h100)
     got = logprob.default_programs(torch.device("cuda", 0), rows, vocab * element_size)
     assert got == programs
     assert logprob.default_programs(torch.device("cpu"), rows, vocab * element_size) == rows
