@@ -1,4 +1,4 @@
-"""The fused backends every loss test runs, and the device the tests run on."""
+"""The fused backends every loss test runs, the device and the dtypes the tests run on."""
 
 import pytest
 import torch
@@ -6,13 +6,10 @@ import torch
 from grao_fast.loss import triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            not (torch.cuda.is_available() or triton_available(torch.device("cpu"))),
-            reason="Triton needs CUDA or TRITON_INTERPRET=1",
-        ),
-    ),
-]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Triton runs compiled on CUDA, or under TRITON_INTERPRET=1 on CPU.
+NEEDS_TRITON = pytest.mark.skipif(
+    not (torch.cuda.is_available() or triton_available(torch.device("cpu"))),
+    reason="Triton needs CUDA or TRITON_INTERPRET=1",
+)
+BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]

@@ -9,12 +9,10 @@ import os
 
 import pytest
 import torch
-from backends import BACKENDS, DEVICE
+from backends import BACKENDS, DEVICE, DTYPES
 from tolerances import assert_close
 
 from grao_fast import _torch_ops, grao_loss, token_logprobs
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _batch(b, g, t, v, dtype, *, scale=2.0, ignore_frac=0.3, seed=0):

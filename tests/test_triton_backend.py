@@ -7,20 +7,17 @@ unchecked out-of-range label, and, on CUDA, the compiled path with the extras an
 """
 
 import math
-import os
 
 import pytest
 import torch
+from backends import NEEDS_TRITON
 from test_loss import DEVICE, DTYPES, _batch, _compare
 from tolerances import assert_close
 
 from grao_fast import grao_loss
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="Triton needs a CUDA device or TRITON_INTERPRET=1",
-)
+pytestmark = NEEDS_TRITON
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton: CUDA only")
 # The interpreter truncates float32 -> bf16 stores (up to 2u) where CUDA rounds to nearest (u):
 # with the backward's rescale in bf16 that exceeds the table's two-roundings bound.

@@ -53,3 +53,10 @@ def assert_close(
     if kind == "gemm":
         atol *= float(expected.abs().max())
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+def assert_kernel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """One kernel output against its float64 expectation (``kernel`` tolerance; NaN where
+    expected, e.g. the log-prob of an out-of-range label)."""
+    atol, rtol = TOL[dtype]["kernel"]
+    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol, equal_nan=True)
