@@ -1,6 +1,6 @@
 """Train a model with GRAO through TRL: GRAOTrainer, a drop-in for trl.GRPOTrainer.
 
-By default it builds the tiny local model and the reverse-digits task of grao_fast.tiny (nothing
+By default it builds the tiny local model and the reverse-digits task of grao_fast.train.tiny (nothing
 is downloaded) and runs a few steps on the CPU:
 
     python examples/trl_grao.py --steps 4
@@ -21,8 +21,8 @@ import torch
 from datasets import Dataset
 
 from grao_fast.integrations.trl import GRAOConfig, GRAOTrainer
-from grao_fast.rewards import position_match
-from grao_fast.tiny import ReverseTask, build_tiny_model_dir
+from grao_fast.train.rewards import position_match
+from grao_fast.train.tiny import ReverseTask, build_tiny_model_dir
 
 
 def reverse_reward(prompts: list[str], completions: list[str], reference: list[str], **kwargs):

@@ -17,7 +17,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding the tiny Qwen2-style model (random weights, seed 0) and its
     character-level tokenizer with a chat template; loads with transformers and vLLM."""
-    from grao_fast.tiny import build_tiny_model_dir
+    from grao_fast.train.tiny import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), seed=0)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from grao_fast.data import Example, PromptSampler, load_hf, load_jsonl, parse_hh
+from grao_fast.train.data import Example, PromptSampler, load_hf, load_jsonl, parse_hh
 
 HH_MULTI = (
     "\n\nHuman: What is a good name for a cat?\n\nAssistant: Maybe Whiskers?"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grao_fast.rewards import (
+from grao_fast.train.rewards import (
     RewardError,
     RewardModel,
     exact_match,

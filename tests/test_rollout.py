@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grao_fast.rollout import HFRollout, SamplingConfig, encode_prompt
+from grao_fast.train.rollout import HFRollout, SamplingConfig, encode_prompt
 
 
 def _forward_logps(model, prompt_ids, completion_ids, temperature):
@@ -59,7 +59,7 @@ def test_hf_rollout_is_seeded_and_reports_sampler_logps(tiny_model, tiny_tokeniz
 @pytest.mark.slow
 def test_vllm_rollout_logps_and_weight_sync(tiny_model_dir, tiny_model, tiny_tokenizer):
     pytest.importorskip("vllm")
-    from grao_fast.rollout import VLLMRollout
+    from grao_fast.train.rollout import VLLMRollout
 
     sampling = SamplingConfig(n=3, temperature=1.0, max_tokens=5)
     engine = VLLMRollout(str(tiny_model_dir), tiny_tokenizer, sampling, max_model_len=64, seed=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import grao_fast
-from grao_fast.rollout import Rollout
+from grao_fast.train.rollout import Rollout
 from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, train
 
 

@@ -22,8 +22,8 @@ from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
 import grao_fast  # noqa: E402
 from grao_fast.integrations.trl import GRAOConfig, GRAOTrainer, shuffle_groups  # noqa: E402
-from grao_fast.rewards import position_match  # noqa: E402
-from grao_fast.tiny import build_tiny_model_dir, build_tokenizer  # noqa: E402
+from grao_fast.train.rewards import position_match  # noqa: E402
+from grao_fast.train.tiny import build_tiny_model_dir, build_tokenizer  # noqa: E402
 
 PROMPTS = ["reverse 123", "reverse 4567"]
 REFERENCES = ["321", "7654"]

@@ -32,18 +32,18 @@ import torch
 from transformers import AutoTokenizer
 
 import grao_fast
-from grao_fast.data import Example, PromptSampler, load_hf, load_jsonl
+from grao_fast.train.data import Example, PromptSampler, load_hf, load_jsonl
 from grao_fast.reference import TERMS
-from grao_fast.rewards import get_reward, score_groups
-from grao_fast.rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, encode_prompt
-from grao_fast.run_dir import (
+from grao_fast.train.rewards import get_reward, score_groups
+from grao_fast.train.rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, encode_prompt
+from grao_fast.train.run_dir import (
     atomic_write,
     latest_checkpoint,
     plot_metrics,
     save_checkpoint,
     term_shares,
 )
-from grao_fast.tiny import ReverseTask, build_tiny_model_dir, build_tokenizer
+from grao_fast.train.tiny import ReverseTask, build_tiny_model_dir, build_tokenizer
 
 IGNORE = -100
 

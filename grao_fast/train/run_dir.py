@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .reference import TERMS
+from grao_fast.reference import TERMS
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from grao_fast.data import Example
+from grao_fast.train.data import Example
 
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz :.,?!'-"
 SPECIAL_TOKENS = {
