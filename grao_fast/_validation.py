@@ -139,7 +139,8 @@ def check_rewards(
             f"(each group holds {group_size} samples and 1 reference answer)"
         )
     b = n_rows // g1
-    if rewards.shape not in ((b, g1), (n_rows,)):
+    two_d = rewards.dim() == 2 and rewards.shape[0] == b and rewards.shape[1] == g1
+    if not (two_d or (rewards.dim() == 1 and rewards.shape[0] == n_rows)):
         raise ValueError(
             f"rewards must have shape [B, G+1] = [{b}, {g1}] or [N] = [{n_rows}], "
             f"got {tuple(rewards.shape)}"

@@ -141,6 +141,23 @@ def _read(x, weight, bias, labels, lm_head_fp32: bool, chunk_bytes: int, grads, 
     )
 
 
+def _gradient_buffers(hidden, weight, bias, compute, grad_weight_fp32: bool, acc) -> tuple:
+    """The gradient buffers of the inputs that need one (grad mode on, requires_grad), or None
+    when none does (forward only)."""
+    leaves = (hidden, weight, bias)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in leaves):
+        return leaves, None
+    v, h = weight.shape
+    need = [t is not None and t.requires_grad for t in leaves]
+    gw_dtype = torch.float32 if grad_weight_fp32 else compute
+    return leaves, (
+        torch.empty(hidden.numel() // h, h, dtype=hidden.dtype, device=hidden.device)
+        if need[0] else None,
+        torch.zeros(v, h, dtype=gw_dtype, device=weight.device) if need[1] else None,
+        torch.zeros(v, dtype=acc, device=weight.device) if need[2] else None,
+    )  # fmt: skip
+
+
 def grao_loss_linear(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -232,26 +249,12 @@ def grao_loss_linear(
             logits, labels, rewards.detach(), cu_seqlens=cu_seqlens, **tokens,
             **opts.spec_kwargs(),
         ))  # fmt: skip
-    grad_on = torch.is_grad_enabled()
-    leaves = [(t, grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias)]
+    leaves, buffers = _gradient_buffers(hidden, weight, bias, compute, grad_weight_fp32, batch.acc)
     x = hidden.reshape(-1, h)
-    buffers = None
-    if any(need for _, need in leaves):
-        gw_dtype = torch.float32 if grad_weight_fp32 else compute
-        buffers = (
-            torch.empty_like(x) if leaves[0][1] else None,
-            torch.zeros(v, h, dtype=gw_dtype, device=weight.device) if leaves[1][1] else None,
-            torch.zeros(v, dtype=batch.acc, device=weight.device) if leaves[2][1] else None,
-        )
-
     read = partial(_read, x, weight, bias, batch.labels, bool(lm_head_fp32), chunk_bytes)
     with torch.no_grad():
         out = forward(batch, opts, buffers, read)
-    pairs = []
-    if buffers is not None:
-        for (t, need), g in zip(leaves, buffers):
-            if need:
-                pairs.append((t, g.view(t.shape).to(t.dtype)))
+    pairs = [(t, g.view(t.shape).to(t.dtype)) for t, g in zip(leaves, buffers or ()) if g is not None]
     return attach(out, pairs, opts)
 
 

@@ -10,6 +10,7 @@ and appended to each entry point's docstring.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, fields
 
 TERMS = ("exploration", "imitation", "alignment")
@@ -54,7 +55,7 @@ def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if not abs(value) <= sys.float_info.max:  # NaN or inf (a comparison: compile-friendly)
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
