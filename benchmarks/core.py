@@ -39,7 +39,7 @@ class Timings:
 
 @dataclass
 class Case:
-    """``row`` built on ``inputs`` with ``options``: ``loss_fn()`` computes the scalar loss."""
+    """``row`` built on ``inputs`` (see ``build``): ``loss_fn()`` computes the scalar loss."""
 
     row: Row
     inputs: Inputs
@@ -82,7 +82,8 @@ class Case:
         return loss, grads
 
     def time(self, *, warmup: int, rep_ms: float) -> Timings:
-        """Forward and forward+backward medians (``measure.bench_ms``) after ``warmup`` calls."""
+        """Forward and forward+backward medians (``measure.bench_ms``) after ``warmup`` untimed
+        calls (at least one: it compiles, and its loss is the one reported)."""
         loss = self.warm_up(max(warmup, 1))
         fwd = measure.bench_ms(self.loss_fn, self.device, rep_ms=rep_ms, grad_to_none=self.leaves)
         both = measure.bench_ms(
