@@ -7,11 +7,13 @@ docs/GRAO_SPEC.md of the source distribution.
 
 from .linear import grao_loss_linear
 from .loss import GRAOLoss, GRAOOutput, grao_loss, group_advantages, token_logprobs
+from .options import GRAOOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GRAOLoss",
+    "GRAOOptions",
     "GRAOOutput",
     "grao_loss",
     "grao_loss_linear",

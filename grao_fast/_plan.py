@@ -1,140 +1,247 @@
-"""What every fused path shares: options, outputs, the per-batch plan and the objective.
+"""What every fused path shares: the per-batch plan, the row-pass inputs, the objective.
 
-Single pass (GRAO_SPEC.md, "Why one pass"): the rewards fix every sequence's gradient weight
-before the logits are read (:func:`plan`); one read of the logits gives the log-probs and writes
-the gradient; the loss and reported terms follow from the log-probs (:func:`objective`); backward
-only rescales the gradients written in forward (:func:`rescale`).
+Single pass (GRAO_SPEC.md, "Why one pass" and "v2"): the rewards fix every row's coefficient
+before the logits are read (:func:`plan`), so one read of the logits gives the log-probs and
+writes the gradient (:func:`token_inputs` says what each token's gradient needs); the loss and
+the reported values follow from the log-probs (:func:`objective`); backward only rescales the
+gradients written in forward (:func:`rescale`). The sequence-level ratio is the one exception:
+its coefficients need the whole row's log-probs first (:func:`sequence_coef`, a second read).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import NamedTuple, Optional
 
 import torch
 
-from . import reference
-from ._ops import group_coefficients, scale_
-from .reference import TERMS, sample_rows
+from ._ops import RowOptions, TokenInputs, group_coefficients, scale_
+from ._torch_ops import is_weight
+from ._validation import Batch, compiling
+from .options import GRAOOptions
 
 
 class GRAOOutput(NamedTuple):
     """Result of :func:`grao_loss`. Only ``loss`` carries a gradient."""
 
-    loss: torch.Tensor  # scalar: -(exploration + imitation + alignment) (+ kl_coef * kl)
+    loss: torch.Tensor  # scalar: the objective's loss (+ kl_coef * kl - entropy_coef * bonus)
     exploration: torch.Tensor  # scalar, mean over groups (0 when switched off)
     imitation: torch.Tensor
     alignment: torch.Tensor
-    advantages: torch.Tensor  # [B, G+1] float32
-    seq_logps: torch.Tensor  # [N] float32: J, the length-normalised log-likelihood of each row
+    advantages: torch.Tensor  # [B, G+1] float32 (float64 for float64 rewards)
+    seq_logps: torch.Tensor  # [N]: J, the length-normalised log-likelihood of each row
     kl: Optional[torch.Tensor] = None  # scalar: mean k3 KL over sample rows, when ref_logps given
-    entropy: Optional[torch.Tensor] = None  # scalar: mean token entropy, when return_entropy
-
-
-@dataclass(frozen=True)
-class GRAOParams:
-    """Every non-tensor option of one loss call (hashable; one object through autograd)."""
-
-    group_size: int
-    beta: float = 0.5
-    lam: float = 0.6
-    temperature: float = 1.0
-    ignore_index: int = -100
-    eps: float = 1e-6
-    reference_in_group: bool = True
-    terms: tuple[str, ...] = TERMS
-    kl_coef: float = 0.0
-    is_cap: float = float("inf")
-    inplace: bool = False
-    return_entropy: bool = False
-    use_triton: bool = False
-
-
-def _row_means(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """values [N, T] (0 at ignored tokens) -> per-row mean over ``lengths`` [N], 0 if empty."""
-    return values.sum(dim=1) / lengths.clamp(min=1)
+    entropy: Optional[torch.Tensor] = None  # scalar: mean token entropy (return_entropy)
+    clip_fraction: Optional[torch.Tensor] = None  # scalar: share of clipped tokens (old_logps)
 
 
 class Plan(NamedTuple):
-    """What the rewards and labels fix before any logit is read (per token: flattened [N*T])."""
+    """What the rewards and labels fix before any logit is read."""
 
     adv: torch.Tensor  # [B, G+1]
-    mask: torch.Tensor  # [N, T] bool: loss tokens
-    lengths: torch.Tensor  # [N] float: |s|
-    group_size: int
-    coef: Optional[torch.Tensor]  # [N*T] d loss / d logp, None without gradient
-    kl_coef: Optional[torch.Tensor]  # [N*T] d loss / d k3, None without KL or gradient
-    ref_logps: Optional[torch.Tensor]  # [N*T], None without KL
-    sampler_logps: Optional[torch.Tensor]  # [N*T], NaN on reference rows; None without IS
-
-    @property
-    def is_sample(self) -> torch.Tensor:
-        """[N] bool: the sampled rows (made when needed: only the extras use it)."""
-        return sample_rows(self.mask.shape[0], self.group_size, self.mask.device)
-
-    @property
-    def per_token(self) -> tuple[Optional[torch.Tensor], ...]:
-        """The per-token inputs of the row pass, in its order. The extras only shape the
-        gradient, so a pass without one (no coef) gets none of them; the loss value uses them
-        in :func:`objective`."""
-        if self.coef is None:
-            return (None,) * 4
-        return self.coef, self.ref_logps, self.kl_coef, self.sampler_logps
+    dj: torch.Tensor  # [N] d loss / d (nu_s * sum_t w u): -c_s / B (GRAO_SPEC.md, v2)
+    mask: torch.Tensor  # [M] bool: loss tokens
+    lengths: torch.Tensor  # [N] |s|
+    nu: torch.Tensor  # [N] length normaliser, 0 for an empty row
+    weights: Optional[torch.Tensor]  # [M] constant token weights (with the IS weight), or None
+    is_sample: torch.Tensor  # [N] bool: the sampled rows
 
 
-def plan(labels, rewards, ref_logps, sampler_logps, p: GRAOParams, need_grad: bool) -> Plan:
-    """Advantages and every token's gradient coefficient (GRAO_SPEC.md, "Why one pass")."""
-    n, t = labels.shape
-    mask = labels != p.ignore_index
-    lengths = mask.sum(dim=1, dtype=rewards.dtype)
-    use_kl = p.kl_coef != 0.0  # callers zero kl_coef when there is no ref_logps
-    adv, seq_coef, seq_kl = group_coefficients(
-        rewards, lengths, p.eps, p.beta, p.lam, p.kl_coef,
-        p.reference_in_group, *(term in p.terms for term in TERMS), p.use_triton,
+def sample_rows(n: int, group_size: int, device: torch.device) -> torch.Tensor:
+    """[N] bool: True for the G sampled rows of each group, False for its reference row."""
+    return (torch.arange(n, device=device) % (group_size + 1)) != group_size
+
+
+def plan(b: Batch, o: GRAOOptions) -> Plan:
+    rows, acc = b.rows, b.acc
+    mask = b.labels != o.ignore_index
+    lengths = rows.sum(mask.to(acc))
+    adv, dj = group_coefficients(
+        b.rewards, o.eps, o.beta, o.lam, o.reference_in_group,
+        *(term in o.terms for term in ("exploration", "imitation", "alignment")),
+        o.backend == "triton",
     )  # fmt: skip
-    per_token = lambda x: x[:, None].expand(n, t).reshape(-1)  # noqa: E731
-    acc = rewards.dtype
-    s_logps = None
-    if sampler_logps is not None:
-        # Reference rows were not sampled: a NaN sampler log-prob gives them weight 1.
-        is_sample = sample_rows(n, p.group_size, labels.device)
-        s_logps = torch.where(is_sample[:, None], sampler_logps.to(acc), float("nan")).reshape(-1)
-    return Plan(
-        adv=adv,
-        mask=mask,
-        lengths=lengths,
-        group_size=p.group_size,
-        coef=per_token(seq_coef) if need_grad else None,
-        kl_coef=per_token(seq_kl) if need_grad and use_kl else None,
-        ref_logps=ref_logps.to(acc).reshape(-1) if use_kl else None,
-        sampler_logps=s_logps,
+    has = lengths > 0
+    if o.length_norm == "sequence":
+        denom = lengths
+    elif o.length_norm == "token":
+        denom = lengths.mean().expand_as(lengths)
+    else:
+        denom = lengths.new_full((), float(o.max_tokens)) if o.max_tokens else rows.max_len(dj)
+        denom = denom.expand_as(lengths)
+    nu = torch.where(has, 1.0 / denom.clamp(min=1e-30), 0.0).to(acc)
+    is_sample = sample_rows(rows.n, o.group_size, mask.device)
+    weights = b.token_weights
+    if b.sampler_logps is not None and b.old_logps is not None:  # constant: l = old_logps
+        s = torch.where(rows.expand(is_sample), b.sampler_logps, float("nan"))
+        w = is_weight(b.old_logps, s, o.is_cap)
+        weights = w if weights is None else weights * w
+    if weights is not None:
+        weights = torch.where(mask, weights, 0.0)
+    return Plan(adv, dj.to(acc), mask, lengths, nu, weights, is_sample)
+
+
+def _sample_tokens(pl: Plan, b: Batch) -> torch.Tensor:
+    return pl.mask & b.rows.expand(pl.is_sample)
+
+
+def token_inputs(pl: Plan, b: Batch, o: GRAOOptions, coef: Optional[torch.Tensor]) -> TokenInputs:
+    """The row pass's per-token inputs. ``coef`` [M] replaces the plan's (sequence level)."""
+    rows = b.rows
+    if coef is None:
+        coef = rows.expand(pl.dj * pl.nu)
+        if pl.weights is not None:
+            coef = coef * pl.weights
+    kl = ref = None
+    if o.kl_coef != 0.0:
+        n_samples = pl.is_sample.sum()
+        per_row = torch.where(
+            pl.is_sample & (pl.lengths > 0), o.kl_coef / (n_samples * pl.lengths.clamp(min=1)), 0.0
+        )
+        kl, ref = rows.expand(per_row.to(b.acc)), b.ref_logps
+    sampler = None
+    if b.sampler_logps is not None and b.old_logps is None:  # weight depends on logp: in-pass
+        sampler = torch.where(rows.expand(pl.is_sample), b.sampler_logps, float("nan"))
+    ent = None
+    if o.entropy_coef != 0.0:
+        sample_tok = _sample_tokens(pl, b)
+        ent = torch.where(sample_tok, -o.entropy_coef / sample_tok.sum().clamp(min=1), 0.0)
+        ent = ent.to(b.acc)
+    old = b.old_logps if o.importance_level == "token" else None
+    return TokenInputs(coef, ref, kl, sampler, old, ent)
+
+
+def row_options(o: GRAOOptions) -> RowOptions:
+    low, high = o.clip_eps
+    return RowOptions(
+        o.temperature, o.ignore_index, o.is_cap, low, high, o.wants_entropy, o.backend == "triton"
     )
 
 
-def objective(pl: Plan, logp: torch.Tensor, entropy: torch.Tensor, p: GRAOParams) -> tuple:
-    """Loss and reported values from the token log-probs [N, T] (and entropies [N*T])."""
-    seq = _row_means(logp, pl.lengths)  # [N]: J
-    seq_w = seq
-    if pl.sampler_logps is not None:
-        w = torch.exp(logp - pl.sampler_logps.view_as(logp)).clamp(max=p.is_cap)
-        w = torch.where(pl.is_sample[:, None], w, 1.0).masked_fill(~pl.mask, 0.0)
-        seq_w = _row_means(w * logp, pl.lengths)
-    parts = reference.objective_terms(
-        seq_w.view(-1, p.group_size + 1), pl.adv, beta=p.beta, lam=p.lam, terms=p.terms
-    )
+def _row_ratio(pl: Plan, b: Batch, logp: torch.Tensor) -> torch.Tensor:
+    """GSPO's ratio per row: ``exp(mean over the row's loss tokens of (logp - old_logps))``."""
+    delta = torch.where(pl.mask, logp - b.old_logps, 0.0)
+    return torch.exp(b.rows.sum(delta) / pl.lengths.clamp(min=1))
+
+
+def _clipped(ratio: torch.Tensor, dj: torch.Tensor, o: GRAOOptions) -> tuple:
+    """(loss term ``max(ratio dj, clip(ratio) dj)``, clipped branch taken strictly)."""
+    low, high = o.clip_eps
+    clipped_value = ratio.clamp(1.0 - low, 1.0 + high) * dj
+    return torch.maximum(ratio * dj, clipped_value), clipped_value > ratio * dj
+
+
+def sequence_coef(pl: Plan, b: Batch, logp: torch.Tensor, o: GRAOOptions) -> torch.Tensor:
+    """Per-token d loss / d logp of the sequence-level ratio, from a first pass's log-probs."""
+    ratio = _row_ratio(pl, b, logp)
+    _, clipped = _clipped(ratio, pl.dj, o)
+    per_row = torch.where(clipped | (pl.lengths == 0), 0.0, pl.dj * ratio / pl.lengths.clamp(min=1))
+    return torch.where(pl.mask, b.rows.expand(per_row), 0.0)
+
+
+def _terms(pl: Plan, j: torch.Tensor, o: GRAOOptions) -> dict[str, torch.Tensor]:
+    """The three parts of Eq. 3 (means over groups) from per-row values ``j`` [N]."""
+    g = o.group_size
+    j = j.view(-1, g + 1)
+    a_i, a_y = pl.adv[:, :g].to(j.dtype), pl.adv[:, g].to(j.dtype)
+    j_o, j_y = j[:, :g], j[:, g]
+    parts = {
+        "exploration": (a_i * j_o).mean(dim=1),
+        "imitation": o.beta * a_y * j_y,
+        "alignment": (o.lam / g) * (a_i * (j_o - j_y[:, None])).sum(dim=1),
+    }
+    zero = j.new_zeros(())
+    return {k: (v.mean() if k in o.terms else zero) for k, v in parts.items()}
+
+
+def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAOOptions) -> tuple:
+    """Loss and reported values from the token log-probs [M] (and entropies [M])."""
+    rows, mask = b.rows, pl.mask
+    inv_len = torch.where(pl.lengths > 0, 1.0 / pl.lengths.clamp(min=1), 0.0)
+    seq = rows.sum(logp) * inv_len  # [N]: J
+    w = pl.weights
+    if b.sampler_logps is not None and b.old_logps is None:
+        s = torch.where(rows.expand(pl.is_sample), b.sampler_logps, float("nan"))
+        w_is = torch.where(mask, is_weight(logp, s, o.is_cap), 0.0)
+        w = w_is if w is None else w * w_is
+    weighted = logp if w is None else w * logp
+    parts = _terms(pl, pl.nu * rows.sum(weighted), o)  # the objective with u = logp
     loss = -(parts["exploration"] + parts["imitation"] + parts["alignment"])
-    kl = logp.new_zeros(())
-    if pl.ref_logps is not None:
-        delta = torch.where(pl.mask, pl.ref_logps.view_as(logp) - logp, 0.0)
-        k3 = _row_means(torch.exp(delta) - delta - 1, pl.lengths)
-        is_sample = pl.is_sample
-        kl = (k3 * is_sample).sum() / is_sample.sum()
-        loss = loss + p.kl_coef * kl
-    ent = logp.new_zeros(())
-    if p.return_entropy:
-        ent = entropy.sum() / pl.mask.sum().clamp(min=1)
-    extras = (parts["exploration"], parts["imitation"], parts["alignment"], pl.adv, seq, kl, ent)
-    return loss, extras
+    clip_fraction = None
+    if b.old_logps is not None:
+        counted = mask if w is None else mask & (w > 0)
+        if o.importance_level == "sequence":
+            value, clipped = _clipped(_row_ratio(pl, b, logp), pl.dj, o)
+            loss = torch.where(pl.lengths > 0, value, 0.0).sum()
+            clipped = rows.expand(clipped)
+        else:
+            ratio = torch.exp(torch.where(mask, logp - b.old_logps, 0.0))
+            value, clipped = _clipped(ratio, rows.expand(pl.dj), o)
+            value = value * rows.expand(pl.nu) * (1.0 if w is None else w)
+            loss = torch.where(mask, value, 0.0).sum()
+        clipped = clipped & counted
+        clip_fraction = clipped.sum().to(logp.dtype) / counted.sum().clamp(min=1).to(logp.dtype)
+    kl = None
+    if b.ref_logps is not None:
+        delta = torch.where(mask, b.ref_logps - logp, 0.0)
+        k3 = rows.sum(torch.exp(delta) - delta - 1) * inv_len
+        kl = (k3 * pl.is_sample).sum() / pl.is_sample.sum()
+        if o.kl_coef != 0.0:
+            loss = loss + o.kl_coef * kl
+    entropy = None
+    if o.wants_entropy:
+        entropy = ent.sum() / mask.sum().clamp(min=1).to(ent.dtype)
+        if o.entropy_coef != 0.0:
+            sample_tok = _sample_tokens(pl, b)
+            bonus = torch.where(sample_tok, ent, 0.0).sum() / sample_tok.sum().clamp(min=1)
+            loss = loss - o.entropy_coef * bonus
+    extras = (parts["exploration"], parts["imitation"], parts["alignment"], pl.adv, seq)
+    return loss, extras, (kl, entropy, clip_fraction)
+
+
+def forward(b: Batch, o: GRAOOptions, grad: object, row_pass: Callable) -> GRAOOutput:
+    """Plan, read the logits (once; twice for the sequence-level ratio), and the objective.
+
+    ``row_pass(grad, inputs, opts) -> (logp, entropy)`` reads the logits: the logits themselves,
+    or the fused lm_head path's chunks; ``grad`` is where it writes the gradient (None: forward
+    only, no gradient computed)."""
+    pl = plan(b, o)
+    opts = row_options(o)
+    if grad is None:
+        logp, ent = row_pass(None, TokenInputs(), opts)
+    elif o.importance_level == "sequence":  # the ratios need whole rows: a first read
+        first, _ = row_pass(None, TokenInputs(), opts._replace(compute_entropy=False))
+        logp, ent = row_pass(grad, token_inputs(pl, b, o, sequence_coef(pl, b, first, o)), opts)
+    else:
+        logp, ent = row_pass(grad, token_inputs(pl, b, o, None), opts)
+    loss, extras, optional = objective(pl, b, logp, ent, o)
+    return GRAOOutput(loss, *extras, *optional)
+
+
+class _Attach(torch.autograd.Function):
+    """Hands gradients computed in forward to autograd: ``loss`` becomes differentiable
+    w.r.t. ``inputs`` with gradients ``grads`` (rescaled by grad_output in backward)."""
+
+    @staticmethod
+    def forward(ctx, loss, use_triton: bool, n: int, *tensors):
+        ctx.use_triton = use_triton
+        ctx.grads = tensors[n:]
+        ctx.set_materialize_grads(False)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, d_loss):
+        grads = rescale(ctx, d_loss)
+        return (None, None, None, *grads, *(None for _ in grads))
+
+
+def attach(out: GRAOOutput, pairs: list, o: GRAOOptions) -> GRAOOutput:
+    """``out`` with its loss differentiable w.r.t. each ``(input, gradient)`` of ``pairs``."""
+    if not pairs:
+        return out
+    inputs, grads = zip(*pairs)
+    loss = _Attach.apply(out.loss, o.backend == "triton", len(inputs), *inputs, *grads)
+    return out._replace(loss=loss)
 
 
 def rescale(ctx, d_loss: Optional[torch.Tensor]) -> list:
@@ -144,8 +251,15 @@ def rescale(ctx, d_loss: Optional[torch.Tensor]) -> list:
     references, which lets autograd adopt a buffer as a leaf's ``.grad`` without the copy it
     makes of a gradient that is still referenced elsewhere (a [N, T, V] logits or a [V, H]
     lm_head gradient). So the graph can be backpropagated once; a second backward (a retained
-    graph) is an error rather than a silently wrong or doubled-memory result.
+    graph) is an error rather than a silently wrong or doubled-memory result. The gradient is
+    not itself differentiable: ``create_graph=True`` is an error, not a silent first-order
+    result.
     """
+    if torch.is_grad_enabled() and not compiling():
+        raise RuntimeError(
+            "grao_fast: double backward (create_graph=True, e.g. a gradient penalty) is not "
+            "supported: the gradient is computed in forward and is not itself differentiable"
+        )
     grads = ctx.grads
     if grads is None:
         raise RuntimeError(
@@ -163,35 +277,6 @@ def rescale(ctx, d_loss: Optional[torch.Tensor]) -> list:
             if g is not None:
                 scale_(g, d_loss)
         return list(grads)
-    if d_loss.device.type == "cpu" and not torch.compiler.is_compiling() and d_loss == 1:
+    if d_loss.device.type == "cpu" and not compiling() and d_loss == 1:
         return list(grads)
     return [None if g is None else g.mul_(d_loss) for g in grads]
-
-
-def make_params(
-    *, group_size: int, beta: float, lam: float, temperature: float, ignore_index: int,
-    eps: float, reference_in_group: bool, terms: tuple[str, ...], kl_coef: float,
-    is_cap: float | None, return_entropy: bool, use_triton: bool, inplace: bool = False,
-) -> GRAOParams:  # fmt: skip
-    """The options of one call, normalised to plain Python numbers (one compiled graph)."""
-    return GRAOParams(
-        group_size=group_size, beta=float(beta), lam=float(lam), temperature=float(temperature),
-        ignore_index=int(ignore_index), eps=float(eps), reference_in_group=bool(reference_in_group),
-        terms=terms, kl_coef=float(kl_coef),
-        is_cap=float("inf") if is_cap is None else float(is_cap),
-        inplace=bool(inplace), return_entropy=bool(return_entropy), use_triton=use_triton,
-    )  # fmt: skip
-
-
-def make_output(results: tuple, p: GRAOParams) -> GRAOOutput:
-    """A Function's outputs -> :class:`GRAOOutput` (None for the extras not asked for)."""
-    loss, expl, imit, align, adv, seq, kl, entropy = results
-    return GRAOOutput(
-        loss, expl, imit, align, adv, seq,
-        kl if p.kl_coef != 0.0 else None, entropy if p.return_entropy else None,
-    )  # fmt: skip
-
-
-def pass_options(p: GRAOParams) -> tuple:
-    """The row pass's trailing arguments for this call."""
-    return p.temperature, p.ignore_index, p.is_cap, p.return_entropy, p.use_triton

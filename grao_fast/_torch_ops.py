@@ -10,69 +10,93 @@ from __future__ import annotations
 
 import torch
 
-from .reference import group_advantages, sample_rows
-
 # Float32 working set of one chunk (upcast logits + probabilities): 64 MiB is large enough that
 # the per-chunk Python overhead is negligible at vocabulary 32k-152k and small beside any model.
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 
-def _per_token_scale(
-    logp: torch.Tensor,
-    coef: torch.Tensor,
-    ref_logps: torch.Tensor | None,
-    kl_coef: torch.Tensor | None,
-    sampler_logps: torch.Tensor | None,
-    is_cap: float,
-) -> torch.Tensor:
-    """d loss / d logp per token: ``coef * w + kl_coef * (1 - exp(ref - logp))``.
+def is_weight(l: torch.Tensor, sampler: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weight ``min(exp(l - sampler), cap)``; 1 where sampler is NaN (a
+    token the sampler did not score, or a row it did not sample)."""
+    return torch.where(torch.isnan(sampler), 1.0, torch.exp(l - sampler).clamp(max=cap))
 
-    ``w = min(exp(logp - sampler), is_cap)``, and 1 where the sampler log-prob is NaN (a row
-    that was not sampled, such as the reference answer).
-    """
+
+def token_scale(
+    logp: torch.Tensor, coef: torch.Tensor, *, ref_logps=None, kl_coef=None, sampler_logps=None,
+    old_logps=None, is_cap: float, clip_low: float, clip_high: float,
+) -> torch.Tensor:  # fmt: skip
+    """d loss / d logp per token: ``coef`` times the importance weight, PPO-clipped against
+    ``old_logps`` (0 where the clipped branch is strictly smaller, GRAO_SPEC.md v2), plus the
+    k3 KL gradient ``kl_coef * (1 - exp(ref - logp))``."""
     g = coef
     if sampler_logps is not None:
-        w = torch.exp(logp - sampler_logps).clamp(max=is_cap)
-        g = g * torch.where(torch.isnan(sampler_logps), torch.ones_like(w), w)
-    if ref_logps is not None and kl_coef is not None:
+        g = g * is_weight(logp, sampler_logps, is_cap)
+    if old_logps is not None:
+        ratio = torch.exp(logp - old_logps)
+        clipped = ((g > 0) & (ratio < 1.0 - clip_low)) | ((g < 0) & (ratio > 1.0 + clip_high))
+        g = torch.where(clipped, 0.0, g * ratio)
+    if ref_logps is not None:
         g = g + kl_coef * (1.0 - torch.exp(ref_logps - logp))
     return g
 
 
-def token_logprob_grad(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    coef: torch.Tensor | None,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    ref_logps: torch.Tensor | None = None,
-    kl_coef: torch.Tensor | None = None,
-    sampler_logps: torch.Tensor | None = None,
-    is_cap: float = 0.0,
-    grad: torch.Tensor | None = None,
-    compute_entropy: bool = False,
-    chunk_bytes: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probabilities and, in the same pass, the gradient rows of the loss.
+def _as_matrix(x: torch.Tensor | None) -> torch.Tensor | None:
+    """[S, T, V] -> the [S*T, V] view of the same memory when rows are evenly spaced."""
+    if x is None or x.dim() == 2:
+        return x
+    s, t, v = x.shape
+    if s == 1 or x.stride(0) == t * x.stride(1):
+        return x.as_strided((s * t, v), (x.stride(1), 1))
+    return None
 
-    logits: [M, V] fp32/bf16/fp16 (read only, unless ``grad`` is ``logits`` itself: each chunk
-    is read completely before its gradient overwrites it). labels: [M] int. coef: [M] float32,
-    ``d loss / d logp`` of each token, or None for no gradient. ref_logps, kl_coef,
-    sampler_logps: [M] float32 or None. grad: [M, V] output buffer in the logits' dtype.
 
-    Writes ``grad[m] = g_m * (onehot(label_m) - softmax(logits[m] / T)) / T`` with
-    ``g_m = coef_m * w_m + kl_coef_m * (1 - exp(ref_m - logp_m))`` and
-    ``w_m = min(exp(logp_m - sampler_m), is_cap)`` (1 without ``sampler_logps`` or where
-    ``sampler_m`` is NaN).
-    Ignored tokens get logp 0, entropy 0 and a zero gradient row; a label outside ``[0, V)``
-    gets logp NaN and a zero gradient row (it is never used as an index).
-    Returns ``(logp [M], entropy [M] or None)`` in float32 (float64 for float64 logits).
+def row_pass(
+    logits: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor | None, *,
+    grad: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+    compute_entropy: bool = False, chunk_bytes: int | None = None, **token_inputs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Per-token log-probs (and entropies) and, in the same pass, the gradient rows of the loss.
+
+    logits: [M, V] or [S, T, V] (any strides, unit stride along V) fp32/bf16/fp16/fp64, read
+    only unless ``grad`` is ``logits`` itself. labels: [M] int. coef: [M] ``d loss / d logp``
+    of each token, or None for no gradient. ``token_inputs`` are the other fields of
+    ``TokenInputs`` ([M] or None) and ``is_cap``, ``clip_low``, ``clip_high``. grad: output
+    buffer of the logits' shape and dtype.
+
+    Writes ``grad[m] = g (onehot(label) - p) / T - e p (log p + H) / T`` with ``p`` the softmax
+    of ``logits[m] / T``, ``g`` from :func:`token_scale` and ``e`` = ``ent_coef[m]``. Ignored
+    tokens get logp 0, entropy 0 and a zero gradient row; a label outside ``[0, V)`` gets logp
+    NaN and a zero gradient row (it is never used as an index). Returns ``(logp [M], entropy [M]
+    or None)`` in float32 (float64 for float64 logits).
     """
+    matrix, grad_matrix = _as_matrix(logits), _as_matrix(grad)
+    if matrix is not None and (grad is None or grad_matrix is not None):
+        return _rows(matrix, labels, grad_matrix, coef, temperature, ignore_index,
+                     compute_entropy, chunk_bytes, token_inputs)  # fmt: skip
+    # Unevenly spaced sequences (a slice such as logits[:, :-1]): one sequence at a time, in
+    # place, nothing copied. Inside a custom op, so this loop is invisible to torch.compile.
+    s, t, _ = logits.shape
+    pieces = []
+    for i in range(s):
+        sl = slice(i * t, (i + 1) * t)
+        sub = {k: None if v is None or isinstance(v, float) else v[sl] for k, v in token_inputs.items()}
+        sub.update({k: v for k, v in token_inputs.items() if isinstance(v, float)})
+        pieces.append(_rows(
+            logits[i], labels[sl], None if grad is None else grad[i],
+            None if coef is None else coef[sl], temperature, ignore_index, compute_entropy,
+            chunk_bytes, sub,
+        ))  # fmt: skip
+    logp = torch.cat([lp for lp, _ in pieces])
+    return logp, (torch.cat([e for _, e in pieces]) if compute_entropy else None)
+
+
+def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy, chunk_bytes,
+          token_inputs):  # fmt: skip
     m, v = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.empty(m, dtype=acc, device=logits.device)
     entropy = torch.empty_like(logp) if compute_entropy else None
+    ent_coef = token_inputs.pop("ent_coef", None)
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     rows = max(1, budget // (8 * v))  # at most two float32 [rows, V] buffers per chunk
     inv_t = 1.0 / temperature
@@ -81,72 +105,72 @@ def token_logprob_grad(
         lab = labels[sl]
         ignored = lab == ignore_index
         in_range = (lab >= 0) & (lab < v)
-        safe = torch.where(in_range, lab, torch.zeros_like(lab)).long()
-        # One [r, V] working buffer, transformed in place: x -> x - max -> exp -> p -> grad.
-        # For float32 logits it is the chunk of the gradient itself (no copy at the end; with
-        # grad = logits each chunk is read here before it is overwritten).
+        safe = torch.where(in_range, lab, torch.zeros_like(lab)).long()[:, None]
+        # One [r, V] working buffer, transformed in place: x -> (x - max) / T -> exp -> grad.
+        # For float32 logits without entropy it is the chunk of the gradient itself (no copy at
+        # the end; with grad = logits each chunk is read here before it is overwritten).
         direct = grad is not None and grad.dtype == acc and entropy is None
-        y = torch.mul(logits[sl], inv_t, out=grad[sl]) if direct else logits[sl].to(acc) * inv_t
-        picked = y.gather(1, safe[:, None]).squeeze(1)
-        mx = y.amax(dim=-1)
-        y.sub_(mx[:, None])
-        e = y.exp() if entropy is not None else y.exp_()
+        x = logits[sl]
+        mx = x.amax(dim=-1, keepdim=True).to(acc)
+        # Subtract the raw max before scaling: (x - m) is exact for |x| ~ 1e4, x / T is not.
+        z = torch.sub(x, mx, out=grad[sl]) if direct else x.to(acc) - mx
+        z.mul_(inv_t)
+        picked = z.gather(1, safe).squeeze(1)
+        e = z.exp() if entropy is not None else z.exp_()
         total = e.sum(dim=-1)
-        lse = mx + torch.log(total)
-        lp = torch.where(in_range, picked - lse, torch.full_like(lse, float("nan")))
-        lp = torch.where(ignored, torch.zeros_like(lp), lp)
-        logp[sl] = lp
-        if entropy is not None:  # -sum p log p = log S - sum e (x - max) / S
-            ent = torch.log(total) - torch.linalg.vecdot(e, y) / total
-            entropy[sl] = torch.where(ignored, torch.zeros_like(ent), ent)
-        if grad is not None:
-            g = _per_token_scale(
-                lp,
-                coef[sl],
-                None if ref_logps is None else ref_logps[sl],
-                None if kl_coef is None else kl_coef[sl],
-                None if sampler_logps is None else sampler_logps[sl],
-                is_cap,
-            ).to(acc)
-            g = torch.where(in_range & ~ignored, g * inv_t, torch.zeros_like(g))
-            d = e.mul_((-g / total)[:, None])  # -g * softmax
-            d.scatter_add_(1, safe[:, None], g[:, None])
-            if not direct:
-                grad[sl] = d
+        log_total = torch.log(total)
+        lp = torch.where(in_range, picked - log_total, float("nan"))
+        logp[sl] = torch.where(ignored, 0.0, lp)
+        if entropy is not None:  # H = log S - sum e z / S; a -inf logit (e = 0) contributes 0
+            ent = log_total - torch.where(e > 0, e * z, 0.0).sum(dim=-1) / total
+            entropy[sl] = torch.where(ignored, 0.0, ent)
+        if grad is None:
+            continue
+        rows_in = {k: val[sl] if isinstance(val, torch.Tensor) else val
+                   for k, val in token_inputs.items()}  # fmt: skip
+        g = token_scale(lp, coef[sl], **rows_in).to(acc)
+        keep = in_range & ~ignored
+        g = torch.where(keep, g * inv_t, 0.0)
+        p = e.div_(total[:, None])
+        if ent_coef is not None and entropy is not None:
+            ec = torch.where(keep, ent_coef[sl] * inv_t, 0.0)[:, None]
+            # d(e H)/dx = -e p (log p + H) / T, 0 where p = 0 (a masked word).
+            logp_v = z.sub_(log_total[:, None]).add_(ent[:, None])
+            d = torch.where(p > 0, p * logp_v, 0.0).mul_(-ec).sub_(p * g[:, None])
+        else:
+            d = p.mul_(-g[:, None])  # -g * softmax
+        d.scatter_add_(1, safe, g[:, None])
+        if not direct:
+            grad[sl] = d
     return logp, entropy
 
 
-def group_coefficients(
-    rewards: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    eps: float,
-    beta: float,
-    lam: float,
-    kl_coef: float = 0.0,
-    reference_in_group: bool = True,
-    exploration: bool = True,
-    imitation: bool = True,
-    alignment: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Advantages and every sequence's gradient coefficient, from the rewards alone.
+def group_advantages(
+    rewards: torch.Tensor, *, eps: float, reference_in_group: bool = True
+) -> torch.Tensor:
+    """Eq. 4 with the population std, in the rewards' dtype; a flat pool gives exact zeros."""
+    pool = rewards if reference_in_group else rewards[:, :-1]
+    mu = pool.mean(dim=1, keepdim=True)
+    sigma = (pool - mu).square().mean(dim=1, keepdim=True).sqrt()
+    flat = pool.amax(dim=1, keepdim=True) == pool.amin(dim=1, keepdim=True)
+    return torch.where(flat, 0.0, (rewards - mu) / (sigma + eps))
 
-    rewards: [B, G+1] float32, the reference last; lengths: [N] number of loss tokens per row.
-    Returns ``advantages [B, G+1]``, ``seq_coef [N]`` = ``d loss / d J(s) / |s|`` and
-    ``seq_kl_coef [N]`` = ``d loss / d k3`` per token (``kl_coef / (B G |s|)`` on sample rows),
-    all float32 (float64 for float64 rewards), 0 for a row with ``|s| = 0``.
+
+def group_coefficients(
+    rewards: torch.Tensor, *, eps: float, beta: float, lam: float,
+    reference_in_group: bool = True, exploration: bool = True, imitation: bool = True,
+    alignment: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Advantages and every row's ``d loss / d J(s)``, from the rewards alone.
+
+    rewards: [B, G+1] float32/float64, the reference last. Returns ``advantages [B, G+1]`` and
+    ``dj [N]``: sample ``-(1/B)(1/G)(E + A λ) Â_i``, reference ``-(1/B)(I β Â_y - A (λ/G) Σ Â_i)``
+    (E, I, A: the active terms), in the rewards' dtype.
     """
     b, g1 = rewards.shape
     g = g1 - 1
-    r = rewards if rewards.dtype == torch.float64 else rewards.float()
-    adv = group_advantages(r, eps=eps, reference_in_group=reference_in_group)
+    adv = group_advantages(rewards, eps=eps, reference_in_group=reference_in_group)
     a_i, a_y = adv[:, :g], adv[:, g]
     w_sample = -(float(exploration) + float(alignment) * lam) * a_i / (b * g)
     w_ref = -(float(imitation) * beta * a_y - float(alignment) * (lam / g) * a_i.sum(dim=1)) / b
-    dj = torch.cat([w_sample, w_ref[:, None]], dim=1).reshape(-1)  # [N] d loss / d J
-    n_tok = lengths.to(r.dtype).reshape(-1)
-    has = n_tok > 0
-    inv_len = torch.where(has, 1.0 / n_tok.clamp(min=1), torch.zeros_like(n_tok))
-    kl_per_token = inv_len * (kl_coef / (b * g))
-    seq_kl = torch.where(sample_rows(b * g1, g, r.device), kl_per_token, torch.zeros_like(inv_len))
-    return adv, dj * inv_len, seq_kl
+    return adv, torch.cat([w_sample, w_ref[:, None]], dim=1).reshape(-1)

@@ -1,83 +1,106 @@
-"""Input checks shared by every public entry point: clear errors, named arguments."""
+"""Input checks and the one preparation step shared by every loss entry point.
+
+:func:`prepare` checks the tensors of a call against its :class:`GRAOOptions` and returns a
+:class:`Batch`: labels and every per-token input flattened to ``[M]`` tokens, rewards as
+``[B, G+1]`` in the statistics' dtype, and the row layout (:class:`Rows`: padded ``[N, T]`` or
+packed with ``cu_seqlens``). Checks that read tensor values (a host-device sync) run only with
+``check_labels`` and never while compiling; without them, bad values give NaN or wrong numbers,
+never an out-of-bounds read.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 
-from .reference import TERMS
+from .options import GRAOOptions
 
-_INT_LABELS = (torch.int64, torch.int32)
-_FLOAT_LOGITS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INT_LABELS = (torch.int64, torch.int32)
+FLOAT_LOGITS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+TOKEN_INPUTS = ("ref_logps", "sampler_logps", "old_logps", "token_weights")
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_options(
-    *,
-    group_size: int,
-    temperature: float,
-    eps: float,
-    terms: Sequence[str],
-    kl_coef: float = 0.0,
-    is_cap: float | None = None,
-) -> tuple[str, ...]:
-    """Check the scalar options; return ``terms`` as a tuple in canonical order."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    if is_cap is not None and not is_cap > 0:
-        raise ValueError(f"is_cap must be > 0 or None, got {is_cap}")
-    if isinstance(terms, str):
-        raise TypeError(f"terms must be a sequence of term names, got the string {terms!r}")
-    unknown = [t for t in terms if t not in TERMS]
-    if unknown:
-        raise ValueError(f"terms: unknown term(s) {unknown}; expected a subset of {TERMS}")
-    return tuple(t for t in TERMS if t in terms)
+class Rows(NamedTuple):
+    """The row layout: ``N`` rows of ``T`` tokens (padded), or packed rows ``cu_seqlens``."""
+
+    n: int
+    t: int  # tokens per row (padded); 0 when packed
+    cu_seqlens: Optional[torch.Tensor]  # [N+1] int64, clamped to [0, M]; None when padded
+    row_of: Optional[torch.Tensor]  # [M] int64: the row of each token (packed)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row sums [N] of per-token values [M] (deterministic, no atomics)."""
+        if self.cu_seqlens is None:
+            return x.view(self.n, self.t).sum(dim=1)
+        # Differences of a float64 running sum: exact enough for any row of a float32 input.
+        run = torch.cat([x.new_zeros(1, dtype=torch.float64), x.double().cumsum(0)])
+        return (run[self.cu_seqlens[1:]] - run[self.cu_seqlens[:-1]]).to(x.dtype)
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row values [N] -> per-token values [M]."""
+        if self.cu_seqlens is None:
+            return x[:, None].expand(self.n, self.t).reshape(-1)
+        return x[self.row_of]
+
+    def max_len(self, like: torch.Tensor) -> torch.Tensor:
+        """The padded layout's T: the longest row (a tensor, no sync)."""
+        if self.cu_seqlens is None:
+            return like.new_full((), float(self.t))
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).amax().to(like.dtype)
+
+
+class Batch(NamedTuple):
+    labels: torch.Tensor  # [M]
+    rewards: torch.Tensor  # [B, G+1], float32 or float64 (the statistics' dtype)
+    rows: Rows
+    acc: torch.dtype  # float32, or float64 for float64 logits
+    ref_logps: Optional[torch.Tensor]  # [M] each, in acc, or None
+    sampler_logps: Optional[torch.Tensor]
+    old_logps: Optional[torch.Tensor]
+    token_weights: Optional[torch.Tensor]
+
+
+def check_tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
 
 
 def check_logits_labels(
-    logits: torch.Tensor, labels: torch.Tensor, *, name: str = "logits"
+    x: torch.Tensor, labels: torch.Tensor, *, name: str = "logits", packed: bool = False
 ) -> None:
-    """``logits`` [N, T, V] floating, ``labels`` [N, T] int32/int64 on the same device."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if logits.dtype not in _FLOAT_LOGITS:
-        raise TypeError(f"{name} must be float32/bfloat16/float16/float64, got {logits.dtype}")
-    if labels.dtype not in _INT_LABELS:
+    """``x`` [N, T, V] (packed: [M, V]) floating, ``labels`` [N, T] ([M]) int, same device."""
+    check_tensor(x, name)
+    check_tensor(labels, "labels")
+    if x.dtype not in FLOAT_LOGITS:
+        raise TypeError(f"{name} must be float32/bfloat16/float16/float64, got {x.dtype}")
+    if labels.dtype not in INT_LABELS:
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
-    if logits.dim() != 3:
+    last = "H" if name == "hidden" else "V"
+    dims, shape = (2, f"[M, {last}] (packed rows)") if packed else (3, f"[N, T, {last}]")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D {shape}, got shape {tuple(x.shape)}")
+    if labels.shape != x.shape[:-1]:
+        want = "[M]" if packed else "[N, T]"
         raise ValueError(
-            f"{name} must be 3-D [N, T, {'H' if name == 'hidden' else 'V'}], "
-            f"got shape {tuple(logits.shape)}"
-        )
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"labels must have shape [N, T] = {tuple(logits.shape[:2])} to match {name}, "
+            f"labels must have shape {want} = {tuple(x.shape[:-1])} to match {name}, "
             f"got {tuple(labels.shape)}"
         )
-    if labels.device != logits.device:
-        raise ValueError(f"labels is on {labels.device} but {name} is on {logits.device}")
-    if logits.shape[-1] == 0:
-        raise ValueError(f"{name} must have a non-empty last dimension")
+    if labels.device != x.device:
+        raise ValueError(f"labels is on {labels.device} but {name} is on {x.device}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last dimension ({last} = 0)")
+    if not packed and x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one group of rows, got N = 0")
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Every label is in ``[0, vocab)`` or ``ignore_index`` (a host sync; not when compiling)."""
-    if _compiling():
-        return
+    """Every label is in ``[0, vocab)`` or ``ignore_index`` (a host sync)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
@@ -87,20 +110,27 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         )
 
 
+def may_overlap(x: torch.Tensor) -> bool:
+    """True unless ``x``'s elements provably occupy distinct memory (stride-0 dimensions,
+    expanded or self-overlapping views): each dimension's stride, in increasing order, must
+    exceed the extent of the smaller ones."""
+    extent = 0
+    dims = sorted((abs(st), s) for s, st in zip(x.shape, x.stride()) if s > 1)
+    for stride, size in dims:
+        if stride <= extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
 def check_rewards(
-    rewards: torch.Tensor,
-    n_rows: int,
-    group_size: int,
-    device: torch.device,
-    *,
-    finite: bool = True,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Rewards [B, G+1] or [N] -> [B, G+1] in ``dtype`` (default float32, float64 kept);
-    checks the count and, with ``finite``, finiteness (a host sync)."""
-    if not isinstance(rewards, torch.Tensor):
-        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
-    if not (rewards.dtype.is_floating_point or rewards.dtype in _INT_LABELS):
+    rewards: torch.Tensor, n_rows: int, group_size: int, device: torch.device, *,
+    finite: bool, stats_dtype: torch.dtype | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Rewards [B, G+1] or [N] -> [B, G+1] in the statistics' dtype (float64 for float64
+    rewards or ``stats_dtype``, else float32); ``finite`` checks their values (a host sync)."""
+    check_tensor(rewards, "rewards")
+    if not (rewards.dtype.is_floating_point or rewards.dtype in INT_LABELS):
         raise TypeError(f"rewards must be a real tensor, got {rewards.dtype}")
     g1 = group_size + 1
     if n_rows % g1 != 0:
@@ -116,21 +146,17 @@ def check_rewards(
         )
     if rewards.device != device:
         raise ValueError(f"rewards is on {rewards.device} but the logits are on {device}")
-    if finite and not _compiling() and not bool(torch.isfinite(rewards).all()):  # host sync
+    if finite and not compiling() and not bool(torch.isfinite(rewards).all()):  # host sync
         bad = int((~torch.isfinite(rewards.reshape(-1))).nonzero()[0])
         raise ValueError(
             f"rewards must be finite; row {bad} (group {bad // g1}) is "
             f"{float(rewards.reshape(-1)[bad])}"
         )
-    if dtype is None:
-        dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    return rewards.reshape(b, g1).to(dtype)
+    f64 = rewards.dtype == torch.float64 or stats_dtype == torch.float64
+    return rewards.detach().reshape(b, g1).to(torch.float64 if f64 else torch.float32)
 
 
-def check_token_tensor(
-    t: torch.Tensor | None, name: str, shape: torch.Size, device: torch.device
-) -> None:
-    """An optional per-token tensor (ref_logps, sampler_logps) of shape [N, T]."""
+def _check_token_input(t: object, name: str, shape: torch.Size, device: torch.device) -> None:
     if t is None:
         return
     if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
@@ -141,28 +167,83 @@ def check_token_tensor(
         raise ValueError(f"{name} is on {t.device} but the logits are on {device}")
 
 
-def check_batch(
-    labels: torch.Tensor,
-    rewards: torch.Tensor,
-    *,
-    vocab: int,
-    group_size: int,
-    ignore_index: int,
-    ref_logps: torch.Tensor | None,
-    sampler_logps: torch.Tensor | None,
-    check_values: bool,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The per-call tensors beside the logits (or hidden states) of a loss call.
+def _packed_rows(cu: object, m: int, group_size: int, device: torch.device, check: bool) -> Rows:
+    cu = check_tensor(cu, "cu_seqlens")
+    if cu.dtype not in INT_LABELS or cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, "
+            f"got {cu.dtype} of shape {tuple(cu.shape)}"
+        )
+    if cu.device != device:
+        raise ValueError(f"cu_seqlens is on {cu.device} but the logits are on {device}")
+    n = cu.shape[0] - 1
+    if n % (group_size + 1) != 0:
+        raise ValueError(
+            f"cu_seqlens holds N={n} rows, not a multiple of group_size + 1 = {group_size + 1}"
+        )
+    if check and not compiling():  # host sync
+        if int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+        if int(cu[-1]) != m:
+            raise ValueError(f"cu_seqlens must end at M = {m} (the tokens), got {int(cu[-1])}")
+    cu = cu.long().clamp(0, m)  # unchecked bad boundaries give wrong rows, never a bad read
+    row_of = torch.searchsorted(cu[1:], torch.arange(m, device=device), right=True)
+    return Rows(n, 0, cu, row_of.clamp(max=n - 1))
 
-    ``labels`` is already checked against the logits. Returns the rewards as [B, G+1] in
-    ``dtype``. ``check_values`` adds the data-dependent checks (labels in range, finite
-    rewards): one host-device sync.
+
+def prepare(
+    x: torch.Tensor, labels: torch.Tensor, rewards: torch.Tensor, opts: GRAOOptions, *,
+    tokens: dict, cu_seqlens: torch.Tensor | None, vocab: int | None = None,
+    name: str = "logits",
+) -> Batch:  # fmt: skip
+    """Check one call's tensors (``x`` is the logits or the hidden states) and flatten them.
+
+    ``tokens`` holds the optional per-token inputs by name (:data:`TOKEN_INPUTS`); ``vocab``
+    defaults to the last dimension of ``x`` (the logits).
     """
-    n = labels.shape[0]
-    rewards = check_rewards(rewards, n, group_size, labels.device, finite=check_values, dtype=dtype)
-    check_token_tensor(ref_logps, "ref_logps", labels.shape, labels.device)
-    check_token_tensor(sampler_logps, "sampler_logps", labels.shape, labels.device)
-    if check_values:
-        check_label_range(labels, vocab, ignore_index)
-    return rewards
+    packed = cu_seqlens is not None
+    check_logits_labels(x, labels, name=name, packed=packed)
+    vocab = x.shape[-1] if vocab is None else vocab
+    device = x.device
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for key, t in tokens.items():
+        _check_token_input(t, key, labels.shape, device)
+    check = opts.check_labels and not compiling()
+    if packed:
+        rows = _packed_rows(cu_seqlens, labels.shape[0], opts.group_size, device, check)
+    else:
+        rows = Rows(labels.shape[0], labels.shape[1], None, None)
+    rewards = check_rewards(
+        rewards, rows.n, opts.group_size, device, finite=check, stats_dtype=acc
+    )
+    if opts.kl_coef != 0.0 and tokens.get("ref_logps") is None:
+        raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs)")
+    sequence = opts.importance_level == "sequence"
+    if sequence and tokens.get("old_logps") is None:
+        raise ValueError('importance_level="sequence" needs old_logps')
+    for key in ("token_weights", "sampler_logps"):
+        if sequence and tokens.get(key) is not None:
+            raise ValueError(
+                f'{key} does not apply with importance_level="sequence" (one ratio per row; '
+                f"GRAO_SPEC.md, sequence-level ratio)"
+            )
+    if opts.inplace and may_overlap(x):
+        raise ValueError(
+            "inplace=True needs logits whose elements do not share memory (an expanded or "
+            "stride-0 view would be overwritten while it is read); pass a materialised tensor"
+        )
+    mask = labels != opts.ignore_index
+    if check:
+        check_label_range(labels, vocab, opts.ignore_index)
+        old, tw = tokens.get("old_logps"), tokens.get("token_weights")
+        if old is not None and bool((torch.isnan(old) & mask).any()):
+            raise ValueError("old_logps is NaN on a loss token (labels != ignore_index)")
+        if tw is not None and not bool(((tw >= 0) & torch.isfinite(tw) | ~mask).all()):
+            raise ValueError("token_weights must be finite and >= 0 on every loss token")
+    flat = {k: None if t is None else t.detach().reshape(-1).to(acc) for k, t in tokens.items()}
+    return Batch(
+        labels.reshape(-1), rewards, rows, acc,
+        *(flat.get(k) for k in TOKEN_INPUTS),
+    )  # fmt: skip

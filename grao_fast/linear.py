@@ -5,28 +5,24 @@ accumulation), the single-pass row operation turns them, in place, into ``d loss
 while it reads the log-probs, and two more GEMMs fold that into ``grad_hidden`` and
 ``grad_weight`` (and ``grad_bias``). All gradients are complete when forward returns; backward
 only rescales them by ``grad_output``. Extra memory beyond the inputs and their gradients: one
-chunk of logits, bounded by ``chunk_bytes`` whatever N x T is.
+chunk of logits, bounded by ``chunk_bytes`` whatever N x T is. The chunk loop is one custom
+operator (:func:`linear_pass`), so ``torch.compile`` sees one node whatever N x T is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Optional
 
 import torch
 
-from ._ops import resolve_backend, token_pass
-from ._plan import (
-    GRAOOutput,
-    GRAOParams,
-    make_output,
-    make_params,
-    objective,
-    pass_options,
-    plan,
-    rescale,
-)
-from ._validation import check_batch, check_logits_labels, check_options
-from .reference import TERMS
+from . import reference
+from ._ops import TokenInputs, _impl, resolve_backend
+from ._plan import GRAOOutput, attach, forward
+from ._validation import prepare
+from .loss import _tokens
+from .options import OPTIONS_DOC, TERMS, GRAOOptions
 
 # One chunk of logits (in the compute dtype). 256 MiB is ~880 tokens of a 151,936-word
 # vocabulary in bf16: each GEMM of a chunk is still ~1 TFLOP at H = 3,584 (full speed on a
@@ -53,68 +49,96 @@ def chunk_tokens(vocab: int, dtype: torch.dtype, chunk_bytes: int) -> int:
     return tokens - tokens % 64 if tokens > 64 else tokens
 
 
-class _GRAOLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, hidden, weight, bias, labels, rewards, ref_logps, sampler_logps, p: GRAOParams, opts
-    ):
-        lm_head_fp32, grad_weight_fp32, chunk_bytes = opts
-        n, t, h = hidden.shape
-        v = weight.shape[0]
-        m = n * t
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_grad = need_h or need_w or need_b
-        pl = plan(labels, rewards, ref_logps, sampler_logps, p, need_grad)
+@torch.library.custom_op(
+    "grao_fast::linear_pass", mutates_args=("grad_hidden", "grad_weight", "grad_bias")
+)
+def linear_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    grad_hidden: Optional[torch.Tensor],
+    grad_weight: Optional[torch.Tensor],
+    grad_bias: Optional[torch.Tensor],
+    coef: Optional[torch.Tensor],
+    ref_logps: Optional[torch.Tensor],
+    kl_coef: Optional[torch.Tensor],
+    sampler_logps: Optional[torch.Tensor],
+    old_logps: Optional[torch.Tensor],
+    ent_coef: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    is_cap: float,
+    clip_low: float,
+    clip_high: float,
+    compute_entropy: bool,
+    use_triton: bool,
+    lm_head_fp32: bool,
+    chunk_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row pass over ``hidden [M, H] @ weight.T (+ bias)``, chunk by chunk; with ``coef``,
+    the gradients are accumulated into ``grad_hidden`` [M, H], ``grad_weight`` [V, H] (zeroed
+    by the caller) and ``grad_bias`` [V] (each may be None). Returns (logp [M], entropy)."""
+    m, h = hidden.shape
+    v = weight.shape[0]
+    compute = torch.float32 if lm_head_fp32 else weight.dtype
+    w = weight.to(compute)  # no copy unless lm_head_fp32 with a low-precision weight
+    b = None if bias is None else bias.to(compute)
+    acc = torch.float64 if compute == torch.float64 else torch.float32
+    logp = torch.empty(m, dtype=acc, device=hidden.device)
+    ent = torch.empty(m if compute_entropy else 0, dtype=acc, device=hidden.device)
+    inputs = TokenInputs(coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef)
+    impl = _impl(use_triton)
+    step = chunk_tokens(v, compute, chunk_bytes)
+    for start in range(0, m, step):
+        sl = slice(start, min(start + step, m))
+        xc = hidden[sl].to(compute)
+        # [c, V] logits of this chunk: the only vocabulary-sized buffer.
+        logits = torch.addmm(b, xc, w.t()) if b is not None else xc @ w.t()
+        rows = {k: None if x is None else x[sl] for k, x in inputs._asdict().items()}
+        grad = logits if coef is not None else None  # the gradient replaces the logits in place
+        lp, e = impl.row_pass(
+            logits, labels[sl], rows.pop("coef"), grad=grad, temperature=temperature,
+            ignore_index=ignore_index, is_cap=is_cap, clip_low=clip_low, clip_high=clip_high,
+            compute_entropy=compute_entropy, **rows,
+        )  # fmt: skip
+        logp[sl] = lp
+        if compute_entropy:
+            ent[sl] = e
+        if grad is None:
+            continue
+        if grad_hidden is not None:  # [c, V] @ [V, H], straight into grad_hidden if dtypes agree
+            if grad_hidden.dtype == compute:
+                torch.mm(logits, w, out=grad_hidden[sl])
+            else:
+                grad_hidden[sl] = logits @ w
+        if grad_weight is not None:  # [V, c] @ [c, H]
+            if grad_weight.dtype == compute:
+                grad_weight.addmm_(logits.t(), xc)
+            else:
+                _addmm_float32(grad_weight, logits.t(), xc)
+        if grad_bias is not None:
+            grad_bias += logits.sum(dim=0, dtype=grad_bias.dtype)
+    return logp, ent
 
-        compute = torch.float32 if lm_head_fp32 else weight.dtype
-        w = weight.to(compute)  # no copy unless lm_head_fp32 with a low-precision weight
-        b = None if bias is None else bias.to(compute)
-        x = hidden.reshape(m, h)
-        lab = labels.reshape(-1)
-        grad_h = torch.empty_like(x) if need_h else None
-        acc = torch.float32 if grad_weight_fp32 else compute
-        grad_w = torch.zeros(v, h, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(v, dtype=pl.lengths.dtype, device=weight.device) if need_b else None
-        logp = torch.empty(m, dtype=pl.lengths.dtype, device=hidden.device)
-        ent = torch.empty(m if p.return_entropy else 0, dtype=logp.dtype, device=hidden.device)
-        step = chunk_tokens(v, compute, chunk_bytes)
-        for start in range(0, m, step):
-            sl = slice(start, min(start + step, m))
-            xc = x[sl].to(compute)
-            # [c, V] logits of this chunk: the only vocabulary-sized buffer.
-            logits = torch.addmm(b, xc, w.t()) if b is not None else xc @ w.t()
-            rows = [None if a is None else a[sl] for a in pl.per_token]
-            grad = logits if need_grad else None  # the gradient replaces the logits in place
-            lp, e = token_pass(logits, lab[sl], *rows, grad, *pass_options(p))
-            logp[sl] = lp
-            if p.return_entropy:
-                ent[sl] = e
-            if need_h:  # [c, V] @ [V, H], straight into grad_hidden unless dtypes differ
-                if grad_h.dtype == compute:
-                    torch.mm(logits, w, out=grad_h[sl])
-                else:
-                    grad_h[sl] = logits @ w
-            if need_w:  # [V, c] @ [c, H]
-                if grad_w.dtype == compute:
-                    grad_w.addmm_(logits.t(), xc)
-                else:
-                    _addmm_float32(grad_w, logits.t(), xc)
-            if need_b:
-                grad_b += logits.sum(dim=0, dtype=grad_b.dtype)
-        loss, extras = objective(pl, logp.view(n, t), ent, p)
-        ctx.use_triton = p.use_triton
-        ctx.set_materialize_grads(False)  # no zero tensors for the extras' gradients
-        ctx.grads = (
-            None if grad_h is None else grad_h.view(n, t, h),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-        )
-        ctx.mark_non_differentiable(*extras)
-        return (loss, *extras)
 
-    @staticmethod
-    def backward(ctx, d_loss, *_):
-        return (*rescale(ctx, d_loss), None, None, None, None, None, None)
+@linear_pass.register_fake
+def _(
+    hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias, coef, ref_logps, kl_coef,
+    sampler_logps, old_logps, ent_coef, temperature, ignore_index, is_cap, clip_low, clip_high,
+    compute_entropy, use_triton, lm_head_fp32, chunk_bytes,
+):  # fmt: skip
+    m = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return hidden.new_empty(m, dtype=acc), hidden.new_empty(m if compute_entropy else 0, dtype=acc)
+
+
+def _read(x, weight, bias, labels, lm_head_fp32: bool, chunk_bytes: int, grads, inputs, opts):
+    """The row pass of :func:`grao_fast._plan.forward` over the chunks of ``x @ weight.T``."""
+    grads = (None, None, None) if grads is None else grads
+    return linear_pass(
+        x, weight, bias, labels, *grads, *inputs, *opts, lm_head_fp32, chunk_bytes
+    )
 
 
 def grao_loss_linear(
@@ -137,6 +161,14 @@ def grao_loss_linear(
     ref_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     is_cap: float | None = None,
+    length_norm: str = "sequence",
+    max_tokens: int | None = None,
+    token_weights: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
+    clip_eps: float | tuple[float, float] = (0.2, 0.2),
+    importance_level: str = "token",
+    entropy_coef: float = 0.0,
+    cu_seqlens: torch.Tensor | None = None,
     check_labels: bool = True,
     return_entropy: bool = False,
     lm_head_fp32: bool = False,
@@ -146,10 +178,11 @@ def grao_loss_linear(
     """:func:`grao_loss` of ``hidden @ weight.T + bias`` without materialising those logits.
 
     Args:
-        hidden: [N, T, H] float32/bfloat16/float16: the last hidden states (after the final
-            norm), ``hidden[n, t]`` predicting ``labels[n, t]`` (already shifted).
+        hidden: [N, T, H] (packed rows: [M, H]) float32/bfloat16/float16: the last hidden
+            states (after the final norm), ``hidden[n, t]`` predicting ``labels[n, t]``.
         weight: [V, H] the lm_head weight, same dtype and device as ``hidden``.
         bias: [V] or None.
+        labels, rewards and the per-token inputs: as for :func:`grao_loss`.
         lm_head_fp32: compute the logits (and their gradient) in float32, as samplers such as
             vLLM often do, instead of the weight's dtype. Costs a float32 copy of ``weight``
             and a float32 ``grad_weight`` accumulator ([V, H] each) when the weight is bf16/fp16.
@@ -157,64 +190,69 @@ def grao_loss_linear(
             to the weight's dtype at the end) instead of the weight's dtype (a rounding per
             chunk). Costs a float32 [V, H] accumulator; on CUDA the GEMMs stay bf16/fp16.
         chunk_bytes: bound on the one chunk of logits held at a time (default 256 MiB).
-        The other keywords are those of :func:`grao_loss` (``inplace`` does not apply: the
-        chunks' logits are always overwritten by their gradient).
-
-    ``grad_weight`` accumulates over chunks in the weight's dtype unless ``grad_weight_fp32`` or
-    ``lm_head_fp32``. Under FSDP / ZeRO-3 the full ``weight`` must be gathered when this runs.
-
+    Under FSDP / ZeRO-3 the full ``weight`` must be gathered when this runs.
+    {options}
     Returns:
-        :class:`GRAOOutput`; ``loss`` is differentiable w.r.t. ``hidden``, ``weight``, ``bias``.
+        :class:`GRAOOutput`; ``loss`` is differentiable w.r.t. ``hidden``, ``weight``, ``bias``
+        (once; double backward is an error).
     """
-    terms = check_options(
-        group_size=group_size, temperature=temperature, eps=eps, terms=terms,
-        kl_coef=kl_coef, is_cap=is_cap,
-    )  # fmt: skip
-    check_logits_labels(hidden, labels, name="hidden")
-    n, t, h = hidden.shape
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != h:
+    opts = GRAOOptions.from_call(locals())
+    tokens = _tokens(ref_logps, sampler_logps, old_logps, token_weights)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be [V, H] with H = {h} (hidden's last dim), got {shape}")
+        raise ValueError(f"weight must be a 2-D tensor [V, H], got {shape}")
+    v = weight.shape[0]
+    batch = prepare(
+        hidden, labels, rewards, opts, tokens=tokens, cu_seqlens=cu_seqlens, vocab=v,
+        name="hidden",
+    )  # fmt: skip
+    h = hidden.shape[-1]
+    if weight.shape[1] != h:
+        raise ValueError(f"weight must be [V, H] with H = {h} (hidden's last dim), got "
+                         f"{tuple(weight.shape)}")  # fmt: skip
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise TypeError(
             f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, "
             f"{hidden.device})"
         )
-    v = weight.shape[0]
     if bias is not None and (
         not isinstance(bias, torch.Tensor) or bias.shape != (v,) or bias.device != weight.device
     ):
         raise ValueError(f"bias must be a [V] = [{v}] tensor on {weight.device}")
-    if not chunk_bytes > 0:
-        raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
     compute = torch.float32 if lm_head_fp32 else weight.dtype
-    rewards = check_batch(
-        labels, rewards, vocab=v, group_size=group_size, ignore_index=ignore_index,
-        ref_logps=ref_logps, sampler_logps=sampler_logps, check_values=check_labels,
-        dtype=torch.promote_types(compute, torch.float32),
-    )  # fmt: skip
-    kl_coef = kl_coef if ref_logps is not None else 0.0  # no reference policy, no KL term
     which = resolve_backend(backend, hidden.device, compute)
+    opts = opts.replace(backend=which)
     if which == "reference":
-        from .loss import grao_loss  # noqa: PLC0415
-
-        x, w = hidden.flatten(0, 1).to(compute), weight.to(compute)
+        x, w = hidden.reshape(-1, h).to(compute), weight.to(compute)
         logits = x @ w.t() if bias is None else torch.addmm(bias.to(compute), x, w.t())
-        return grao_loss(
-            logits.view(n, t, v), labels, rewards, group_size=group_size, beta=beta, lam=lam,
-            temperature=temperature, ignore_index=ignore_index, eps=eps,
-            reference_in_group=reference_in_group, terms=terms, backend="reference",
-            kl_coef=kl_coef, ref_logps=ref_logps, sampler_logps=sampler_logps, is_cap=is_cap,
-            check_labels=False, return_entropy=return_entropy,
-        )  # fmt: skip
-    params = make_params(
-        group_size=group_size, beta=beta, lam=lam, temperature=temperature,
-        ignore_index=ignore_index, eps=eps, reference_in_group=reference_in_group, terms=terms,
-        kl_coef=kl_coef, is_cap=is_cap, return_entropy=return_entropy,
-        use_triton=which == "triton",
-    )  # fmt: skip
-    results = _GRAOLinearFunction.apply(
-        hidden, weight, bias, labels, rewards, ref_logps, sampler_logps, params,
-        (bool(lm_head_fp32), bool(grad_weight_fp32), int(chunk_bytes)),
-    )  # fmt: skip
-    return make_output(results, params)
+        logits = logits.view(*hidden.shape[:-1], v).to(batch.acc)
+        return GRAOOutput(*reference.grao_terms(
+            logits, labels, rewards.detach(), cu_seqlens=cu_seqlens, **tokens,
+            **opts.spec_kwargs(),
+        ))  # fmt: skip
+    grad_on = torch.is_grad_enabled()
+    leaves = [(t, grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias)]
+    x = hidden.reshape(-1, h)
+    buffers = None
+    if any(need for _, need in leaves):
+        gw_dtype = torch.float32 if grad_weight_fp32 else compute
+        buffers = (
+            torch.empty_like(x) if leaves[0][1] else None,
+            torch.zeros(v, h, dtype=gw_dtype, device=weight.device) if leaves[1][1] else None,
+            torch.zeros(v, dtype=batch.acc, device=weight.device) if leaves[2][1] else None,
+        )
+
+    read = partial(_read, x, weight, bias, batch.labels, bool(lm_head_fp32), chunk_bytes)
+    with torch.no_grad():
+        out = forward(batch, opts, buffers, read)
+    pairs = []
+    if buffers is not None:
+        for (t, need), g in zip(leaves, buffers):
+            if need:
+                pairs.append((t, g.view(t.shape).to(t.dtype)))
+    return attach(out, pairs, opts)
+
+
+grao_loss_linear.__doc__ = grao_loss_linear.__doc__.format(options=OPTIONS_DOC)

@@ -2,7 +2,8 @@
 
 Every other code path (the chunked torch backend, the Triton kernels, the fused hidden->lm_head
 path) is tested against this module in float64. It favours clarity over speed: it materialises
-the full ``log_softmax`` and lets autograd differentiate it. It imports nothing from the package.
+the full ``log_softmax`` (and pads packed rows) and lets autograd differentiate it. It imports
+nothing from the package and shares no computation with it.
 
 Row layout: ``N = B * (G + 1)`` rows; in group ``b`` rows ``b*(G+1) .. b*(G+1)+G-1`` are the
 ``G`` sampled completions and row ``b*(G+1)+G`` is the reference answer.
@@ -10,7 +11,8 @@ Row layout: ``N = B * (G + 1)`` rows; in group ``b`` rows ``b*(G+1) .. b*(G+1)+G
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -19,31 +21,37 @@ TERMS = ("exploration", "imitation", "alignment")
 
 class ReferenceTerms(NamedTuple):
     loss: torch.Tensor  # scalar
-    exploration: torch.Tensor  # scalar, mean over groups
+    exploration: torch.Tensor  # scalar, mean over groups (0 when switched off)
     imitation: torch.Tensor
     alignment: torch.Tensor
     advantages: torch.Tensor  # [B, G+1]
     seq_logps: torch.Tensor  # [N]: J of each row
-    kl: torch.Tensor  # scalar: mean over sample rows of the per-sequence mean k3 (0 when unused)
+    kl: Optional[torch.Tensor]  # mean over sample rows of each row's mean k3 (with ref_logps)
+    entropy: Optional[torch.Tensor]  # mean token entropy over all loss tokens
+    clip_fraction: Optional[torch.Tensor]  # share of clipped loss tokens (with old_logps)
 
 
 def token_logprobs(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
+    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100
 ) -> torch.Tensor:
-    """``log_softmax(logits / temperature)[labels]``, 0 where ``labels == ignore_index``.
-
-    logits: [N, T, V] float; labels: [N, T] int. Returns [N, T] in the logits' dtype
-    (call it with float64 logits for an exact reference).
-    """
+    """``log_softmax(logits / temperature)[labels]``, 0 where ``labels == ignore_index``, NaN
+    for a label outside ``[0, V)``. logits: [..., V]; labels: [...]. Returns the logits' dtype."""
     mask = labels != ignore_index
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
     logp = torch.log_softmax(logits / temperature, dim=-1)
-    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    safe = torch.where(mask & in_range, labels, torch.zeros_like(labels))
     picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(in_range, picked, torch.full_like(picked, math.nan))
     return torch.where(mask, picked, torch.zeros_like(picked))
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``-sum_v p log p`` of ``softmax(logits / temperature)``; a ``-inf`` logit contributes 0
+    (value and gradient)."""
+    z = logits / temperature
+    p = torch.softmax(z, dim=-1)
+    finite_z = z.masked_fill(torch.isneginf(z), 0.0)
+    return torch.logsumexp(z, dim=-1) - (p * finite_z).sum(dim=-1)
 
 
 def group_advantages(
@@ -60,8 +68,6 @@ def group_advantages(
     mu = pool.mean(dim=1, keepdim=True)
     sigma = ((pool - mu) ** 2).mean(dim=1, keepdim=True).sqrt()
     adv = (rewards - mu) / (sigma + eps)
-    # A pool of equal rewards carries no signal: exactly 0 (rounding in `mu` would otherwise give
-    # ulp / eps, and with the reference outside the pool its advantage would be (r_y - mu) / eps).
     flat = pool.amax(dim=1, keepdim=True) == pool.amin(dim=1, keepdim=True)
     return torch.where(flat, torch.zeros_like(adv), adv)
 
@@ -73,28 +79,23 @@ def sequence_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(lengths > 0, total / lengths.clamp(min=1), torch.zeros_like(total))
 
 
-def objective_terms(
-    seq: torch.Tensor, adv: torch.Tensor, *, beta: float, lam: float, terms: tuple[str, ...] = TERMS
-) -> dict[str, torch.Tensor]:
-    """The three parts of Eq. 3, each averaged over groups; a term not in ``terms`` is 0.
-
-    seq: [B, G+1] the ``J`` of every row (reference last); adv: [B, G+1] advantages.
-    """
-    g = seq.shape[1] - 1
-    a_i, a_y = adv[:, :g], adv[:, g]
-    j_o, j_y = seq[:, :g], seq[:, g]
-    parts = {
-        "exploration": (a_i * j_o).mean(dim=1),
-        "imitation": beta * a_y * j_y,
-        "alignment": (lam / g) * (a_i * (j_o - j_y[:, None])).sum(dim=1),
-    }
-    zero = seq.new_zeros(())
-    return {k: (v.mean() if k in terms else zero) for k, v in parts.items()}
+def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, fill: float) -> torch.Tensor:
+    """Packed rows [M, ...] -> padded [N, max length, ...], ``fill`` in the padding
+    (differentiable w.r.t. ``x``)."""
+    bounds = cu_seqlens.tolist()
+    n, t = len(bounds) - 1, max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+    pad = torch.full((1, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    ext = torch.cat([x, pad])
+    idx = torch.full((n, t), x.shape[0], dtype=torch.long)
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        idx[i, : b - a] = torch.arange(a, b)
+    return ext[idx.to(x.device)]
 
 
-def sample_rows(n: int, group_size: int, device: torch.device) -> torch.Tensor:
-    """[N] bool: True for the G sampled rows of each group, False for its reference row."""
-    return (torch.arange(n, device=device) % (group_size + 1)) != group_size
+def _pessimistic(ratio: torch.Tensor, c: torch.Tensor, clip_eps: tuple) -> tuple:
+    """``min(ratio c, clip(ratio) c)`` and where the clipped branch is strictly smaller."""
+    clipped = ratio.clamp(1.0 - clip_eps[0], 1.0 + clip_eps[1]) * c
+    return torch.minimum(ratio * c, clipped), clipped < ratio * c
 
 
 def grao_terms(
@@ -114,52 +115,112 @@ def grao_terms(
     ref_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     is_cap: float | None = None,
+    length_norm: str = "sequence",
+    max_tokens: int | None = None,
+    token_weights: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
+    clip_eps: tuple[float, float] = (0.2, 0.2),
+    importance_level: str = "token",
+    entropy_coef: float = 0.0,
+    return_entropy: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> ReferenceTerms:
-    """The GRAO objective (Eq. 3) and loss of GRAO_SPEC.md, with the optional per-token extras.
+    """The GRAO objective (Eq. 3), its v2 family and the loss of GRAO_SPEC.md.
 
-    logits: [N, T, V]; labels: [N, T]; rewards: [B, G+1] or [N]; ``N = B * (group_size + 1)``.
-
-    Extras (off by default, so the default is the paper's loss):
-      * ``sampler_logps`` [N, T] with ``is_cap``: each sample token's log-prob is weighted by the
-        truncated importance weight ``min(exp(logp - sampler_logp), is_cap)``, held constant
-        (no gradient through the weight). Reference rows were not sampled and keep weight 1.
-      * ``ref_logps`` [N, T] with ``kl_coef``: ``loss += kl_coef * KL`` where KL is the mean over
-        the sample rows of each row's mean k3 estimator ``exp(r - logp) - (r - logp) - 1``.
+    logits: [N, T, V] (packed: [M, V] with ``cu_seqlens`` [N+1]); labels and every per-token
+    input: [N, T] ([M]); rewards: [B, G+1] or [N]; ``N = B * (group_size + 1)``. The options
+    are those of ``grao_fast.grao_loss`` (GRAO_SPEC.md defines each).
     """
+    if cu_seqlens is not None:  # the padded layout, then the same function
+        rows = lambda x, fill: None if x is None else unpack(x, cu_seqlens, fill)  # noqa: E731
+        logits = unpack(logits, cu_seqlens, 0.0)
+        labels = unpack(labels, cu_seqlens, ignore_index)
+        ref_logps, sampler_logps = rows(ref_logps, 0.0), rows(sampler_logps, math.nan)
+        old_logps, token_weights = rows(old_logps, 0.0), rows(token_weights, 0.0)
     g = group_size
-    n, _ = labels.shape
+    n, t = labels.shape
     b = n // (g + 1)
-    rewards = rewards.reshape(b, g + 1).to(logits.dtype)
+    stats = torch.float64 if torch.float64 in (rewards.dtype, logits.dtype) else torch.float32
+    adv = group_advantages(rewards.detach().reshape(b, g + 1).to(stats), eps=eps,
+                           reference_in_group=reference_in_group)  # fmt: skip
     mask = labels != ignore_index
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
-    is_sample = sample_rows(n, g, labels.device)  # [N]
+    a = adv.to(logp.dtype)
+    is_sample = (torch.arange(n, device=labels.device) % (g + 1)) != g  # [N]
+    lengths = mask.sum(dim=1).to(logp.dtype)
 
-    weighted = logp
+    # Row coefficients c_s (GRAO_SPEC.md v2), with the switched-off terms dropped.
+    on = {k: float(k in terms) for k in TERMS}
+    a_i, a_y = a[:, :g], a[:, g]
+    c_o = (on["exploration"] + on["alignment"] * lam) * a_i / g
+    c_y = on["imitation"] * beta * a_y - on["alignment"] * (lam / g) * a_i.sum(dim=1)
+    c = torch.cat([c_o, c_y[:, None]], dim=1).reshape(n, 1)
+    # Length normaliser nu_s.
+    if length_norm == "sequence":
+        denom = lengths
+    elif length_norm == "token":
+        denom = lengths.mean().expand(n)
+    else:
+        denom = torch.full_like(lengths, float(max_tokens or t))
+    nu = torch.where(lengths > 0, 1.0 / denom.clamp(min=1e-30), torch.zeros_like(lengths))[:, None]
+    # Constant token weights w: the given ones times the truncated importance weight.
+    w = torch.ones_like(logp) if token_weights is None else token_weights.to(logp.dtype)
     if sampler_logps is not None:
-        cap = float("inf") if is_cap is None else is_cap
-        w = torch.exp(logp - sampler_logps.to(logp.dtype)).clamp(max=cap).detach()
-        w = torch.where(mask, w, torch.zeros_like(w))
-        weighted = torch.where(is_sample[:, None], w * logp, logp)
-    seq = sequence_means(weighted, mask).reshape(b, g + 1)  # J, importance-weighted on samples
-    plain_j = sequence_means(logp, mask)  # J as defined in the spec, reported as seq_logps
-    adv = group_advantages(rewards, eps=eps, reference_in_group=reference_in_group)
+        ell = (logp if old_logps is None else old_logps.to(logp.dtype)).detach()
+        s = sampler_logps.to(logp.dtype)
+        cap = math.inf if is_cap is None else is_cap
+        iw = torch.where(torch.isnan(s), torch.ones_like(s), torch.exp(ell - s).clamp(max=cap))
+        w = w * torch.where(is_sample[:, None], iw, torch.ones_like(iw))
+    w = torch.where(mask, w, torch.zeros_like(w))
 
-    means = objective_terms(seq, adv, beta=beta, lam=lam, terms=terms)
-    loss = -(means["exploration"] + means["imitation"] + means["alignment"])
-    zero = logp.new_zeros(())
+    # The objective, summed over rows (then averaged over groups): u = logp, or PPO-clipped.
+    clip_fraction = None
+    if old_logps is None:
+        per_row = c[:, 0] * nu[:, 0] * (w * logp).sum(dim=1)
+    else:
+        old = old_logps.to(logp.dtype)
+        counted = mask & (w > 0)
+        if importance_level == "sequence":
+            delta = torch.where(mask, logp - old, torch.zeros_like(logp))
+            ratio = torch.exp(delta.sum(dim=1) / lengths.clamp(min=1))
+            value, clipped = _pessimistic(ratio, c[:, 0], clip_eps)
+            per_row = torch.where(lengths > 0, value, torch.zeros_like(value))
+            clipped = clipped[:, None].expand(n, t)
+        else:
+            ratio = torch.exp(torch.where(mask, logp - old, torch.zeros_like(logp)))
+            value, clipped = _pessimistic(ratio, c.expand(n, t), clip_eps)
+            per_row = nu[:, 0] * torch.where(mask, w * value, torch.zeros_like(value)).sum(dim=1)
+        clip_fraction = (clipped & counted).sum() / counted.sum().clamp(min=1)
+    loss = -per_row.reshape(b, g + 1).sum(dim=1).mean()
 
-    kl = zero
-    if ref_logps is not None and kl_coef != 0.0:
+    # Reported terms: Eq. 3 with J replaced by nu_s sum_t w logp (the paper's J by default).
+    j = (nu[:, 0] * (w * logp).sum(dim=1)).reshape(b, g + 1)
+    j_o, j_y = j[:, :g], j[:, g]
+    parts = {
+        "exploration": (a_i * j_o).mean(dim=1).mean(),
+        "imitation": (beta * a_y * j_y).mean(),
+        "alignment": ((lam / g) * (a_i * (j_o - j_y[:, None])).sum(dim=1)).mean(),
+    }
+    parts = {k: (v if k in terms else torch.zeros_like(v)).detach() for k, v in parts.items()}
+
+    kl = None
+    if ref_logps is not None:
         delta = ref_logps.to(logp.dtype) - logp
         k3 = torch.exp(delta) - delta - 1
         kl = sequence_means(k3, mask)[is_sample].mean()
         loss = loss + kl_coef * kl
+    entropy = None
+    if return_entropy or entropy_coef != 0.0:
+        ent = token_entropy(logits, temperature)
+        token_mean = lambda m: torch.where(m, ent, 0.0).sum() / m.sum().clamp(min=1)  # noqa: E731
+        entropy = token_mean(mask).detach()
+        loss = loss - entropy_coef * token_mean(mask & is_sample[:, None])  # the bonus
     return ReferenceTerms(
         loss=loss,
-        exploration=means["exploration"].detach(),
-        imitation=means["imitation"].detach(),
-        alignment=means["alignment"].detach(),
+        **parts,
         advantages=adv,
-        seq_logps=plain_j.detach(),
-        kl=kl.detach(),
+        seq_logps=sequence_means(logp, mask).detach(),
+        kl=None if kl is None else kl.detach(),
+        entropy=entropy,
+        clip_fraction=clip_fraction,
     )

@@ -6,7 +6,7 @@ They run on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (slow; for tests).
 """
 
 from .group import group_coefficients
-from .logprob import token_logprob_grad, token_logprobs
+from .logprob import row_pass, token_logprobs
 from .scale import scale_
 
-__all__ = ["group_coefficients", "scale_", "token_logprob_grad", "token_logprobs"]
+__all__ = ["group_coefficients", "row_pass", "scale_", "token_logprobs"]

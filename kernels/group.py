@@ -12,22 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_vector
 
 
 @triton.jit
 def _group_coefficients_kernel(  # noqa: PLR0917  (a kernel takes its arguments by position)
     rewards_ptr,  # [B, G+1] f32, contiguous, the reference last
-    lengths_ptr,  # [B*(G+1)] int or float: loss tokens of each row
     adv_ptr,  # [B, G+1] f32 out
-    seq_coef_ptr,  # [B*(G+1)] f32 out: d loss / d J(s) / |s|
-    seq_kl_ptr,  # [B*(G+1)] f32 out: d loss / d k3 per token
+    dj_ptr,  # [B*(G+1)] out: d loss / d J(s)
     G,  # samples per group (runtime)
     inv_b,  # 1 / B
     eps,
     beta,
     lam,
-    kl_coef,
     REFERENCE_IN_GROUP: tl.constexpr,
     EXPLORATION: tl.constexpr,
     IMITATION: tl.constexpr,
@@ -59,8 +55,8 @@ def _group_coefficients_kernel(  # noqa: PLR0917  (a kernel takes its arguments 
 
     a_i = tl.where(samples, adv, 0.0)
     a_y = tl.sum(tl.where(offs == G, adv, 0.0), axis=0)
-    sample_w = tl.zeros([BLOCK_G], dtype=tl.float32)  # d loss / d J(o_i) * B * G / A_i
-    ref_w = 0.0  # d loss / d J(y) * B
+    sample_w = tl.zeros([BLOCK_G], dtype=adv.dtype)  # d loss / d J(o_i) * B * G / A_i
+    ref_w = tl.sum(tl.zeros([BLOCK_G], dtype=adv.dtype), axis=0)  # d loss / d J(y) * B
     if EXPLORATION:
         sample_w += 1.0
     if ALIGNMENT:
@@ -69,35 +65,27 @@ def _group_coefficients_kernel(  # noqa: PLR0917  (a kernel takes its arguments 
     if IMITATION:
         ref_w -= beta * a_y
     d_j = tl.where(samples, -sample_w * a_i * inv_b / G, ref_w * inv_b)
-
-    n_tok = tl.load(lengths_ptr + base + offs, mask=members, other=0).to(tl.float32)
-    has = n_tok > 0.0
-    inv_len = tl.where(has, 1.0 / tl.where(has, n_tok, 1.0), 0.0)
-    tl.store(seq_coef_ptr + base + offs, d_j * inv_len, mask=members)
-    kl = tl.where(samples, kl_coef * inv_b / G * inv_len, 0.0)
-    tl.store(seq_kl_ptr + base + offs, kl, mask=members)
+    tl.store(dj_ptr + base + offs, d_j, mask=members)
 
 
 def group_coefficients(
     rewards: torch.Tensor,
-    lengths: torch.Tensor,
     *,
     eps: float,
     beta: float,
     lam: float,
-    kl_coef: float = 0.0,
     reference_in_group: bool = True,
     exploration: bool = True,
     imitation: bool = True,
     alignment: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GRAO advantages and the per-row gradient coefficients, from the rewards alone.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRAO advantages and every row's ``d loss / d J(s)``, from the rewards alone.
 
     Args:
-        rewards: [B, G+1] float (float32 math), the reference answer's reward last; G >= 1.
-        lengths: [B*(G+1)] int or float, the number of non-ignored tokens of each row.
+        rewards: [B, G+1] float, the reference answer's reward last; G >= 1; float32 math
+            (the loss routes float64 rewards to the PyTorch implementation: Triton's scalar
+            arguments are float32).
         eps: added to the population std of the pool. beta, lam: the GRAO weights.
-        kl_coef: weight of the k3 KL term (mean over sample rows of each row's mean k3).
         reference_in_group: pool all G+1 rewards (True) or only the G samples; the reference's
             advantage always uses the pool's mean and std.
         exploration, imitation, alignment: which terms of the objective are in the loss.
@@ -105,36 +93,30 @@ def group_coefficients(
     A pool of equal rewards gives advantages exactly 0 to the whole group (reference included).
 
     Returns:
-        advantages [B, G+1] float32;
-        seq_coef [B*(G+1)] float32: ``d loss / d J(s) / |s|``, i.e. ``d loss / d logp`` of each
-        token of row s (sample ``-(1/B)(1/G)(E + A λ) Â_i / |o_i|``, reference
-        ``-(1/B)(I β Â_y - A (λ/G) Σ_i Â_i) / |y|``), 0 where ``|s| = 0``;
-        seq_kl_coef [B*(G+1)] float32: ``kl_coef / (B G |s|)`` on sample rows, 0 on reference
-        rows and where ``|s| = 0``.
+        advantages [B, G+1] and dj [B*(G+1)] = ``d loss / d J(s)`` (sample
+        ``-(1/B)(1/G)(E + A λ) Â_i``, reference ``-(1/B)(I β Â_y - A (λ/G) Σ_i Â_i)``), float32.
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2 or rewards.shape[1] < 2:
         raise ValueError("rewards must be a 2-D tensor [B, G+1] with G >= 1")
     if not rewards.is_floating_point():
         raise TypeError(f"rewards must be a floating tensor, got {rewards.dtype}")
     b, g1 = rewards.shape
-    rewards = rewards.to(torch.float32).contiguous()
-    lengths = check_vector("lengths", lengths, b * g1, rewards.device, floating=False)
-    for name, value in (("eps", eps), ("beta", beta), ("lam", lam), ("kl_coef", kl_coef)):
+    dtype = torch.float32
+    rewards = rewards.to(dtype).contiguous()
+    for name, value in (("eps", eps), ("beta", beta), ("lam", lam)):
         if not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
 
     advantages = torch.empty_like(rewards)
-    seq_coef = torch.empty(b * g1, dtype=torch.float32, device=rewards.device)
-    seq_kl_coef = torch.empty_like(seq_coef)
+    dj = torch.empty(b * g1, dtype=dtype, device=rewards.device)
     if b == 0:
-        return advantages, seq_coef, seq_kl_coef
+        return advantages, dj
     _group_coefficients_kernel[(b,)](
-        rewards, lengths, advantages, seq_coef, seq_kl_coef,
-        g1 - 1, 1.0 / b, float(eps), float(beta), float(lam), float(kl_coef),
+        rewards, advantages, dj, g1 - 1, 1.0 / b, float(eps), float(beta), float(lam),
         REFERENCE_IN_GROUP=bool(reference_in_group), EXPLORATION=bool(exploration),
         IMITATION=bool(imitation), ALIGNMENT=bool(alignment),
         BLOCK_G=triton.next_power_of_2(g1), num_warps=1,
     )  # fmt: skip
-    return advantages, seq_coef, seq_kl_coef
+    return advantages, dj

@@ -69,13 +69,15 @@ def default_programs(device: torch.device, rows: int, row_bytes: int) -> int:
         "HAS_GRAD": lambda args: args["coef_ptr"] is not None,
         "HAS_KL": lambda args: args["ref_ptr"] is not None,
         "HAS_IS": lambda args: args["sampler_ptr"] is not None,
+        "HAS_CLIP": lambda args: args["old_ptr"] is not None,
         "HAS_ENTROPY": lambda args: args["entropy_ptr"] is not None,
+        "HAS_ENT_GRAD": lambda args: args["ent_coef_ptr"] is not None,
         # L2 priority of the first pass's loads: keep the row for the second pass, if any.
         "FIRST_READ": lambda args: "evict_first" if args["coef_ptr"] is None else "evict_last",
     }
 )
 @triton.jit
-def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments by position)
+def _row_pass_kernel(  # noqa: PLR0917  (a kernel takes its arguments by position)
     logits_ptr,  # [S, T, V] fp32/bf16/fp16 (M = S * T rows), unit stride along V
     stride_ls,  # elements between sequences of logits (0 for a single [M, V] matrix)
     stride_lt,  # elements between positions (rows) of a sequence
@@ -84,6 +86,8 @@ def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments 
     ref_ptr,  # [M] f32 or None: reference-policy log-probs (KL extra)
     kl_coef_ptr,  # [M] f32 or None: d loss / d k3 per token
     sampler_ptr,  # [M] f32 or None: sampler log-probs (importance-weight extra); NaN -> weight 1
+    old_ptr,  # [M] f32 or None: log-probs of the policy the batch was prepared with (PPO clip)
+    ent_coef_ptr,  # [M] f32 or None: d loss / d H per token (entropy bonus; needs entropy_ptr)
     grad_ptr,  # [S, T, V] fp32/bf16/fp16 or None; may alias logits_ptr
     stride_gs,  # elements between sequences of grad
     stride_gt,  # elements between positions of grad
@@ -95,11 +99,15 @@ def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments 
     inv_temperature,  # 1 / T (runtime)
     ignore_index,  # (runtime)
     is_cap,  # cap of the importance weight, +inf for none (runtime)
+    clip_low,  # PPO clip: the ratio's low side 1 - clip_low (runtime)
+    clip_high,  # and its high side 1 + clip_high (runtime)
     BLOCK_V: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     HAS_KL: tl.constexpr,
     HAS_IS: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_ENT_GRAD: tl.constexpr,
     FIRST_READ: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -129,18 +137,20 @@ def _token_logprob_grad_kernel(  # noqa: PLR0917  (a kernel takes its arguments 
                     tl.store(grad_row + offs, zeros, mask=offs < V, cache_modifier=".cs")
         else:
             _row(
-                logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, grad_row,
-                logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap,
-                BLOCK_V, HAS_GRAD, HAS_KL, HAS_IS, HAS_ENTROPY, FIRST_READ, NUM_STAGES,
+                logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, old_ptr,
+                ent_coef_ptr, grad_row, logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap,
+                clip_low, clip_high, BLOCK_V, HAS_GRAD, HAS_KL, HAS_IS, HAS_CLIP, HAS_ENTROPY,
+                HAS_ENT_GRAD, FIRST_READ, NUM_STAGES,
             )  # fmt: skip
 
 
 @triton.jit
 def _row(  # noqa: PLR0917
-    logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, grad_row,
-    logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap,
+    logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, old_ptr, ent_coef_ptr,
+    grad_row, logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap, clip_low, clip_high,
     BLOCK_V: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_IS: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr, FIRST_READ: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_CLIP: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
+    FIRST_READ: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """One row that is not ignored: logp (and entropy) and, with HAS_GRAD, its gradient row."""
     cols = tl.arange(0, BLOCK_V)
@@ -175,8 +185,9 @@ def _row(  # noqa: PLR0917
     x_label = tl.load(logits_row + label, mask=in_range, other=0.0).to(tl.float32)
     logp = tl.where(in_range, (x_label - m) * inv_temperature - log_d, float("nan"))
     tl.store(logp_ptr + row, logp)
+    entropy = log_d - inv_temperature * s / d
     if HAS_ENTROPY:
-        tl.store(entropy_ptr + row, log_d - inv_temperature * s / d)
+        tl.store(entropy_ptr + row, entropy)
 
     if HAS_GRAD:
         g = tl.load(coef_ptr + row)
@@ -185,10 +196,18 @@ def _row(  # noqa: PLR0917
             w = tl.minimum(tl.exp(logp - sampler), is_cap)
             not_nan = sampler == sampler  # noqa: PLR0124  (False only for NaN)
             g = g * tl.where(not_nan, w, 1.0)  # NaN: a row that was not sampled, weight 1
+        if HAS_CLIP:
+            # PPO clip (GRAO_SPEC.md v2): the gradient is g * ratio where the unclipped branch is
+            # taken (ties included), 0 where the clipped branch is strictly smaller.
+            ratio = tl.exp(logp - tl.load(old_ptr + row))
+            clipped = ((g > 0.0) & (ratio < 1.0 - clip_low)) | ((g < 0.0) & (ratio > 1.0 + clip_high))
+            g = tl.where(clipped, 0.0, g * ratio)
         if HAS_KL:
             ref = tl.load(ref_ptr + row)
             g += tl.load(kl_coef_ptr + row) * (1.0 - tl.exp(ref - logp))
         g = tl.where(in_range, g * inv_temperature, 0.0)
+        if HAS_ENT_GRAD:  # d(e H)/dx = -e p (log p + H) / T
+            e_t = tl.where(in_range, tl.load(ent_coef_ptr + row) * inv_temperature, 0.0)
         # Pass 2, last block first (the blocks most likely still in L2). Each block is read, then
         # written, by this program only, so writing into the logits themselves
         # (grad_ptr == logits_ptr) reads every value before overwriting it.
@@ -199,24 +218,31 @@ def _row(  # noqa: PLR0917
             x = tl.load(
                 logits_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first"
             ).to(tl.float32)
-            p = tl.exp((x - m) * inv_temperature - log_d)
+            log_p = (x - m) * inv_temperature - log_d
+            p = tl.exp(log_p)
             d_x = g * (tl.where(offs == label, 1.0, 0.0) - p)
+            if HAS_ENT_GRAD:  # a masked word (p = 0, log p = -inf) contributes 0, never NaN
+                d_x -= e_t * tl.where(p > 0.0, p * (log_p + entropy), 0.0)
             d_x = d_x.to(grad_row.dtype.element_ty)
             tl.store(grad_row + offs, d_x, mask=mask, cache_modifier=".cs")
 
 
-def token_logprob_grad(
+def row_pass(
     logits: torch.Tensor,
     labels: torch.Tensor,
     coef: torch.Tensor | None,
     *,
+    grad: torch.Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
     ref_logps: torch.Tensor | None = None,
     kl_coef: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
+    ent_coef: torch.Tensor | None = None,
     is_cap: float = 0.0,
-    grad: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
     compute_entropy: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
@@ -231,28 +257,33 @@ def token_logprob_grad(
         labels: [M] (or [S, T]) int64/int32; ``ignore_index`` marks tokens outside every
             sequence.
         coef: [M] float32, ``d loss / d logp`` of each token (policy-gradient part), or None:
-            no gradient is written (forward only; the extras below then need coef).
+            no gradient is written (forward only; the per-token inputs below then need coef).
+        grad: float32/bfloat16/float16 output of logits' shape, unit stride along V; required
+            with coef. It may be ``logits`` itself (same storage, same strides): each block of a
+            row is read by the program that then overwrites it, so the gradient replaces the
+            logits.
         temperature: T > 0; the kernel works on ``x = logits / T``.
         ref_logps, kl_coef: [M] float32 each, both or neither: adds the k3 KL gradient
             ``kl_coef * (1 - exp(ref_logps - logp))``.
         sampler_logps: [M] float32: multiplies ``coef`` by the truncated importance weight
             ``min(exp(logp - sampler_logps), is_cap)`` (a constant); NaN gives weight 1 (rows
-            that were not sampled, e.g. reference answers).
-        is_cap: cap of the importance weight, > 0 (``float("inf")`` for none); used only with
-            ``sampler_logps``.
-        grad: float32/bfloat16/float16 output of logits' shape, unit stride along V; required
-            with coef.
-            It may be ``logits`` itself (same storage, same strides): each block of a row is
-            read by the program that then overwrites it, so the gradient replaces the logits.
+            that were not sampled, e.g. reference answers). is_cap: > 0 (inf for none), required
+            with sampler_logps.
+        old_logps, clip_low, clip_high: PPO clip of ``ratio = exp(logp - old_logps)``: the
+            token's ``g`` becomes ``g * ratio``, or 0 where the clipped branch is strictly
+            smaller (``g > 0`` and ratio < 1 - clip_low, or ``g < 0`` and ratio > 1 + clip_high).
+        ent_coef: [M] float32, ``d loss / d H`` of each token (entropy bonus); needs
+            ``compute_entropy``.
         compute_entropy: also return ``-sum p log p`` per token.
         block_v, num_warps, num_stages: override the default launch config (``default_config``;
             block_v a power of two).
         num_programs: override the size of the persistent grid (``default_programs``).
 
     Per token, in float32: ``logp = x[label] - logsumexp(x)``, ``p = softmax(x)``,
-    ``grad[m] = g * (onehot(label) - p) / T`` with ``g = coef * w + KL term``. An ignored token
-    gets logp 0, entropy 0 and an all-zero gradient row; a label outside ``[0, V)`` is never
-    read and gets logp NaN and an all-zero gradient row. No host-device synchronisation.
+    ``grad[m] = g (onehot(label) - p) / T - e p (log p + H) / T`` with ``g`` the coefficient
+    above (plus the KL term) and ``e = ent_coef[m]``. An ignored token gets logp 0, entropy 0
+    and an all-zero gradient row; a label outside ``[0, V)`` is never read and gets logp NaN
+    and an all-zero gradient row. No host-device synchronisation.
 
     Returns:
         (logp [M] float32, entropy [M] float32 or None).
@@ -277,15 +308,21 @@ def token_logprob_grad(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if (ref_logps is None) != (kl_coef is None):
         raise ValueError("ref_logps and kl_coef must be given together")
-    if coef is None and (ref_logps is not None or sampler_logps is not None or grad is not None):
-        raise ValueError("ref_logps, kl_coef, sampler_logps and grad need coef (the gradient)")
+    extras = (ref_logps, sampler_logps, old_logps, ent_coef, grad)
+    if coef is None and any(x is not None for x in extras):
+        raise ValueError(
+            "ref_logps, kl_coef, sampler_logps, old_logps, ent_coef and grad need coef "
+            "(the gradient)"
+        )
+    if ent_coef is not None and not compute_entropy:
+        raise ValueError("ent_coef (the entropy bonus) needs compute_entropy=True")
     if coef is not None and grad is None:
         raise ValueError("grad (an [M, V] output buffer, or logits itself) is required with coef")
     if sampler_logps is not None and not is_cap > 0:
         raise ValueError(f"is_cap must be > 0 (inf for no cap) with sampler_logps, got {is_cap}")
     vectors = {"coef": coef, "ref_logps": ref_logps, "kl_coef": kl_coef}
-    vectors["sampler_logps"] = sampler_logps
-    coef, ref_logps, kl_coef, sampler_logps = (
+    vectors.update(sampler_logps=sampler_logps, old_logps=old_logps, ent_coef=ent_coef)
+    coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef = (
         None if t is None else check_vector(name, t, m, device, floating=True)
         for name, t in vectors.items()
     )
@@ -312,11 +349,12 @@ def token_logprob_grad(
     # As [S, T, V]: a matrix is one sequence of M rows (sequence stride unused).
     as3 = lambda x: x.unsqueeze(0) if x.dim() == 2 else x  # noqa: E731
     logits3, grad3 = as3(logits), None if grad is None else as3(grad)
-    _token_logprob_grad_kernel[(min(num_programs, m),)](
+    _row_pass_kernel[(min(num_programs, m),)](
         logits3, logits3.stride(0), logits3.stride(1), labels, coef, ref_logps, kl_coef,
-        sampler_logps, grad3, *((0, 0) if grad3 is None else grad3.stride()[:2]), logp, entropy,
+        sampler_logps, old_logps, ent_coef, grad3,
+        *((0, 0) if grad3 is None else grad3.stride()[:2]), logp, entropy,
         m, logits3.shape[1], v, 1.0 / temperature, ignore_index,
-        float(is_cap) if sampler_logps is not None else 1.0,
+        float(is_cap) if sampler_logps is not None else 1.0, float(clip_low), float(clip_high),
         BLOCK_V=block_v, NUM_STAGES=config.num_stages if num_stages is None else num_stages,
         num_warps=config.num_warps if num_warps is None else num_warps,
     )  # fmt: skip
@@ -335,7 +373,7 @@ def token_logprobs(
 
     logits: [M, V] float32/bfloat16/float16; labels: [M] int64/int32. Returns [M] float32.
     """
-    logp, _ = token_logprob_grad(
+    logp, _ = row_pass(
         logits, labels, None, temperature=temperature, ignore_index=ignore_index, block_v=block_v
     )
     return logp

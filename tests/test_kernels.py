@@ -17,7 +17,7 @@ from tolerances import assert_kernel_close as assert_close
 pytest.importorskip("triton")
 pytestmark = NEEDS_TRITON
 
-from grao_fast.kernels import token_logprob_grad, token_logprobs  # noqa: E402
+from grao_fast.kernels import row_pass, token_logprobs  # noqa: E402
 
 
 def expected_rows(
@@ -74,7 +74,7 @@ def test_rows_match_float64(m, v, block_v, row_pad, programs, dtype):
     labels[3] = labels[3] % 64 + 64 * (v // 64 - 1)  # the label in a later block
     coef = torch.randn(m, device=DEVICE)
     grad = torch.empty(m, v, device=DEVICE, dtype=dtype)
-    logp, ent = token_logprob_grad(
+    logp, ent = row_pass(
         logits, labels, coef, temperature=0.7, grad=grad, compute_entropy=True, block_v=block_v,
         num_programs=programs,
     )  # fmt: skip
@@ -92,9 +92,9 @@ def test_inplace_equals_out_of_place(dtype):
     labels[0] = -100
     coef = torch.randn(5, device=DEVICE)
     out = torch.empty(5, 200, device=DEVICE, dtype=dtype)
-    logp, _ = token_logprob_grad(logits, labels, coef, temperature=1.3, grad=out, block_v=64)
+    logp, _ = row_pass(logits, labels, coef, temperature=1.3, grad=out, block_v=64)
     inplace = logits.clone()
-    logp_inplace, _ = token_logprob_grad(
+    logp_inplace, _ = row_pass(
         inplace, labels, coef, temperature=1.3, grad=inplace, block_v=64, num_programs=2
     )
     assert torch.equal(logp_inplace, logp)
@@ -116,7 +116,7 @@ def test_sliced_sequences_in_one_launch(dtype, inplace):
     want_logp, want_ent, want_grad = expected_rows(logits.reshape(-1, v), labels.reshape(-1), coef)
     untouched = full[:, -1].clone()
     grad = logits if inplace else torch.empty(s, t + 2, v, device=DEVICE, dtype=dtype)[:, 1:-1]
-    logp, ent = token_logprob_grad(
+    logp, ent = row_pass(
         logits, labels, coef, grad=grad, compute_entropy=True, block_v=64, num_programs=4
     )
     assert_close(logp, want_logp, torch.float32)
@@ -132,7 +132,7 @@ def test_large_logits_stay_finite_and_exact(offset, scale, temperature):
     logits = logits + offset
     coef = torch.randn(4, device=DEVICE)
     grad = torch.empty_like(logits)
-    logp, ent = token_logprob_grad(
+    logp, ent = row_pass(
         logits, labels, coef, temperature=temperature, grad=grad, compute_entropy=True,
         block_v=128,
     )  # fmt: skip
@@ -159,7 +159,7 @@ def test_kl_and_capped_importance_weights(dtype):
     labels[2] = -100
     extras = dict(ref_logps=ref_logps, kl_coef=kl_coef, sampler_logps=sampler, is_cap=2.0)
     grad = torch.empty(m, v, device=DEVICE, dtype=dtype)
-    logp, _ = token_logprob_grad(logits, labels, coef, grad=grad, block_v=64, **extras)
+    logp, _ = row_pass(logits, labels, coef, grad=grad, block_v=64, **extras)
     want_logp, _, want_grad = expected_rows(logits, labels, coef, **extras)
     assert_close(logp, want_logp, torch.float32)
     assert_close(grad, want_grad, dtype)
@@ -172,7 +172,7 @@ def test_out_of_range_labels_give_nan_and_zero_gradient():
     labels[4] = -100
     coef = torch.randn(5, device=DEVICE)
     grad = torch.full_like(logits, 7.0)
-    logp, ent = token_logprob_grad(
+    logp, ent = row_pass(
         logits, labels, coef, grad=grad, compute_entropy=True, block_v=32
     )
     want_logp, want_ent, want_grad = expected_rows(logits, labels, coef)
@@ -189,7 +189,7 @@ def test_masked_vocabulary_block_is_harmless():
     labels = labels % 100 + 100
     coef = torch.randn(3, device=DEVICE)
     grad = torch.empty_like(logits)
-    logp, ent = token_logprob_grad(
+    logp, ent = row_pass(
         logits, labels, coef, grad=grad, compute_entropy=True, block_v=64
     )
     want_logp, want_ent, want_grad = expected_rows(logits, labels, coef)
@@ -204,12 +204,12 @@ def test_forward_only_and_int32_labels():
     logp = token_logprobs(logits, labels.int(), temperature=2.0, ignore_index=3, block_v=64)
     want_logp, _, _ = expected_rows(logits, labels, temperature=2.0, ignore_index=3)
     assert_close(logp, want_logp, torch.float32)
-    _, ent = token_logprob_grad(logits, labels, None)
+    _, ent = row_pass(logits, labels, None)
     assert ent is None
 
 
 def test_empty_rows_launch_nothing():
-    logp, ent = token_logprob_grad(
+    logp, ent = row_pass(
         torch.empty(0, 10, device=DEVICE), torch.empty(0, dtype=torch.long, device=DEVICE), None,
         compute_entropy=True,
     )  # fmt: skip
@@ -243,7 +243,7 @@ def test_row_launcher_rejects_bad_input(kwargs, error, match):
     args.update(kwargs)
     logits, labels, coef = args.pop("logits"), args.pop("labels"), args.pop("coef")
     with pytest.raises(error, match=match):
-        token_logprob_grad(logits, labels, coef, **args)
+        row_pass(logits, labels, coef, **args)
 
 
 @pytest.mark.parametrize(
@@ -279,11 +279,11 @@ def test_realistic_qwen_vocabulary_bf16():
     labels[::7] = -100
     coef = torch.randn(m, device=DEVICE)
     grad = torch.empty_like(logits)
-    logp, ent = token_logprob_grad(logits, labels, coef, grad=grad, compute_entropy=True)
+    logp, ent = row_pass(logits, labels, coef, grad=grad, compute_entropy=True)
     want_logp, want_ent, want_grad = expected_rows(logits, labels, coef)
     assert_close(logp, want_logp, torch.float32)
     assert_close(ent, want_ent, torch.float32)
     assert_close(grad, want_grad, torch.bfloat16)
     inplace = logits.clone()
-    token_logprob_grad(inplace, labels, coef, grad=inplace)
+    row_pass(inplace, labels, coef, grad=inplace)
     assert torch.equal(inplace, grad)

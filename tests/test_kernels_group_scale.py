@@ -22,8 +22,8 @@ from grao_fast.kernels import group_coefficients, scale_  # noqa: E402
 # Group kernel
 
 
-def expected_group(rewards, lengths, *, eps, beta, lam, kl_coef, reference_in_group, terms):
-    """float64 advantages, d loss / d J / |s| (by autograd through GRAO_SPEC's loss) and KL."""
+def expected_group(rewards, *, eps, beta, lam, reference_in_group, terms):
+    """float64 advantages and d loss / d J(s) (by autograd through GRAO_SPEC's loss)."""
     r = rewards.double()
     b, g1 = r.shape
     g = g1 - 1
@@ -41,11 +41,7 @@ def expected_group(rewards, lengths, *, eps, beta, lam, kl_coef, reference_in_gr
     }
     loss = -sum(parts[t].mean() for t in terms)
     (d_j,) = torch.autograd.grad(loss, j)
-    n_tok = lengths.double().cpu()
-    inv_len = torch.where(n_tok > 0, 1 / n_tok.clamp(min=1), torch.zeros_like(n_tok))
-    is_sample = torch.arange(b * g1) % g1 != g
-    kl = torch.where(is_sample, kl_coef / (b * g) * inv_len, torch.zeros_like(inv_len))
-    return adv, d_j.reshape(-1) * inv_len, kl
+    return adv, d_j.reshape(-1)
 
 
 ALL_TERMS = ("exploration", "imitation", "alignment")
@@ -62,49 +58,40 @@ def test_group_coefficients_match_float64(reference_in_group, terms):
     rewards = torch.randn(b, g + 1, generator=gen)
     rewards[1] = 0.25  # a zero-std group
     rewards[2, :g] = 0.1  # equal samples, a different reference: flat without the reference
-    lengths = torch.randint(0, 6, (b * (g + 1),), generator=gen)
-    lengths[[0, 5, 11]] = 0  # empty sample and reference rows
-    opts = dict(eps=1e-6, beta=0.5, lam=0.6, kl_coef=0.05, reference_in_group=reference_in_group)
+    opts = dict(eps=1e-6, beta=0.5, lam=0.6, reference_in_group=reference_in_group)
     flags = {t: t in terms for t in ALL_TERMS}
-    adv, seq_coef, seq_kl = group_coefficients(
-        rewards.to(DEVICE), lengths.to(DEVICE), **opts, **flags
-    )
-    want_adv, want_coef, want_kl = expected_group(rewards, lengths, terms=terms, **opts)
-    assert adv.dtype == seq_coef.dtype == seq_kl.dtype == torch.float32
+    adv, dj = group_coefficients(rewards.to(DEVICE), **opts, **flags)
+    want_adv, want_dj = expected_group(rewards, terms=terms, **opts)
+    assert adv.dtype == dj.dtype == torch.float32
     assert_close(adv.cpu(), want_adv, torch.float32)
-    assert_close(seq_coef.cpu(), want_coef, torch.float32)
-    assert_close(seq_kl.cpu(), want_kl, torch.float32)
-    assert torch.all(seq_coef.cpu()[[0, 5, 11]] == 0)
+    assert_close(dj.cpu(), want_dj, torch.float32)
+    assert torch.all(dj.cpu().view(b, g + 1)[1] == 0)
 
 
 def test_equal_rewards_give_exactly_zero_advantages():
     g = 8
     rewards = torch.full((2, g + 1), 0.1)  # a float32 mean of nine 0.1 need not equal 0.1
     rewards[1, g] = 1.0  # the reference differs: flat only when it is outside the pool
-    lengths = torch.full((2 * (g + 1),), 3.0)
     for in_group, zero_groups in ((True, [0]), (False, [0, 1])):
-        adv, seq_coef, _ = group_coefficients(
-            rewards.to(DEVICE), lengths.to(DEVICE), eps=0.0, beta=0.5, lam=0.6,
-            reference_in_group=in_group,
-        )  # fmt: skip
-        adv, seq_coef = adv.cpu(), seq_coef.cpu().view(2, g + 1)
-        assert torch.all(adv[zero_groups] == 0) and torch.all(seq_coef[zero_groups] == 0)
+        adv, dj = group_coefficients(
+            rewards.to(DEVICE), eps=0.0, beta=0.5, lam=0.6, reference_in_group=in_group
+        )
+        adv, dj = adv.cpu(), dj.cpu().view(2, g + 1)
+        assert torch.all(adv[zero_groups] == 0) and torch.all(dj[zero_groups] == 0)
     assert torch.isfinite(adv).all()
 
 
 @pytest.mark.parametrize(
-    "rewards, lengths, error",
+    "rewards, error",
     [
-        (torch.zeros(2, 1), torch.zeros(2), ValueError),
-        (torch.zeros(6), torch.zeros(6), ValueError),
-        (torch.zeros(2, 3, dtype=torch.long), torch.zeros(6), TypeError),
-        (torch.zeros(2, 3), torch.zeros(5), ValueError),
-        (torch.zeros(2, 3), torch.zeros(6, dtype=torch.bool), TypeError),
+        (torch.zeros(2, 1), ValueError),
+        (torch.zeros(6), ValueError),
+        (torch.zeros(2, 3, dtype=torch.long), TypeError),
     ],
 )
-def test_group_launcher_rejects_bad_input(rewards, lengths, error):
+def test_group_launcher_rejects_bad_input(rewards, error):
     with pytest.raises(error):
-        group_coefficients(rewards, lengths, eps=1e-6, beta=0.5, lam=0.6)
+        group_coefficients(rewards, eps=1e-6, beta=0.5, lam=0.6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""Every non-tensor option of a GRAO loss call, checked once: :class:`GRAOOptions`.
+
+The public entry points (:func:`grao_loss`, :func:`grao_loss_linear`, :class:`GRAOLoss`) spell
+their keywords out for users and IDEs, build one :class:`GRAOOptions` from them, and from there on
+every code path (autograd Functions, the plan, the reference) reads the options from that one
+frozen, hashable object. The meaning of each option is written once, in :data:`OPTIONS_DOC`,
+and appended to each entry point's docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+TERMS = ("exploration", "imitation", "alignment")
+BACKENDS = ("auto", "reference", "torch", "triton")
+LENGTH_NORMS = ("sequence", "token", "constant")
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+OPTIONS_DOC = """
+    GRAO options (GRAO_SPEC.md; the same on every entry point and backend):
+        group_size: G, completions per prompt; ``N = B * (G + 1)`` rows, the reference answer
+            last in each group.
+        beta, lam: weights of the imitation and alignment terms (paper: 0.5, 0.6).
+        temperature: the logits are divided by it before the softmax.
+        ignore_index: label of the positions outside every sequence (prompt, padding).
+        eps: added to the group's reward std.
+        reference_in_group: pool the reference's reward into the group statistics.
+        terms: the active terms (ablations drop some; at least one); removed from loss and
+            gradient, reported as 0.
+        backend: "auto" (Triton on CUDA, else torch), "torch" (chunked, any device), "triton",
+            or "reference" (the plain spec, materialises the log-softmax).
+        kl_coef, ref_logps: ``loss += kl_coef * KL``, the mean k3 KL to a reference policy with
+            per-token log-probs ``ref_logps`` (sample rows only); kl_coef > 0 needs ref_logps.
+        sampler_logps, is_cap: weight each sample token by ``min(exp(l - sampler_logps), is_cap)``
+            (held constant; ``l`` = old_logps if given, else logp); NaN means "not scored": 1.
+        length_norm, max_tokens: ``"sequence"`` (1/|s|, the paper), ``"token"`` (1/mean |s| over
+            the call's rows, DAPO) or ``"constant"`` (1/max_tokens, Dr. GRPO; default T).
+        token_weights: per-token constant multipliers (no gradient), >= 0.
+        old_logps, clip_eps, importance_level: PPO-style clipped ratios against the policy the
+            batch was prepared with (``clip_eps = (low, high)``); ``importance_level="sequence"``
+            uses one length-normalised ratio per row (GSPO: two reads of the logits).
+        entropy_coef: ``loss -= entropy_coef * mean entropy`` over the sample rows' tokens.
+        cu_seqlens: [N+1] row boundaries of packed rows (``logits [M, V]``, ``labels [M]`` and
+            every per-token input [M]); None for the padded [N, T] layout.
+        check_labels: check on the host that labels are in range, rewards finite and the
+            per-token inputs legal (one device sync; off in the sync-free fast path, where an
+            out-of-range label is still never read: its log-prob is NaN).
+        return_entropy: also report the mean token entropy over all loss tokens.
+"""
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def canonical_terms(terms: object) -> tuple[str, ...]:
+    """Any iterable of term names (consumed once) -> a non-empty tuple in canonical order."""
+    if isinstance(terms, str):
+        raise TypeError(f"terms must be a sequence of term names, got the string {terms!r}")
+    try:
+        given = tuple(terms)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"terms must be a sequence of term names, got {terms!r}") from None
+    unknown = [t for t in given if t not in TERMS]
+    if unknown:
+        raise ValueError(f"terms: unknown term(s) {unknown}; expected a subset of {TERMS}")
+    if not given:
+        raise ValueError(f"terms must name at least one of {TERMS}, got ()")
+    return tuple(t for t in TERMS if t in given)
+
+
+@dataclass(frozen=True)
+class GRAOOptions:
+    """The checked options of one loss call (see :data:`OPTIONS_DOC`); hashable."""
+
+    group_size: int
+    beta: float = 0.5
+    lam: float = 0.6
+    temperature: float = 1.0
+    ignore_index: int = -100
+    eps: float = 1e-6
+    reference_in_group: bool = True
+    terms: tuple[str, ...] = TERMS
+    backend: str = "auto"
+    kl_coef: float = 0.0
+    is_cap: float = math.inf
+    length_norm: str = "sequence"
+    max_tokens: int | None = None
+    clip_eps: tuple[float, float] = (0.2, 0.2)
+    importance_level: str = "token"
+    entropy_coef: float = 0.0
+    check_labels: bool = True
+    return_entropy: bool = False
+    inplace: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen)
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int):
+            raise TypeError(f"group_size must be an int, got {type(g).__name__}")
+        if g < 1:
+            raise ValueError(f"group_size must be >= 1, got {g}")
+        for name in ("beta", "lam", "temperature", "eps", "kl_coef", "entropy_coef"):
+            set_(name, _number(name, getattr(self, name)))
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("eps", "kl_coef", "entropy_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        cap = math.inf if self.is_cap is None else self.is_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+            raise ValueError(f"is_cap must be > 0 or None, got {self.is_cap!r}")
+        set_("is_cap", float(cap))
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        set_("terms", canonical_terms(self.terms))
+        _choice("backend", self.backend, BACKENDS)
+        _choice("length_norm", self.length_norm, LENGTH_NORMS)
+        _choice("importance_level", self.importance_level, IMPORTANCE_LEVELS)
+        mt = self.max_tokens
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
+            raise ValueError(f"max_tokens must be a positive int or None, got {mt!r}")
+        clip = self.clip_eps
+        if isinstance(clip, (int, float)):
+            clip = (clip, clip)
+        if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+            raise TypeError(f"clip_eps must be a number or a pair (low, high), got {clip!r}")
+        low, high = _number("clip_eps[0]", clip[0]), _number("clip_eps[1]", clip[1])
+        if not 0 < low < 1:
+            raise ValueError(f"clip_eps: the low side must be in (0, 1), got {low}")
+        if high < 0:
+            raise ValueError(f"clip_eps: the high side must be >= 0, got {high}")
+        set_("clip_eps", (low, high))
+        for name in ("reference_in_group", "check_labels", "return_entropy", "inplace"):
+            set_(name, bool(getattr(self, name)))
+
+    @classmethod
+    def from_call(cls, values: dict) -> GRAOOptions:
+        """The options among a call's keywords (its ``locals()``); tensors are left out."""
+        return cls(**{name: values[name] for name in _FIELDS if name in values})
+
+    def replace(self, **changes) -> GRAOOptions:
+        """A copy with ``changes`` (checked again)."""
+        return type(self)(**{**self.as_kwargs(), **changes})
+
+    def as_kwargs(self) -> dict:
+        """Every option by name (the keywords of ``grao_loss``)."""
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    def spec_kwargs(self) -> dict:
+        """The options that define the loss: the keywords of ``reference.grao_terms``."""
+        skip = {"backend", "check_labels", "inplace"}
+        return {k: v for k, v in self.as_kwargs().items() if k not in skip}
+
+    @property
+    def wants_entropy(self) -> bool:
+        """The row pass computes the token entropy (reported, or the bonus needs it)."""
+        return self.return_entropy or self.entropy_coef != 0.0
+
+
+_FIELDS = tuple(f.name for f in fields(GRAOOptions))  # read by name: torch.compile traces these

@@ -1,0 +1,231 @@
+"""The objective family (GRAO_SPEC.md v2) on every backend against the float64 reference:
+length norms, token weights, PPO clip (token and sequence level), entropy bonus, packed rows."""
+
+import pytest
+import torch
+from backends import BACKENDS, DEVICE
+from test_loss import _batch
+from tolerances import assert_close
+
+from grao_fast import grao_loss, grao_loss_linear
+
+G = 2
+
+
+def _per_token(labels, seed, scale=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    old = (-torch.rand(labels.shape, generator=gen) * 3).to(DEVICE)
+    weights = torch.rand(labels.shape, generator=gen).to(DEVICE)
+    weights[0, 1] = 0.0  # a loss token with weight 0
+    return old, weights
+
+
+def _check(backend, dtype, kw, seed=0, t=4, v=29):
+    """grao_loss(backend) against the float64 reference: every output and the gradient."""
+    logits, labels, rewards = _batch(2, G, t, v, dtype, seed=seed)
+    grad_out = torch.rand((), device=DEVICE) + 0.5
+    ref_in = logits.detach().double().requires_grad_()
+    dbl = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    ref = grao_loss(ref_in, labels, rewards.double(), group_size=G, backend="reference", **dbl)
+    (ref.loss * grad_out).backward()
+    x = logits.detach().clone().requires_grad_()
+    out = grao_loss(x, labels, rewards, group_size=G, backend=backend, **kw)
+    (out.loss * grad_out).backward()
+    for field in ("loss", "exploration", "imitation", "alignment", "seq_logps", "advantages"):
+        assert_close(getattr(out, field), getattr(ref, field), dtype, "value")
+    for field in ("kl", "entropy", "clip_fraction"):
+        assert (getattr(out, field) is None) == (getattr(ref, field) is None), field
+        if getattr(ref, field) is not None:
+            assert_close(getattr(out, field), getattr(ref, field), dtype, "value")
+    assert_close(x.grad, ref_in.grad, dtype, "grad")
+    return out, ref, x.grad
+
+
+def _old_near(logits, labels, spread, seed):
+    """old_logps = the current log-probs plus noise of ``spread`` (some ratios clip)."""
+    from grao_fast import token_logprobs
+
+    gen = torch.Generator().manual_seed(seed)
+    logp = token_logprobs(logits.double(), labels, backend="reference").float()
+    return logp + spread * torch.randn(logp.shape, generator=gen).to(DEVICE)
+
+
+OPTIONS = {
+    "token-norm": {"length_norm": "token"},
+    "constant-norm": {"length_norm": "constant", "max_tokens": 7},
+    "constant-norm-T": {"length_norm": "constant"},
+    "entropy-bonus": {"entropy_coef": 0.05, "temperature": 0.8},
+    "clip-asymmetric": {"clip_eps": (0.1, 0.28)},
+    "gspo": {"importance_level": "sequence", "clip_eps": 0.05},
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_option_matches_reference(backend, dtype, name):
+    kw = dict(OPTIONS[name])
+    logits, labels, _ = _batch(2, G, 4, 29, dtype, seed=1)
+    if "clip_eps" in kw:
+        kw["old_logps"] = _old_near(logits, labels, 0.3, seed=2)
+    out, _, _ = _check(backend, dtype, kw, seed=1)
+    if "clip_eps" in kw:
+        assert 0 < out.clip_fraction < 1  # the case exercises both branches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_weights_and_combined_options(backend):
+    logits, labels, _ = _batch(2, G, 4, 29, torch.float32, seed=3)
+    old = _old_near(logits, labels, 0.3, seed=4)
+    _, weights = _per_token(labels, seed=5)
+    sampler = old - 0.2 * torch.rand(old.shape, generator=torch.Generator().manual_seed(6))
+    sampler[1, 2] = float("nan")  # a token the sampler did not score: weight 1
+    _check(backend, torch.float32, {"token_weights": weights}, seed=3)
+    combined = {
+        "old_logps": old, "clip_eps": (0.15, 0.25), "sampler_logps": sampler, "is_cap": 1.5,
+        "token_weights": weights, "entropy_coef": 0.02, "length_norm": "token",
+        "kl_coef": 0.1, "ref_logps": old - 0.1, "temperature": 0.9,
+    }  # fmt: skip
+    out, _, _ = _check(backend, torch.float32, combined, seed=3)
+    assert 0 < out.clip_fraction < 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_on_policy_clip_is_the_plain_gradient(backend, level):
+    # old_logps = logp: every ratio is 1, nothing clips, and the gradient is plain GRAO's.
+    logits, labels, rewards = _batch(2, G, 5, 23, torch.float32, seed=7)
+    old = _old_near(logits, labels, 0.0, seed=0)
+    x = logits.clone().requires_grad_()
+    out = grao_loss(x, labels, rewards, group_size=G, backend=backend, old_logps=old,
+                    importance_level=level)  # fmt: skip
+    out.loss.backward()
+    y = logits.clone().requires_grad_()
+    grao_loss(y, labels, rewards, group_size=G, backend=backend).loss.backward()
+    assert out.clip_fraction == 0
+    assert_close(x.grad, y.grad.double(), torch.float32, "grad")
+
+
+def _pack(logits, labels, *tokens, keep):
+    """The rows' first ``keep[n]`` tokens, concatenated; cu_seqlens."""
+    lens = torch.tensor(keep)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(DEVICE)
+    cat = lambda x: torch.cat([x[n, :k] for n, k in enumerate(keep)])  # noqa: E731
+    return cat(logits), cat(labels), [None if t is None else cat(t) for t in tokens], cu
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kw", [{}, {"length_norm": "constant"}, {"length_norm": "token", "entropy_coef": 0.1},
+           {"importance_level": "sequence"}, {"clip_eps": 0.1}],
+    ids=["plain", "constant", "token+entropy", "gspo", "clip"],
+)  # fmt: skip
+def test_packed_rows_equal_padded(backend, kw):
+    t = 6
+    logits, labels, rewards = _batch(2, G, t, 31, torch.float32, seed=8)
+    keep = [6, 3, 0, 5, 1, 6]  # ragged rows, one empty; the padding is ignored
+    for n, k in enumerate(keep):
+        labels[n, k:] = -100
+    old = _old_near(logits, labels, 0.3, seed=9) if kw.get("clip_eps") or kw.get(
+        "importance_level") else None  # fmt: skip
+    extra = {"old_logps": old} if old is not None else {}
+    x = logits.clone().requires_grad_()
+    padded = grao_loss(x, labels, rewards, group_size=G, backend=backend, **kw, **extra,
+                       return_entropy=True)  # fmt: skip
+    padded.loss.backward()
+    p_logits, p_labels, (p_old,), cu = _pack(logits, labels, old, keep=keep)
+    y = p_logits.clone().requires_grad_()
+    extra = {"old_logps": p_old} if old is not None else {}
+    kw = {**kw, "max_tokens": t} if kw.get("length_norm") == "constant" else kw
+    packed = grao_loss(y, p_labels, rewards, group_size=G, backend=backend, cu_seqlens=cu,
+                       **kw, **extra, return_entropy=True)  # fmt: skip
+    packed.loss.backward()
+    for field in packed._fields:
+        a, b = getattr(packed, field), getattr(padded, field)
+        if b is not None and field != "loss":
+            assert_close(a, b.double(), torch.float32, "value")
+    assert_close(packed.loss, padded.loss.double(), torch.float32, "value")
+    grad_padded = torch.cat([x.grad[n, :k] for n, k in enumerate(keep)])
+    assert_close(y.grad, grad_padded.double(), torch.float32, "grad")
+    # ... and against the reference run on the packed layout itself.
+    ref = grao_loss(p_logits.double(), p_labels, rewards.double(), group_size=G,
+                    backend="reference", cu_seqlens=cu, **kw,
+                    **{k: v.double() for k, v in extra.items()})  # fmt: skip
+    assert_close(packed.loss, ref.loss, torch.float32, "value")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_path_objective_family(backend):
+    gen = torch.Generator().manual_seed(10)
+    n, t, h, v = 3 * (G + 1), 4, 8, 37
+    hidden = torch.randn(n, t, h, generator=gen).to(DEVICE)
+    weight = torch.randn(v, h, generator=gen).to(DEVICE) * 0.5
+    labels = torch.randint(0, v, (n, t), generator=gen).to(DEVICE)
+    labels[:, 0] = -100
+    rewards = torch.rand(3, G + 1, generator=gen).to(DEVICE)
+    logits = hidden @ weight.t()
+    old = _old_near(logits, labels, 0.3, seed=11)
+    for kw in ({"old_logps": old, "entropy_coef": 0.05, "length_norm": "token"},
+               {"old_logps": old, "importance_level": "sequence"}):  # fmt: skip
+        a = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+        out = grao_loss_linear(*a, labels, rewards, group_size=G, backend=backend, **kw)
+        out.loss.backward()
+        b = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
+        ref = grao_loss(b[0] @ b[1].t(), labels, rewards.double(), group_size=G,
+                        backend="reference", **{k: (x.double() if isinstance(x, torch.Tensor)
+                                                    else x) for k, x in kw.items()})  # fmt: skip
+        ref.loss.backward()
+        assert_close(out.loss, ref.loss, torch.float32, "value")
+        assert_close(out.clip_fraction, ref.clip_fraction, torch.float32, "value")
+        for got, want in zip(a, b):
+            assert_close(got.grad, want.grad, torch.float32, "gemm")
+
+
+def _bad(**over):
+    logits, labels, rewards = _batch(1, G, 3, 11, torch.float32, seed=12)
+    args = dict(group_size=G, backend="torch")
+    args.update(over)
+    return grao_loss(logits, labels, rewards, **args)
+
+
+N, T = G + 1, 3
+
+
+@pytest.mark.parametrize(
+    ("over", "exc", "match"),
+    [
+        ({"old_logps": torch.zeros(N, T + 1)}, ValueError, "old_logps must have shape"),
+        ({"token_weights": torch.zeros(N, T, device="meta")}, ValueError, "token_weights is on"),
+        ({"old_logps": torch.full((N, T), float("nan"))}, ValueError, "old_logps is NaN"),
+        ({"token_weights": -torch.ones(N, T)}, ValueError, "token_weights must be finite and >= 0"),
+        ({"clip_eps": (1.0, 0.2)}, ValueError, "low side must be in"),
+        ({"clip_eps": (0.2, -0.1)}, ValueError, "high side must be >= 0"),
+        ({"clip_eps": (0.2,)}, TypeError, "clip_eps must be"),
+        ({"importance_level": "sequence"}, ValueError, "needs old_logps"),
+        ({"importance_level": "group"}, ValueError, "importance_level must be one of"),
+        ({"length_norm": "tokens"}, ValueError, "length_norm must be one of"),
+        ({"max_tokens": 0}, ValueError, "max_tokens must be"),
+        ({"entropy_coef": float("inf")}, ValueError, "entropy_coef must be finite"),
+        ({"importance_level": "sequence", "old_logps": torch.zeros(N, T),
+          "token_weights": torch.ones(N, T)}, ValueError, "token_weights does not apply"),
+    ],
+)  # fmt: skip
+def test_bad_objective_input(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _bad(**over)
+
+
+@pytest.mark.parametrize(
+    ("cu", "match"),
+    [
+        ([1, 5, 7, 9], "start at 0"),
+        ([0, 6, 4, 9], "non-decreasing"),
+        ([0, 4, 8, 10], "end at M"),
+        ([0, 4, 9], "multiple of group_size"),
+    ],
+)
+def test_bad_cu_seqlens(cu, match):
+    logits, labels = torch.randn(9, 11), torch.randint(0, 11, (9,))
+    cu = torch.tensor(cu)
+    with pytest.raises(ValueError, match=match):
+        grao_loss(logits, labels, torch.rand(3), group_size=G, cu_seqlens=cu)
