@@ -77,9 +77,10 @@ def compile_row_kernel(
 ) -> Report:
     """Compile the row kernel for ``sm_<arch>`` with aligned arguments and report on it."""
     import triton
-    from grao_fast.kernels.logprob import _token_logprob_grad_kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from grao_fast.kernels.logprob import _token_logprob_grad_kernel
 
     kernel = _token_logprob_grad_kernel.fn  # the JITFunction under the heuristics
     f = FEATURES[features]

@@ -1,101 +1,119 @@
-"""Timing, peak memory, copy bandwidth and bare-GEMM time, on CUDA or CPU.
+"""The clock, peak memory, copy bandwidth and bare-GEMM time, on CUDA or CPU.
 
-CUDA: CUDA events around each call, the median over ``reps`` calls after ``warmup`` calls; peak
-memory is ``torch.cuda.max_memory_allocated`` minus what was allocated before the call (the
-inputs). CPU: wall clock (``time.perf_counter``) median; peak memory is the growth of the
-process's resident set, sampled every 0.2 ms by a thread, after handing the allocator's free
-pages back to the OS: approximate (short-lived peaks between samples are missed), and ``None``
-where /proc is missing.
+The clock is a kept library's, not ours:
+
+* CUDA: ``triton.testing.do_bench`` (CUDA events around each call, the median of the calls that
+  fit in ``rep_ms``). It clears the L2 cache before every timed call. That matters here: the row
+  kernel is built around finding a row in L2 on its second read, and without the flush a
+  problem that fits in L2 would also be served from it by the previous call's leftovers, a hit
+  rate no training step sees.
+* CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (the median over blocks of calls run for
+  at least ``rep_ms``), at the process's thread count (the Timer defaults to one thread).
+
+Both return the median of single calls (a block's mean on CPU), after the library's own warm-up.
+
+Peak memory is ours, as no kept library measures a CPU process's: on CUDA
+``torch.cuda.max_memory_allocated`` beyond what was allocated before the call (the inputs); on
+CPU the growth of the resident set, sampled every 0.2 ms by a thread after handing the
+allocator's free pages back to the OS: approximate (short-lived peaks between samples are
+missed), and ``None`` where /proc is missing.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-LossFn = Callable[[], torch.Tensor]
+# ----------------------------------------------------------------------------- the clock
 
 
-@dataclass(frozen=True)
-class Timings:
-    """Medians in milliseconds, and the loss of the last timed call."""
+def bench_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    rep_ms: float,
+    grad_to_none: list[torch.Tensor] | None = None,
+) -> float:
+    """Median milliseconds of one ``fn()`` call, timed by the device's benchmark library.
 
-    fwd_ms: float  # the loss's forward, graph recorded (fused paths compute gradients here)
-    bwd_ms: float  # loss.backward() alone
-    fwdbwd_ms: float  # both, from the same calls
-    loss: float
-
-
-class _Clock:
-    """Time marks on ``device``: CUDA events (read after one sync at the end) or wall clock."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> object:
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def ms(self, begin: object, end: object) -> float:
-        """Milliseconds from ``begin`` to ``end``; on CUDA call after ``torch.cuda.synchronize``."""
-        return begin.elapsed_time(end) if self.cuda else (end - begin) * 1e3
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-
-def _clear_grads(leaves: list[torch.Tensor]) -> None:
-    for leaf in leaves:
-        leaf.grad = None
-
-
-def warm_up(loss_fn: LossFn, leaves: list[torch.Tensor], calls: int) -> None:
-    """``calls`` untimed forward+backward calls: compiles, autotunes, fills allocator caches."""
-    for _ in range(calls):
-        _clear_grads(leaves)
-        loss_fn().backward()
-    _clear_grads(leaves)
-
-
-def time_loss(
-    loss_fn: LossFn, leaves: list[torch.Tensor], device: torch.device, *, warmup: int, reps: int
-) -> Timings:
-    """Forward, backward and forward+backward medians of ``loss_fn`` over ``reps`` calls.
-
-    Each call is marked three times (before the forward, between, after the backward), so the
-    three medians come from the same calls; gradients are cleared between calls, untimed.
+    ``rep_ms`` is how long the timed calls run in all (at least one call); ``grad_to_none``:
+    tensors whose ``.grad`` is reset before each call, so gradients are not accumulated. Untimed
+    calls that compile or autotune belong before this (see ``Case.warm_up``).
     """
-    if reps < 1:
-        raise ValueError(f"reps must be >= 1, got {reps}")
-    warm_up(loss_fn, leaves, warmup)
-    clock, marks = _Clock(device), []
-    for _ in range(reps):
-        _clear_grads(leaves)
-        start = clock.mark()
-        loss = loss_fn()
-        middle = clock.mark()
-        loss.backward()
-        marks.append((start, middle, clock.mark()))
-    clock.sync()  # the one sync: every mark is recorded by now
-    value = float(loss.detach())
-    _clear_grads(leaves)
-    return Timings(
-        fwd_ms=statistics.median(clock.ms(a, b) for a, b, _ in marks),
-        bwd_ms=statistics.median(clock.ms(b, c) for _, b, c in marks),
-        fwdbwd_ms=statistics.median(clock.ms(a, c) for a, _, c in marks),
-        loss=value,
-    )
+    if not rep_ms > 0:
+        raise ValueError(f"rep_ms must be positive, got {rep_ms}")
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        # do_bench flushes L2 before each timed call (see the module docstring).
+        return float(do_bench(fn, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"))
+    from torch.utils.benchmark import Timer
+
+    # What a call leaves behind (its result, the gradients it replaces) is kept until the block
+    # of calls is over and freed in the Timer's untimed setup: on CPU freeing an [N, T, V]
+    # buffer costs tens of ms, which a training step pays elsewhere (zero_grad, the model's
+    # backward). A block holds one call for any call over about 10 ms, a few for shorter ones.
+    kept: list[object] = []
+
+    def call() -> None:
+        for tensor in grad_to_none or ():
+            kept.append(tensor.grad)
+            tensor.grad = None
+        kept.append(fn())
+
+    timer = Timer(
+        stmt="call()", setup="kept.clear()", globals={"call": call, "kept": kept},
+        num_threads=torch.get_num_threads(),
+    )  # fmt: skip
+    ms = timer.blocked_autorange(min_run_time=rep_ms * 1e-3).median * 1e3
+    kept.clear()
+    return ms
+
+
+def add_clock_options(parser: argparse.ArgumentParser, *, warmup: str, rep_ms: str) -> None:
+    """The clock's two settings as ``--warmup`` and ``--rep-ms``, their defaults in words."""
+    parser.add_argument(
+        "--warmup", type=int,
+        help=f"untimed calls before the clock (compiles, autotunes), at least 1 ({warmup})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rep-ms", type=float,
+        help="milliseconds of timed calls per measurement, at least one call; the median call "
+        f"is reported ({rep_ms})",
+    )  # fmt: skip
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, *, rep_ms: float) -> float:
+    """Bytes per second of ``dst.copy_(src)`` for a ``nbytes`` tensor: it reads and writes
+    ``nbytes`` each, so ``2 * nbytes`` bytes move per copy. The ceiling for memory-bound rows."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), device, rep_ms=rep_ms)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def gemm_ms(
+    tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device, *, rep_ms: float
+) -> float:
+    """Median time of the three GEMMs a hidden -> lm_head loss cannot avoid, summed.
+
+    With M = tokens: logits = X W^T ([M, H] x [H, V]), dX = dL W ([M, V] x [V, H]) and
+    dW = dL^T X ([V, M] x [M, H]); each is 2 M V H FLOPs, 6 M V H in all.
+    """
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    w = torch.randn(vocab, hidden, device=device, dtype=dtype)
+    dl = torch.randn(tokens, vocab, device=device, dtype=dtype)
+    gemms = (lambda: x @ w.T, lambda: dl @ w, lambda: dl.T @ x)
+    return sum(bench_ms(fn, device, rep_ms=rep_ms) for fn in gemms)
+
+
+# ----------------------------------------------------------------------------- peak memory
 
 
 def _rss_bytes() -> int | None:
@@ -115,107 +133,48 @@ def _release_free_heap() -> None:
         pass
 
 
-class _RssPeak:
-    """Context manager: the largest growth of the resident set while inside, in bytes."""
+def _rss_peak(fn: Callable[[], object], interval_s: float = 2e-4) -> int | None:
+    """The largest growth of the resident set while ``fn()`` runs, in bytes (None: no /proc)."""
+    _release_free_heap()
+    base = _rss_bytes()
+    if base is None:
+        return None
+    high, done = [base], threading.Event()
 
-    def __init__(self, interval_s: float = 2e-4) -> None:
-        self.interval_s = interval_s
-        self.peak: int | None = None
+    def poll() -> None:
+        while not done.is_set():
+            high[0] = max(high[0], _rss_bytes() or 0)
+            time.sleep(interval_s)
 
-    def _poll(self) -> None:
-        while not self._done.is_set():
-            rss = _rss_bytes()
-            if rss is not None:
-                self._high = max(self._high, rss)
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> _RssPeak:
-        _release_free_heap()
-        base = _rss_bytes()
-        self._base = base
-        self._high = base or 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        if base is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._base is None:
-            return
-        self._done.set()
-        self._thread.join()
-        self._high = max(self._high, _rss_bytes() or 0)
-        self.peak = self._high - self._base
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(high[0], _rss_bytes() or 0) - base
 
 
-def peak_memory(loss_fn: LossFn, leaves: list[torch.Tensor], device: torch.device) -> int | None:
-    """Bytes allocated by one forward+backward beyond what was allocated before (the inputs).
+def peak_bytes(
+    fn: Callable[[], object], device: torch.device, *, reset: Callable[[], None]
+) -> int | None:
+    """Bytes allocated by ``fn()`` beyond what was allocated before it (the inputs).
 
-    The gradients it leaves behind count (they are its output); call it after a warm-up run.
+    ``reset()`` runs before each measured call, unmeasured (it drops the gradients of the last
+    call). What ``fn`` leaves behind (its gradients) counts; call this after a warm-up call. On
+    CPU the largest of two runs: a sampled peak can fall between two samples.
     """
-    _clear_grads(leaves)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        loss_fn().backward()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:  # the largest of two runs: a sampled peak can fall between two samples
+    if device.type != "cuda":
         peaks = []
         for _ in range(2):
-            with _RssPeak() as probe:
-                loss_fn().backward()
-            _clear_grads(leaves)
-            peaks.append(probe.peak)
-        peak = None if None in peaks else max(peaks)
-    _clear_grads(leaves)
-    return peak
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    clock = _Clock(device)
-    marks = []
-    for _ in range(reps):
-        start = clock.mark()
-        fn()
-        marks.append((start, clock.mark()))
-    clock.sync()
-    return statistics.median(clock.ms(a, b) for a, b in marks)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int, *, warmup: int, reps: int) -> float:
-    """Bytes per second of ``dst.copy_(src)`` for a ``nbytes`` tensor: it reads and writes
-    ``nbytes`` each, so ``2 * nbytes`` bytes move per copy. The ceiling for memory-bound rows."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, warmup=warmup, reps=reps)
-    return 2 * src.numel() * 4 / (ms * 1e-3)
-
-
-def gemm_ms(
-    tokens: int,
-    vocab: int,
-    hidden: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    *,
-    warmup: int,
-    reps: int,
-) -> float:
-    """Median time of the three GEMMs a hidden -> lm_head loss cannot avoid, summed.
-
-    With M = tokens: logits = X W^T ([M, H] x [H, V]), dX = dL W ([M, V] x [V, H]) and
-    dW = dL^T X ([V, M] x [M, H]); each is 2 M V H FLOPs, 6 M V H in all.
-    """
-    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    w = torch.randn(vocab, hidden, device=device, dtype=dtype)
-    dl = torch.randn(tokens, vocab, device=device, dtype=dtype)
-    total = 0.0
-    for fn in (lambda: x @ w.T, lambda: dl @ w, lambda: dl.T @ x):
-        total += median_ms(fn, device, warmup=warmup, reps=reps)
-    return total
+            reset()
+            peaks.append(_rss_peak(fn))
+        return None if None in peaks else max(peaks)
+    reset()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base

@@ -120,8 +120,13 @@ def markdown(result: dict) -> str:
         f"cut-cross-entropy {result['cut_cross_entropy']}. "
         f"Copy bandwidth measured in this run: {copy_gbps:,.1f} GB/s "
         f"({result['copy_bytes'] / MIB:,.0f} MiB `copy_`). "
-        f"Medians of {settings['reps']} runs after {settings['warmup']} warm-up; "
-        + ("CUDA events." if cuda else "wall clock."),
+        f"Each time is the median of the calls run in {settings['rep_ms']:,} ms, after "
+        f"{settings['warmup']} untimed call(s), by "
+        + (
+            "`triton.testing.do_bench` (CUDA events, L2 flushed before every call)."
+            if cuda
+            else "`torch.utils.benchmark` (`Timer.blocked_autorange`, wall clock)."
+        ),
     ]
     for table in result["tables"]:
         p = table["problem"]
@@ -160,7 +165,8 @@ def markdown(result: dict) -> str:
         "(2 N T V bytes per element size); `% of copy` divides it by the measured copy bandwidth.",
         "- TFLOP/s counts the three GEMMs (6 M V H FLOPs); `GEMMs / row time` is the bare GEMMs' "
         "time over the row's forward+backward time (1.0 = no overhead beyond the GEMMs).",
-        "- Fused rows (grao-fast, Liger fused-linear) write the gradient during the forward; "
+        "- Forward and forward+backward are timed separately; `bwd ms` is their difference. "
+        "Fused rows (grao-fast, Liger fused-linear) write the gradient during the forward; "
         "their backward only rescales it, so compare them on forward+backward.",
         "- Peak memory is what one forward+backward allocates beyond its inputs, gradients "
         "included" + ("." if cuda else "; on CPU it is the resident-set growth, approximate."),

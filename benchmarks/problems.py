@@ -81,6 +81,11 @@ class Inputs:
     weight: torch.Tensor | None = None  # [V, H], requires grad
 
     @property
+    def path(self) -> str:
+        """ "logits" or "linear": which rows these inputs feed."""
+        return "logits" if self.logits is not None else "linear"
+
+    @property
     def mask(self) -> torch.Tensor:
         """[N, T] bool: the positions that count."""
         return self.labels != IGNORE_INDEX

@@ -3,11 +3,13 @@
     python -m benchmarks              # the device's preset shapes (CUDA if present, else CPU)
     python -m benchmarks --quick      # tiny shapes, seconds: a check that everything runs
 
-Per shape and row: forward, backward and forward+backward medians, peak memory beyond the
-inputs, speed-up over the path's plain-PyTorch reference, and the roofline numbers: achieved
-bandwidth against a device-to-device copy measured in the same run (logits rows), TFLOP/s
-against the three bare GEMMs timed in the same run (linear rows). A sweep over token counts
-records peak memory per row. Output: ``<out>/<device-slug>.md``, ``.json`` and ``.png``.
+Per shape and row: forward and forward+backward medians (``measure.bench_ms``: Triton's
+``do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU), peak memory beyond the inputs, speed-up
+over the path's plain-PyTorch reference, and the roofline numbers: achieved bandwidth against a
+device-to-device copy measured in the same run (logits rows), TFLOP/s against the three bare
+GEMMs timed in the same run (linear rows). A sweep over token counts records peak memory per
+row. Each row is a ``benchmarks.core.Case``. Output: ``<out>/<device-slug>.md``, ``.json`` and
+``.png``.
 """
 
 from __future__ import annotations
@@ -20,26 +22,27 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks import measure, output
+from benchmarks import core, measure, output
 from benchmarks.problems import DTYPES, Inputs, Problem, make_inputs, problem_for_tokens
 from benchmarks.rows import BASELINES, ROWS, Row, select_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Presets. The CUDA shapes are the issue's: Qwen-like vocabulary, bf16, 8k and 32k tokens,
-# hidden 3,584. The CPU shapes finish in a few minutes on two cores.
+# Presets. The CUDA shapes are the kernels' targets: Qwen-like vocabulary, bf16, 8k and 32k
+# tokens, hidden 3,584. The CPU shapes finish in a few minutes on two cores. ``warmup``: untimed
+# calls before the clock (compiles, autotunes); ``rep_ms``: time of the timed calls per number.
 PRESETS: dict[str, dict[str, object]] = {
     "cuda": {
         "tokens": [8192, 32768], "sweep": [2048, 4096, 8192, 16384, 32768], "vocab": 151_936,
-        "hidden": 3584, "dtype": "bfloat16", "warmup": 3, "reps": 20, "copy_mib": 2048,
+        "hidden": 3584, "dtype": "bfloat16", "warmup": 3, "rep_ms": 200, "copy_mib": 2048,
     },
     "cpu": {
         "tokens": [2048], "sweep": [512, 1024, 2048, 4096], "vocab": 32_768, "hidden": 256,
-        "dtype": "float32", "warmup": 1, "reps": 5, "copy_mib": 256,
+        "dtype": "float32", "warmup": 1, "rep_ms": 2000, "copy_mib": 256,
     },
     "quick": {
         "tokens": [144], "sweep": [72, 144], "vocab": 512, "hidden": 32, "dtype": "float32",
-        "warmup": 1, "reps": 2, "copy_mib": 8,
+        "warmup": 1, "rep_ms": 20, "copy_mib": 8,
     },
 }  # fmt: skip
 
@@ -55,7 +58,7 @@ class Settings:
     dtype: str
     group_size: int
     warmup: int
-    reps: int
+    rep_ms: float
     copy_mib: int
     seed: int
 
@@ -80,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "libraries; write <device>.md/.json/.png. Unset options take the device's preset "
         "(CUDA: vocab 151,936 bf16 at 8k and 32k tokens; CPU: vocab 32,768 fp32 at 2k tokens).",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 reps (seconds)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 20 ms timings (seconds)")
     parser.add_argument(
         "--device", choices=("auto", "cuda", "cpu"), default="auto",
         help="where to run (auto: CUDA when available)",
@@ -98,10 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--group-size", type=_positive, default=8, help="samples per group G (plus 1 reference)"
     )
-    parser.add_argument(
-        "--warmup", type=int, help="untimed calls before timing (compiles, autotunes)"
+    measure.add_clock_options(
+        parser, warmup="CUDA 3, CPU 1", rep_ms="CUDA 200, CPU 2,000, quick 20"
     )
-    parser.add_argument("--reps", type=_positive, help="timed calls; the median is reported")
     parser.add_argument("--copy-mib", type=_positive, help="size of the copy-bandwidth tensor, MiB")
     parser.add_argument(
         "--rows",
@@ -118,8 +120,10 @@ def _settings(args: argparse.Namespace, device: torch.device) -> Settings:
     preset = PRESETS["quick" if args.quick else device.type]
     pick = {key: getattr(args, key) for key in preset if getattr(args, key) is not None}
     values = {**preset, **pick}
-    if values["warmup"] < 0:
-        raise ValueError(f"--warmup must be >= 0, got {values['warmup']}")
+    if values["warmup"] < 1 or not values["rep_ms"] > 0:
+        raise ValueError(
+            f"--warmup must be >= 1 and --rep-ms > 0, got {values['warmup']} and {values['rep_ms']}"
+        )
     return Settings(group_size=args.group_size, seed=args.seed, **values)
 
 
@@ -160,15 +164,10 @@ def _roofline(
     }
 
 
-def _measure_row(inputs: Inputs, row: Row, settings: Settings, device: torch.device) -> dict:
-    loss_fn = row.build(inputs)
-    leaves = inputs.leaves()
-    timings = measure.time_loss(loss_fn, leaves, device, warmup=settings.warmup, reps=settings.reps)
-    return {
-        "status": "ok",
-        **vars(timings),
-        "peak_bytes": measure.peak_memory(loss_fn, leaves, device),
-    }
+def _measure_row(inputs: Inputs, row: Row, settings: Settings) -> dict:
+    case = core.build(row, inputs)
+    timings = case.time(warmup=settings.warmup, rep_ms=settings.rep_ms)
+    return {"status": "ok", **vars(timings), "peak_bytes": case.peak_bytes()}
 
 
 def _run_guarded(fn, inputs: Inputs, *args) -> dict:
@@ -204,7 +203,7 @@ def run_tables(
             if path == "linear":
                 table["gemm_ms"] = measure.gemm_ms(
                     problem.tokens, problem.vocab, problem.hidden, problem.dtype, device,
-                    warmup=settings.warmup, reps=settings.reps,
+                    rep_ms=settings.rep_ms,
                 )  # fmt: skip
                 _free(device)
             inputs = make_inputs(problem, device, path=path, seed=settings.seed)
@@ -213,7 +212,7 @@ def run_tables(
                 reason = row.skip_reason(device)
                 result = {"status": "skipped", "reason": reason}
                 if reason is None:
-                    result = _run_guarded(_measure_row, inputs, row, settings, device)
+                    result = _run_guarded(_measure_row, inputs, row, settings)
                     _free(device)
                 results[row.name] = result
                 table["rows"].append(
@@ -267,7 +266,7 @@ def run_sweep(settings: Settings, rows: list[Row], device: torch.device) -> dict
                     continue
                 inputs = make_inputs(problem, device, path=path, seed=settings.seed)
                 for row in path_rows:
-                    result = _run_guarded(_sweep_point, inputs, row, device)
+                    result = _run_guarded(_sweep_point, inputs, row)
                     peaks[row.name].append(result.get("peak_bytes"))
                     if "reason" in result:
                         failures.append(
@@ -281,11 +280,8 @@ def run_sweep(settings: Settings, rows: list[Row], device: torch.device) -> dict
             "labels": {row.name: row.label for row in active}}  # fmt: skip
 
 
-def _sweep_point(inputs: Inputs, row: Row, device: torch.device) -> dict:
-    loss_fn = row.build(inputs)
-    leaves = inputs.leaves()
-    measure.warm_up(loss_fn, leaves, 1)
-    return {"peak_bytes": measure.peak_memory(loss_fn, leaves, device)}
+def _sweep_point(inputs: Inputs, row: Row) -> dict:
+    return {"peak_bytes": core.build(row, inputs).peak_bytes()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     env = output.environment(device)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
     copy_bytes = settings.copy_mib << 20
-    copy_bps = measure.copy_bandwidth(
-        device, copy_bytes, warmup=settings.warmup + 1, reps=max(settings.reps, 5)
-    )
+    copy_bps = measure.copy_bandwidth(device, copy_bytes, rep_ms=settings.rep_ms)
     _free(device)
     tables = run_tables(settings, rows, device, copy_bps)
     sweep = run_sweep(settings, rows, device) if settings.sweep else None

@@ -1,8 +1,9 @@
 """Every GRAO row computes the reference's loss and gradients (``pytest benchmarks/``).
 
 A timing of a wrong loss means nothing: on a tiny float32 problem each row that claims GRAO must
-match ``grao_fast.reference`` in loss and in the gradient of every input. GRPO rows (Liger) are
-a different loss and are only checked for finite values. Deselected by ``--benchmark-only``.
+match ``grao_fast.reference`` in loss and in the gradient of every input, with the paper's
+options and with an ablation that changes every option. GRPO rows (Liger) are a different loss
+and are only checked for finite values. Deselected by ``--benchmark-only``.
 """
 
 from __future__ import annotations
@@ -10,33 +11,50 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks import core
 from benchmarks.problems import make_inputs, problem_for_tokens
-from benchmarks.rows import BASELINES, ROWS, Row
+from benchmarks.rows import BASELINES, ROWS, Options, Row
 
 TINY = problem_for_tokens(72, group_size=8, vocab=300, hidden=16, dtype=torch.float32)
+ABLATION = Options(
+    beta=0.3, lam=0.9, temperature=0.7, eps=1e-3, reference_in_group=False,
+    terms=("exploration", "alignment"),
+)  # fmt: skip
+BY_NAME = {row.name: row for row in ROWS}
 
 
-def _loss_and_grads(row: Row, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    inputs = make_inputs(TINY, device, path=row.path, seed=3)
-    loss = row.build(inputs)()
-    loss.backward()
-    return loss.detach(), [leaf.grad for leaf in inputs.leaves()]
+def _loss_and_grads(row: Row, options: Options, device: torch.device):
+    return core.build_fresh(row, TINY, device, seed=3, options=options).loss_and_grads()
 
 
+@pytest.mark.parametrize("options", [Options(), ABLATION], ids=["paper", "ablation"])
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
-def test_row_matches_reference(row: Row, device: torch.device) -> None:
+def test_row_matches_reference(row: Row, options: Options, device: torch.device) -> None:
     reason = row.skip_reason(device)
     if reason is not None:
         pytest.skip(reason)
-    loss, grads = _loss_and_grads(row, device)
+    loss, grads = _loss_and_grads(row, options, device)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     if row.objective != "GRAO":
         return
-    (baseline,) = [r for r in ROWS if r.name == BASELINES[row.path]]
-    ref_loss, ref_grads = _loss_and_grads(baseline, device)
+    ref_loss, ref_grads = _loss_and_grads(BY_NAME[BASELINES[row.path]], options, device)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_ablation_changes_the_reference_loss(device: torch.device) -> None:
+    """The ablation is a real test of the options: the reference's loss moves with them."""
+    row = BY_NAME["reference"]
+    paper, _ = _loss_and_grads(row, Options(), device)
+    ablated, _ = _loss_and_grads(row, ABLATION, device)
+    assert not torch.allclose(paper, ablated, rtol=1e-3)
+
+
+def test_rows_refuse_inputs_of_the_other_path() -> None:
+    inputs = make_inputs(TINY, torch.device("cpu"), path="linear")
+    with pytest.raises(ValueError, match="'logits' inputs"):
+        core.build(BY_NAME["reference"], inputs)
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,11 @@ A config is the block (bytes of one row read per loop step), the bytes each thre
 block (which fixes ``num_warps``), the software-pipelining depth and the persistent grid's size
 (programs per SM, or one program per row). Each config is first checked: the gradient buffer is
 poisoned with NaN, and every row's log-prob and a sample of gradient rows are compared with
-float32 PyTorch. Then the forward+gradient pass is timed (median), and its bytes (one read of the
-logits, one write of the gradient) are divided by the time and by the copy bandwidth. The
+float32 PyTorch. Then the forward+gradient pass is timed (median, ``triton.testing.do_bench``,
+which flushes L2 before every call: the kernel counts on L2 to serve a row's second read, and a
+shape that fits in L2 would otherwise be served from the previous call's leftovers), and its
+bytes (one read of the logits, one write of the gradient) are divided by the time and by the
+copy bandwidth. The
 launcher's default config is marked; writes ``<out>/tune-<device>.md`` and ``.json``.
 
 ``--linear``: ``grao_loss_linear`` forward+backward per ``chunk_bytes`` (fewer, larger chunks
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = torch.randperm(m, device=device, generator=gen)[: min(m, 64)]
     want_logp, want_grad = _expected(logits, labels, coef, rows)
     moved = 2 * m * v * logits.element_size()
-    copy_bps = measure.copy_bandwidth(device, moved // 2, warmup=args.warmup, reps=args.reps)
+    copy_bps = measure.copy_bandwidth(device, moved // 2, rep_ms=args.rep_ms)
     default = logprob.default_config(v, logits.element_size())
     default_grid = logprob.default_programs(device, m, v * logits.element_size())
 
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
             if problem:
                 results.append({**record, "status": problem})
                 continue
-            ms = measure.median_ms(step, device, warmup=args.warmup, reps=args.reps)
+            ms = measure.bench_ms(step, device, rep_ms=args.rep_ms)  # L2 flushed per call
         except Exception as exc:  # noqa: BLE001  (out of resources etc.: the config's status)
             results.append({**record, "status": f"{type(exc).__name__}: {str(exc)[:120]}"})
             continue
@@ -150,49 +153,41 @@ def run(args: argparse.Namespace) -> dict:
 
 def run_linear(args: argparse.Namespace) -> dict:
     import grao_fast
+    from benchmarks import core
     from benchmarks.problems import make_inputs, problem_for_tokens
-    from benchmarks.rows import _grao_kwargs
+    from benchmarks.rows import ROWS, Options, grao_linear
 
     device = torch.device(args.device)
     problem = problem_for_tokens(
         args.tokens, group_size=8, vocab=args.vocab, hidden=args.hidden, dtype=DTYPES[args.dtype]
     )
     inputs = make_inputs(problem, device, path="linear", seed=args.seed)
-    leaves = inputs.leaves()
     m, v, h = problem.tokens, problem.vocab, problem.hidden
-    gemm = measure.gemm_ms(m, v, h, problem.dtype, device, warmup=args.warmup, reps=args.reps)
-    grad_bytes = sum(t.numel() * t.element_size() for t in leaves)
-    kwargs = {**_grao_kwargs(inputs), "check_labels": False}
+    gemm = measure.gemm_ms(m, v, h, problem.dtype, device, rep_ms=args.rep_ms)
+    grad_bytes = sum(t.numel() * t.element_size() for t in inputs.leaves())
+    (row,) = [row for row in ROWS if row.name == "grao_linear"]
     sizes = [k << 10 for k in QUICK_CHUNKS_KIB] if args.quick else [c << 20 for c in CHUNKS_MIB]
     first, results = None, []
     for chunk_bytes in tqdm(sizes, desc="chunk sizes", unit="size"):
-
-        def loss_fn(chunk_bytes=chunk_bytes):
-            return grao_fast.grao_loss_linear(
-                inputs.hidden, inputs.weight, inputs.labels, inputs.rewards,
-                chunk_bytes=chunk_bytes, **kwargs,
-            ).loss  # fmt: skip
-
-        record = {"chunk_mib": chunk_bytes / 2**20, "chunk_tokens": None, "status": "ok"}
+        case = core.Case(row, inputs, grao_linear(inputs, Options(), chunk_bytes=chunk_bytes))
+        record = {"chunk_mib": chunk_bytes / 2**20, "status": "ok"}
         record["chunk_tokens"] = grao_fast.linear.chunk_tokens(v, problem.dtype, chunk_bytes)
         try:
-            measure.warm_up(loss_fn, leaves, 1)
-            loss = loss_fn()
-            loss.backward()
-            got = (float(loss), *(t.grad.float() for t in leaves))
+            case.warm_up(1)
+            loss, grads = case.loss_and_grads()
+            got = (float(loss), *(g.float() for g in grads))
             first = first or got
             diffs = [abs(got[0] - first[0]) / max(abs(first[0]), 1e-12)]
             for a, b in zip(got[1:], first[1:], strict=True):
                 diffs.append(float((a - b).norm() / b.norm().clamp(min=1e-30)))
             record["max_rel_diff_vs_first"] = max(diffs)
-            timings = measure.time_loss(loss_fn, leaves, device, warmup=args.warmup, reps=args.reps)
-            peak = measure.peak_memory(loss_fn, leaves, device)
+            timings = case.time(warmup=args.warmup, rep_ms=args.rep_ms)
+            peak = case.peak_bytes()
         except Exception as exc:  # noqa: BLE001  (out of memory etc.: the size's status)
             results.append({**record, "status": f"{type(exc).__name__}: {str(exc)[:120]}"})
             continue
         finally:
-            for t in leaves:
-                t.grad = None
+            case.clear_grads()
         results.append(
             {
                 **record,
@@ -280,23 +275,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, help="vocabulary V (151,936; quick 300)")
     parser.add_argument("--hidden", type=int, help="hidden size H, --linear (3,584; quick 32)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--warmup", type=int, help="untimed calls per config (3; quick 0)")
-    parser.add_argument("--reps", type=int, help="timed calls per config, median (20; quick 1)")
+    measure.add_clock_options(parser, warmup="--linear: 3; quick 1", rep_ms="100; quick 5")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     args = parser.parse_args(argv)
     preset = (
-        dict(tokens=24, vocab=300, hidden=32, warmup=0, reps=1)
+        dict(tokens=24, vocab=300, hidden=32, warmup=1, rep_ms=5.0)
         if args.quick
         else dict(
-            tokens=32_768 if args.linear else 8192, vocab=151_936, hidden=3584, warmup=3, reps=20
+            tokens=32_768 if args.linear else 8192,
+            vocab=151_936,
+            hidden=3584,
+            warmup=3,
+            rep_ms=100.0,
         )
     )
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if min(args.tokens, args.vocab, args.hidden, args.reps) < 1 or args.warmup < 0:
-        parser.error("--tokens, --vocab, --hidden, --reps must be positive, --warmup not negative")
+    if min(args.tokens, args.vocab, args.hidden, args.warmup) < 1 or not args.rep_ms > 0:
+        parser.error("--tokens, --vocab, --hidden, --warmup and --rep-ms must be positive")
     if args.device.startswith("cpu") and not args.quick:
         parser.error("the full sweep needs a CUDA device (on CPU, --quick checks the script)")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,12 @@
 #          Triton are used) and any wheels in .wheels/ (the benchmark peers: fetch them on a
 #          machine with PyPI with `pip download --no-deps -d .wheels liger-kernel==0.8.5
 #          cut-cross-entropy==25.1.1`)
-# tests    python -m pytest: every test with the kernels compiled, plus the CUDA-only ones
+# tests    python -m pytest: every test with the kernels compiled, plus the CUDA-only ones, and
+#          benchmarks/test_rows.py: every benchmark row (Triton and Liger ones included) against
+#          the reference
 # codegen  python -m benchmarks.codegen (registers, spills, pipelining, L2 hints on this Triton)
 # tune     python -m benchmarks.tune: every launch config of the row kernel against a copy
+#          (timed by triton.testing.do_bench, L2 flushed before every call, as in linear, bench)
 # linear   python -m benchmarks.tune --linear: grao_loss_linear's chunk sizes against 3 GEMMs
 # bench    python -m benchmarks: the report at the CUDA preset (vocab 151,936 bf16, 8k/32k tokens)
 #
@@ -63,7 +66,7 @@ EOF
 for stage in "${stages[@]}"; do
     case "$stage" in
         env) run_stage env stage_env ;;
-        tests) run_stage tests "$PY" -m pytest -q -rs -p no:cacheprovider ;;
+        tests) run_stage tests "$PY" -m pytest -q -rs -p no:cacheprovider tests benchmarks/test_rows.py ;;
         codegen) run_stage codegen "$PY" -m benchmarks.codegen ;;
         tune) run_stage tune "$PY" -m benchmarks.tune --out "$OUT" ;;
         linear) run_stage linear "$PY" -m benchmarks.tune --linear --out "$OUT" ;;
