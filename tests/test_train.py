@@ -104,6 +104,22 @@ def test_bad_data_is_rejected_before_anything_is_written(tmp_path):
         ValueError, match=r"example 1 is too long: prompt 63 \+ answer 4 tokens > max_length 64"
     ):
         train(_cfg(tmp_path, data=long, max_length=64))
+    # The tiny tokenizer has no '+' and no capitals: training on "what is 34?" would be silent
+    # corruption, so the run is refused, naming the example and the characters.
+    lossy = _jsonl(
+        tmp_path,
+        [
+            '{"prompt": "reverse 12", "reference": "21"}',
+            '{"prompt": "what is 3+4?", "reference": "7"}',
+        ],
+    )
+    with pytest.raises(
+        ValueError, match=r"example 1 has characters the tokenizer cannot encode: '\+'"
+    ):
+        train(_cfg(tmp_path, data=lossy))
+    hh = _jsonl(tmp_path, [json.dumps({"prompt": "Human: Hi", "reference": "hello"})] * 2)
+    with pytest.raises(ValueError, match=r"example 0 has characters .*: 'H' .*pass --model"):
+        train(_cfg(tmp_path, data=hh))
     few = _jsonl(tmp_path, ['{"prompt": "reverse 12", "reference": "21"}'])
     with pytest.raises(
         ValueError, match=r"batch_prompts \(2\) exceeds the number of examples \(1\)"

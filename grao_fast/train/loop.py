@@ -43,7 +43,7 @@ from grao_fast.train.run_dir import (
     save_checkpoint,
     term_shares,
 )
-from grao_fast.train.tiny import ReverseTask, build_tiny_model_dir, build_tokenizer
+from grao_fast.train.tiny import ALPHABET, ReverseTask, build_tiny_model_dir, build_tokenizer
 
 IGNORE = -100
 
@@ -150,9 +150,30 @@ def load_examples(cfg: TrainConfig) -> list[Example]:
     return load_jsonl(cfg.data, **fields)
 
 
-def check_lengths(examples: list[Example], tokenizer, cfg: TrainConfig) -> None:
-    """Every prompt plus its longest answer (a sample or the reference) must fit ``max_length``."""
+def lost_characters(tokenizer, text: str) -> str:
+    """The characters of ``text`` that do not come back from encoding and decoding it (a
+    tokenizer drops, or maps to its unknown token, what its vocabulary lacks)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    back = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return "".join(sorted(set(text) - set(back)))
+
+
+def check_examples(examples: list[Example], tokenizer, cfg: TrainConfig) -> None:
+    """Every prompt and reference must survive the tokenizer, and every prompt plus its longest
+    answer (a sample or the reference) must fit ``max_length``."""
     for i, ex in enumerate(examples):
+        lost = lost_characters(tokenizer, ex.prompt + ex.reference)
+        if lost:
+            hint = (
+                f"the built-in tiny model's tokenizer knows only {ALPHABET!r}; pass --model with "
+                "a tokenizer that covers your data"
+                if cfg.model is None
+                else "use a tokenizer that covers them, or clean the data"
+            )
+            raise ValueError(
+                f"data: example {i} has characters the tokenizer cannot encode: {lost!r} "
+                f"(prompt starts {ex.prompt[:40]!r}); {hint}"
+            )
         prompt = len(encode_prompt(tokenizer, ex.prompt))
         answer = max(
             cfg.max_new_tokens,
@@ -318,7 +339,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
     check_config(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if cfg.model else build_tokenizer()
     examples = load_examples(cfg)
-    check_lengths(examples, tokenizer, cfg)
+    check_examples(examples, tokenizer, cfg)
     sampler = PromptSampler(examples, cfg.batch_prompts, cfg.seed)
     reward_fn = get_reward(cfg.reward)
     # All input is valid: only now is anything written.

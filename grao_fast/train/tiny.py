@@ -38,8 +38,10 @@ def build_tokenizer(alphabet: str = ALPHABET):
     It is a byte-level BPE without merges in Qwen2's tokenizer class, so that the directory
     written by :func:`build_tiny_model_dir` loads back through ``AutoTokenizer`` (which picks the
     class from the model type) with exactly the same behaviour. Characters outside the alphabet
-    are dropped. Special tokens: ``<s>``, ``</s>`` (end of an answer), ``<pad>``, ``<unk>`` and
-    the chat roles ``<|user|>``, ``<|assistant|>``.
+    encode to nothing, so the training app refuses data holding them before it starts, naming
+    the example (``check_examples`` in ``grao_fast.train.loop``). Special tokens: ``<s>``,
+    ``</s>`` (end of an answer), ``<pad>``, ``<unk>`` and the chat roles ``<|user|>``,
+    ``<|assistant|>``.
     """
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
