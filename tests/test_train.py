@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import grao_fast
-from grao_fast.train.rollout import Rollout
 from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, train
+from grao_fast.train.rollout import Rollout
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:

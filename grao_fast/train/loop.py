@@ -25,15 +25,16 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
 import grao_fast
-from grao_fast.train.data import Example, PromptSampler, load_hf, load_jsonl
 from grao_fast.reference import TERMS
+from grao_fast.train.config import RESUME_MAY_DIFFER, TrainConfig, check_config, terms_of
+from grao_fast.train.data import Example, PromptSampler, load_hf, load_jsonl
 from grao_fast.train.rewards import get_reward, score_groups
 from grao_fast.train.rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, encode_prompt
 from grao_fast.train.run_dir import (
@@ -46,97 +47,6 @@ from grao_fast.train.run_dir import (
 from grao_fast.train.tiny import ALPHABET, ReverseTask, build_tiny_model_dir, build_tokenizer
 
 IGNORE = -100
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run; the defaults are the built-in toy run (reverse 3-5 digits)."""
-
-    name: str = _f("toy-reverse", "run name; output in runs/<name> unless --output-dir")
-    output_dir: str | None = _f(None, "output directory (metrics.jsonl, plot.png, checkpoints)")
-    model: str | None = _f(None, "causal-LM directory (default: build the tiny local model)")
-    data: str = _f("reverse", "'reverse' (toy task), a .jsonl file, or hf:<dataset name or path>")
-    data_format: str = _f("plain", "'plain' (prompt/reference) or 'hh' (HH-RLHF 'chosen')")
-    prompt_field: str = _f("prompt", "JSONL field / dataset column of the prompt")
-    reference_field: str = _f("reference", "JSONL field / dataset column of the reference")
-    split: str = _f("train", "dataset split for hf: data")
-    reward: str = _f("position_match", "position_match, exact, token_f1, or rm:<model directory>")
-    loss: str = _f("grao", "grao, grpo (exploration only, reference out of the stats) or sft")
-    terms: str = _f("exploration,imitation,alignment", "GRAO terms kept (ablations drop one)")
-    beta: float = _f(0.5, "imitation weight (paper: 0.5)")
-    lam: float = _f(0.6, "alignment weight (paper: 0.6)")
-    kl_coef: float = _f(0.0, "k3 KL penalty to the initial policy (0: off)")
-    is_cap: float | None = _f(None, "cap of the truncated importance weight (unset: off)")
-    steps: int = _f(200, "optimizer steps")
-    batch_prompts: int = _f(16, "prompts (groups) per optimizer step, B")
-    group_size: int = _f(8, "sampled completions per prompt, G (paper: 8)")
-    grad_accum: int = _f(1, "micro-batches per step (must divide B)")
-    lr: float = _f(1e-3, "AdamW learning rate (paper: 1e-6 on 7B; the tiny model needs more)")
-    weight_decay: float = _f(0.01, "AdamW weight decay (paper: 0.01)")
-    warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    temperature: float = _f(0.7, "sampling temperature (paper: 0.7; the loss scores tokens at it)")
-    top_p: float = _f(1.0, "nucleus sampling")
-    max_new_tokens: int = _f(8, "most tokens per sampled completion")
-    max_length: int = _f(128, "context limit: prompt + answer tokens (vLLM's max_model_len)")
-    rollout: str = _f("auto", "auto (vllm when installed), vllm, or hf (transformers generate)")
-    fused_linear: bool = _f(False, "fused hidden->lm_head loss (grao_loss_linear)")
-    seed: int = _f(0, "seed of data order, sampling and the tiny model's initial weights")
-    checkpoint_every: int = _f(50, "checkpoint every K steps (0: only at the end)")
-    keep_checkpoints: int = _f(2, "checkpoints kept on disk")
-    resume: bool = _f(False, "continue from the latest checkpoint in the output directory")
-    overwrite: bool = _f(False, "delete an existing output directory first")
-    plot: bool = _f(True, "write plot.png (reward and term shares) at the end")
-
-    @property
-    def out(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
-
-
-RESUME_MAY_DIFFER = {"steps", "resume", "overwrite", "plot", "checkpoint_every", "keep_checkpoints"}
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Raise ``ValueError`` naming the first bad setting (before anything is loaded or written)."""
-    choices = {"loss": ("grao", "grpo", "sft"), "rollout": ("auto", "vllm", "hf"),
-               "data_format": ("plain", "hh")}  # fmt: skip
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
-    for name in ("steps", "batch_prompts", "grad_accum", "max_new_tokens", "max_length"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
-    if cfg.group_size < 2:
-        raise ValueError(
-            f"group_size: GRAO needs at least 2 samples per prompt, got {cfg.group_size}"
-        )
-    if cfg.batch_prompts % cfg.grad_accum:
-        raise ValueError(
-            f"group_size/batch: {cfg.batch_prompts} groups per step do not split into grad_accum="
-            f"{cfg.grad_accum} micro-batches of whole groups; make batch_prompts a multiple "
-            "of grad_accum"
-        )
-    unknown = set(_terms(cfg)) - set(TERMS)
-    if unknown or not _terms(cfg):
-        raise ValueError(f"terms: expected a non-empty comma list of {TERMS}, got {cfg.terms!r}")
-    if cfg.lr <= 0 or cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        raise ValueError("lr and temperature must be > 0 and top_p in (0, 1]")
-    if cfg.model is not None and not Path(cfg.model).is_dir():
-        raise FileNotFoundError(f"model: no such directory {cfg.model!r}")
-    if cfg.fused_linear and not hasattr(grao_fast, "grao_loss_linear"):
-        raise ValueError("fused_linear: this grao_fast has no grao_loss_linear")
-    if cfg.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("rollout: vllm is not installed (use --rollout hf)")
-
-
-def _terms(cfg: TrainConfig) -> tuple[str, ...]:
-    if cfg.loss == "grpo":
-        return ("exploration",)
-    return tuple(t.strip() for t in cfg.terms.split(",") if t.strip())
 
 
 def load_examples(cfg: TrainConfig) -> list[Example]:
@@ -238,7 +148,7 @@ def policy_loss(
             ref_logits = ref_model(**inputs).logits
             ref_logps = grao_fast.token_logprobs(ref_logits, labels, temperature=cfg.temperature)
     options = dict(group_size=g, beta=cfg.beta, lam=cfg.lam, temperature=cfg.temperature,
-                   terms=_terms(cfg), reference_in_group=cfg.loss != "grpo", kl_coef=cfg.kl_coef,
+                   terms=terms_of(cfg), reference_in_group=cfg.loss != "grpo", kl_coef=cfg.kl_coef,
                    ref_logps=ref_logps, is_cap=cfg.is_cap, sampler_logps=None)  # fmt: skip
     if cfg.is_cap is not None:  # truncated importance weights against the sampler's log-probs
         options["sampler_logps"] = batch["sampler_logps"]
