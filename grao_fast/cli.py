@@ -101,9 +101,19 @@ def run_train(argv: Sequence[str]) -> int:
 
     records = train(cfg)
     if records:
-        last = records[-1]
-        print(f"done: step {last['step']}, reward {last['reward']:.3f}; output in {cfg.out}")
+        print(summary(records, cfg.out))
     return 0
+
+
+def summary(records: list[dict], out: Path) -> str:
+    """The line printed when a run ends: where the sampled reward went, the exact answers."""
+    last = records[-10:]
+    mean = lambda key: sum(r.get(key) or 0.0 for r in last) / len(last)  # noqa: E731
+    return (
+        f"done: step {records[-1]['step']}; sampled reward {records[0]['reward']:.3f} at step "
+        f"{records[0]['step']} -> {mean('reward'):.3f}, exact answers {mean('exact'):.0%} "
+        f"(means of the last {len(last)} steps); output in {out}, library logs in train.log"
+    )
 
 
 def run_bench(bench_args: Sequence[str]) -> int:

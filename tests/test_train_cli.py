@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -108,6 +109,42 @@ def test_import_grao_fast_leaves_out_the_app():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_model_help_shows_one_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    model = text[text.index("  --model") : text.index("  --data ")]
+    assert model.count("default") == 1
+
+
+def test_unreachable_hub_dataset_is_a_one_line_error(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grao_fast",
+            "train",
+            "--data",
+            "hf:no-such-user/no-such-data",
+            "--rollout",
+            "hf",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "grao-fast train: error: data: cannot load dataset 'no-such-user/no-such-data' "
+        "(split 'train'): Couldn't reach 'no-such-user/no-such-data' on the Hub "
+        "(OfflineModeIsEnabled)"
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 def test_python_dash_m_runs_the_command():

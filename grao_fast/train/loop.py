@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import AutoTokenizer
@@ -34,7 +35,9 @@ from transformers import AutoTokenizer
 import grao_fast
 from grao_fast.reference import TERMS
 from grao_fast.train.config import RESUME_MAY_DIFFER, TrainConfig, check_config, terms_of
-from grao_fast.train.data import Example, PromptSampler, load_hf, load_jsonl
+from grao_fast.train.console import output_to_log
+from grao_fast.train.data import PromptSampler
+from grao_fast.train.prepare import check_examples, check_model, load_examples
 from grao_fast.train.rewards import get_reward, score_groups
 from grao_fast.train.rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, encode_prompt
 from grao_fast.train.run_dir import (
@@ -44,56 +47,9 @@ from grao_fast.train.run_dir import (
     save_checkpoint,
     term_shares,
 )
-from grao_fast.train.tiny import ALPHABET, ReverseTask, build_tiny_model_dir, build_tokenizer
+from grao_fast.train.tiny import build_tiny_model_dir, build_tokenizer
 
 IGNORE = -100
-
-
-def load_examples(cfg: TrainConfig) -> list[Example]:
-    if cfg.data == "reverse":
-        return ReverseTask().examples(10_000, seed=cfg.seed)
-    fields = dict(
-        fmt=cfg.data_format, prompt_field=cfg.prompt_field, reference_field=cfg.reference_field
-    )
-    if cfg.data.startswith("hf:"):
-        return load_hf(cfg.data[3:], split=cfg.split, **fields)
-    return load_jsonl(cfg.data, **fields)
-
-
-def lost_characters(tokenizer, text: str) -> str:
-    """The characters of ``text`` that do not come back from encoding and decoding it (a
-    tokenizer drops, or maps to its unknown token, what its vocabulary lacks)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    back = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return "".join(sorted(set(text) - set(back)))
-
-
-def check_examples(examples: list[Example], tokenizer, cfg: TrainConfig) -> None:
-    """Every prompt and reference must survive the tokenizer, and every prompt plus its longest
-    answer (a sample or the reference) must fit ``max_length``."""
-    for i, ex in enumerate(examples):
-        lost = lost_characters(tokenizer, ex.prompt + ex.reference)
-        if lost:
-            hint = (
-                f"the built-in tiny model's tokenizer knows only {ALPHABET!r}; pass --model with "
-                "a tokenizer that covers your data"
-                if cfg.model is None
-                else "use a tokenizer that covers them, or clean the data"
-            )
-            raise ValueError(
-                f"data: example {i} has characters the tokenizer cannot encode: {lost!r} "
-                f"(prompt starts {ex.prompt[:40]!r}); {hint}"
-            )
-        prompt = len(encode_prompt(tokenizer, ex.prompt))
-        answer = max(
-            cfg.max_new_tokens,
-            len(tokenizer(ex.reference, add_special_tokens=False)["input_ids"]) + 1,
-        )
-        if prompt + answer > cfg.max_length:
-            raise ValueError(
-                f"data: example {i} is too long: prompt {prompt} + answer {answer} tokens "
-                f"> max_length {cfg.max_length} (prompt starts {ex.prompt[:40]!r})"
-            )
 
 
 def build_batch(
@@ -166,7 +122,7 @@ def accumulate_gradients(cfg, model, ref_model, *, rollouts, refs, rewards, pad_
     """Backward the step's loss in ``grad_accum`` micro-batches of whole groups; returns the
     loss and the three terms, averaged over the step's groups (for logging)."""
     b, micro = cfg.batch_prompts, cfg.batch_prompts // cfg.grad_accum
-    parts = {k: 0.0 for k in ("loss", *TERMS)}
+    parts = {k: 0.0 for k in ("loss", *TERMS, *(("kl",) if cfg.kl_coef else ()))}
     for lo in range(0, b, micro):
         rows = build_batch(rollouts[lo : lo + micro], refs[lo : lo + micro], pad_id)
         rows = {k: v.to(device) for k, v in rows.items()}
@@ -238,27 +194,25 @@ def make_engine(cfg: TrainConfig, model, tokenizer, model_dir: Path, resumed: bo
     return engine
 
 
-def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run (or resume) a training run; returns the metrics of every step in ``metrics.jsonl``.
+class Run(NamedTuple):
+    """A started run: what the steps update, and where they continue."""
 
-    ``on_step`` is called with each step's metrics after they are written (a hook for tests and
-    notebooks; an exception raised there stops the run like an interruption would).
-    """
-    from tqdm.auto import tqdm
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: object  # VLLMRollout or HFRollout
+    records: list[dict]  # metrics of the steps done
+    start: int  # the last step done
 
-    check_config(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model) if cfg.model else build_tokenizer()
-    examples = load_examples(cfg)
-    check_examples(examples, tokenizer, cfg)
-    sampler = PromptSampler(examples, cfg.batch_prompts, cfg.seed)
-    reward_fn = get_reward(cfg.reward)
-    # All input is valid: only now is anything written.
-    checkpoint = prepare_output(cfg)
+
+def start_up(cfg: TrainConfig, tokenizer, checkpoint: Path | None, device) -> Run:
+    """The policy, optimizer and rollout engine of the run, restored from ``checkpoint`` if given,
+    and the metrics logged up to it."""
     out = cfg.out
     model_dir = Path(cfg.model) if cfg.model else out / "init-model"
     if not model_dir.exists():
         build_tiny_model_dir(out / ".tmp-init-model", seed=cfg.seed).rename(model_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, ref_model, optimizer, scheduler, start = load_policy(cfg, model_dir, checkpoint, device)
     metrics_path = out / "metrics.jsonl"
     logged = metrics_path.read_text().splitlines() if metrics_path.exists() else []
@@ -266,11 +220,50 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
     records = [r for r in map(json.loads, logged[:start]) if r["step"] <= start]
     atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     engine = make_engine(cfg, model, tokenizer, model_dir, resumed=checkpoint is not None)
+    return Run(model, ref_model, optimizer, scheduler, engine, records, start)
 
+
+def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run (or resume) a training run; returns the metrics of every step in ``metrics.jsonl``.
+
+    Every setting and example is checked before anything is written; a new run directory whose
+    start-up fails (model or engine loading) is removed again. Library output goes to
+    ``train.log`` in the run directory; the terminal shows one progress bar.
+    ``on_step`` is called with each step's metrics after they are written (a hook for tests and
+    notebooks; an exception raised there stops the run like an interruption would).
+    """
+    check_config(cfg)
+    positions = check_model(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model) if cfg.model else build_tokenizer()
+    examples = load_examples(cfg)
+    check_examples(examples, tokenizer, cfg, positions)
+    sampler = PromptSampler(examples, cfg.batch_prompts, cfg.seed)
+    reward_fn = get_reward(cfg.reward)
+    # All input is valid: only now is anything written.
+    new_run = not (cfg.resume and (cfg.out / "config.json").exists())
+    checkpoint = prepare_output(cfg)
+    with output_to_log(cfg.out / "train.log") as console:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            state = start_up(cfg, tokenizer, checkpoint, device)
+        except BaseException:
+            if new_run:
+                shutil.rmtree(cfg.out, ignore_errors=True)
+            raise
+        return run_steps(cfg, state, tokenizer, sampler, reward_fn, device, console, on_step)
+
+
+def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_step) -> list[dict]:
+    """The optimizer steps after ``run.start``: rollouts, rewards, loss, update, sync, log."""
+    from tqdm.auto import tqdm
+
+    model, ref_model, optimizer, scheduler, engine, records, start = run
+    out = cfg.out
     pad, eos = tokenizer.pad_token_id, [tokenizer.eos_token_id]
     steps = range(start + 1, cfg.steps + 1)
-    bar = tqdm(steps, initial=start, total=cfg.steps, desc=cfg.name, dynamic_ncols=True)
-    with metrics_path.open("a") as log:
+    bar = tqdm(steps, initial=start, total=cfg.steps, desc=cfg.name, file=console,
+               dynamic_ncols=True)  # fmt: skip
+    with (out / "metrics.jsonl").open("a") as log:
         for step in bar:
             t0 = time.perf_counter()
             batch = sampler.batch(step - 1)
@@ -282,9 +275,11 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
                 prompts, seed=(cfg.seed * 1_000_003 + step) * cfg.batch_prompts
             )
             texts = [r.completions for r in rollouts]
-            rewards = score_groups(
-                reward_fn, [ex.prompt for ex in batch], texts, [ex.reference for ex in batch]
-            )
+            answers = [ex.reference for ex in batch]
+            rewards = score_groups(reward_fn, [ex.prompt for ex in batch], texts, answers)
+            exact = [
+                t.strip() == a.strip() for ts, a in zip(texts, answers, strict=True) for t in ts
+            ]
 
             optimizer.zero_grad(set_to_none=True)
             parts = accumulate_gradients(cfg, model, ref_model, rollouts=rollouts, refs=refs,
@@ -300,7 +295,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
                 "reward": samples.mean().item(),
                 "reward_reference": rewards[:, -1].mean().item(),
                 "solved": (samples >= rewards[:, -1:]).float().mean().item(),
+                "exact": sum(exact) / len(exact),  # samples equal to the reference answer
                 **parts,
+                "kl": parts.get("kl"),  # mean k3 KL to the initial policy (None: --kl-coef 0)
                 "grad_norm": grad_norm.item(),  # device sync
                 "lr": scheduler.get_last_lr()[0],
                 "completion_tokens": sum(tokens) / len(tokens),
@@ -319,6 +316,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
                                 scheduler=scheduler, keep=cfg.keep_checkpoints)  # fmt: skip
             if on_step is not None:
                 on_step(record)
+    bar.close()
     if cfg.plot and records:
         plot_metrics(records, out / "plot.png")
     return records

@@ -23,6 +23,7 @@ SPECIAL_TOKENS = {
     "pad_token": "<pad>",
     "unk_token": "<unk>",
 }
+MAX_POSITIONS = 128  # the tiny model's max_position_embeddings
 ROLE_TOKENS = ("<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -59,7 +60,9 @@ def build_tokenizer(alphabet: str = ALPHABET):
     return tok
 
 
-def build_model(vocab_size: int, *, seed: int = 0, max_positions: int = 128, layers: int = 2):
+def build_model(
+    vocab_size: int, *, seed: int = 0, max_positions: int = MAX_POSITIONS, layers: int = 2
+):
     """A randomly initialised Qwen2-style causal LM: hidden 128, 2 heads of 64, float32."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
