@@ -1,5 +1,6 @@
-"""The ``grao-fast`` command. Each subcommand is one ``add_*`` function in :data:`COMMANDS` that
-registers its parser and sets ``func``; adding a subcommand is adding one such function.
+"""The ``grao-fast`` command. Each subcommand is one entry of :data:`COMMANDS`: a ``run_*``
+function that gets every later argument (and parses them itself) and its line in
+``grao-fast --help``; adding a subcommand is adding one entry.
 
     grao-fast train                      # the built-in toy run (vLLM rollouts on CPU)
     grao-fast train --config run.yaml --steps 200
@@ -9,13 +10,35 @@ registers its parser and sets ``func``; adding a subcommand is adding one such f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
-import types
-import typing
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, fields
 from pathlib import Path
+
+
+def hf_argument_parser() -> type:
+    """transformers' ``HfArgumentParser`` (flags, help texts and defaults from a dataclass).
+
+    ``import transformers`` spends about 2 s checking installed packages before anything is
+    used, more than ``--help`` may take; the parser's own module needs only the standard library
+    and PyYAML, so it is loaded by itself unless transformers is imported already (or the
+    module stops being self-contained, when it falls back to the ordinary import).
+    """
+    if "transformers" not in sys.modules:
+        spec = importlib.util.find_spec("transformers")  # locates the package, runs nothing
+        path = Path(spec.origin).parent / "hf_argparser.py" if spec and spec.origin else None
+        if path is not None and path.is_file():
+            module_spec = importlib.util.spec_from_file_location("_grao_hf_argparser", path)
+            module = importlib.util.module_from_spec(module_spec)
+            try:
+                module_spec.loader.exec_module(module)
+                return module.HfArgumentParser
+            except ImportError:
+                pass
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -35,76 +58,61 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
-def _scalar_type(hint) -> type:
-    """``float`` for ``float | None``, etc."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+def train_parser() -> argparse.ArgumentParser:
+    """``grao-fast train``: one flag per :class:`TrainConfig` field, plus ``--config``."""
+    from grao_fast.train.config import TrainConfig
 
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--field-name`` flag per dataclass field (help from ``metadata["help"]``). Defaults
-    are left as ``None`` so that :func:`build_dataclass` can tell which flags were given."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _scalar_type(hints[f.name])
-        text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=text
-            )
-        else:
-            parser.add_argument(
-                flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text
-            )
-
-
-def build_dataclass(cls: type, args: argparse.Namespace, config_file: str | None = None):
-    """``cls`` from its defaults, then the config file's values, then the flags given."""
-    names = {f.name for f in fields(cls) if f.default is not MISSING}
-    values = load_config_file(config_file) if config_file else {}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"config: unknown settings {unknown}; known: {sorted(names)}")
-    values.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
-    return cls(**values)
-
-
-def add_train(sub: argparse._SubParsersAction) -> None:
-    from grao_fast.train import TrainConfig
-
-    parser = sub.add_parser(
-        "train",
-        help="train with GRAO on rollouts (no arguments: the built-in toy run)",
+    parser = hf_argument_parser()(
+        TrainConfig,
+        prog="grao-fast train",
         description="GRAO training loop: rollouts -> rewards -> GRAO loss -> AdamW -> weight sync. "
-        "Settings come from the defaults, then --config, then the flags.",
+        "With no arguments: the built-in toy run. Settings come from the defaults, then "
+        "--config, then the flags.",
     )
     parser.add_argument(
         "--config", metavar="FILE", help="YAML or JSON file of settings (flags override it)"
     )
-    add_dataclass_arguments(parser, TrainConfig)
-    parser.set_defaults(func=run_train)
+    return parser
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from grao_fast.train import TrainConfig, train
+def parse_train_args(argv: Sequence[str]):
+    """The :class:`TrainConfig` of ``grao-fast train ARGV``: defaults, then the ``--config``
+    file, then the flags. Unknown settings in the file are a ``ValueError``."""
+    from dataclasses import fields
 
-    cfg = build_dataclass(TrainConfig, args, args.config)
+    from grao_fast.train.config import TrainConfig
+
+    parser = train_parser()
+    config_file = parser.parse_known_args(argv)[0].config
+    if config_file:
+        values = load_config_file(config_file)
+        known = sorted(f.name for f in fields(TrainConfig))
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"config: unknown settings {unknown}; known: {known}")
+        parser.set_defaults(**values)  # a string value is converted like the flag's argument
+    cfg, _ = parser.parse_args_into_dataclasses(list(argv), look_for_args_file=False)
+    return cfg
+
+
+def run_train(argv: Sequence[str]) -> int:
+    cfg = parse_train_args(argv)
+    from grao_fast.train import train
+
     records = train(cfg)
     if records:
-        last = records[-1]
-        print(f"done: step {last['step']}, reward {last['reward']:.3f}; output in {cfg.out}")
+        print(summary(records, cfg.out))
     return 0
 
 
-def add_bench(sub: argparse._SubParsersAction) -> None:
-    # Listed here for 'grao-fast --help'; main() hands every later argument to the report.
-    sub.add_parser(
-        "bench",
-        add_help=False,
-        help="benchmark the loss paths against the reference and the peers (source checkout); "
-        "'grao-fast bench --help' for its options",
+def summary(records: list[dict], out: Path) -> str:
+    """The line printed when a run ends: where the sampled reward went, the exact answers."""
+    last = records[-10:]
+    mean = lambda key: sum(r.get(key) or 0.0 for r in last) / len(last)  # noqa: E731
+    return (
+        f"done: step {records[-1]['step']}; sampled reward {records[0]['reward']:.3f} at step "
+        f"{records[0]['step']} -> {mean('reward'):.3f}, exact answers {mean('exact'):.0%} "
+        f"(means of the last {len(last)} steps); output in {out}, library logs in train.log"
     )
 
 
@@ -124,25 +132,37 @@ def run_bench(bench_args: Sequence[str]) -> int:
     return 2
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_bench]
+# name -> (run with every later argument, the line shown by 'grao-fast --help')
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "train": (
+        run_train,
+        "train with GRAO on rollouts (no arguments: the built-in toy run); "
+        "'grao-fast train --help' for its options",
+    ),
+    "bench": (
+        run_bench,
+        "benchmark the loss paths against the reference and the peers (source checkout); "
+        "'grao-fast bench --help' for its options",
+    ),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        try:
+            return COMMANDS[argv[0]][0](argv[1:])
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+            print(f"grao-fast {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(
         prog="grao-fast", description="Fast GRAO training (arXiv 2508.07750)."
     )
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        return run_bench(argv[1:])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
-        add(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
-        print(f"grao-fast {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    for name, (_, text) in COMMANDS.items():
+        sub.add_parser(name, add_help=False, help=text)
+    parser.parse_args(argv)  # --help, or an error naming the missing or unknown command
+    return 2
 
 
 if __name__ == "__main__":

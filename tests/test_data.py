@@ -133,3 +133,10 @@ def test_prompt_sampler_is_a_pure_function_of_step():
     )
     with pytest.raises(ValueError, match="batch_prompts"):
         PromptSampler(examples, 11, seed=0)
+
+
+def test_load_hf_missing_dataset_is_one_line_error(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"data: cannot load dataset '.*no-such' \(split 'train'\)"
+    ):
+        load_hf(str(tmp_path / "no-such"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import grao_fast
-from grao_fast.train.rollout import Rollout
 from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, train
+from grao_fast.train.rollout import Rollout
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
@@ -70,6 +70,13 @@ def test_build_batch_layout():
         (dict(terms="exploration,curiosity"), ValueError, "terms: expected"),
         (dict(steps=0), ValueError, "steps: must be >= 1"),
         (dict(data_format="csv"), ValueError, "data_format"),
+        (dict(steps="3"), TypeError, "steps: expected int, got '3'"),
+        (dict(loss="grpo", terms="imitation"), ValueError, "terms: --loss grpo does not use it"),
+        (dict(loss="grpo", beta=1.0), ValueError, "beta: --loss grpo does not use it"),
+        (dict(loss="sft", kl_coef=0.1), ValueError, "kl_coef: --loss sft does not use it"),
+        (dict(loss="sft", is_cap=2.0), ValueError, "is_cap: --loss sft does not use it"),
+        (dict(loss="sft", fused_linear=True), ValueError, "fused_linear: --loss sft does not"),
+        (dict(is_cap=2.0, top_p=0.9), ValueError, "is_cap: needs top_p 1 .* renormalised"),
     ],
 )
 def test_bad_config_is_rejected_before_anything_is_written(tmp_path, change, error, message):
@@ -104,12 +111,109 @@ def test_bad_data_is_rejected_before_anything_is_written(tmp_path):
         ValueError, match=r"example 1 is too long: prompt 63 \+ answer 4 tokens > max_length 64"
     ):
         train(_cfg(tmp_path, data=long, max_length=64))
+    # The tiny tokenizer has no '+' and no capitals: training on "what is 34?" would be silent
+    # corruption, so the run is refused, naming the example and the characters.
+    lossy = _jsonl(
+        tmp_path,
+        [
+            '{"prompt": "reverse 12", "reference": "21"}',
+            '{"prompt": "what is 3+4?", "reference": "7"}',
+        ],
+    )
+    with pytest.raises(
+        ValueError, match=r"example 1 has characters the tokenizer cannot encode: '\+'"
+    ):
+        train(_cfg(tmp_path, data=lossy))
+    hh = _jsonl(tmp_path, [json.dumps({"prompt": "Human: Hi", "reference": "hello"})] * 2)
+    with pytest.raises(ValueError, match=r"example 0 has characters .*: 'H' .*pass --model"):
+        train(_cfg(tmp_path, data=hh))
     few = _jsonl(tmp_path, ['{"prompt": "reverse 12", "reference": "21"}'])
     with pytest.raises(
         ValueError, match=r"batch_prompts \(2\) exceeds the number of examples \(1\)"
     ):
         train(_cfg(tmp_path, data=few))
     assert not (tmp_path / "run").exists()
+
+
+def test_settings_beyond_the_model_are_rejected_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="max_length: 200 exceeds the model's 128 positions"):
+        train(_cfg(tmp_path, max_length=200))
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_start_up_removes_the_new_run_directory(tmp_path, monkeypatch):
+    from grao_fast.train import loop
+
+    def broken_engine(*args, **kwargs):
+        raise RuntimeError("engine failed to start")
+
+    monkeypatch.setattr(loop, "make_engine", broken_engine)
+    with pytest.raises(RuntimeError, match="engine failed"):
+        train(_cfg(tmp_path))
+    assert not (tmp_path / "run").exists()  # a retry starts cleanly, no --overwrite needed
+    monkeypatch.undo()
+    train(_cfg(tmp_path, steps=1))
+    monkeypatch.setattr(loop, "make_engine", broken_engine)
+    with pytest.raises(RuntimeError, match="engine failed"):
+        train(_cfg(tmp_path, resume=True))
+    assert (tmp_path / "run" / "checkpoints").is_dir()  # a resumed run keeps its directory
+
+
+def test_library_output_goes_to_the_log_file(tmp_path, capfd):
+    """What libraries write to stdout/stderr, natively too, lands in train.log; the terminal
+    shows the run's progress bar only (no weight-loading or checkpoint-writing bars)."""
+    import os
+
+    def native_noise(record):  # as an engine's C++ code would write it
+        os.write(1, b"stdout noise\n")
+        os.write(2, b"stderr noise\n")
+
+    train(_cfg(tmp_path, steps=1), on_step=native_noise)
+    out, err = capfd.readouterr()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert out == "" and "toy-reverse" in err  # the run's own progress bar
+    for noise in ("Loading weights", "Writing model shards", "noise"):
+        assert noise not in err
+    assert "stdout noise" in log and "stderr noise" in log
+
+
+def test_plot_shows_reward_exact_answers_and_shares_with_legends_off_the_data():
+    from grao_fast.train.run_dir import metrics_figure, smooth
+
+    assert smooth([0.0, 1.0, 2.0, 3.0], 2) == [0.0, 0.5, 1.5, 2.5]
+    records = [
+        {
+            "step": s,
+            "reward": s / 40,
+            "exact": s / 80,
+            "exploration": 0.1,
+            "imitation": 0.2,
+            "alignment": 0.1,
+            "share_exploration": 0.25,
+            "share_imitation": 0.5,
+            "share_alignment": 0.25,
+        }  # fmt: skip
+        for s in range(1, 41)
+    ]
+    fig = metrics_figure(records)
+    reward, exact, shares = fig.axes
+    assert [ax.get_title() for ax in fig.axes][:2] == ["sampled reward", exact.get_title()]
+    assert "exact" in exact.get_title()
+    window = 2  # 40 steps / 20
+    raw, smoothed = (line.get_ydata().tolist() for line in reward.get_lines())
+    assert raw == [r["reward"] for r in records]
+    assert smoothed == pytest.approx(smooth(raw, window))
+    assert exact.get_lines()[1].get_ydata().tolist() == pytest.approx(
+        smooth([r["exact"] for r in records], window)
+    )
+    assert [t.get_text() for t in shares.get_legend().get_texts()] == [
+        "exploration", "imitation", "alignment"
+    ]  # fmt: skip
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        box = ax.get_legend().get_window_extent(renderer)
+        assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_title()
 
 
 def test_existing_output_needs_resume_or_overwrite(tmp_path):
@@ -138,6 +242,7 @@ def test_short_run_writes_metrics_plot_and_checkpoint(tmp_path, tiny_model_dir):
     assert lines == records and [r["step"] for r in records] == [1, 2]
     for r in records:
         assert r["reward_reference"] == 1.0 and 0.0 <= r["reward"] <= 1.0
+        assert 0.0 <= r["exact"] <= r["solved"]  # an exact answer scores the reference's reward
         assert r["loss"] == pytest.approx(
             -(r["exploration"] + r["imitation"] + r["alignment"]), abs=1e-5
         )
@@ -170,10 +275,14 @@ def test_importance_weights_and_kl_are_neutral_on_policy(tmp_path):
     terms equal the plain run's."""
     plain = train(_cfg(tmp_path, steps=1, output_dir=str(tmp_path / "plain")))[0]
     capped = train(_cfg(tmp_path, steps=1, is_cap=2.0, output_dir=str(tmp_path / "is")))[0]
-    kl = train(_cfg(tmp_path, steps=1, kl_coef=0.5, output_dir=str(tmp_path / "kl")))[0]
+    kl_run = train(_cfg(tmp_path, steps=2, kl_coef=0.5, output_dir=str(tmp_path / "kl")))
+    kl = kl_run[0]
     for key in ("loss", "exploration", "imitation", "alignment"):
         assert capped[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5)
         assert kl[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6)
+    # The KL is logged: zero while the policy is the initial one, positive once it has moved.
+    assert plain["kl"] is None and kl["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert kl_run[1]["kl"] > 0
 
 
 def _weights(out):
@@ -239,9 +348,12 @@ def test_fused_linear_matches_logits_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_short_run_with_vllm_rollouts(tmp_path):
+def test_short_run_with_vllm_rollouts(tmp_path, capfd):
     pytest.importorskip("vllm")
     records = train(_cfg(tmp_path, rollout="vllm", steps=3, checkpoint_every=2))
+    out, err = capfd.readouterr()
+    assert out == "" and "WARNING" not in err  # vLLM's start-up lines go to train.log
+    assert "WARNING" in (tmp_path / "run" / "train.log").read_text()
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(0.0 <= r["reward"] <= 1.0 and r["reward_reference"] == 1.0 for r in records)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from grao_fast.cli import build_dataclass, main
+from grao_fast.cli import main, parse_train_args
 from grao_fast.train import TrainConfig
 
 
@@ -31,17 +32,6 @@ def test_help_lists_train_and_every_setting(capsys):
         assert flag in text
 
 
-def _parse(argv):
-    import argparse
-
-    from grao_fast.cli import add_dataclass_arguments
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config")
-    add_dataclass_arguments(parser, TrainConfig)
-    return parser.parse_args(argv)
-
-
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_config_file_then_flags(tmp_path, suffix):
     path = tmp_path / f"run{suffix}"
@@ -49,8 +39,9 @@ def test_config_file_then_flags(tmp_path, suffix):
     path.write_text(
         json.dumps(values) if suffix == ".json" else "steps: 7\nlr: 0.01\nloss: grpo\nplot: false\n"
     )
-    args = _parse(["--config", str(path), "--lr", "0.02", "--is-cap", "2", "--fused-linear"])
-    cfg = build_dataclass(TrainConfig, args, args.config)
+    cfg = parse_train_args(
+        ["--config", str(path), "--lr", "0.02", "--is-cap", "2", "--fused-linear"]
+    )
     assert (cfg.steps, cfg.lr, cfg.loss, cfg.plot, cfg.is_cap, cfg.fused_linear) == (
         7,
         0.02,
@@ -90,6 +81,70 @@ def test_bad_config_file_and_settings_exit_with_a_message(tmp_path, capsys):
     )
     assert "grad_accum=2" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_yaml_strings_become_the_settings_types(tmp_path):
+    """PyYAML reads 1e-3 as a string: it is converted like the flag's argument would be."""
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-3\nfused_linear: true\nis_cap: 2\n")
+    cfg = parse_train_args(["--config", str(path)])
+    assert (cfg.lr, cfg.fused_linear, cfg.is_cap) == (1e-3, True, 2)
+
+
+def test_help_loads_neither_torch_nor_transformers():
+    """--help must start fast (under 2 s): torch and transformers take seconds to import."""
+    code = (
+        "import sys\nfrom grao_fast.cli import main\n"
+        "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({'torch', 'transformers', 'vllm'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--group-size" in done.stdout and done.stdout.strip().endswith("[]")
+
+
+def test_import_grao_fast_leaves_out_the_app():
+    code = (
+        "import sys, grao_fast\nassert callable(grao_fast.grao_loss)\n"
+        "print(sorted({'transformers', 'vllm', 'grao_fast.train'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_model_help_shows_one_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    model = text[text.index("  --model") : text.index("  --data ")]
+    assert model.count("default") == 1
+
+
+def test_unreachable_hub_dataset_is_a_one_line_error(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grao_fast",
+            "train",
+            "--data",
+            "hf:no-such-user/no-such-data",
+            "--rollout",
+            "hf",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "grao-fast train: error: data: cannot load dataset 'no-such-user/no-such-data' "
+        "(split 'train'): Couldn't reach 'no-such-user/no-such-data' on the Hub "
+        "(OfflineModeIsEnabled)"
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 def test_python_dash_m_runs_the_command():

@@ -112,7 +112,11 @@ def load_hf(
     import datasets
 
     _check_format(fmt)
-    rows = datasets.load_dataset(name, split=split)
+    try:
+        rows = datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as err:  # not found, not reachable (ConnectionError), bad split
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"data: cannot load dataset {name!r} (split {split!r}): {first}") from None
     examples = [
         _example_from_record(row, f"{name}[{split}] row {i}", fmt, prompt_field, reference_field)
         for i, row in enumerate(rows)

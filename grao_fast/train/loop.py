@@ -25,15 +25,19 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import AutoTokenizer
 
 import grao_fast
-from grao_fast.train.data import Example, PromptSampler, load_hf, load_jsonl
 from grao_fast.reference import TERMS
+from grao_fast.train.config import RESUME_MAY_DIFFER, TrainConfig, check_config, terms_of
+from grao_fast.train.console import output_to_log
+from grao_fast.train.data import PromptSampler
+from grao_fast.train.prepare import check_examples, check_model, load_examples
 from grao_fast.train.rewards import get_reward, score_groups
 from grao_fast.train.rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, encode_prompt
 from grao_fast.train.run_dir import (
@@ -43,126 +47,9 @@ from grao_fast.train.run_dir import (
     save_checkpoint,
     term_shares,
 )
-from grao_fast.train.tiny import ReverseTask, build_tiny_model_dir, build_tokenizer
+from grao_fast.train.tiny import build_tiny_model_dir, build_tokenizer
 
 IGNORE = -100
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run; the defaults are the built-in toy run (reverse 3-5 digits)."""
-
-    name: str = _f("toy-reverse", "run name; output in runs/<name> unless --output-dir")
-    output_dir: str | None = _f(None, "output directory (metrics.jsonl, plot.png, checkpoints)")
-    model: str | None = _f(None, "causal-LM directory (default: build the tiny local model)")
-    data: str = _f("reverse", "'reverse' (toy task), a .jsonl file, or hf:<dataset name or path>")
-    data_format: str = _f("plain", "'plain' (prompt/reference) or 'hh' (HH-RLHF 'chosen')")
-    prompt_field: str = _f("prompt", "JSONL field / dataset column of the prompt")
-    reference_field: str = _f("reference", "JSONL field / dataset column of the reference")
-    split: str = _f("train", "dataset split for hf: data")
-    reward: str = _f("position_match", "position_match, exact, token_f1, or rm:<model directory>")
-    loss: str = _f("grao", "grao, grpo (exploration only, reference out of the stats) or sft")
-    terms: str = _f("exploration,imitation,alignment", "GRAO terms kept (ablations drop one)")
-    beta: float = _f(0.5, "imitation weight (paper: 0.5)")
-    lam: float = _f(0.6, "alignment weight (paper: 0.6)")
-    kl_coef: float = _f(0.0, "k3 KL penalty to the initial policy (0: off)")
-    is_cap: float | None = _f(None, "cap of the truncated importance weight (unset: off)")
-    steps: int = _f(200, "optimizer steps")
-    batch_prompts: int = _f(16, "prompts (groups) per optimizer step, B")
-    group_size: int = _f(8, "sampled completions per prompt, G (paper: 8)")
-    grad_accum: int = _f(1, "micro-batches per step (must divide B)")
-    lr: float = _f(1e-3, "AdamW learning rate (paper: 1e-6 on 7B; the tiny model needs more)")
-    weight_decay: float = _f(0.01, "AdamW weight decay (paper: 0.01)")
-    warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    temperature: float = _f(0.7, "sampling temperature (paper: 0.7; the loss scores tokens at it)")
-    top_p: float = _f(1.0, "nucleus sampling")
-    max_new_tokens: int = _f(8, "most tokens per sampled completion")
-    max_length: int = _f(128, "context limit: prompt + answer tokens (vLLM's max_model_len)")
-    rollout: str = _f("auto", "auto (vllm when installed), vllm, or hf (transformers generate)")
-    fused_linear: bool = _f(False, "fused hidden->lm_head loss (grao_loss_linear)")
-    seed: int = _f(0, "seed of data order, sampling and the tiny model's initial weights")
-    checkpoint_every: int = _f(50, "checkpoint every K steps (0: only at the end)")
-    keep_checkpoints: int = _f(2, "checkpoints kept on disk")
-    resume: bool = _f(False, "continue from the latest checkpoint in the output directory")
-    overwrite: bool = _f(False, "delete an existing output directory first")
-    plot: bool = _f(True, "write plot.png (reward and term shares) at the end")
-
-    @property
-    def out(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
-
-
-RESUME_MAY_DIFFER = {"steps", "resume", "overwrite", "plot", "checkpoint_every", "keep_checkpoints"}
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Raise ``ValueError`` naming the first bad setting (before anything is loaded or written)."""
-    choices = {"loss": ("grao", "grpo", "sft"), "rollout": ("auto", "vllm", "hf"),
-               "data_format": ("plain", "hh")}  # fmt: skip
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
-    for name in ("steps", "batch_prompts", "grad_accum", "max_new_tokens", "max_length"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
-    if cfg.group_size < 2:
-        raise ValueError(
-            f"group_size: GRAO needs at least 2 samples per prompt, got {cfg.group_size}"
-        )
-    if cfg.batch_prompts % cfg.grad_accum:
-        raise ValueError(
-            f"group_size/batch: {cfg.batch_prompts} groups per step do not split into grad_accum="
-            f"{cfg.grad_accum} micro-batches of whole groups; make batch_prompts a multiple "
-            "of grad_accum"
-        )
-    unknown = set(_terms(cfg)) - set(TERMS)
-    if unknown or not _terms(cfg):
-        raise ValueError(f"terms: expected a non-empty comma list of {TERMS}, got {cfg.terms!r}")
-    if cfg.lr <= 0 or cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        raise ValueError("lr and temperature must be > 0 and top_p in (0, 1]")
-    if cfg.model is not None and not Path(cfg.model).is_dir():
-        raise FileNotFoundError(f"model: no such directory {cfg.model!r}")
-    if cfg.fused_linear and not hasattr(grao_fast, "grao_loss_linear"):
-        raise ValueError("fused_linear: this grao_fast has no grao_loss_linear")
-    if cfg.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("rollout: vllm is not installed (use --rollout hf)")
-
-
-def _terms(cfg: TrainConfig) -> tuple[str, ...]:
-    if cfg.loss == "grpo":
-        return ("exploration",)
-    return tuple(t.strip() for t in cfg.terms.split(",") if t.strip())
-
-
-def load_examples(cfg: TrainConfig) -> list[Example]:
-    if cfg.data == "reverse":
-        return ReverseTask().examples(10_000, seed=cfg.seed)
-    fields = dict(
-        fmt=cfg.data_format, prompt_field=cfg.prompt_field, reference_field=cfg.reference_field
-    )
-    if cfg.data.startswith("hf:"):
-        return load_hf(cfg.data[3:], split=cfg.split, **fields)
-    return load_jsonl(cfg.data, **fields)
-
-
-def check_lengths(examples: list[Example], tokenizer, cfg: TrainConfig) -> None:
-    """Every prompt plus its longest answer (a sample or the reference) must fit ``max_length``."""
-    for i, ex in enumerate(examples):
-        prompt = len(encode_prompt(tokenizer, ex.prompt))
-        answer = max(
-            cfg.max_new_tokens,
-            len(tokenizer(ex.reference, add_special_tokens=False)["input_ids"]) + 1,
-        )
-        if prompt + answer > cfg.max_length:
-            raise ValueError(
-                f"data: example {i} is too long: prompt {prompt} + answer {answer} tokens "
-                f"> max_length {cfg.max_length} (prompt starts {ex.prompt[:40]!r})"
-            )
 
 
 def build_batch(
@@ -217,7 +104,7 @@ def policy_loss(
             ref_logits = ref_model(**inputs).logits
             ref_logps = grao_fast.token_logprobs(ref_logits, labels, temperature=cfg.temperature)
     options = dict(group_size=g, beta=cfg.beta, lam=cfg.lam, temperature=cfg.temperature,
-                   terms=_terms(cfg), reference_in_group=cfg.loss != "grpo", kl_coef=cfg.kl_coef,
+                   terms=terms_of(cfg), reference_in_group=cfg.loss != "grpo", kl_coef=cfg.kl_coef,
                    ref_logps=ref_logps, is_cap=cfg.is_cap, sampler_logps=None)  # fmt: skip
     if cfg.is_cap is not None:  # truncated importance weights against the sampler's log-probs
         options["sampler_logps"] = batch["sampler_logps"]
@@ -235,7 +122,7 @@ def accumulate_gradients(cfg, model, ref_model, *, rollouts, refs, rewards, pad_
     """Backward the step's loss in ``grad_accum`` micro-batches of whole groups; returns the
     loss and the three terms, averaged over the step's groups (for logging)."""
     b, micro = cfg.batch_prompts, cfg.batch_prompts // cfg.grad_accum
-    parts = {k: 0.0 for k in ("loss", *TERMS)}
+    parts = {k: 0.0 for k in ("loss", *TERMS, *(("kl",) if cfg.kl_coef else ()))}
     for lo in range(0, b, micro):
         rows = build_batch(rollouts[lo : lo + micro], refs[lo : lo + micro], pad_id)
         rows = {k: v.to(device) for k, v in rows.items()}
@@ -307,27 +194,25 @@ def make_engine(cfg: TrainConfig, model, tokenizer, model_dir: Path, resumed: bo
     return engine
 
 
-def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run (or resume) a training run; returns the metrics of every step in ``metrics.jsonl``.
+class Run(NamedTuple):
+    """A started run: what the steps update, and where they continue."""
 
-    ``on_step`` is called with each step's metrics after they are written (a hook for tests and
-    notebooks; an exception raised there stops the run like an interruption would).
-    """
-    from tqdm.auto import tqdm
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: object  # VLLMRollout or HFRollout
+    records: list[dict]  # metrics of the steps done
+    start: int  # the last step done
 
-    check_config(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model) if cfg.model else build_tokenizer()
-    examples = load_examples(cfg)
-    check_lengths(examples, tokenizer, cfg)
-    sampler = PromptSampler(examples, cfg.batch_prompts, cfg.seed)
-    reward_fn = get_reward(cfg.reward)
-    # All input is valid: only now is anything written.
-    checkpoint = prepare_output(cfg)
+
+def start_up(cfg: TrainConfig, tokenizer, checkpoint: Path | None, device) -> Run:
+    """The policy, optimizer and rollout engine of the run, restored from ``checkpoint`` if given,
+    and the metrics logged up to it."""
     out = cfg.out
     model_dir = Path(cfg.model) if cfg.model else out / "init-model"
     if not model_dir.exists():
         build_tiny_model_dir(out / ".tmp-init-model", seed=cfg.seed).rename(model_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, ref_model, optimizer, scheduler, start = load_policy(cfg, model_dir, checkpoint, device)
     metrics_path = out / "metrics.jsonl"
     logged = metrics_path.read_text().splitlines() if metrics_path.exists() else []
@@ -335,11 +220,50 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
     records = [r for r in map(json.loads, logged[:start]) if r["step"] <= start]
     atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     engine = make_engine(cfg, model, tokenizer, model_dir, resumed=checkpoint is not None)
+    return Run(model, ref_model, optimizer, scheduler, engine, records, start)
 
+
+def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run (or resume) a training run; returns the metrics of every step in ``metrics.jsonl``.
+
+    Every setting and example is checked before anything is written; a new run directory whose
+    start-up fails (model or engine loading) is removed again. Library output goes to
+    ``train.log`` in the run directory; the terminal shows one progress bar.
+    ``on_step`` is called with each step's metrics after they are written (a hook for tests and
+    notebooks; an exception raised there stops the run like an interruption would).
+    """
+    check_config(cfg)
+    positions = check_model(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model) if cfg.model else build_tokenizer()
+    examples = load_examples(cfg)
+    check_examples(examples, tokenizer, cfg, positions)
+    sampler = PromptSampler(examples, cfg.batch_prompts, cfg.seed)
+    reward_fn = get_reward(cfg.reward)
+    # All input is valid: only now is anything written.
+    new_run = not (cfg.resume and (cfg.out / "config.json").exists())
+    checkpoint = prepare_output(cfg)
+    with output_to_log(cfg.out / "train.log") as console:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            state = start_up(cfg, tokenizer, checkpoint, device)
+        except BaseException:
+            if new_run:
+                shutil.rmtree(cfg.out, ignore_errors=True)
+            raise
+        return run_steps(cfg, state, tokenizer, sampler, reward_fn, device, console, on_step)
+
+
+def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_step) -> list[dict]:
+    """The optimizer steps after ``run.start``: rollouts, rewards, loss, update, sync, log."""
+    from tqdm.auto import tqdm
+
+    model, ref_model, optimizer, scheduler, engine, records, start = run
+    out = cfg.out
     pad, eos = tokenizer.pad_token_id, [tokenizer.eos_token_id]
     steps = range(start + 1, cfg.steps + 1)
-    bar = tqdm(steps, initial=start, total=cfg.steps, desc=cfg.name, dynamic_ncols=True)
-    with metrics_path.open("a") as log:
+    bar = tqdm(steps, initial=start, total=cfg.steps, desc=cfg.name, file=console,
+               dynamic_ncols=True)  # fmt: skip
+    with (out / "metrics.jsonl").open("a") as log:
         for step in bar:
             t0 = time.perf_counter()
             batch = sampler.batch(step - 1)
@@ -351,9 +275,11 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
                 prompts, seed=(cfg.seed * 1_000_003 + step) * cfg.batch_prompts
             )
             texts = [r.completions for r in rollouts]
-            rewards = score_groups(
-                reward_fn, [ex.prompt for ex in batch], texts, [ex.reference for ex in batch]
-            )
+            answers = [ex.reference for ex in batch]
+            rewards = score_groups(reward_fn, [ex.prompt for ex in batch], texts, answers)
+            exact = [
+                t.strip() == a.strip() for ts, a in zip(texts, answers, strict=True) for t in ts
+            ]
 
             optimizer.zero_grad(set_to_none=True)
             parts = accumulate_gradients(cfg, model, ref_model, rollouts=rollouts, refs=refs,
@@ -369,7 +295,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
                 "reward": samples.mean().item(),
                 "reward_reference": rewards[:, -1].mean().item(),
                 "solved": (samples >= rewards[:, -1:]).float().mean().item(),
+                "exact": sum(exact) / len(exact),  # samples equal to the reference answer
                 **parts,
+                "kl": parts.get("kl"),  # mean k3 KL to the initial policy (None: --kl-coef 0)
                 "grad_norm": grad_norm.item(),  # device sync
                 "lr": scheduler.get_last_lr()[0],
                 "completion_tokens": sum(tokens) / len(tokens),
@@ -388,6 +316,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
                                 scheduler=scheduler, keep=cfg.keep_checkpoints)  # fmt: skip
             if on_step is not None:
                 on_step(record)
+    bar.close()
     if cfg.plot and records:
         plot_metrics(records, out / "plot.png")
     return records

@@ -2,8 +2,10 @@
 
 Both backends take prompts as token ids (already passed through the chat template) and return
 :class:`Rollout` records with the completion token ids, their text and the sampler's per-token
-log-probs at the sampling temperature (``log_softmax(logits / T)``, for the optional
-importance correction). Sampling is seeded per prompt, so a step's rollouts depend only on the
+log-probs at the sampling temperature (``log_softmax(logits / T)`` over the whole vocabulary,
+what the trainer computes, for the optional importance correction). With ``top_p < 1`` vLLM's
+are renormalised over the nucleus and no longer comparable, so the loop refuses ``--is-cap``
+with a nucleus. Sampling is seeded per prompt, so a step's rollouts depend only on the
 weights and the step's seed; that is what makes ``--resume`` exact.
 
 The vLLM backend runs the engine in this process and receives the new weights after every

@@ -48,30 +48,58 @@ def term_shares(m: dict) -> dict[str, float]:
     return {f"share_{t}": abs(m[t]) / total if total else 0.0 for t in TERMS}
 
 
-def plot_metrics(records: list[dict], path: Path) -> None:
-    """plot.png: sample and reference reward vs step; the terms' shares vs step (when logged)."""
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average: entry ``i`` is the mean of ``values[i - window + 1 : i + 1]``
+    (fewer at the start)."""
+    if window < 1:
+        raise ValueError(f"window: must be >= 1, got {window}")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def metrics_figure(records: list[dict]):
+    """Three panels of what a run is judged by: the sampled reward (each step, and smoothed), the
+    share of samples equal to the reference answer, and each GRAO term's share of the total
+    (the paper's Fig. 5; not for SFT). Legends sit below the panels, off the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    left.plot(steps, [r["reward"] for r in records], label="samples (mean)")
-    left.plot(steps, [r["reward_reference"] for r in records], label="reference", linestyle="--")
-    left.plot(
-        steps,
-        [r["solved"] for r in records],
-        label="samples as good as the reference",
-        linewidth=0.8,
-    )
-    left.set(xlabel="step", ylabel="reward", title="reward")
-    left.legend()
+    window = max(1, len(records) // 20)
+    fig, (reward, exact, shares) = plt.subplots(1, 3, figsize=(14, 4))
+    values = [r["reward"] for r in records]
+    reward.plot(steps, values, color="C0", alpha=0.3, linewidth=0.8, label="mean per step")
+    reward.plot(steps, smooth(values, window), color="C0", linewidth=2,
+                label=f"mean of the last {window} steps")  # fmt: skip
+    reward.set(xlabel="step", ylabel="reward", title="sampled reward")
+    if all(r.get("exact") is not None for r in records):
+        values = [r["exact"] for r in records]
+        exact.plot(steps, values, color="C2", alpha=0.3, linewidth=0.8, label="per step")
+        exact.plot(steps, smooth(values, window), color="C2", linewidth=2,
+                   label=f"mean of the last {window} steps")  # fmt: skip
+        exact.set(ylim=(0, 1), xlabel="step", ylabel="share of samples",
+                  title="exact answers (sample == reference)")  # fmt: skip
     if records and records[0].get("exploration") is not None:
-        shares = [[r[f"share_{t}"] for r in records] for t in TERMS]
-        right.stackplot(steps, shares, labels=TERMS)
-        right.set(ylim=(0, 1), xlabel="step", ylabel="share of |term|", title="GRAO term shares")
-        right.legend(loc="upper right")
+        shares.stackplot(steps, [[r[f"share_{t}"] for r in records] for t in TERMS], labels=TERMS)
+        shares.set(ylim=(0, 1), xlabel="step", ylabel="share of |term|", title="GRAO term shares")
+    for ax in (reward, exact, shares):
+        if ax.has_data():
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
+        else:
+            ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_metrics(records: list[dict], path: Path) -> None:
+    """Write :func:`metrics_figure` of ``records`` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = metrics_figure(records)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -23,6 +23,7 @@ SPECIAL_TOKENS = {
     "pad_token": "<pad>",
     "unk_token": "<unk>",
 }
+MAX_POSITIONS = 128  # the tiny model's max_position_embeddings
 ROLE_TOKENS = ("<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -38,8 +39,10 @@ def build_tokenizer(alphabet: str = ALPHABET):
     It is a byte-level BPE without merges in Qwen2's tokenizer class, so that the directory
     written by :func:`build_tiny_model_dir` loads back through ``AutoTokenizer`` (which picks the
     class from the model type) with exactly the same behaviour. Characters outside the alphabet
-    are dropped. Special tokens: ``<s>``, ``</s>`` (end of an answer), ``<pad>``, ``<unk>`` and
-    the chat roles ``<|user|>``, ``<|assistant|>``.
+    encode to nothing, so the training app refuses data holding them before it starts, naming
+    the example (``check_examples`` in ``grao_fast.train.loop``). Special tokens: ``<s>``,
+    ``</s>`` (end of an answer), ``<pad>``, ``<unk>`` and the chat roles ``<|user|>``,
+    ``<|assistant|>``.
     """
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -57,7 +60,9 @@ def build_tokenizer(alphabet: str = ALPHABET):
     return tok
 
 
-def build_model(vocab_size: int, *, seed: int = 0, max_positions: int = 128, layers: int = 2):
+def build_model(
+    vocab_size: int, *, seed: int = 0, max_positions: int = MAX_POSITIONS, layers: int = 2
+):
     """A randomly initialised Qwen2-style causal LM: hidden 128, 2 heads of 64, float32."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -1,0 +1,151 @@
+"""The settings of a training run: :class:`TrainConfig` and the checks made before anything runs.
+
+This module imports only the standard library, so that ``grao-fast train --help`` (which reads
+the dataclass and its help texts through transformers' ``HfArgumentParser``) starts in well
+under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; the defaults are the built-in toy run (reverse 3-5 digits)."""
+
+    name: str = _f("toy-reverse", "run name; output in runs/<name> unless --output-dir")
+    output_dir: str | None = _f(None, "output directory (metrics.jsonl, plot.png, checkpoints, "
+                                "train.log); unset: runs/<name>")  # fmt: skip
+    model: str | None = _f(None, "causal-LM directory; unset: the built-in tiny model")
+    data: str = _f("reverse", "'reverse' (toy task), a .jsonl file, or hf:<dataset name or path>")
+    data_format: str = _f("plain", "'plain' (prompt/reference) or 'hh' (HH-RLHF 'chosen')")
+    prompt_field: str = _f("prompt", "JSONL field / dataset column of the prompt")
+    reference_field: str = _f("reference", "JSONL field / dataset column of the reference")
+    split: str = _f("train", "dataset split for hf: data")
+    reward: str = _f("position_match", "position_match, exact, token_f1, or rm:<model directory>")
+    loss: str = _f("grao", "grao, grpo (exploration only, reference out of the stats) or sft")
+    terms: str = _f(
+        "exploration,imitation,alignment", "GRAO terms kept (ablations drop one); --loss grao only"
+    )
+    beta: float = _f(0.5, "imitation weight (paper: 0.5); --loss grao only")
+    lam: float = _f(0.6, "alignment weight (paper: 0.6); --loss grao only")
+    kl_coef: float = _f(0.0, "k3 KL penalty to the initial policy (0: off); not with --loss sft")
+    is_cap: float | None = _f(
+        None,
+        "cap of the truncated importance weight exp(policy - sampler log-prob), both over the "
+        "whole vocabulary at the sampling temperature (unset: off); needs --top-p 1, not sft",
+    )
+    steps: int = _f(200, "optimizer steps")
+    batch_prompts: int = _f(16, "prompts (groups) per optimizer step, B")
+    group_size: int = _f(8, "sampled completions per prompt, G (paper: 8)")
+    grad_accum: int = _f(1, "micro-batches per step (must divide B)")
+    lr: float = _f(1e-3, "AdamW learning rate (paper: 1e-6 on 7B; the tiny model needs more)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (paper: 0.01)")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    temperature: float = _f(0.7, "sampling temperature (paper: 0.7; the loss scores tokens at it)")
+    top_p: float = _f(1.0, "nucleus sampling")
+    max_new_tokens: int = _f(8, "most tokens per sampled completion")
+    max_length: int = _f(
+        128, "context limit: prompt + answer tokens (vLLM's max_model_len; at most the model's)"
+    )
+    rollout: str = _f("auto", "auto (vllm when installed), vllm, or hf (transformers generate)")
+    fused_linear: bool = _f(False, "fused hidden->lm_head loss (grao_loss_linear); not with sft")
+    seed: int = _f(0, "seed of data order, sampling and the tiny model's initial weights")
+    checkpoint_every: int = _f(50, "checkpoint every K steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept on disk")
+    resume: bool = _f(False, "continue from the latest checkpoint in the output directory")
+    overwrite: bool = _f(False, "delete an existing output directory first")
+    plot: bool = _f(True, "write plot.png (reward, exact answers, term shares) at the end")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+
+RESUME_MAY_DIFFER = {"steps", "resume", "overwrite", "plot", "checkpoint_every", "keep_checkpoints"}
+
+# Settings a loss does not use: setting them away from their default is an error, not a no-op.
+UNUSED_BY_LOSS = {
+    "grpo": ("terms", "beta", "lam"),
+    "sft": ("terms", "beta", "lam", "kl_coef", "is_cap", "fused_linear"),
+}
+
+
+def terms_of(cfg: TrainConfig) -> tuple[str, ...]:
+    """The GRAO terms the loss keeps: ``--terms``, or exploration alone for ``--loss grpo``."""
+    if cfg.loss == "grpo":
+        return ("exploration",)
+    return tuple(t.strip() for t in cfg.terms.split(",") if t.strip())
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if float in allowed:
+            allowed = (*allowed, int)
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
+            raise TypeError(f"{f.name}: expected {names}, got {value!r}")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the first bad setting (before anything is loaded
+    or written). Checks against the model's own limits come later, in ``check_model``."""
+    _check_types(cfg)
+    choices = {"loss": ("grao", "grpo", "sft"), "rollout": ("auto", "vllm", "hf"),
+               "data_format": ("plain", "hh")}  # fmt: skip
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
+    for name in ("steps", "batch_prompts", "grad_accum", "max_new_tokens", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
+    if cfg.group_size < 2:
+        raise ValueError(
+            f"group_size: GRAO needs at least 2 samples per prompt, got {cfg.group_size}"
+        )
+    if cfg.batch_prompts % cfg.grad_accum:
+        raise ValueError(
+            f"group_size/batch: {cfg.batch_prompts} groups per step do not split into grad_accum="
+            f"{cfg.grad_accum} micro-batches of whole groups; make batch_prompts a multiple "
+            "of grad_accum"
+        )
+    from grao_fast.reference import TERMS
+
+    terms = terms_of(cfg)
+    if not terms or set(terms) - set(TERMS):
+        raise ValueError(f"terms: expected a non-empty comma list of {TERMS}, got {cfg.terms!r}")
+    defaults = TrainConfig()
+    for name in UNUSED_BY_LOSS.get(cfg.loss, ()):
+        if getattr(cfg, name) != getattr(defaults, name):
+            raise ValueError(
+                f"{name}: --loss {cfg.loss} does not use it (got {getattr(cfg, name)!r}); "
+                f"leave it at its default {getattr(defaults, name)!r}"
+            )
+    if cfg.lr <= 0 or cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+        raise ValueError("lr and temperature must be > 0 and top_p in (0, 1]")
+    if cfg.is_cap is not None and cfg.top_p < 1:
+        raise ValueError(
+            f"is_cap: needs top_p 1 (got {cfg.top_p}): with a nucleus the sampler's log-probs are "
+            "renormalised over the top-p tokens while the policy's cover the whole vocabulary, "
+            "so every weight would be the nucleus mass instead of a sampler/trainer mismatch"
+        )
+    if cfg.is_cap is not None and cfg.is_cap <= 0:
+        raise ValueError(f"is_cap: must be > 0, got {cfg.is_cap}")
+    if cfg.model is not None and not Path(cfg.model).is_dir():
+        raise FileNotFoundError(f"model: no such directory {cfg.model!r}")
+    if cfg.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("rollout: vllm is not installed (use --rollout hf)")
