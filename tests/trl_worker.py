@@ -108,8 +108,12 @@ def config(backend: str, output_dir: str, *, world: int, fused: bool) -> GRAOCon
         "grao_backend": "torch",
     }  # fmt: skip
     if backend == "fsdp2":
+        # Every Linear is its own FSDP unit: the lm_head is sharded again right after its
+        # forward, so a loss that read its weight outside that forward would see a shard.
         settings["fsdp"] = True
-        settings["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}
+        settings["fsdp_config"] = {
+            "version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer", "Linear"],
+        }  # fmt: skip
     if backend == "zero3":
         settings["deepspeed"] = {
             "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
@@ -157,7 +161,8 @@ def run(backend: str, model_dir: str, output_dir: str, *, fused: bool) -> dict[s
         return None
     return {
         "world": world, "distributed_type": str(trainer.accelerator.distributed_type),
-        "model_class": type(trainer.model_wrapped).__name__, "lm_head_sharded": sharded,
+        "model_class": type(trainer.model_wrapped).__name__, "lm_head_class": type(head).__name__,
+        "lm_head_sharded": sharded,
         "before": before, "after": after,
         "rows": rows, "logs": trainer.state.log_history,
     }  # fmt: skip
@@ -173,6 +178,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     for fused in ([0, 1] if args.fused == "both" else [int(args.fused)]):
         record = run(args.backend, args.model_dir, str(out / "trainer"), fused=bool(fused))
         if record is not None:
