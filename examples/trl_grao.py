@@ -4,6 +4,7 @@ By default it builds the tiny local model and the reverse-digits task of grao_fa
 is downloaded) and runs a few steps on the CPU:
 
     python examples/trl_grao.py --steps 4
+    torchrun --standalone --nproc_per_node 2 examples/trl_grao.py --steps 4   # 2 processes (DDP)
 
 The dataset has a ``prompt`` and a ``reference`` column; each group holds G samples of the
 policy and the reference answer, all scored by the same reward function. On a GPU, generation
@@ -15,6 +16,7 @@ cannot take TRL's weight updates, so on CPU leave ``--vllm`` unset.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 import torch
@@ -37,7 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-dir", help="checkpoints and logs (default: a temporary folder)")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps")
     parser.add_argument("--samples", type=int, default=3, help="G: completions per prompt")
-    parser.add_argument("--groups", type=int, default=2, help="groups (prompts) per micro-batch")
+    parser.add_argument(
+        "--groups", type=int, default=2, help="groups (prompts) per micro-batch and process"
+    )
     parser.add_argument("--max-completion-length", type=int, default=8, help="new tokens at most")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     parser.add_argument("--beta", type=float, default=0.5, help="GRAO's imitation weight")
@@ -51,7 +55,8 @@ def main() -> None:
     args = parse_args()
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="grao-trl-")
     model = args.model or str(build_tiny_model_dir(f"{output_dir}/tiny-model"))
-    examples = ReverseTask().examples(args.steps * args.groups, seed=0)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    examples = ReverseTask().examples(args.steps * args.groups * processes, seed=0)
     data = Dataset.from_dict(
         {"prompt": [e.prompt for e in examples], "reference": [e.reference for e in examples]}
     )
@@ -77,13 +82,17 @@ def main() -> None:
     )
     trainer = GRAOTrainer(model, reverse_reward, config, train_dataset=data)
     trainer.train()  # the Trainer shows a progress bar and logs grao/* terms every step
+    if not trainer.accelerator.is_main_process:
+        return
     for entry in trainer.state.log_history:
         if "grao/exploration" in entry:
             terms = ", ".join(
                 f"{k[5:]} {v:+.4f}" for k, v in entry.items() if k.startswith("grao/")
             )
-            print(f"step {entry['step']}: reward {entry['reward']:.3f}, {terms}")
-
+            print(
+                f"step {entry['step']}: reward {entry['reward']:.3f} (samples), "
+                f"reference {entry['reward/reference']:.3f}, {terms}"
+            )
 
 if __name__ == "__main__":
     main()

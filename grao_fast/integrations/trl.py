@@ -4,18 +4,23 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
 
 * **Groups.** TRL repeats every prompt ``num_generations`` times. Here ``num_generations`` is
   the group size ``G + 1``: the policy samples ``G`` completions per prompt and the last member
-  of each group is the dataset's ``reference`` answer (tokenised, EOS appended), which is GRAO's
-  row layout. The dataset needs a ``prompt`` and a ``reference`` column.
+  of each group is the dataset's reference answer (column ``reference_column``, default
+  ``"reference"``; tokenised, EOS appended), which is GRAO's row layout.
 * **Rewards.** The reference is scored by the same reward functions as the samples (TRL's
   ``_calculate_rewards``; several functions are summed with ``reward_weights``). The loss
-  computes GRAO's advantages from these rewards; TRL's ``scale_rewards`` is not used.
-* **Batches.** A micro-batch holds whole groups: ``per_device_train_batch_size`` is a multiple
-  of ``G + 1`` and the generation batch is shuffled group by group.
+  computes GRAO's advantages from these rewards; TRL's ``scale_rewards`` is not used. Logged
+  ``reward``, ``reward_std``, ``rewards/<fn>/*``, ``frac_reward_zero_std`` and ``completions/*``
+  cover the samples only; ``reward/reference`` is the references' mean reward.
+* **Batches and processes.** Every micro-batch on every process holds whole groups
+  (``trl_config``'s docstring gives the path of the rows); the generation batch is shuffled
+  group by group.
 * **Loss.** ``_compute_loss`` runs the policy and :func:`grao_fast.grao_loss` on the completion
-  logits (or ``grao_fast.grao_loss_linear`` on the last hidden states with
-  ``use_fused_linear=True``), divided by the accumulation steps like TRL's own loss. TRL's
-  ``beta`` stays the KL coefficient (k3 to the reference model, sample rows). With vLLM, the
-  sampler's log-probs give truncated importance weights ``min(pi / pi_vllm, clip_max)``.
+  logits, or with ``use_fused_linear=True`` :func:`grao_fast.grao_loss_linear` in place of the
+  lm_head's forward, where DDP, FSDP and ZeRO-3 present the full weight. The result is divided
+  by the accumulation steps like TRL's own loss. TRL's ``beta`` stays the KL coefficient (k3 to
+  the reference model, sample rows). With vLLM, the sampler's log-probs give truncated
+  importance weights ``min(pi / pi_vllm, clip_max)``. Logged: ``grao/<term>``, ``kl`` (with
+  ``beta > 0``) and ``entropy``.
 
 ``loss_type``, ``epsilon``, ``scale_rewards`` and the other options of TRL's clipped surrogate
 have no effect: the loss is GRAO's.
@@ -23,90 +28,21 @@ have no effect: the loss is GRAO's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 import grao_fast
-from grao_fast.reference import TERMS
+from grao_fast.integrations.trl_config import GRAOConfig
+from grao_fast.integrations.trl_metrics import completion_metrics, reward_metrics
 
 IGNORE_INDEX = -100
-BACKENDS = ("auto", "torch", "triton", "reference")
 
 __all__ = ["GRAOConfig", "GRAOTrainer", "shuffle_groups"]
-
-
-def _option(default: Any, text: str) -> Any:
-    """A dataclass field with ``--help`` text (``HfArgumentParser`` reads ``metadata["help"]``)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class GRAOConfig(GRPOConfig):
-    """:class:`trl.GRPOConfig` with GRAO's options.
-
-    ``num_generations`` counts the whole group, the reference answer included (``G + 1``); the
-    defaults (9 rows per group, one group per micro-batch) are the paper's ``G = 8``. GRAO's
-    imitation weight is ``grao_beta``, because TRL's ``beta`` is the KL coefficient.
-    """
-
-    num_generations: int | None = _option(9, "Group size G + 1: G samples plus the reference.")
-    per_device_train_batch_size: int = _option(9, "Rows per micro-batch: whole groups.")
-    vllm_importance_sampling_mode: str = _option(
-        "token_truncate", "GRAO weighs sample tokens by min(pi / pi_vllm, clip_max)."
-    )
-    grao_beta: float = _option(0.5, "Weight beta of the imitation term (paper: 0.5).")
-    grao_lambda: float = _option(0.6, "Weight lambda of the alignment term (paper: 0.6).")
-    grao_terms: list[str] = _option(list(TERMS), "Active terms (ablations drop some).")
-    grao_eps: float = _option(1e-6, "Added to the group's (population) reward std.")
-    reference_in_group: bool = _option(True, "Include the reference's reward in the group stats.")
-    grao_backend: str = _option("auto", "Loss backend: auto, torch, triton or reference.")
-    use_fused_linear: bool = _option(False, "Fuse the lm_head into the loss: no [N, T, V] logits.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        group, eval_group = self.num_generations, self.num_generations_eval or self.num_generations
-        if self.per_device_train_batch_size % group:
-            raise ValueError(
-                f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a "
-                f"multiple of num_generations ({group} = G samples + the reference)"
-            )
-        evaluates = self.do_eval and self.eval_strategy != "no"
-        if evaluates and self.per_device_eval_batch_size % eval_group:
-            raise ValueError(
-                f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) must be a "
-                f"multiple of the eval group size ({eval_group})"
-            )
-        if self.num_iterations != 1:
-            raise ValueError(f"num_iterations must be 1 (on-policy), got {self.num_iterations}")
-        if self.gradient_accumulation_steps % self.steps_per_generation:
-            raise ValueError(
-                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a "
-                f"multiple of steps_per_generation ({self.steps_per_generation}) (on-policy)"
-            )
-        if self.multi_objective_aggregation != "sum_then_normalize":
-            raise ValueError(
-                "multi_objective_aggregation must be 'sum_then_normalize', "
-                f"got {self.multi_objective_aggregation!r}"
-            )
-        if not self.grao_terms or any(t not in TERMS for t in self.grao_terms):
-            raise ValueError(f"grao_terms must be a non-empty subset of {TERMS}: {self.grao_terms}")
-        if self.grao_backend not in BACKENDS:
-            raise ValueError(f"grao_backend must be one of {BACKENDS}, got {self.grao_backend!r}")
-        weighted = self.use_vllm and self.vllm_importance_sampling_correction
-        if weighted and (
-            self.vllm_importance_sampling_mode != "token_truncate"
-            or self.vllm_importance_sampling_clip_min is not None
-        ):
-            raise ValueError(
-                "vllm_importance_sampling_correction needs vllm_importance_sampling_mode="
-                "'token_truncate' and vllm_importance_sampling_clip_min=None"
-            )
 
 
 def shuffle_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:
@@ -129,9 +65,61 @@ def _is_scalar(value: Any) -> bool:
     return torch.is_tensor(value) and value.dim() == 0
 
 
+def _column_names(dataset: Any) -> list[str] | None:
+    """The columns of a datasets.Dataset (None where unknown, e.g. an untyped stream)."""
+    return getattr(dataset, "column_names", None)
+
+
+def check_dataset(dataset: Any, column: str, name: str) -> None:
+    """Raise ValueError if ``dataset`` (or any split of a dict of them) lacks ``column``."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for split, part in dataset.items():
+            check_dataset(part, column, f"{name}[{split!r}]")
+        return
+    columns = _column_names(dataset)
+    if columns is not None and column not in columns:
+        raise ValueError(
+            f"{name} has no {column!r} column for the reference answers (set "
+            f"GRAOConfig.reference_column to the one that holds them); its columns: {columns}"
+        )
+
+
+@contextmanager
+def lm_head_as_loss(head: torch.nn.Module, loss: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+    """Within the block, a call of ``head`` computes ``loss(hidden, weight, bias)`` instead of
+    the logits; the result is in the yielded dict under ``"result"``.
+
+    The loss thus runs inside the forward of the module that owns the weight, where FSDP and
+    DeepSpeed ZeRO-3 have gathered the full weight, and its gradient flows back to that weight
+    like a matmul's. The head returns ``result.loss`` as a [1, 1, 1] "logits" tensor, so the
+    model's output stays connected to every parameter (DDP's search for unused parameters).
+    """
+    box: dict[str, Any] = {}
+    own_forward = head.__dict__.get("forward")  # an instance override (TRL's fp32 cast) or None
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        box["result"] = loss(hidden, head.weight, head.bias)
+        return box["result"].loss.reshape(1, 1, 1)
+
+    head.forward = forward
+    try:
+        yield box
+    finally:
+        if own_forward is None:
+            del head.forward
+        else:
+            head.forward = own_forward
+
+
 class GRAOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` that trains with the GRAO loss. Same arguments; ``args`` is a
-    :class:`GRAOConfig`. Tools, ``rollout_func``, environments and images are not supported."""
+    :class:`GRAOConfig`. Tools, ``rollout_func``, environments and images are not supported.
+
+    The training and evaluation datasets are checked for ``args.reference_column`` before the
+    model loads; a training set with fewer prompts than one generation batch is rejected too.
+    """
 
     _tag_names = ["trl", "grao", "grao-fast"]
     _name = "GRAO"
@@ -139,24 +127,88 @@ class GRAOTrainer(GRPOTrainer):
     def __init__(self, model: Any, reward_funcs: Any = None, args: Any = None, *rest, **kwargs):
         if not isinstance(args, GRAOConfig):
             raise TypeError(f"args must be a GRAOConfig, got {type(args).__name__}")
+        names = ("train_dataset", "eval_dataset")
+        datasets = dict(zip(names, rest, strict=False)) | {n: kwargs[n] for n in names if n in kwargs}
+        for name, dataset in datasets.items():
+            check_dataset(dataset, args.reference_column, name)
+        self._check_dataset_size(datasets.get("train_dataset"), args)
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         if self.tools or self.rollout_func is not None or self.environment_factories is not None:
             raise ValueError("GRAOTrainer does not support tools, rollout_func or environments")
-        if args.use_fused_linear and not hasattr(grao_fast, "grao_loss_linear"):
-            raise ValueError("use_fused_linear=True needs grao_fast.grao_loss_linear")
-        self._references: list[Any] = []  # the batch's `reference` column, one entry per row
+        self._references: list[Any] = []  # the batch's reference answers, one entry per row
         self._rewards: torch.Tensor | None = None  # [rows, all processes]: weighted reward sum
+        self._rewards_per_func: torch.Tensor | None = None  # [rows, all processes, functions]
+
+    @staticmethod
+    def _check_dataset_size(dataset: Any, args: GRAOConfig) -> None:
+        """TRL drops an incomplete last generation batch; with none complete nothing trains."""
+        if dataset is None or not hasattr(dataset, "__len__") or _column_names(dataset) is None:
+            return
+        prompts = args.generation_batch_size // args.num_generations
+        if len(dataset) < prompts:
+            raise ValueError(
+                f"train_dataset has {len(dataset)} prompts, fewer than one generation batch of "
+                f"{prompts} (generation_batch_size {args.generation_batch_size} rows / "
+                f"num_generations {args.num_generations})"
+            )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the reference column when ``remove_unused_columns=True``."""
+        super()._set_signature_columns_if_needed()
+        if self.args.reference_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.args.reference_column]
 
     # ---- rollouts: per group, G samples from the policy, then the reference answer ----
 
+    def _group(self) -> int:
+        return self.num_generations if self.model.training else self.num_generations_eval
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        if any("reference" not in x for x in inputs):
-            raise ValueError("GRAOTrainer needs a 'reference' column (the reference answer)")
-        self._references = [x["reference"] for x in inputs]
+        column = self.args.reference_column
+        if any(column not in x for x in inputs):
+            raise ValueError(f"GRAOTrainer needs a {column!r} column (the reference answers)")
+        self._references = [x[column] for x in inputs]
         output = super()._generate_and_score_completions(inputs)
         start = self.accelerator.process_index * len(inputs)
         output["rewards"] = self._rewards[start : start + len(inputs)]  # [rows] this process's
+        self._log_rewards()
         return output
+
+    def _generate(self, prompts: list) -> tuple:
+        """TRL's generation; the completion statistics it logged are redone over samples only."""
+        generated = super()._generate(prompts)
+        completion_ids, device = generated[1], self.accelerator.device
+        ends = [*self.eos_token_ids, self._tokenizer.pad_token_id]
+        lengths = torch.tensor([len(ids) for ids in completion_ids], device=device)
+        truncated = torch.tensor([not ids or ids[-1] not in ends for ids in completion_ids])
+        gathered = self.accelerator.gather(lengths), self.accelerator.gather(truncated.to(device))
+        self._replace_metrics(completion_metrics(*gathered, self._group()))
+        return generated
+
+    def _replace_metrics(self, values: dict[str, float]) -> None:
+        """Overwrite the values TRL just appended for this batch (or add new metrics)."""
+        logged = self._metrics["train" if self.model.training else "eval"]
+        for key, value in values.items():
+            if logged[key]:
+                logged[key][-1] = value
+            else:
+                logged[key].append(value)
+
+    def _log_rewards(self) -> None:
+        """Reward statistics over samples only, ``reward/reference``, and GRAO's advantages in
+        the completions table (instead of TRL's)."""
+        group = self._group()
+        self._replace_metrics(
+            reward_metrics(self._rewards_per_func, self.reward_weights, self.reward_func_names, group)
+        )
+        advantages = grao_fast.group_advantages(
+            self._rewards.view(-1, group).float(), eps=self.args.grao_eps,
+            reference_in_group=self.args.reference_in_group,
+        )  # fmt: skip
+        logged = self._logs["advantages"]  # a bounded deque that TRL just extended
+        for _ in range(min(advantages.numel(), len(logged))):
+            logged.pop()
+        logged.extend(advantages.flatten().tolist())
 
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
@@ -192,6 +244,7 @@ class GRAOTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         weights = self.reward_weights.to(per_func.device)
+        self._rewards_per_func = per_func
         self._rewards = (per_func * weights).nansum(dim=1)  # an unscorable row gets reward 0
         return per_func
 
@@ -214,26 +267,41 @@ class GRAOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         labels = completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)  # [N, C]
         length, keep = input_ids.size(1), completion_ids.size(1)
+        # Only the positions that predict completion tokens: contiguous [N, C, V] logits (or the
+        # [N, C, H] hidden states the fused lm_head sees).
+        positions = torch.arange(length - keep - 1, length - 1, device=input_ids.device)
+        forward = {
+            "input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False,
+            "logits_to_keep": positions,
+        }  # fmt: skip
         options = self._loss_options(inputs)
-        forward = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        with self.accelerator.autocast():  # mixed precision, as TRL runs its own forward
-            if self.args.use_fused_linear:
-                # Through the (possibly DDP-wrapped) model; its lm_head sees one position only.
-                out = model(**forward, output_hidden_states=True, logits_to_keep=1)
-            else:
-                # Only the positions that predict completion tokens: contiguous [N, C, V] logits.
-                positions = torch.arange(length - keep - 1, length - 1, device=input_ids.device)
-                out = model(**forward, logits_to_keep=positions)
         if self.args.use_fused_linear:
-            hidden = out.hidden_states[-1][:, -keep - 1 : -1]  # [N, C, H], after the final norm
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            result = grao_fast.grao_loss_linear(
-                hidden, head.weight, labels, inputs["rewards"], bias=head.bias,
+            result = self._fused_linear_loss(model, forward, labels, inputs["rewards"], options)
+        else:
+            with self.accelerator.autocast():  # mixed precision, as TRL runs its own forward
+                logits = model(**forward).logits
+            result = grao_fast.grao_loss(logits, labels, inputs["rewards"], **options)
+        self._log_loss_terms(result)
+        # As in TRL's own losses: the Trainer does not rescale, so divide by accumulation here.
+        accumulation = self.current_gradient_accumulation_steps if self.model.training else 1
+        return result.loss / accumulation
+
+    def _fused_linear_loss(self, model, forward, labels, rewards, options) -> Any:
+        """grao_loss_linear in place of the lm_head's forward, through the wrapped model."""
+
+        def loss(hidden, weight, bias):
+            return grao_fast.grao_loss_linear(
+                hidden, weight, labels, rewards, bias=bias,
                 lm_head_fp32=self.args.cast_lm_head_to_fp32, **options,
             )  # fmt: skip
-        else:
-            result = grao_fast.grao_loss(out.logits, labels, inputs["rewards"], **options)
 
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        with lm_head_as_loss(head, loss) as box, self.accelerator.autocast():
+            model(**forward)
+        return box["result"]
+
+    def _log_loss_terms(self, result: Any) -> None:
+        """GRAO's terms as ``grao/<term>``, and ``kl`` and ``entropy``: means over processes."""
         mode = "train" if self.model.training else "eval"
         for name in ("exploration", "imitation", "alignment", "kl", "entropy"):
             value = getattr(result, name)
@@ -241,14 +309,10 @@ class GRAOTrainer(GRPOTrainer):
                 key = name if name in ("kl", "entropy") else f"grao/{name}"
                 gathered = self.accelerator.gather(value.detach().float())
                 self._metrics[mode][key].append(gathered.mean().item())
-        # As in TRL's own losses: the Trainer does not rescale, so divide by accumulation here.
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        return result.loss / accumulation
 
     def _loss_options(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of grao_loss / grao_loss_linear for this micro-batch."""
         args = self.args
-        group = self.num_generations if self.model.training else self.num_generations_eval
         sampler_logps = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             vllm_logps = inputs["sampling_per_token_logps"]  # [N, C], NaN on reference rows
@@ -256,7 +320,7 @@ class GRAOTrainer(GRPOTrainer):
             on_policy = inputs["old_per_token_logps"]
             sampler_logps = torch.where(torch.isnan(vllm_logps), on_policy, vllm_logps)
         return {
-            "group_size": group - 1,
+            "group_size": self._group() - 1,
             "beta": args.grao_beta,
             "lam": args.grao_lambda,
             "temperature": self.temperature,

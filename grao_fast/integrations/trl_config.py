@@ -1,0 +1,112 @@
+"""GRAOConfig: ``trl.GRPOConfig`` with GRAO's options, and the checks that keep groups whole.
+
+How rows reach the processes (TRL 1.16's batching, which GRAOTrainer keeps):
+
+* TRL's ``RepeatSampler`` lists every prompt ``num_generations`` (``G + 1``) times in a row, in
+  generation batches of ``generation_batch_size`` rows (``per_device_train_batch_size x
+  processes x steps_per_generation``); a shuffle (``shuffle_dataset``, seeded with ``seed``)
+  permutes prompts, never rows. An incomplete last generation batch is dropped.
+* accelerate hands process ``p`` the ``p``-th slice of ``per_device_train_batch_size x
+  steps_per_generation`` rows of each generation batch. Both sizes being multiples of ``G + 1``
+  (checked here), every process gets whole groups, each prompt's G samples and its reference.
+* Each process generates, scores and buffers its slice; rewards are gathered across processes.
+  The slice is shuffled group by group and cut into ``steps_per_generation`` micro-batches of
+  ``per_device_train_batch_size`` rows, again whole groups.
+* Evaluation batches of ``per_device_eval_batch_size`` rows (a multiple of the eval group size,
+  checked here) are whole groups; accelerate completes an uneven last batch with rows from the
+  start of the eval set, which are whole groups too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig
+
+from grao_fast.reference import TERMS
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+
+__all__ = ["BACKENDS", "GRAOConfig"]
+
+
+def _option(default: Any, text: str) -> Any:
+    """A dataclass field with ``--help`` text (``HfArgumentParser`` reads ``metadata["help"]``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class GRAOConfig(GRPOConfig):
+    """:class:`trl.GRPOConfig` with GRAO's options.
+
+    ``num_generations`` counts the whole group, the reference answer included (``G + 1``); the
+    defaults (9 rows per group, one group per micro-batch) are the paper's ``G = 8``. GRAO's
+    imitation weight is ``grao_beta``, because TRL's ``beta`` is the KL coefficient. The dataset
+    column holding the reference answers is ``reference_column``.
+    """
+
+    num_generations: int | None = _option(9, "Group size G + 1: G samples plus the reference.")
+    per_device_train_batch_size: int = _option(9, "Rows per micro-batch: whole groups.")
+    vllm_importance_sampling_mode: str = _option(
+        "token_truncate", "GRAO weighs sample tokens by min(pi / pi_vllm, clip_max)."
+    )
+    reference_column: str = _option("reference", "Dataset column with the reference answers.")
+    grao_beta: float = _option(0.5, "Weight beta of the imitation term (paper: 0.5).")
+    grao_lambda: float = _option(0.6, "Weight lambda of the alignment term (paper: 0.6).")
+    grao_terms: list[str] = _option(list(TERMS), "Active terms (ablations drop some).")
+    grao_eps: float = _option(1e-6, "Added to the group's (population) reward std.")
+    reference_in_group: bool = _option(True, "Include the reference's reward in the group stats.")
+    grao_backend: str = _option("auto", "Loss backend: auto, torch, triton or reference.")
+    use_fused_linear: bool = _option(False, "Fuse the lm_head into the loss: no [N, T, V] logits.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_groups()
+        if self.num_iterations != 1:
+            raise ValueError(f"num_iterations must be 1 (on-policy), got {self.num_iterations}")
+        if self.gradient_accumulation_steps % self.steps_per_generation:
+            raise ValueError(
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a "
+                f"multiple of steps_per_generation ({self.steps_per_generation}) (on-policy)"
+            )
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "multi_objective_aggregation must be 'sum_then_normalize', "
+                f"got {self.multi_objective_aggregation!r}"
+            )
+        if not isinstance(self.reference_column, str) or not self.reference_column:
+            raise ValueError(f"reference_column must be a column name, got {self.reference_column!r}")
+        if not self.grao_terms or any(t not in TERMS for t in self.grao_terms):
+            raise ValueError(f"grao_terms must be a non-empty subset of {TERMS}: {self.grao_terms}")
+        if self.grao_backend not in BACKENDS:
+            raise ValueError(f"grao_backend must be one of {BACKENDS}, got {self.grao_backend!r}")
+        weighted = self.use_vllm and self.vllm_importance_sampling_correction
+        if weighted and (
+            self.vllm_importance_sampling_mode != "token_truncate"
+            or self.vllm_importance_sampling_clip_min is not None
+        ):
+            raise ValueError(
+                "vllm_importance_sampling_correction needs vllm_importance_sampling_mode="
+                "'token_truncate' and vllm_importance_sampling_clip_min=None"
+            )
+
+    def _check_groups(self) -> None:
+        """Every batch a process sees must hold whole groups (the module docstring says why
+        these two sizes are the ones that matter)."""
+        group, eval_group = self.num_generations, self.num_generations_eval or self.num_generations
+        if self.per_device_train_batch_size % group:
+            raise ValueError(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a "
+                f"multiple of num_generations ({group} = G samples + the reference): otherwise "
+                "a group would be split across micro-batches or processes"
+            )
+        evaluates = self.do_eval and self.eval_strategy != "no"
+        if evaluates and self.per_device_eval_batch_size % eval_group:
+            raise ValueError(
+                f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) must be a "
+                f"multiple of the eval group size ({eval_group}): otherwise a group would be "
+                "split across processes"
+            )

@@ -1,0 +1,74 @@
+"""Rollout statistics of a GRAO batch with the reference rows kept apart from the samples.
+
+TRL computes ``reward``, ``reward_std``, ``rewards/<fn>/*``, ``frac_reward_zero_std`` and
+``completions/*`` over every row; in GRAO every group's last row is the dataset's reference
+answer, not a sample, so those numbers would mix the two (a run whose samples all score 0 would
+log a positive reward). These functions compute the same statistics over the sample rows only,
+plus ``reward/reference``, from the rows of all processes (groups whole and in order).
+"""
+
+from __future__ import annotations
+
+import torch
+from trl.trainer.utils import nanstd
+
+__all__ = ["completion_metrics", "is_sample_row", "reward_metrics"]
+
+
+def is_sample_row(rows: int, group: int, device: torch.device | None = None) -> torch.Tensor:
+    """[rows] bool: True for the G sampled rows of each group of ``group`` rows, False for the
+    reference answer, the group's last row."""
+    if group < 2 or rows % group:
+        raise ValueError(f"rows ({rows}) must be whole groups of group ({group}) >= 2 rows")
+    return torch.arange(rows, device=device) % group != group - 1
+
+
+def reward_metrics(
+    rewards_per_func: torch.Tensor, weights: torch.Tensor, names: list[str], group: int
+) -> dict[str, float]:
+    """TRL's reward statistics over the sample rows, and ``reward/reference``.
+
+    rewards_per_func: [rows, F] float, NaN where a function did not score a row; weights: [F];
+    names: the F function names; group: rows per group (G + 1). ``frac_reward_zero_std`` is the
+    share of groups whose G sample rewards are all equal.
+    """
+    samples = is_sample_row(rewards_per_func.size(0), group, rewards_per_func.device)
+    metrics = {}
+    for i, name in enumerate(names):
+        metrics[f"rewards/{name}/mean"] = torch.nanmean(rewards_per_func[samples, i]).item()
+        metrics[f"rewards/{name}/std"] = nanstd(rewards_per_func[samples, i]).item()
+    total = (rewards_per_func * weights.to(rewards_per_func.device)).nansum(dim=1)
+    total[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: left out, as in TRL
+    sample_rewards = total[samples]
+    metrics["reward"] = torch.nanmean(sample_rewards).item()
+    metrics["reward_std"] = nanstd(sample_rewards).item()
+    metrics["reward/reference"] = torch.nanmean(total[~samples]).item()
+    per_group = sample_rewards.view(-1, group - 1)
+    spread = per_group.nan_to_num(torch.inf).amin(dim=1), per_group.nan_to_num(-torch.inf).amax(1)
+    all_equal = torch.isclose(spread[0], spread[1]) | torch.isinf(spread[0])  # inf: none scored
+    metrics["frac_reward_zero_std"] = all_equal.float().mean().item()
+    return metrics
+
+
+def completion_metrics(
+    lengths: torch.Tensor, truncated: torch.Tensor, group: int
+) -> dict[str, float]:
+    """TRL's ``completions/*`` statistics over the sample rows.
+
+    lengths: [rows] completion lengths in tokens; truncated: [rows] bool, True where a
+    completion ended without EOS (cut at ``max_completion_length``).
+    """
+    samples = is_sample_row(lengths.size(0), group, lengths.device)
+    lengths, truncated = lengths[samples].float(), truncated[samples]
+    terminated = lengths[~truncated]
+    if terminated.numel() == 0:  # as TRL: 0 when no sample terminated
+        terminated = lengths.new_zeros(1)
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": truncated.float().mean().item(),
+        "completions/mean_terminated_length": terminated.mean().item(),
+        "completions/min_terminated_length": terminated.min().item(),
+        "completions/max_terminated_length": terminated.max().item(),
+    }
