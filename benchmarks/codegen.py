@@ -27,12 +27,14 @@ import tempfile
 from pathlib import Path
 
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
-# Feature sets: what the loss paths launch (forward only, gradient, gradient + every extra).
+# Feature sets: what the loss paths launch (forward only, gradient, gradient + every extra:
+# KL, importance weights, PPO clip, entropy and its bonus).
+_NONE = dict(grad=False, kl=False, is_=False, clip=False, entropy=False, ent_grad=False)
 FEATURES = {
-    "forward": dict(grad=False, kl=False, is_=False, entropy=False),
-    "forward+entropy": dict(grad=False, kl=False, is_=False, entropy=True),
-    "grad": dict(grad=True, kl=False, is_=False, entropy=False),
-    "grad+all": dict(grad=True, kl=True, is_=True, entropy=True),
+    "forward": _NONE,
+    "forward+entropy": {**_NONE, "entropy": True},
+    "grad": {**_NONE, "grad": True},
+    "grad+all": dict.fromkeys(_NONE, True),
 }
 # Per-SM limits of compute capability 9.0 (CUDA C++ programming guide, "Technical Specifications
 # per Compute Capability"): registers, threads, resident blocks, shared memory (1 KiB of it
@@ -80,9 +82,9 @@ def compile_row_kernel(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from grao_fast.kernels.logprob import _token_logprob_grad_kernel
+    from grao_fast.kernels.logprob import _row_pass_kernel
 
-    kernel = _token_logprob_grad_kernel.fn  # the JITFunction under the heuristics
+    kernel = _row_pass_kernel.fn  # the JITFunction under the heuristics
     f = FEATURES[features]
     ptr = f"*{dtype}"
     optional = {
@@ -90,18 +92,20 @@ def compile_row_kernel(
         "ref_ptr": ("*fp32", f["kl"]),
         "kl_coef_ptr": ("*fp32", f["kl"]),
         "sampler_ptr": ("*fp32", f["is_"]),
+        "old_ptr": ("*fp32", f["clip"]),
+        "ent_coef_ptr": ("*fp32", f["ent_grad"]),
         "grad_ptr": (ptr, f["grad"]),
         "entropy_ptr": ("*fp32", f["entropy"]),
     }
     signature = dict(
         logits_ptr=ptr, stride_ls="i64", stride_lt="i64", labels_ptr="*i64", stride_gs="i64",
         stride_gt="i64", logp_ptr="*fp32", M="i32", T="i32", V="i32", inv_temperature="fp32",
-        ignore_index="i32", is_cap="fp32",
+        ignore_index="i32", is_cap="fp32", clip_low="fp32", clip_high="fp32",
     )  # fmt: skip
     constants = dict(
-        BLOCK_V=block_v, HAS_GRAD=f["grad"], HAS_KL=f["kl"], HAS_IS=f["is_"],
-        HAS_ENTROPY=f["entropy"], FIRST_READ="evict_last" if f["grad"] else "evict_first",
-        NUM_STAGES=num_stages,
+        BLOCK_V=block_v, HAS_GRAD=f["grad"], HAS_KL=f["kl"], HAS_IS=f["is_"], HAS_CLIP=f["clip"],
+        HAS_ENTROPY=f["entropy"], HAS_ENT_GRAD=f["ent_grad"],
+        FIRST_READ="evict_last" if f["grad"] else "evict_first", NUM_STAGES=num_stages,
     )  # fmt: skip
     for name, (kind, present) in optional.items():
         signature[name] = kind if present else "constexpr"

@@ -24,7 +24,8 @@ import torch
 
 from benchmarks import measure
 from benchmarks.problems import Inputs, Problem, make_inputs
-from benchmarks.rows import LossFn, Options, Row
+from benchmarks.rows import LossFn, Row
+from grao_fast import GRAOOptions
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,22 @@ class Case:
         return peak
 
 
-def build(row: Row, inputs: Inputs, options: Options | None = None) -> Case:
-    """``row`` built on ``inputs`` (the paper's options unless given); the row must be runnable
-    on the inputs' device (``row.skip_reason(device) is None``)."""
+def build(row: Row, inputs: Inputs, options: GRAOOptions | None = None) -> Case:
+    """``row`` built on ``inputs`` with ``options`` (default: the paper's, the problem's G).
+
+    A clip row gets ``importance_level=row.clip`` and the inputs with ``old_logps``. The row
+    must be runnable on the inputs' device (``row.skip_reason(device) is None``).
+    """
     if inputs.path != row.path:
         raise ValueError(f"row {row.name!r} needs {row.path!r} inputs, got {inputs.path!r}")
-    return Case(row, inputs, row.build(inputs, options or Options()))
+    g = inputs.problem.group_size
+    options = GRAOOptions(group_size=g) if options is None else options
+    if options.group_size != g:
+        raise ValueError(f"options.group_size={options.group_size} but the problem has G={g}")
+    if row.clip is not None:
+        options = options.replace(importance_level=row.clip)
+        inputs = inputs.with_old_logps(options.temperature)
+    return Case(row, inputs, row.build(inputs, options))
 
 
 def build_fresh(
@@ -117,7 +128,7 @@ def build_fresh(
     device: torch.device,
     *,
     seed: int = 0,
-    options: Options | None = None,
+    options: GRAOOptions | None = None,
 ) -> Case:
     """``row`` on fresh random inputs of ``problem`` (``make_inputs`` with ``seed``)."""
     return build(row, make_inputs(problem, device, path=row.path, seed=seed), options)

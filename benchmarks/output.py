@@ -15,7 +15,12 @@ PEER_NOTE = (
     "Rows marked GRPO (Liger-Kernel) compute a GRPO loss, not GRAO: they are compared on the work "
     "both losses share (per-token log-probs over the vocabulary, a loss on them, its gradient). "
     "Rows marked GRAO compute the same loss as the reference; `loss Δ` is their relative "
-    "difference from it."
+    "difference from it. Rows marked `GRAO, token clip` / `GRAO, sequence clip` add the "
+    "PPO-clipped ratio against old log-probs (`old_logps`, `clip_eps=(0.2, 0.2)`, "
+    "`importance_level` token / sequence) on the same problem: a different loss, checked against "
+    "the reference with the same clip in `benchmarks/test_rows.py`. The token-level clip stays "
+    "in the one pass over the logits; the sequence-level ratio needs whole rows first and reads "
+    "the logits twice."
 )
 
 
@@ -162,7 +167,9 @@ def markdown(result: dict) -> str:
         "",
         f"- {PEER_NOTE}",
         "- Bandwidth counts one read of the logits and one write of their gradient "
-        "(2 N T V bytes per element size); `% of copy` divides it by the measured copy bandwidth.",
+        "(2 N T V bytes per element size) for every logits row, so a row that reads the logits "
+        "twice (sequence clip) shows that cost as a lower share; `% of copy` divides it by the "
+        "measured copy bandwidth.",
         "- TFLOP/s counts the three GEMMs (6 M V H FLOPs); `GEMMs / row time` is the bare GEMMs' "
         "time over the row's forward+backward time (1.0 = no overhead beyond the GEMMs).",
         "- Forward and forward+backward are timed separately; `bwd ms` is their difference. "

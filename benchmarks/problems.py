@@ -7,10 +7,13 @@ positions over a vocabulary of ``vocab`` (and ``hidden`` for the hidden -> lm_he
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
+
+import grao_fast
 
 IGNORE_INDEX = -100
 MAX_SEQ_LEN = 1024  # rows get longer than this only by adding groups
@@ -79,11 +82,33 @@ class Inputs:
     logits: torch.Tensor | None = None  # [N, T, V], requires grad
     hidden: torch.Tensor | None = None  # [N, T, H], requires grad
     weight: torch.Tensor | None = None  # [V, H], requires grad
+    old_logps: torch.Tensor | None = None  # [N, T] float32, no grad: set by with_old_logps
+    seed: int = 0
 
     @property
     def path(self) -> str:
-        """ "logits" or "linear": which rows these inputs feed."""
+        """Which rows these inputs feed: "logits" or "linear"."""
         return "logits" if self.logits is not None else "linear"
+
+    def with_old_logps(self, temperature: float) -> Inputs:
+        """These inputs (the same tensors) plus ``old_logps``: the log-probs of a policy one
+        update away, for the clip rows.
+
+        The current log-probs at ``temperature`` plus noise, N(0, 0.2^2) per token and per row,
+        so that with ``clip_eps=(0.2, 0.2)`` a good share of the tokens and some rows take the
+        clipped branch. Logits path only.
+        """
+        if self.logits is None:
+            raise ValueError("with_old_logps needs logits inputs (the clip rows are logits rows)")
+        with torch.no_grad():
+            logp = grao_fast.token_logprobs(
+                self.logits.detach(), self.labels, temperature=temperature
+            )
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        shape = logp.shape
+        noise = torch.randn(shape, generator=gen) + torch.randn(shape[0], 1, generator=gen)
+        old = (logp + 0.2 * noise.to(logp.device)).float()
+        return dataclasses.replace(self, old_logps=old)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -110,7 +135,7 @@ def make_inputs(problem: Problem, device: torch.device, *, path: str, seed: int 
     lengths = torch.randint(max(1, p.seq_len // 2), p.seq_len + 1, (p.rows, 1), generator=gen)
     labels[torch.arange(p.seq_len)[None, :] >= lengths] = IGNORE_INDEX
     rewards = torch.randn(p.groups, p.group_size + 1, generator=gen)
-    inputs = Inputs(p, labels.to(device), rewards.to(device))
+    inputs = Inputs(p, labels.to(device), rewards.to(device), seed=seed)
     # The large tensors are drawn on the device itself: [32k, 152k] on the host would be slow.
     dev_gen = torch.Generator(device=device).manual_seed(seed)
     if path == "logits":

@@ -221,6 +221,7 @@ def run_tables(
                         "label": row.label,
                         "path": path,
                         "objective": row.objective,
+                        "clip": row.clip,
                         **result,
                     }
                 )

@@ -4,11 +4,14 @@ Two paths: "logits" rows start from materialised logits [N, T, V]; "linear" rows
 last hidden states [N, T, H] and the lm_head weight [V, H]. Each path has a plain-PyTorch GRAO
 reference as its baseline. Peer libraries compute GRPO, not GRAO; they are here for the work
 both share: per-token log-probs over the vocabulary, a loss on them, and its gradient.
+
+Every row is built with one ``grao_fast.GRAOOptions`` (the paper's defaults unless given). Clip
+rows (``Row.clip``) add the PPO-clipped ratio against an old policy's log-probs
+(``Inputs.with_old_logps``), per token or per sequence, on the same problem as the plain rows.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,42 +20,35 @@ import torch
 
 import grao_fast
 from benchmarks.problems import IGNORE_INDEX, Inputs
-from grao_fast import reference
+from grao_fast import GRAOOptions, reference
 
 LossFn = Callable[[], torch.Tensor]  # computes the scalar loss; the harness calls .backward()
 
 
 @dataclass(frozen=True)
-class Options:
-    """The GRAO options every row is built with; the defaults are the paper's.
-
-    Every GRAO row honours every field (``benchmarks/test_rows.py`` checks each row against the
-    reference with the defaults and with an ablation that changes them all); the GRPO peers take
-    ``temperature`` and the advantages' ``eps`` and ``reference_in_group``.
-    """
-
-    beta: float = 0.5
-    lam: float = 0.6
-    temperature: float = 1.0
-    eps: float = 1e-6
-    reference_in_group: bool = True
-    terms: tuple[str, ...] = reference.TERMS
-
-    def loss_kwargs(self, inputs: Inputs) -> dict[str, object]:
-        """Keywords of ``grao_loss``, ``grao_loss_linear`` and ``reference.grao_terms``."""
-        return {"group_size": inputs.problem.group_size, **dataclasses.asdict(self)}
-
-
-@dataclass(frozen=True)
 class Row:
-    """One implementation: ``build(inputs, options)`` returns a closure computing the loss."""
+    """One implementation: ``build(inputs, options)`` returns a closure computing the loss.
+
+    GRAO rows honour every option of the loss (``benchmarks/test_rows.py`` checks each against
+    the reference with the paper's options and with an ablation that changes them); the GRPO
+    peers take ``temperature`` and the advantages' ``eps`` and ``reference_in_group``.
+    """
 
     name: str  # the id used by --rows
     label: str  # shown in the tables
     path: str  # "logits" or "linear"
-    objective: str  # "GRAO" or "GRPO"
+    objective: str  # "GRAO", "GRAO, token clip", "GRAO, sequence clip" or "GRPO"
     skip_reason: Callable[[torch.device], str | None]
-    build: Callable[[Inputs, Options], LossFn]
+    build: Callable[[Inputs, GRAOOptions], LossFn]
+    clip: str | None = (
+        None  # "token"/"sequence": clipped ratio against old_logps (importance_level)
+    )
+
+
+def loss_kwargs(inputs: Inputs, options: GRAOOptions) -> dict[str, object]:
+    """Keywords of ``reference.grao_terms``, ``grao_loss`` and ``grao_loss_linear``: the options,
+    and the old policy's log-probs where the inputs carry them (clip rows)."""
+    return {**options.spec_kwargs(), "old_logps": inputs.old_logps}
 
 
 # ----------------------------------------------------------------------------- availability
@@ -81,27 +77,30 @@ def _needs_module(module: str, *, cuda: bool = False) -> Callable[[torch.device]
 
 
 def grao_from_token_logps(
-    logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, options: Options
+    logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, options: GRAOOptions
 ) -> torch.Tensor:
-    """The GRAO loss from per-token log-probs [N, T] (anything at masked positions), computed
-    by the spec's own functions in ``grao_fast.reference``: advantages, each row's mean
-    log-prob ``J`` and the three terms, with every option in ``options``.
+    """The GRAO loss from per-token log-probs [N, T] (temperature applied; anything at masked
+    positions), by the spec's own formula in ``grao_fast.reference``.
 
-    For the rows that get per-token log-probs some other way (a per-row gather, a peer's
-    cross-entropy); ``logp`` must already include the temperature.
+    Without a KL, an entropy bonus or a clip, the loss is linear in the log-probs:
+    ``loss = sum k[n, t] logp[n, t]`` with ``k = d loss / d logp`` fixed by the rewards, the mask
+    and the options. The reference gives ``k`` on a two-word vocabulary: with zero logits every
+    label's log-prob is ``-log 2`` and the gradient on its logit is ``k / 2``. That call is
+    O(N T), next to the O(N T V) that produced ``logp``.
     """
-    groups = rewards.reshape(-1, rewards.shape[-1]).float()  # [B, G+1]
-    adv = reference.group_advantages(
-        groups, eps=options.eps, reference_in_group=options.reference_in_group
-    )
-    seq = reference.sequence_means(logp.float(), mask).reshape(groups.shape)
-    parts = reference.objective_terms(
-        seq, adv, beta=options.beta, lam=options.lam, terms=options.terms
-    )
-    return -(parts["exploration"] + parts["imitation"] + parts["alignment"])
+    if options.kl_coef or options.entropy_coef:
+        raise ValueError("grao_from_token_logps: kl_coef and entropy_coef need the logits")
+    labels = torch.where(mask, 0, IGNORE_INDEX)
+    two = torch.zeros(*mask.shape, 2, device=mask.device, requires_grad=True)
+    spec = {**options.spec_kwargs(), "temperature": 1.0, "return_entropy": False}
+    with torch.enable_grad():
+        ref_loss = reference.grao_terms(two, labels, rewards.detach(), **spec).loss
+        (d_two,) = torch.autograd.grad(ref_loss, two)
+    k = 2 * d_two[..., 0]
+    return (k * torch.where(mask, logp.float(), 0.0)).sum()
 
 
-def _flat_advantages(inputs: Inputs, options: Options) -> torch.Tensor:
+def _flat_advantages(inputs: Inputs, options: GRAOOptions) -> torch.Tensor:
     """[N] float32: one advantage per row, the GRPO peers' input."""
     adv = reference.group_advantages(
         inputs.rewards.float(), eps=options.eps, reference_in_group=options.reference_in_group
@@ -117,18 +116,18 @@ def _safe_labels(inputs: Inputs) -> torch.Tensor:
 # ----------------------------------------------------------------------------- logits path
 
 
-def _reference(inputs: Inputs, options: Options) -> LossFn:
-    kwargs = options.loss_kwargs(inputs)
+def _reference(inputs: Inputs, options: GRAOOptions) -> LossFn:
+    kwargs = loss_kwargs(inputs, options)
     return lambda: reference.grao_terms(inputs.logits, inputs.labels, inputs.rewards, **kwargs).loss
 
 
-def _reference_compiled(inputs: Inputs, options: Options) -> LossFn:
+def _reference_compiled(inputs: Inputs, options: GRAOOptions) -> LossFn:
     compiled = torch.compile(reference.grao_terms)
-    kwargs = options.loss_kwargs(inputs)
+    kwargs = loss_kwargs(inputs, options)
     return lambda: compiled(inputs.logits, inputs.labels, inputs.rewards, **kwargs).loss
 
 
-def _trl_style(inputs: Inputs, options: Options) -> LossFn:
+def _trl_style(inputs: Inputs, options: GRAOOptions) -> LossFn:
     """Per-row log-prob gather as TRL's ``selective_log_softmax`` does it, then the GRAO loss.
 
     TRL divides the logits by the temperature first. float32: gather the label's logit and
@@ -154,18 +153,18 @@ def _trl_style(inputs: Inputs, options: Options) -> LossFn:
     return loss
 
 
-def _grao_backend(backend: str) -> Callable[[Inputs, Options], LossFn]:
-    def build(inputs: Inputs, options: Options) -> LossFn:
+def _grao_backend(backend: str) -> Callable[[Inputs, GRAOOptions], LossFn]:
+    def build(inputs: Inputs, options: GRAOOptions) -> LossFn:
         # check_labels=False: the sync-free fast path a training step runs once its data are
         # known to be valid (the label/reward check is one host-device sync).
-        kwargs = {**options.loss_kwargs(inputs), "backend": backend, "check_labels": False}
+        kwargs = {**loss_kwargs(inputs, options), "backend": backend, "check_labels": False}
         logits, labels, rewards = inputs.logits, inputs.labels, inputs.rewards
         return lambda: grao_fast.grao_loss(logits, labels, rewards, **kwargs).loss
 
     return build
 
 
-def _liger_grpo(inputs: Inputs, options: Options) -> LossFn:
+def _liger_grpo(inputs: Inputs, options: GRAOOptions) -> LossFn:
     """Liger-Kernel's Triton GRPO loss (token level, no KL, no old policy).
 
     Liger reads logits [N, L+1, V] and drops the last position, so it gets our logits with the
@@ -191,9 +190,9 @@ def _liger_grpo(inputs: Inputs, options: Options) -> LossFn:
 # ----------------------------------------------------------------------------- linear path
 
 
-def _reference_linear(inputs: Inputs, options: Options) -> LossFn:
+def _reference_linear(inputs: Inputs, options: GRAOOptions) -> LossFn:
     """The lm_head matmul, then the GRAO reference on the materialised logits."""
-    kwargs = options.loss_kwargs(inputs)
+    kwargs = loss_kwargs(inputs, options)
 
     def loss() -> torch.Tensor:
         logits = inputs.hidden @ inputs.weight.T
@@ -202,9 +201,9 @@ def _reference_linear(inputs: Inputs, options: Options) -> LossFn:
     return loss
 
 
-def grao_linear(inputs: Inputs, options: Options, **extra: object) -> LossFn:
+def grao_linear(inputs: Inputs, options: GRAOOptions, **extra: object) -> LossFn:
     """``grao_loss_linear`` on ``inputs``; ``extra``: its other keywords (``chunk_bytes``)."""
-    kwargs = {**options.loss_kwargs(inputs), "check_labels": False, **extra}  # see _grao_backend
+    kwargs = {**loss_kwargs(inputs, options), "check_labels": False, **extra}  # see _grao_backend
     return lambda: (
         grao_fast.grao_loss_linear(
             inputs.hidden, inputs.weight, inputs.labels, inputs.rewards, **kwargs
@@ -212,7 +211,7 @@ def grao_linear(inputs: Inputs, options: Options, **extra: object) -> LossFn:
     )
 
 
-def _liger_fused_linear_grpo(inputs: Inputs, options: Options) -> LossFn:
+def _liger_fused_linear_grpo(inputs: Inputs, options: GRAOOptions) -> LossFn:
     """Liger-Kernel's chunked fused-linear GRPO loss (token level, no KL, loss math compiled)."""
     from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
 
@@ -224,7 +223,7 @@ def _liger_fused_linear_grpo(inputs: Inputs, options: Options) -> LossFn:
     return lambda: module(inputs.hidden, inputs.weight, ids, mask, adv)[0]
 
 
-def _cce(inputs: Inputs, options: Options) -> LossFn:
+def _cce(inputs: Inputs, options: GRAOOptions) -> LossFn:
     """cut-cross-entropy's per-token cross-entropy (``reduction="none"``) as ``-logp``, then GRAO.
 
     ``impl="cce"`` (its Triton kernels, default gradient filter) on CUDA; ``impl="torch_compile"``
@@ -260,6 +259,20 @@ ROWS: tuple[Row, ...] = (
     Row(
         "triton", "grao-fast triton", "logits", "GRAO",
         _needs_cuda, _grao_backend("triton"),
+    ),
+    # The objective family's clipped ratio against old_logps, on the plain rows' problem: per
+    # token it changes each token's coefficient inside the one pass; per sequence (GSPO) the
+    # ratios need whole rows first, so the logits are read twice (a forward-only pass, then
+    # the gradient pass). torch_clip, torch_sequence, triton_clip, triton_sequence.
+    *(
+        Row(
+            f"{backend}_{name}", f"grao-fast {backend}, {label}", "logits", f"GRAO, {level} clip",
+            skip, _grao_backend(backend), clip=level,
+        )
+        for backend, skip in (("torch", _always), ("triton", _needs_cuda))
+        for level, name, label in (
+            ("token", "clip", "token clip"), ("sequence", "sequence", "sequence clip (2 reads)")
+        )
     ),
     Row(
         "liger_grpo", "Liger Triton GRPO", "logits", "GRPO",

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         )  # fmt: skip
 
         def step(launch=launch):
-            return logprob.token_logprob_grad(logits, labels, coef, grad=grad, **launch)
+            return logprob.row_pass(logits, labels, coef, grad=grad, **launch)
 
         record = {**config, "programs": programs}
         record["default"] = (config["block_v"], config["num_warps"], config["num_stages"]) == tuple(
@@ -155,7 +155,7 @@ def run_linear(args: argparse.Namespace) -> dict:
     import grao_fast
     from benchmarks import core
     from benchmarks.problems import make_inputs, problem_for_tokens
-    from benchmarks.rows import ROWS, Options, grao_linear
+    from benchmarks.rows import ROWS, grao_linear
 
     device = torch.device(args.device)
     problem = problem_for_tokens(
@@ -169,7 +169,8 @@ def run_linear(args: argparse.Namespace) -> dict:
     sizes = [k << 10 for k in QUICK_CHUNKS_KIB] if args.quick else [c << 20 for c in CHUNKS_MIB]
     first, results = None, []
     for chunk_bytes in tqdm(sizes, desc="chunk sizes", unit="size"):
-        case = core.Case(row, inputs, grao_linear(inputs, Options(), chunk_bytes=chunk_bytes))
+        loss_fn = grao_linear(inputs, grao_fast.GRAOOptions(group_size=8), chunk_bytes=chunk_bytes)
+        case = core.Case(row, inputs, loss_fn)
         record = {"chunk_mib": chunk_bytes / 2**20, "status": "ok"}
         record["chunk_tokens"] = grao_fast.linear.chunk_tokens(v, problem.dtype, chunk_bytes)
         try:
