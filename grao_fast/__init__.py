@@ -40,4 +40,9 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_API[name], __name__), name)
         globals()[name] = value  # later look-ups skip this function
         return value
+    try:  # a submodule (grao_fast.linear, grao_fast.reference, ...), imported on first use
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

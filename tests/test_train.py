@@ -353,7 +353,7 @@ def test_short_run_with_vllm_rollouts(tmp_path, capfd):
     records = train(_cfg(tmp_path, rollout="vllm", steps=3, checkpoint_every=2))
     out, err = capfd.readouterr()
     assert out == "" and "WARNING" not in err  # vLLM's start-up lines go to train.log
-    assert "WARNING" in (tmp_path / "run" / "train.log").read_text()
+    assert "Loading safetensors checkpoint shards" in (tmp_path / "run" / "train.log").read_text()
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(0.0 <= r["reward"] <= 1.0 and r["reward_reference"] == 1.0 for r in records)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
