@@ -209,6 +209,11 @@ def main() -> None:
         record = run(args.backend, args.model_dir, str(out / "trainer"), fused=bool(fused))
         if record is not None:
             torch.save(record, out / f"{args.backend}-fused{fused}.pt")
+    # Tear the process group down explicitly, both ranks together: left to the interpreter's exit,
+    # the communicator's threads can be destroyed while still joinable (std::terminate, SIGABRT).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
