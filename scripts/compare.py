@@ -1,70 +1,174 @@
-"""The paper's claim in miniature: GRAO vs GRPO, SFT and GRAO's three ablations on the toy task.
+"""GRAO against GRPO, SFT and its own ablations, trained side by side with `grao-fast train`.
 
-Every method runs ``grao-fast train`` (the built-in reverse-digits task, vLLM rollouts when
-installed) with the same settings and several seeds; the seed changes the tiny model's initial
-weights, the data order and the sampling. Writes to ``--out``:
+Two studies (``--study``):
 
-  summary.md    table: final reward, steps until the reward reaches ``--threshold``, mean +- std
-  summary.json  the same numbers per seed, plus each run's reward curve
-  reward.png    reward vs step, mean over seeds with a +-1 std band
+  warm  (default) the paper's setting in miniature. For each task (``reverse`` and ``sort`` a
+        string of digits), a tiny model is first trained with SFT on an easier version (2-4
+        digits) until it answers the RL task (3-5 digits) exactly some of the time; every method
+        then starts from that same checkpoint. 5 seeds per method.
+  cold  the reverse task from random weights, 3 seeds (where GRPO has nothing to reinforce).
 
-    python scripts/compare.py                   # 6 methods x 3 seeds
-    python scripts/compare.py --summarize-only  # rebuild the outputs from finished runs
+A seed changes the data order and the sampling (and, cold, the initial weights); runs with the
+same seed see the same prompts in the same order, so seeds pair the methods. Compute is
+counted as rows backpropagated (rows through forward and backward: ``B*(G+1)`` per update for
+the group losses, ``B`` for SFT) and as wall-clock. Writes to ``results/<study>/``:
+
+  summary.md    per task and method: final reward and exact-answer rate, steps / rows /
+                seconds until the reward reaches the threshold (runs that never do, counted),
+                reward at equal rows, and paired tests of the headline comparisons
+  summary.json  the same numbers per run, with each run's curves
+  <task>.png    reward vs step and vs rows backpropagated, mean +- std band per method
+
+    python scripts/compare.py                                   # the whole warm study
+    python scripts/compare.py --task sort --method GRAO --seed 3  # one run (skipped if done)
+    python scripts/compare.py --summarize-only                  # rebuild the outputs
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
+import random
 import statistics
-import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-METHODS: dict[str, list[str]] = {
+# The group losses and SFT; each method is a list of `grao-fast train` flags.
+GRAO_METHODS: dict[str, list[str]] = {
     "GRAO": [],
-    "GRPO": ["--loss", "grpo"],
-    "SFT": ["--loss", "sft"],
     "GRAO w/o exploration": ["--terms", "imitation,alignment"],
     "GRAO w/o imitation": ["--terms", "exploration,alignment"],
     "GRAO w/o alignment": ["--terms", "exploration,imitation"],
+    "GRPO": ["--loss", "grpo"],
+    "SFT": ["--loss", "sft"],
+}
+HEADLINE = [("GRAO", "GRPO"), ("GRAO", "SFT")]
+
+
+@dataclass(frozen=True)
+class Task:
+    """Digit strings of ``digits`` (inclusive range) mapped to an answer: ``"<name> 123"``."""
+
+    name: str
+    easy: tuple[int, int]  # lengths the warm start is trained on
+    rl: tuple[int, int]  # lengths of the RL task
+
+    def answer(self, digits: str) -> str:
+        return digits[::-1] if self.name == "reverse" else "".join(sorted(digits))
+
+    def write(self, path: Path, lengths: tuple[int, int], count: int = 5000) -> Path:
+        """``count`` prompt/reference pairs as JSONL, a pure function of task and lengths."""
+        rng = random.Random(f"{self.name}/{lengths}")
+        rows = []
+        for _ in range(count):
+            digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(*lengths)))
+            rows.append({"prompt": f"{self.name} {digits}", "reference": self.answer(digits)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+
+TASKS = {"reverse": Task("reverse", (2, 4), (3, 5)), "sort": Task("sort", (2, 4), (3, 5))}
+
+
+@dataclass(frozen=True)
+class Study:
+    tasks: tuple[str, ...]
+    methods: dict[str, list[str]]
+    seeds: tuple[int, ...]
+    steps: int
+    train_args: list[str]  # flags of every RL run
+    threshold: float  # reward level for "steps to threshold"
+    warm_steps: int = 0  # SFT steps on the easy task before RL (0: random weights)
+    warm_args: list[str] = field(default_factory=list)
+    paired: list[tuple[str, str]] = field(default_factory=lambda: HEADLINE)
+
+
+STUDIES = {
+    "warm": Study(
+        tasks=("reverse", "sort"),
+        methods={
+            **GRAO_METHODS,
+            # SFT on 9x the prompts per step: the rows backpropagated of a GRAO step (B*(G+1))
+            "SFT, equal rows": ["--loss", "sft", "--batch-prompts", "72", "--group-size", "2"],
+            "GRAO, 2 updates (clip)": ["--num-iterations", "2"],
+            "GRAO, token norm": ["--length-norm", "token"],
+        },
+        seeds=(0, 1, 2, 3, 4),
+        steps=100,
+        train_args=["--rollout", "hf", "--batch-prompts", "8"],
+        threshold=0.85,
+        warm_steps=150,
+        warm_args=["--loss", "sft", "--rollout", "hf", "--batch-prompts", "16"],
+        paired=[*HEADLINE, ("GRAO", "SFT, equal rows")],
+    ),
+    "cold": Study(
+        tasks=("reverse",),
+        methods=GRAO_METHODS,
+        seeds=(0, 1, 2),
+        steps=150,
+        train_args=["--data", "reverse"],
+        threshold=0.4,
+    ),
 }
 
 
-def run_dir(runs: Path, method: str, seed: int) -> Path:
-    return runs / f"{method.lower().replace(' ', '-').replace('/', '')}-seed{seed}"
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def run_all(args: argparse.Namespace) -> None:
-    jobs = [(m, s) for m in METHODS for s in args.seeds]
-    for method, seed in tqdm(jobs, desc="runs", unit="run"):
-        out = run_dir(args.runs, method, seed)
-        if (out / "checkpoints" / f"step-{args.steps:06d}").exists() and not args.rerun:
-            continue  # finished earlier
-        command = [
-            sys.executable,
-            "-m",
-            "grao_fast",
-            "train",
-            "--name",
-            out.name,
-            "--output-dir",
-            str(out),
-            "--seed",
-            str(seed),
-            "--steps",
-            str(args.steps),
-            "--overwrite",
-            "--no-plot",
-            "--checkpoint-every",
-            "0",
-            *METHODS[method],
-            *args.train_args,
-        ]
-        with (args.runs / f"{out.name}.log").open("w") as log:
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+def train(argv: list[str]) -> Path:
+    """One ``grao-fast train`` run in this process (the imports are paid once per study)."""
+    from grao_fast.cli import parse_train_args
+    from grao_fast.train import train as run
+
+    cfg = parse_train_args(argv)
+    run(cfg)
+    return cfg.out
+
+
+def finished(out: Path, steps: int) -> bool:
+    metrics = out / "metrics.jsonl"
+    return metrics.exists() and len(metrics.read_text().splitlines()) >= steps
+
+
+def warm_start(study: Study, task: Task, runs: Path) -> list[str]:
+    """The flags that start an RL run of ``task``: its data, and the warm-start checkpoint
+    (trained here on first use)."""
+    if not study.warm_steps:
+        return []
+    data = task.write(runs / task.name / "rl.jsonl", task.rl)
+    out = runs / task.name / "warm-start"
+    if not finished(out, study.warm_steps):
+        easy = task.write(runs / task.name / "easy.jsonl", task.easy)
+        train(["--data", str(easy), "--output-dir", str(out), "--name", f"{task.name}-warm-start",
+               "--steps", str(study.warm_steps), "--overwrite", "--checkpoint-every", "0",
+               "--keep-checkpoints", "1", *study.warm_args])  # fmt: skip
+    checkpoint = out / "checkpoints" / f"step-{study.warm_steps:06d}"
+    return ["--data", str(data), "--model", str(checkpoint)]
+
+
+def run_all(study: Study, args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    jobs = [(t, m, s) for t in args.tasks for m in args.methods for s in args.seeds]
+    starts = {}
+    for task, method, seed in tqdm(jobs, desc="runs", unit="run", position=1):
+        out = args.runs / task / f"{slug(method)}-seed{seed}"
+        if finished(out, study.steps) and not args.rerun:
+            continue
+        if task not in starts:
+            starts[task] = warm_start(study, TASKS[task], args.runs)
+        train(["--name", f"{task}/{slug(method)}/{seed}", "--output-dir", str(out),
+               "--seed", str(seed), "--steps", str(study.steps), "--overwrite", "--no-plot",
+               "--checkpoint-every", "0", "--keep-checkpoints", "1",
+               *study.train_args, *starts[task], *study.methods[method]])  # fmt: skip
+
+
+# -- summary ------------------------------------------------------------------------------------
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -72,140 +176,240 @@ def smooth(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
 
 
+def rows_per_step(config: dict) -> int:
+    """Rows through forward and backward in one step: the reference rows for SFT, every row of
+    every group (the reference included, also under GRPO) for the group losses, per update."""
+    if config["loss"] == "sft":
+        return config["batch_prompts"]
+    return config["batch_prompts"] * (config["group_size"] + 1) * config.get("num_iterations", 1)
+
+
 def summarize_run(path: Path, threshold: float, window: int) -> dict:
+    config = json.loads((path / "config.json").read_text())
     records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-    rewards = [r["reward"] for r in records]
-    smoothed = smooth(rewards, window)
-    reached = next(
-        (r["step"] for r, s in zip(records, smoothed, strict=True) if s >= threshold), None
-    )
+    reward = smooth([r["reward"] for r in records], window)
+    per_step = rows_per_step(config)
+    rows = [per_step * r["step"] for r in records]
+    seconds = list(itertools.accumulate(r["seconds"] for r in records))
+    hit = next((i for i, value in enumerate(reward) if value >= threshold), None)
     return {
-        "final_reward": statistics.fmean(rewards[-window:]),
-        "final_solved": statistics.fmean(r["solved"] for r in records[-window:]),
-        "steps_to_threshold": reached,
-        "reward_curve": smoothed,
+        "start_exact": records[0]["exact"],
+        "final_reward": statistics.fmean(r["reward"] for r in records[-window:]),
+        "final_exact": statistics.fmean(r["exact"] for r in records[-window:]),
+        "steps_to_threshold": None if hit is None else records[hit]["step"],
+        "rows_to_threshold": None if hit is None else rows[hit],
+        "seconds_to_threshold": None if hit is None else seconds[hit],
+        "rows_per_step": per_step,
+        "rows": rows[-1],
+        "seconds": seconds[-1],
+        "reward_curve": reward,
+        "exact_curve": smooth([r["exact"] for r in records], window),
     }
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def at_rows(run: dict, budget: int) -> float:
+    """The smoothed reward of a run once it has backpropagated ``budget`` rows."""
+    step = min(math.ceil(budget / run["rows_per_step"]), len(run["reward_curve"]))
+    return run["reward_curve"][step - 1]
 
 
-def write_summary(args: argparse.Namespace) -> None:
-    results = {
-        m: {
-            s: summarize_run(run_dir(args.runs, m, s), args.threshold, args.window)
-            for s in args.seeds
-        }
-        for m in METHODS
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "steps": args.steps,
-        "seeds": args.seeds,
-        "threshold": args.threshold,
-        "window": args.window,
-        "train_args": args.train_args,
-    }
-    (args.out / "summary.json").write_text(
-        json.dumps({"settings": settings, "results": results}, indent=1) + "\n"
-    )
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3g} ± {sd:.2g}"
 
+
+def t_cdf(t: float, df: int) -> float:
+    """Student's t distribution function (Simpson's rule on the density; exact to ~1e-10)."""
+    density = lambda x: (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+    norm = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    n, x = 2000, abs(t)
+    h = x / n
+    area = density(0) + density(x) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n))
+    half = norm * area * h / 3
+    return 0.5 + half if t >= 0 else 0.5 - half
+
+
+def paired_test(a: list[float], b: list[float]) -> dict:
+    """Paired over seeds: mean difference, two-sided paired t-test, and the exact sign-flip
+    permutation test (distribution-free; with n pairs its smallest p-value is 2 / 2**n)."""
+    diff = [x - y for x, y in zip(a, b, strict=True)]
+    n, mean = len(diff), statistics.fmean(diff)
+    sd = statistics.stdev(diff) if n > 1 else 0.0
+    if n < 2:
+        t, p_t = math.nan, math.nan
+    elif sd == 0:
+        t, p_t = (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
+    else:
+        t = mean / (sd / math.sqrt(n))
+        p_t = 2 * (1 - t_cdf(abs(t), n - 1))
+    flips = [sum(s * d for s, d in zip(signs, diff)) for signs in itertools.product((1, -1), repeat=n)]
+    p_perm = sum(abs(f) >= abs(sum(diff)) - 1e-12 for f in flips) / len(flips)
+    return {"n": n, "mean_diff": mean, "t": t, "p_t": p_t, "p_permutation": p_perm,
+            "wins": sum(d > 0 for d in diff)}  # fmt: skip
+
+
+def summarize(study: Study, args: argparse.Namespace) -> dict:
+    results: dict = {}
+    for task in study.tasks:
+        results[task] = {}
+        for method in study.methods:
+            runs = {s: args.runs / task / f"{slug(method)}-seed{s}" for s in study.seeds}
+            done = {s: p for s, p in runs.items() if finished(p, study.steps)}
+            if done:
+                results[task][method] = {
+                    s: summarize_run(p, study.threshold, args.window) for s, p in done.items()
+                }
+    return results
+
+
+def task_table(study: Study, task: str, methods: dict, window: int) -> list[str]:
+    budget = min(r["rows"] for runs in methods.values() for r in runs.values())
     lines = [
-        f"Toy task (reverse 3-5 digits), {args.steps} steps, seeds {args.seeds}; reward = mean "
-        f"sampled reward, final = mean of the last {args.window} steps; threshold = first step "
-        f"where the {args.window}-step moving average reaches {args.threshold} (runs that never "
-        "do are not averaged, and counted).",
+        f"### {task}",
         "",
-        "| method | final reward | exact answers (final) | steps to reward >= "
-        f"{args.threshold} | runs reaching it |",
-        "|---|---|---|---|---|",
+        f"Warm start: exact answers at step 1 {mean_std([r['start_exact'] for runs in methods.values() for r in runs.values()])} (all runs).",  # noqa: E501
+        "",
+        f"| method | seeds | final reward | final exact | steps to {study.threshold} | "
+        f"rows to {study.threshold} | seconds to {study.threshold} | reaching it | rows/step | "
+        f"reward at {budget} rows |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, per_seed in results.items():
-        runs = list(per_seed.values())
-        final, final_sd = mean_std([r["final_reward"] for r in runs])
-        solved, solved_sd = mean_std([r["final_solved"] for r in runs])
-        reached = [r["steps_to_threshold"] for r in runs if r["steps_to_threshold"] is not None]
-        steps = "n/a" if not reached else "{:.0f} ± {:.0f}".format(*mean_std(reached))
+    for method, runs in methods.items():
+        values = list(runs.values())
+        col = lambda key: mean_std([r[key] for r in values if r[key] is not None])  # noqa: E731
+        reached = sum(r["steps_to_threshold"] is not None for r in values)
         lines.append(
-            f"| {method} | {final:.3f} ± {final_sd:.3f} | {solved:.3f} ± {solved_sd:.3f} | "
-            f"{steps} | {len(reached)}/{len(runs)} |"
+            f"| {method} | {len(values)} | {col('final_reward')} | {col('final_exact')} | "
+            f"{col('steps_to_threshold')} | {col('rows_to_threshold')} | "
+            f"{col('seconds_to_threshold')} | {reached}/{len(values)} | "
+            f"{values[0]['rows_per_step']} | {mean_std([at_rows(r, budget) for r in values])} |"
         )
-    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
-    plot(results, args.out / "reward.png", args.threshold)
+    return lines
+
+
+def tests_table(study: Study, task: str, methods: dict) -> tuple[list[str], dict]:
+    lines = [
+        "",
+        "| comparison (paired by seed) | metric | mean difference | wins | t-test p | "
+        "sign-flip p |",
+        "|---|---|---|---|---|---|",
+    ]
+    found = {}
+    for a, b in study.paired:
+        if a not in methods or b not in methods:
+            continue
+        seeds = sorted(set(methods[a]) & set(methods[b]))
+        for metric in ("final_reward", "final_exact"):
+            test = paired_test([methods[a][s][metric] for s in seeds],
+                               [methods[b][s][metric] for s in seeds])  # fmt: skip
+            found[f"{a} vs {b}: {metric}"] = test
+            lines.append(
+                f"| {a} vs {b} | {metric.replace('_', ' ')} | {test['mean_diff']:+.3f} | "
+                f"{test['wins']}/{test['n']} | {test['p_t']:.3g} | {test['p_permutation']:.3g} |"
+            )
+    return lines, found
+
+
+def write_summary(study: Study, args: argparse.Namespace) -> None:
+    results = summarize(study, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = "a warm start (SFT on 2-4 digits)" if study.warm_steps else "random weights"
+    lines = [
+        f"Study `{args.study}`: each method from {start}, {study.steps} steps, seeds "
+        f"{list(study.seeds)}, flags `{' '.join(study.train_args)}`. Reward = mean sampled reward "
+        f"(position match), exact = samples equal to the reference; final = mean of the last "
+        f"{args.window} steps; a threshold is reached at the first step whose {args.window}-step "
+        "moving average reaches it. Mean ± std over seeds; runs that never reach the threshold "
+        "are counted in 'reaching it' and left out of the means before it. Rows = rows "
+        "backpropagated; seconds = wall-clock of the steps (sampling included) on a shared "
+        "2-core CPU: compare them within a study only.",
+        "",
+        f"Regenerate: `python scripts/compare.py --study {args.study}`.",
+        "",
+    ]
+    tests = {}
+    for task, methods in results.items():
+        if not methods:
+            continue
+        lines += task_table(study, task, methods, args.window)
+        more, tests[task] = tests_table(study, task, methods)
+        lines += [*more, "", f"![{task}]({task}.png)", ""]
+        plot(task, methods, args.out / f"{task}.png", study.threshold)
+    settings = {"study": args.study, "steps": study.steps, "seeds": list(study.seeds),
+                "threshold": study.threshold, "window": args.window,
+                "train_args": study.train_args, "warm_steps": study.warm_steps,
+                "methods": study.methods}  # fmt: skip
+    (args.out / "summary.json").write_text(
+        json.dumps({"settings": settings, "results": results, "tests": tests}, indent=1) + "\n"
+    )
+    (args.out / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
-def plot(results: dict, path: Path, threshold: float) -> None:
+def plot(task: str, methods: dict, path: Path, threshold: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for method, per_seed in results.items():
-        curves = [r["reward_curve"] for r in per_seed.values()]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for method, runs in methods.items():
+        curves = [r["reward_curve"] for r in runs.values()]
         steps = range(1, min(map(len, curves)) + 1)
         mean = [statistics.fmean(c[i - 1] for c in curves) for i in steps]
         std = [statistics.pstdev([c[i - 1] for c in curves]) for i in steps]
-        style = "-" if method in ("GRAO", "GRPO", "SFT") else ":"
-        (line,) = ax.plot(
-            steps, mean, style, label=method, linewidth=2 if method == "GRAO" else 1.3
-        )
-        ax.fill_between(
-            steps,
-            [m - s for m, s in zip(mean, std, strict=True)],
-            [m + s for m, s in zip(mean, std, strict=True)],
-            color=line.get_color(),
-            alpha=0.12,
-        )
-    ax.axhline(threshold, color="grey", linewidth=0.8, linestyle="--")
-    ax.set(
-        xlabel="optimizer step",
-        ylabel="mean sampled reward (moving average)",
-        ylim=(0, 1),
-        title="Reverse-digits toy task: reward vs step (mean ± std over seeds)",
-    )
-    ax.legend(fontsize=8)
+        rows = [next(iter(runs.values()))["rows_per_step"] * i for i in steps]
+        style = "-" if method in ("GRAO", "GRPO", "SFT", "SFT, equal rows") else ":"
+        for ax, x in zip(axes, (list(steps), rows), strict=True):
+            (line,) = ax.plot(x, mean, style, label=method, linewidth=2 if method == "GRAO" else 1.3)
+            low = [m - s for m, s in zip(mean, std, strict=True)]
+            high = [m + s for m, s in zip(mean, std, strict=True)]
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.12)
+    for ax, label in zip(axes, ("optimizer step", "rows backpropagated (log)"), strict=True):
+        ax.axhline(threshold, color="grey", linewidth=0.8, linestyle="--")
+        ax.set(xlabel=label, ylim=(0, 1))
+    axes[1].set_xscale("log")
+    axes[0].set_ylabel("sampled reward (moving average)")
+    fig.suptitle(f"{task}: mean ± std over seeds")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1, 0.5),
+               fontsize=8)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Arguments after -- go to every `grao-fast train` call.",
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per method (default 0 1 2)"
-    )
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
-    parser.add_argument(
-        "--threshold", type=float, default=0.4, help="reward level for 'steps to threshold'"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", choices=sorted(STUDIES), default="warm", help="default: warm")
+    parser.add_argument("--task", nargs="+", help="only these tasks (default: the study's)")
+    parser.add_argument("--method", nargs="+", help="only these methods (default: all)")
+    parser.add_argument("--seed", type=int, nargs="+", help="only these seeds (default: all)")
     parser.add_argument("--window", type=int, default=10, help="moving-average window in steps")
-    parser.add_argument(
-        "--runs", type=Path, default=Path("runs/compare"), help="where the runs are written"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/compare"), help="where the summary goes"
-    )
-    parser.add_argument(
-        "--rerun", action="store_true", help="run again even when a run has finished"
-    )
+    parser.add_argument("--runs", type=Path, help="where runs are written (runs/<study>)")
+    parser.add_argument("--out", type=Path, help="where the summary goes (results/<study>)")
+    parser.add_argument("--rerun", action="store_true", help="run again a run that has finished")
     parser.add_argument(
         "--summarize-only", action="store_true", help="only rebuild the summary from the runs"
     )
-    argv = sys.argv[1:] if argv is None else argv
-    split = argv.index("--") if "--" in argv else len(argv)
-    args = parser.parse_args(argv[:split])
-    args.train_args = argv[split + 1 :]
+    args = parser.parse_args(argv)
+    study = STUDIES[args.study]
+    args.runs = args.runs or Path("runs") / args.study
+    args.out = args.out or Path("results") / args.study
+    for name, chosen, allowed in (("task", args.task, study.tasks),
+                                  ("method", args.method, study.methods),
+                                  ("seed", args.seed, study.seeds)):  # fmt: skip
+        unknown = set(chosen or ()) - set(allowed)
+        if unknown:
+            parser.error(f"--{name}: {sorted(unknown)} not in the study's {list(allowed)}")
+    args.tasks = args.task or list(study.tasks)
+    args.methods = args.method or list(study.methods)
+    args.seeds = args.seed or list(study.seeds)
     if not args.summarize_only:
-        args.runs.mkdir(parents=True, exist_ok=True)
-        run_all(args)
-    write_summary(args)
+        run_all(study, args)
+    write_summary(study, args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
