@@ -238,3 +238,22 @@ def test_config_accepts_the_mapped_settings(tmp_path):
     for mode in VLLM_IS_MODES:
         _config(GRAOConfig, tmp_path, num_generations=3, per_device_train_batch_size=3,
                 use_vllm=True, vllm_importance_sampling_mode=mode)  # fmt: skip
+
+
+def test_fused_linear_takes_the_same_options(model_dir, tmp_path, fixed_generation):
+    """``use_fused_linear=True`` runs the loss with the same mapped options: a clipped second
+    iteration with Dr. GRPO's normalisation and the entropy bonus, all terms of GRAO."""
+    trainer = _trainer(
+        GRAOTrainer, model_dir, REWARDS,
+        _config(GRAOConfig, tmp_path, num_generations=G + 1, per_device_train_batch_size=2 * G + 2,
+                temperature=0.7, num_iterations=2, loss_type="dr_grpo", epsilon=0.1,
+                entropy_coef=0.05, grao_backend="torch"),
+    )  # fmt: skip
+    batch = _fixed_batch(trainer, G + 1)
+    _take_a_step(trainer.model)
+    grads = {}
+    for fused in (False, True):
+        trainer.args.use_fused_linear = fused
+        grads[fused] = _gradients(trainer, [batch])
+        assert _last(trainer, "clip_ratio/region_mean") > 0
+    _assert_same_gradients(grads[True], grads[False])
