@@ -203,6 +203,16 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
     bound = 0.0 if mode.endswith("mask") else low
     assert (expected[mask] == bound).any() and ((expected[mask] - 1).abs() > 0.01).sum() > 4
     assert (expected[mask] > bound).any()  # not every token cut
+    # The logged ratio statistics leave out the reference rows.
+    sample = mask & (torch.arange(len(mask)) % (G + 1) != G)[:, None]
+    if mode.startswith("sequence"):
+        sample = sample & (torch.arange(mask.size(1)) == 0)  # one value per row
+    logged = [
+        _last(grao, f"sampling/importance_sampling_ratio/{s}") for s in ("min", "mean", "max")
+    ]
+    values = expected[sample]
+    expected_stats = [values.min().item(), values.mean().item(), values.max().item()]
+    assert logged == pytest.approx(expected_stats, rel=1e-6)
     _assert_same_gradients(_gradients(grao, [batch]), _gradients(grpo, [trl_batch]))
 
 

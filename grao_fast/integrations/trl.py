@@ -36,7 +36,8 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   - ``vllm_importance_sampling_correction``: TRL's ``importance_sampling_ratio`` (any
     ``vllm_importance_sampling_mode``, clipped or masked by ``vllm_importance_sampling_clip_min``
     and ``_max`` as TRL does) -> ``token_weights`` (a sequence mode's ratio on every token of its
-    row); the reference rows, not sampled, weigh 1. These weights replace the loss's own
+    row); the reference rows, not sampled, weigh 1, and are left out of the logged
+    ``sampling/importance_sampling_ratio/*``. These weights replace the loss's own
     ``sampler_logps``/``is_cap`` path, which computes ``token_truncate`` alone.
   - ``entropy_coef`` -> ``entropy_coef`` (the bonus over the sample rows' tokens).
 
@@ -56,7 +57,12 @@ from trl.trainer.utils import split_tensor_dict
 
 import grao_fast
 from grao_fast.integrations.trl_config import LENGTH_NORMS, GRAOConfig
-from grao_fast.integrations.trl_metrics import completion_metrics, is_sample_row, reward_metrics
+from grao_fast.integrations.trl_metrics import (
+    completion_metrics,
+    importance_sampling_stats,
+    is_sample_row,
+    reward_metrics,
+)
 
 IGNORE_INDEX = -100
 # Fields of the loss's result -> the logged metrics (TRL's names where TRL logs the same thing).
@@ -206,7 +212,23 @@ class GRAOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * len(inputs)
         output["rewards"] = self._rewards[start : start + len(inputs)]  # [rows] this process's
         self._log_rewards()
+        if "importance_sampling_ratio" in output:
+            self._log_importance_sampling(output)
         return output
+
+    def _log_importance_sampling(self, output: dict[str, Any]) -> None:
+        """TRL's ``sampling/importance_sampling_ratio/*`` over the sample rows only (TRL's also
+        count the reference rows, whose ratio is 1)."""
+        local = importance_sampling_stats(
+            output["importance_sampling_ratio"], output["completion_mask"], self._group()
+        )
+        stats = self.accelerator.gather(local).view(-1, 3)  # [processes, (min, mean, max)]
+        key = "sampling/importance_sampling_ratio/"
+        self._replace_metrics({
+            key + "min": stats[:, 0].min().item(),
+            key + "mean": stats[:, 1].mean().item(),
+            key + "max": stats[:, 2].max().item(),
+        })  # fmt: skip
 
     def _generate(self, prompts: list) -> tuple:
         """TRL's generation; the completion statistics it logged are redone over samples only."""
