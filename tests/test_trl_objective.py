@@ -225,6 +225,7 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
         ({"importance_sampling_level": "sequence", "use_vllm": True}, "vllm_importance_sampling"),
         ({"vllm_importance_sampling_mode": "token_clip"}, "vllm_importance_sampling_mode"),
         ({"epsilon": 1.5}, "epsilon"),
+        ({"epsilon_high": -0.1}, "epsilon_high"),
         ({"entropy_coef": -0.1}, "entropy_coef"),
         ({"delta": 2.0}, "delta"),
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),

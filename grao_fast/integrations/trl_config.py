@@ -60,7 +60,7 @@ class GRAOConfig(GRPOConfig):
     vllm_importance_sampling_mode: str = _option(
         "token_truncate", "Weights of the sample tokens: TRL's ratio pi / pi_vllm in this mode."
     )
-    use_bias_correction_kl: bool = _option(False, "Must stay False: GRAO's KL is the plain k3.")
+    use_bias_correction_kl: bool = _option(False, "Not with beta > 0: GRAO's KL is the plain k3.")
     reference_column: str = _option("reference", "Dataset column with the reference answers.")
     grao_beta: float = _option(0.5, "Weight beta of the imitation term (paper: 0.5).")
     grao_lambda: float = _option(0.6, "Weight lambda of the alignment term (paper: 0.6).")
