@@ -284,10 +284,8 @@ def test_shuffle_groups_keeps_groups_whole():
     ("overrides", "message"),
     [
         ({"per_device_train_batch_size": 2, "steps_per_generation": 3}, "per_device_train"),
-        ({"num_iterations": 2}, "num_iterations"),
         ({"grao_terms": ["bogus"]}, "grao_terms"),
         ({"grao_backend": "cuda"}, "grao_backend"),
-        ({"use_vllm": True, "vllm_importance_sampling_mode": "sequence_mask"}, "token_truncate"),
     ],
 )
 def test_config_rejects_unsupported_settings(tmp_path, overrides, message):

@@ -18,12 +18,31 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   logits, or with ``use_fused_linear=True`` :func:`grao_fast.grao_loss_linear` in place of the
   lm_head's forward, where DDP, FSDP and ZeRO-3 present the full weight. The result is divided
   by the accumulation steps like TRL's own loss. TRL's ``beta`` stays the KL coefficient (k3 to
-  the reference model, sample rows). With vLLM, the sampler's log-probs give truncated
-  importance weights ``min(pi / pi_vllm, clip_max)``. Logged: ``grao/<term>``, ``kl`` (with
-  ``beta > 0``) and ``entropy``.
+  the reference model, sample rows). Logged: ``grao/<term>``, ``kl`` (with ``beta > 0``),
+  ``entropy`` and ``clip_ratio/region_mean``.
+* **TRL's objective settings** map onto GRAO's objective family (GRAO_SPEC.md, v2), the
+  coefficient of every row being GRAO's instead of TRL's advantage:
 
-``loss_type``, ``epsilon``, ``scale_rewards`` and the other options of TRL's clipped surrogate
-have no effect: the loss is GRAO's.
+  - ``loss_type``: ``"grpo"`` -> ``length_norm="sequence"``; ``"bnpo"`` and ``"dapo"`` ->
+    ``"token"`` (the micro-batch's mean row length; TRL's ``"dapo"`` divides by the generation
+    batch's token count per micro-batch instead, the same with one micro-batch per generation);
+    ``"dr_grpo"`` -> ``"constant"`` with ``max_tokens=max_completion_length``.
+  - ``old_per_token_logps``, which TRL computes when the batch may be off-policy
+    (``num_iterations > 1`` or ``gradient_accumulation_steps`` not a multiple of
+    ``steps_per_generation x num_iterations``) or for the vLLM correction, -> ``old_logps``, with
+    ``clip_eps=(epsilon, epsilon_high)``. Where TRL leaves it out (its ratio is exactly 1), the
+    on-policy loss runs: the same gradient, and nothing is clipped.
+  - ``importance_sampling_level`` -> ``importance_level`` (``"sequence"``: ``loss_type="grpo"``).
+  - ``vllm_importance_sampling_correction``: TRL's ``importance_sampling_ratio`` (any
+    ``vllm_importance_sampling_mode``, clipped or masked by ``vllm_importance_sampling_clip_min``
+    and ``_max`` as TRL does) -> ``token_weights`` (a sequence mode's ratio on every token of its
+    row); the reference rows, not sampled, weigh 1, and are left out of the logged
+    ``sampling/importance_sampling_ratio/*``. These weights replace the loss's own
+    ``sampler_logps``/``is_cap`` path, which computes ``token_truncate`` alone.
+  - ``entropy_coef`` -> ``entropy_coef`` (the bonus over the sample rows' tokens).
+
+``scale_rewards`` has no effect (GRAO computes its own advantages); the settings of TRL's loss
+that GRAO's has no counterpart for are rejected by :class:`GRAOConfig`.
 """
 
 from __future__ import annotations
@@ -37,10 +56,21 @@ from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 import grao_fast
-from grao_fast.integrations.trl_config import GRAOConfig
-from grao_fast.integrations.trl_metrics import completion_metrics, reward_metrics
+from grao_fast.integrations.trl_config import LENGTH_NORMS, GRAOConfig
+from grao_fast.integrations.trl_metrics import (
+    completion_metrics,
+    importance_sampling_stats,
+    is_sample_row,
+    reward_metrics,
+)
 
 IGNORE_INDEX = -100
+# Fields of the loss's result -> the logged metrics (TRL's names where TRL logs the same thing).
+LOGGED = {
+    "exploration": "grao/exploration", "imitation": "grao/imitation",
+    "alignment": "grao/alignment", "kl": "kl", "entropy": "entropy",
+    "clip_fraction": "clip_ratio/region_mean",
+}  # fmt: skip
 
 __all__ = ["GRAOConfig", "GRAOTrainer", "shuffle_groups"]
 
@@ -182,7 +212,23 @@ class GRAOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * len(inputs)
         output["rewards"] = self._rewards[start : start + len(inputs)]  # [rows] this process's
         self._log_rewards()
+        if "importance_sampling_ratio" in output:
+            self._log_importance_sampling(output)
         return output
+
+    def _log_importance_sampling(self, output: dict[str, Any]) -> None:
+        """TRL's ``sampling/importance_sampling_ratio/*`` over the sample rows only (TRL's also
+        count the reference rows, whose ratio is 1)."""
+        local = importance_sampling_stats(
+            output["importance_sampling_ratio"], output["completion_mask"], self._group()
+        )
+        stats = self.accelerator.gather(local).view(-1, 3)  # [processes, (min, mean, max)]
+        key = "sampling/importance_sampling_ratio/"
+        self._replace_metrics({
+            key + "min": stats[:, 0].min().item(),
+            key + "mean": stats[:, 1].mean().item(),
+            key + "max": stats[:, 2].max().item(),
+        })  # fmt: skip
 
     def _generate(self, prompts: list) -> tuple:
         """TRL's generation; the completion statistics it logged are redone over samples only."""
@@ -318,24 +364,24 @@ class GRAOTrainer(GRPOTrainer):
         return box["result"]
 
     def _log_loss_terms(self, result: Any) -> None:
-        """GRAO's terms as ``grao/<term>``, and ``kl`` and ``entropy``: means over processes."""
+        """GRAO's terms as ``grao/<term>``, ``kl``, ``entropy`` and TRL's
+        ``clip_ratio/region_mean`` (0 where the batch is on-policy, as TRL logs it): means over
+        processes."""
         mode = "train" if self.model.training else "eval"
-        for name in ("exploration", "imitation", "alignment", "kl", "entropy"):
+        for name, key in LOGGED.items():
             value = getattr(result, name)
+            if value is None and name == "clip_fraction":
+                value = result.loss.new_zeros(())
             if value is not None:
-                key = name if name in ("kl", "entropy") else f"grao/{name}"
                 gathered = self.accelerator.gather(value.detach().float())
                 self._metrics[mode][key].append(gathered.mean().item())
 
     def _loss_options(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments of grao_loss / grao_loss_linear for this micro-batch."""
+        """Keyword arguments of grao_loss / grao_loss_linear for this micro-batch (the module
+        docstring maps TRL's settings onto them)."""
         args = self.args
-        sampler_logps = None
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            vllm_logps = inputs["sampling_per_token_logps"]  # [N, C], NaN on reference rows
-            # NaN (reference rows, tokens vLLM could not score) -> the on-policy log-prob: weight 1
-            on_policy = inputs["old_per_token_logps"]
-            sampler_logps = torch.where(torch.isnan(vllm_logps), on_policy, vllm_logps)
+        old_logps = inputs.get("old_per_token_logps")  # [N, C]; None: on-policy
+        level = self.importance_sampling_level if old_logps is not None else "token"
         return {
             "group_size": self._group() - 1,
             "beta": args.grao_beta,
@@ -347,7 +393,22 @@ class GRAOTrainer(GRPOTrainer):
             "backend": args.grao_backend,
             "kl_coef": self.beta,
             "ref_logps": inputs.get("ref_per_token_logps"),
-            "sampler_logps": sampler_logps,
-            "is_cap": args.vllm_importance_sampling_clip_max if sampler_logps is not None else None,
+            "length_norm": LENGTH_NORMS[args.loss_type],
+            "max_tokens": self.max_completion_length if args.loss_type == "dr_grpo" else None,
+            "token_weights": self._importance_weights(inputs),
+            "old_logps": old_logps,
+            "clip_eps": (self.epsilon_low, self.epsilon_high),
+            "importance_level": level,
+            "entropy_coef": self.entropy_coef,
             "return_entropy": True,
         }
+
+    def _importance_weights(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """[N, C] TRL's vLLM importance-sampling ratio of this micro-batch as token weights
+        (None without the correction); 1 on the reference rows, which were not sampled."""
+        if not (self.use_vllm and self.vllm_importance_sampling_correction):
+            return None
+        mask = inputs["completion_mask"]
+        ratio = inputs["importance_sampling_ratio"].expand_as(mask)  # [N, C] or [N, 1] (sequence_*)
+        sample = is_sample_row(mask.size(0), self._group(), mask.device)[:, None]
+        return torch.where(sample, ratio, torch.ones_like(ratio))

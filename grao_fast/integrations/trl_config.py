@@ -27,8 +27,11 @@ from trl import GRPOConfig
 from grao_fast.reference import TERMS
 
 BACKENDS = ("auto", "torch", "triton", "reference")
+# TRL's loss_type -> grao_loss's length_norm (dr_grpo: max_tokens = max_completion_length).
+LENGTH_NORMS = {"grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "constant"}
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
-__all__ = ["BACKENDS", "GRAOConfig"]
+__all__ = ["BACKENDS", "LENGTH_NORMS", "VLLM_IS_MODES", "GRAOConfig"]
 
 
 def _option(default: Any, text: str) -> Any:
@@ -45,14 +48,19 @@ class GRAOConfig(GRPOConfig):
     ``num_generations`` counts the whole group, the reference answer included (``G + 1``); the
     defaults (9 rows per group, one group per micro-batch) are the paper's ``G = 8``. GRAO's
     imitation weight is ``grao_beta``, because TRL's ``beta`` is the KL coefficient. The dataset
-    column holding the reference answers is ``reference_column``.
+    column holding the reference answers is ``reference_column``. ``loss_type`` defaults to
+    ``"grpo"``, the paper's per-sequence length normalisation (TRL's default is ``"dapo"``).
     """
 
     num_generations: int | None = _option(9, "Group size G + 1: G samples plus the reference.")
     per_device_train_batch_size: int = _option(9, "Rows per micro-batch: whole groups.")
-    vllm_importance_sampling_mode: str = _option(
-        "token_truncate", "GRAO weighs sample tokens by min(pi / pi_vllm, clip_max)."
+    loss_type: str = _option(
+        "grpo", "Length normalisation: grpo (1/|s|, the paper), bnpo/dapo (tokens), dr_grpo."
     )
+    vllm_importance_sampling_mode: str = _option(
+        "token_truncate", "Weights of the sample tokens: TRL's ratio pi / pi_vllm in this mode."
+    )
+    use_bias_correction_kl: bool = _option(False, "Not with beta > 0: GRAO's KL is the plain k3.")
     reference_column: str = _option("reference", "Dataset column with the reference answers.")
     grao_beta: float = _option(0.5, "Weight beta of the imitation term (paper: 0.5).")
     grao_lambda: float = _option(0.6, "Weight lambda of the alignment term (paper: 0.6).")
@@ -65,13 +73,7 @@ class GRAOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_groups()
-        if self.num_iterations != 1:
-            raise ValueError(f"num_iterations must be 1 (on-policy), got {self.num_iterations}")
-        if self.gradient_accumulation_steps % self.steps_per_generation:
-            raise ValueError(
-                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a "
-                f"multiple of steps_per_generation ({self.steps_per_generation}) (on-policy)"
-            )
+        self._check_objective()
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(
                 "multi_objective_aggregation must be 'sum_then_normalize', "
@@ -85,15 +87,54 @@ class GRAOConfig(GRPOConfig):
             raise ValueError(f"grao_terms must be a non-empty subset of {TERMS}: {self.grao_terms}")
         if self.grao_backend not in BACKENDS:
             raise ValueError(f"grao_backend must be one of {BACKENDS}, got {self.grao_backend!r}")
-        weighted = self.use_vllm and self.vllm_importance_sampling_correction
-        if weighted and (
-            self.vllm_importance_sampling_mode != "token_truncate"
-            or self.vllm_importance_sampling_clip_min is not None
-        ):
+
+    def _check_objective(self) -> None:
+        """TRL's settings of the clipped surrogate that GRAO's objective family has (the trainer
+        module's docstring maps each); the others are rejected here, before a model loads."""
+        if self.loss_type not in LENGTH_NORMS:
             raise ValueError(
-                "vllm_importance_sampling_correction needs vllm_importance_sampling_mode="
-                "'token_truncate' and vllm_importance_sampling_clip_min=None"
+                f"loss_type must be one of {tuple(LENGTH_NORMS)} (GRAO's length normalisations), "
+                f"got {self.loss_type!r}"
             )
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(
+                "importance_sampling_level must be 'token' or 'sequence', "
+                f"got {self.importance_sampling_level!r}"
+            )
+        if self.vllm_importance_sampling_mode not in VLLM_IS_MODES:
+            raise ValueError(
+                f"vllm_importance_sampling_mode must be one of {VLLM_IS_MODES}, "
+                f"got {self.vllm_importance_sampling_mode!r}"
+            )
+        if self.importance_sampling_level == "sequence":
+            if self.loss_type != "grpo":
+                raise ValueError(
+                    "importance_sampling_level='sequence' needs loss_type='grpo' (the ratio is "
+                    f"already length-normalised), got loss_type={self.loss_type!r}"
+                )
+            if self.use_vllm and self.vllm_importance_sampling_correction:
+                raise ValueError(
+                    "importance_sampling_level='sequence' takes no per-token weights: set "
+                    "vllm_importance_sampling_correction=False"
+                )
+        low, high = self.epsilon, self.epsilon_high
+        if not 0 < low < 1 or (high is not None and not high >= 0):
+            raise ValueError(f"epsilon must be in (0, 1) and epsilon_high >= 0, got {low}, {high}")
+        if not self.entropy_coef >= 0:
+            raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+        unsupported = {
+            "delta": self.delta is not None,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+            "top_entropy_quantile": self.top_entropy_quantile != 1.0,
+            "use_adaptive_entropy": self.use_adaptive_entropy,
+            "use_bias_correction_kl": self.use_bias_correction_kl and self.beta != 0.0,
+        }
+        for name, set_ in unsupported.items():
+            if set_:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not supported by GRAOTrainer (GRAO's loss "
+                    "has no such term); leave it at its default"
+                )
 
     def _check_groups(self) -> None:
         """Every batch a process sees must hold whole groups (the module docstring says why

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from trl.trainer.utils import nanstd
 
-__all__ = ["completion_metrics", "is_sample_row", "reward_metrics"]
+__all__ = ["completion_metrics", "importance_sampling_stats", "is_sample_row", "reward_metrics"]
 
 
 def is_sample_row(rows: int, group: int, device: torch.device | None = None) -> torch.Tensor:
@@ -72,3 +72,20 @@ def completion_metrics(
         "completions/min_terminated_length": terminated.min().item(),
         "completions/max_terminated_length": terminated.max().item(),
     }
+
+
+def importance_sampling_stats(ratio: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
+    """[3] min, mean and max of TRL's vLLM importance-sampling ratio over the sample rows: their
+    loss tokens (``ratio`` [rows, C], the ``token_*`` modes) or the rows themselves ([rows, 1],
+    ``sequence_*``); zeros where there are none, as in TRL.
+
+    mask: [rows, C] the completion mask; group: rows per group (G + 1).
+    """
+    samples = is_sample_row(ratio.size(0), group, ratio.device)
+    if ratio.size(1) == 1:
+        values = ratio[samples, 0]
+    else:
+        values = ratio[mask.bool() & samples[:, None]]
+    if values.numel() == 0:
+        return ratio.new_zeros(3)
+    return torch.stack([values.min(), values.mean(), values.max()])

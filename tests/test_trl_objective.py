@@ -1,0 +1,270 @@
+"""GRAOTrainer's mapping of TRL's loss settings onto GRAO's objective family, against TRL.
+
+Exploration-only GRAO with the reference answer outside the reward pool is TRL's GRPO
+(``tests/test_trl.py`` says why); here both trainers run the same TRL settings (clipped second
+iterations, sequence-level ratios, each ``loss_type``, the entropy bonus, vLLM importance
+weights) on the same fixed completions, and GRAOTrainer's gradient must be TRL's.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+import test_trl  # noqa: E402
+from test_trl import (  # noqa: E402
+    COMPLETIONS,
+    EQUIVALENCE_REWARDS,
+    _assert_same_gradients,
+    _config,
+    _fixed_batch,
+    _gradients,
+    _ids,
+    _trainer,
+)
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from grao_fast.integrations.trl import GRAOConfig, GRAOTrainer  # noqa: E402
+from grao_fast.integrations.trl_config import VLLM_IS_MODES  # noqa: E402
+
+model_dir, fixed_generation = test_trl.model_dir, test_trl.fixed_generation  # the fixtures
+G = 4
+REWARDS = EQUIVALENCE_REWARDS["group"]  # the groups share one std: TRL's and GRAO's agree
+
+
+def _pair(model_dir: str, path, **settings) -> tuple[GRAOTrainer, GRPOTrainer]:
+    """GRAOTrainer (exploration only, reference outside the pool) and GRPOTrainer with the same
+    TRL ``settings``; ``grao_eps`` makes GRAO's advantages TRL's (tests/test_trl.py)."""
+    r = torch.tensor(REWARDS[0], dtype=torch.float64)
+    eps = (r.std(unbiased=True) + 1e-4 - r.std(unbiased=False)).item()
+    common = {"temperature": 0.7, "beta": 0.0, **settings}
+    grao = _trainer(
+        GRAOTrainer, model_dir, REWARDS,
+        _config(GRAOConfig, path / "grao", num_generations=G + 1,
+                per_device_train_batch_size=2 * G + 2, grao_terms=["exploration"],
+                reference_in_group=False, grao_eps=eps, grao_backend="torch", **common),
+    )  # fmt: skip
+    grpo = _trainer(
+        GRPOTrainer, model_dir, REWARDS,
+        _config(GRPOConfig, path / "grpo", num_generations=G, per_device_train_batch_size=2 * G,
+                scale_rewards="group", **common),
+    )  # fmt: skip
+    return grao, grpo
+
+
+def _take_a_step(model: torch.nn.Module) -> None:
+    """The same change of the weights in every copy of the model: a stand-in for the optimizer
+    step between two iterations over one batch."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * p.std().nan_to_num(0.02) * torch.randn(p.shape, generator=generator))
+
+
+def _tokens(batch: dict) -> float:
+    return batch["completion_mask"].sum().item()
+
+
+def _last(trainer, key: str) -> float:
+    return trainer._metrics["train"][key][-1]
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "level", "entropy_coef"),
+    [
+        ("grpo", "token", 0.0),
+        ("grpo", "sequence", 0.0),
+        ("bnpo", "token", 0.0),
+        ("dapo", "token", 0.0),
+        ("dr_grpo", "token", 0.05),
+    ],
+)
+def test_second_iteration_matches_trl(model_dir, tmp_path, fixed_generation, loss_type, level,
+                                      entropy_coef):  # fmt: skip
+    """``num_iterations=2``: the batch carries the log-probs of the policy that sampled it, the
+    policy has moved since, and TRL's clipped ratio (``epsilon``, ``epsilon_high``) at its
+    ``importance_sampling_level`` and ``loss_type`` normalisation is GRAO's, entropy bonus included.
+
+    ``bnpo`` and ``dapo`` divide by the token count: GRAO's ``length_norm="token"`` counts the
+    reference rows too and averages over groups of G + 1 rows, so its gradient is TRL's times
+    ``(G + 1) / G * tokens(samples) / tokens(all rows)``.
+    """
+    settings = {"loss_type": loss_type, "importance_sampling_level": level, "num_iterations": 2,
+                "epsilon": 0.1, "epsilon_high": 0.15, "entropy_coef": entropy_coef}  # fmt: skip
+    grao, grpo = _pair(model_dir, tmp_path, **settings)
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    assert "old_per_token_logps" in batch and "old_per_token_logps" in trl_batch
+    _take_a_step(grao.model)
+    _take_a_step(grpo.model)
+    grads, trl_grads = _gradients(grao, [batch]), _gradients(grpo, [trl_batch])
+    scale = 1.0
+    if loss_type in ("bnpo", "dapo"):
+        scale = (G + 1) / G * _tokens(trl_batch) / _tokens(batch)
+    _assert_same_gradients(grads, {name: scale * grad for name, grad in trl_grads.items()})
+
+    clipped, trl_clipped = (_last(t, "clip_ratio/region_mean") for t in (grao, grpo))
+    assert 0 < trl_clipped < 0.9  # the ratios left the clip range, and not all of them
+    if level == "token":  # the same clipped tokens; GRAO's share also counts the reference rows
+        assert clipped * _tokens(batch) == pytest.approx(trl_clipped * _tokens(trl_batch))
+    else:
+        assert clipped > 0
+
+
+def test_on_policy_iterations_need_no_old_logps(model_dir, tmp_path, fixed_generation):
+    """With ``gradient_accumulation_steps`` a multiple of ``steps_per_generation x
+    num_iterations`` every pass over the batch sees the weights that sampled it: TRL computes no
+    old log-probs, the on-policy loss runs and nothing is clipped (logged 0, as TRL does)."""
+    grao, _ = _pair(
+        model_dir, tmp_path, num_iterations=2, gradient_accumulation_steps=2, steps_per_generation=1
+    )
+    batch = _fixed_batch(grao, G + 1)
+    assert "old_per_token_logps" not in batch
+    assert grao._loss_options(batch)["old_logps"] is None
+    grao.current_gradient_accumulation_steps = 2
+    grao._compute_loss(grao.model, batch)
+    assert _last(grao, "clip_ratio/region_mean") == 0.0
+
+
+def _sampler_logps(self, prompt: list[int], completion: list[int]) -> list[float | None]:
+    """What a sampler whose probabilities differ from the policy's might report: the policy's
+    log-probs shifted by offsets (each row drifting one way, its tokens alternating around it),
+    so that token and sequence ratios both cross 0.5 and 2; the third token is unscored (None)."""
+    ids = torch.tensor([prompt + completion])
+    logps, _, _ = self._get_per_token_logps_and_entropies(
+        self.model, ids, torch.ones_like(ids), len(completion)
+    )
+    shift = 0.3 if sum(completion) % 2 else -0.3
+    offsets = [shift + 0.2 * (-1) ** j * (1 + (t + j) % 3) for j, t in enumerate(completion)]
+    reported = [lp + off for lp, off in zip(logps[0].tolist(), offsets, strict=True)]
+    return [None if j == 2 else value for j, value in enumerate(reported)]
+
+
+@pytest.fixture
+def fixed_vllm_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generation as with vLLM: the fixed COMPLETIONS with the sampler's log-probs (computed
+    once per row: every trainer of a test starts from the same weights)."""
+    reported: dict[tuple, list] = {}
+
+    def generate(self, prompt_ids, images, multimodal_fields, num_generations, *extra):
+        rows = range(len(prompt_ids))
+        ids = [_ids(COMPLETIONS[i // num_generations][i % num_generations]) for i in rows]
+        for prompt, completion in zip(prompt_ids, ids, strict=True):
+            if (key := (*prompt, -1, *completion)) not in reported:
+                with torch.no_grad():
+                    reported[key] = _sampler_logps(self, prompt, completion)
+        return ids, [reported[(*p, -1, *c)] for p, c in zip(prompt_ids, ids, strict=True)]
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", generate)
+
+
+def _expected_weights(batch: dict, mode: str, low: float, high: float) -> torch.Tensor:
+    """[N, C] TRL's vLLM importance-sampling correction of ``mode``, written out here: the ratio
+    of the policy's to the sampler's probabilities per token (``token_*``) or per row
+    (``sequence_*``, the product over its tokens), an unscored token counting as ratio 1;
+    ``*_truncate`` clamps it to ``[low, high]``, ``*_mask`` zeroes it outside. The reference
+    rows (unsampled) weigh 1."""
+    mask = batch["completion_mask"].bool()
+    diff = batch["old_per_token_logps"] - batch["sampling_per_token_logps"]
+    diff = torch.where(mask & ~diff.isnan(), diff, 0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=1, keepdim=True).expand_as(diff)
+    ratio = diff.exp()
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(low, high)
+    else:
+        ratio = torch.where((ratio >= low) & (ratio <= high), ratio, 0.0)
+    sample = (torch.arange(len(ratio)) % (G + 1) != G)[:, None]
+    return torch.where(sample, ratio, 1.0)
+
+
+@pytest.mark.parametrize("mode", VLLM_IS_MODES)
+def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_generation, mode):
+    """Every ``vllm_importance_sampling_mode`` with both bounds: the trainer passes TRL's ratios
+    as ``token_weights`` (checked against the formula above), and its gradient is TRL's.
+
+    vLLM cannot run here: the trainers are built without it and then told they sampled with it;
+    their generation reports the sampler log-probs of ``_sampler_logps``."""
+    low, high = 0.5, 2.0
+    grao, grpo = _pair(model_dir, tmp_path, loss_type="grpo", vllm_importance_sampling_mode=mode,
+                       vllm_importance_sampling_clip_min=low,
+                       vllm_importance_sampling_clip_max=high)  # fmt: skip
+    for trainer in (grao, grpo):
+        trainer.use_vllm = True  # vllm_importance_sampling_correction is True (TRL's default)
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    mask = batch["completion_mask"].bool()
+    weights = grao._loss_options(batch)["token_weights"]
+    expected = _expected_weights(batch, mode, low, high)
+    torch.testing.assert_close(weights[mask], expected[mask], rtol=1e-6, atol=0.0)
+    bound = 0.0 if mode.endswith("mask") else low
+    assert (expected[mask] == bound).any() and ((expected[mask] - 1).abs() > 0.01).sum() > 4
+    assert (expected[mask] > bound).any()  # not every token cut
+    # The logged ratio statistics leave out the reference rows.
+    sample = mask & (torch.arange(len(mask)) % (G + 1) != G)[:, None]
+    if mode.startswith("sequence"):
+        sample = sample & (torch.arange(mask.size(1)) == 0)  # one value per row
+    logged = [
+        _last(grao, f"sampling/importance_sampling_ratio/{s}") for s in ("min", "mean", "max")
+    ]
+    values = expected[sample]
+    expected_stats = [values.min().item(), values.mean().item(), values.max().item()]
+    assert logged == pytest.approx(expected_stats, rel=1e-6)
+    _assert_same_gradients(_gradients(grao, [batch]), _gradients(grpo, [trl_batch]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"loss_type": "cispo"}, "loss_type"),
+        ({"loss_type": "sapo"}, "loss_type"),
+        ({"importance_sampling_level": "sequence", "loss_type": "dapo"}, "loss_type='grpo'"),
+        ({"importance_sampling_level": "sequence", "use_vllm": True}, "vllm_importance_sampling"),
+        ({"vllm_importance_sampling_mode": "token_clip"}, "vllm_importance_sampling_mode"),
+        ({"epsilon": 1.5}, "epsilon"),
+        ({"epsilon_high": -0.1}, "epsilon_high"),
+        ({"entropy_coef": -0.1}, "entropy_coef"),
+        ({"delta": 2.0}, "delta"),
+        ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
+        ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+        ({"use_adaptive_entropy": True}, "use_adaptive_entropy"),
+        ({"beta": 0.1, "use_bias_correction_kl": True}, "use_bias_correction_kl"),
+    ],
+)
+def test_config_rejects_settings_without_grao_counterpart(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _config(GRAOConfig, tmp_path, num_generations=3, per_device_train_batch_size=3,
+                **overrides)  # fmt: skip
+
+
+def test_config_accepts_the_mapped_settings(tmp_path):
+    args = _config(GRAOConfig, tmp_path, num_generations=3, per_device_train_batch_size=3,
+                   num_iterations=3, gradient_accumulation_steps=2, steps_per_generation=3,
+                   importance_sampling_level="sequence", epsilon_high=0.28, entropy_coef=0.01,
+                   use_vllm=True, vllm_importance_sampling_correction=False)  # fmt: skip
+    assert args.loss_type == "grpo"  # GRAO's default: the paper's per-sequence normalisation
+    for mode in VLLM_IS_MODES:
+        _config(GRAOConfig, tmp_path, num_generations=3, per_device_train_batch_size=3,
+                use_vllm=True, vllm_importance_sampling_mode=mode)  # fmt: skip
+
+
+def test_fused_linear_takes_the_same_options(model_dir, tmp_path, fixed_generation):
+    """``use_fused_linear=True`` runs the loss with the same mapped options: a clipped second
+    iteration with Dr. GRPO's normalisation and the entropy bonus, all terms of GRAO."""
+    trainer = _trainer(
+        GRAOTrainer, model_dir, REWARDS,
+        _config(GRAOConfig, tmp_path, num_generations=G + 1, per_device_train_batch_size=2 * G + 2,
+                temperature=0.7, num_iterations=2, loss_type="dr_grpo", epsilon=0.1,
+                entropy_coef=0.05, grao_backend="torch"),
+    )  # fmt: skip
+    batch = _fixed_batch(trainer, G + 1)
+    _take_a_step(trainer.model)
+    grads = {}
+    for fused in (False, True):
+        trainer.args.use_fused_linear = fused
+        grads[fused] = _gradients(trainer, [batch])
+        assert _last(trainer, "clip_ratio/region_mean") > 0
+    _assert_same_gradients(grads[True], grads[False])
