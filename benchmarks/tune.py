@@ -205,13 +205,24 @@ def run_linear(args: argparse.Namespace) -> dict:
     }
 
 
+LINEAR_SETTING = (
+    "{tokens:,} tokens x hidden {hidden:,} x vocab {vocab:,}, {dtype}; the three bare GEMMs take "
+    "{gemm_ms:.2f} ms. Extra memory: peak beyond the inputs and their gradients."
+)
+ROW_SETTING = (
+    "{tokens:,} tokens x vocab {vocab:,}, {dtype}, gradient into a separate buffer; copy "
+    "bandwidth {copy_gb_per_s:,.0f} GB/s (read + write). `*`: the launcher's default."
+)
+
+
 def _header(title: str, record: dict, setting: str, columns: list[str]) -> list[str]:
-    """Title, the run's date and versions, ``setting``, and the table's head."""
+    """Title, the run's date and versions, ``setting`` (a format string of the record's and its
+    shape's fields), and the table's head."""
     return [
         f"# {title}: {record['device']}",
         "",
         f"{record['date']}; torch {record['torch']}, triton {record['triton']}, "
-        f"CUDA {record['cuda']}. {setting}",
+        f"CUDA {record['cuda']}. {setting.format_map({**record, **record['shape']})}",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -219,15 +230,9 @@ def _header(title: str, record: dict, setting: str, columns: list[str]) -> list[
 
 
 def markdown_linear(record: dict) -> str:
-    shape = record["shape"]
-    lines = _header(
-        "grao_loss_linear chunk sizes", record,
-        f"{shape['tokens']:,} tokens x hidden {shape['hidden']:,} x vocab {shape['vocab']:,}, "
-        f"{shape['dtype']}; the three bare GEMMs take {record['gemm_ms']:.2f} ms. Extra memory: "
-        "peak beyond the inputs and their gradients.",
-        ["chunk MiB", "tokens per chunk", "fwd+bwd ms", "x GEMMs", "extra MiB", "rel. diff",
-         "status"],
-    )  # fmt: skip
+    columns = ["chunk MiB", "tokens per chunk", "fwd+bwd ms", "x GEMMs", "extra MiB", "rel. diff",
+               "status"]  # fmt: skip
+    lines = _header("grao_loss_linear chunk sizes", record, LINEAR_SETTING, columns)
     for r in record["results"]:
         if "ms" not in r:
             lines.append(f"| {r['chunk_mib']:g} | {r['chunk_tokens']:,} | - | - | - | - | "
@@ -242,14 +247,8 @@ def markdown_linear(record: dict) -> str:
 
 
 def markdown(record: dict) -> str:
-    shape = record["shape"]
-    lines = _header(
-        "Row kernel launch configs", record,
-        f"{shape['tokens']:,} tokens x vocab {shape['vocab']:,}, {shape['dtype']}, gradient into "
-        f"a separate buffer; copy bandwidth {record['copy_gb_per_s']:,.0f} GB/s (read + write). "
-        "`*`: the launcher's default.",
-        ["block_v", "warps", "stages", "grid (programs)", "ms", "GB/s", "of copy", "status"],
-    )  # fmt: skip
+    columns = ["block_v", "warps", "stages", "grid (programs)", "ms", "GB/s", "of copy", "status"]
+    lines = _header("Row kernel launch configs", record, ROW_SETTING, columns)
     for r in record["results"]:
         timed = "ms" in r
         lines.append(

@@ -4,8 +4,8 @@ Two studies (``--study``):
 
   warm  (default) the paper's setting in miniature. For each task (``reverse`` and ``sort`` a
         string of digits), a tiny model is first trained with SFT on an easier version (2-4
-        digits) until it answers the RL task (3-5 digits) exactly some of the time; every method
-        then starts from that same checkpoint. 5 seeds per method.
+        digits) until it answers the RL task (3-5 or 3-6 digits) exactly some of the time; every
+        method then starts from that same checkpoint. 5 seeds per method.
   cold  the reverse task from random weights, 3 seeds (where GRPO has nothing to reinforce).
 
 A seed changes the data order and the sampling (and, cold, the initial weights); runs with the
@@ -55,6 +55,7 @@ class Task:
     name: str
     easy: tuple[int, int]  # lengths the warm start is trained on
     rl: tuple[int, int]  # lengths of the RL task
+    warm_steps: int  # SFT steps on the easy lengths (warm studies)
 
     def answer(self, digits: str) -> str:
         return digits[::-1] if self.name == "reverse" else "".join(sorted(digits))
@@ -71,7 +72,7 @@ class Task:
         return path
 
 
-TASKS = {"reverse": Task("reverse", (2, 4), (3, 5)), "sort": Task("sort", (2, 4), (3, 5))}
+TASKS = {"reverse": Task("reverse", (2, 4), (3, 5), 250), "sort": Task("sort", (2, 4), (3, 6), 150)}
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,7 @@ class Study:
     steps: int
     train_args: list[str]  # flags of every RL run
     threshold: float  # reward level for "steps to threshold"
-    warm_steps: int = 0  # SFT steps on the easy task before RL (0: random weights)
-    warm_args: list[str] = field(default_factory=list)
+    warm_args: list[str] = field(default_factory=list)  # empty: start from random weights
     paired: list[tuple[str, str]] = field(default_factory=lambda: HEADLINE)
 
 
@@ -98,10 +98,9 @@ STUDIES = {
             "GRAO, token norm": ["--length-norm", "token"],
         },
         seeds=(0, 1, 2, 3, 4),
-        steps=100,
-        train_args=["--rollout", "hf", "--batch-prompts", "8"],
-        threshold=0.85,
-        warm_steps=150,
+        steps=80,
+        train_args=["--rollout", "hf", "--batch-prompts", "8", "--lr", "3e-4"],
+        threshold=0.8,
         warm_args=["--loss", "sft", "--rollout", "hf", "--batch-prompts", "16"],
         paired=[*HEADLINE, ("GRAO", "SFT, equal rows")],
     ),
@@ -138,23 +137,23 @@ def finished(out: Path, steps: int) -> bool:
 def warm_start(study: Study, task: Task, runs: Path) -> list[str]:
     """The flags that start an RL run of ``task``: its data, and the warm-start checkpoint
     (trained here on first use)."""
-    if not study.warm_steps:
+    if not study.warm_args:
         return []
     data = task.write(runs / task.name / "rl.jsonl", task.rl)
     out = runs / task.name / "warm-start"
-    if not finished(out, study.warm_steps):
+    if not finished(out, task.warm_steps):
         easy = task.write(runs / task.name / "easy.jsonl", task.easy)
         train(["--data", str(easy), "--output-dir", str(out), "--name", f"{task.name}-warm-start",
-               "--steps", str(study.warm_steps), "--overwrite", "--checkpoint-every", "0",
+               "--steps", str(task.warm_steps), "--overwrite", "--checkpoint-every", "0",
                "--keep-checkpoints", "1", *study.warm_args])  # fmt: skip
-    checkpoint = out / "checkpoints" / f"step-{study.warm_steps:06d}"
+    checkpoint = out / "checkpoints" / f"step-{task.warm_steps:06d}"
     return ["--data", str(data), "--model", str(checkpoint)]
 
 
 def run_all(study: Study, args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    jobs = [(t, m, s) for t in args.tasks for m in args.methods for s in args.seeds]
+    jobs = [(t, m, s) for t in args.tasks for s in args.seeds for m in args.methods]
     starts = {}
     for task, method, seed in tqdm(jobs, desc="runs", unit="run", position=1):
         out = args.runs / task / f"{slug(method)}-seed{seed}"
@@ -315,7 +314,7 @@ def tests_table(study: Study, task: str, methods: dict) -> tuple[list[str], dict
 def write_summary(study: Study, args: argparse.Namespace) -> None:
     results = summarize(study, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    start = "a warm start (SFT on 2-4 digits)" if study.warm_steps else "random weights"
+    start = "a warm start (SFT on 2-4 digits)" if study.warm_args else "random weights"
     lines = [
         f"Study `{args.study}`: each method from {start}, {study.steps} steps, seeds "
         f"{list(study.seeds)}, flags `{' '.join(study.train_args)}`. Reward = mean sampled reward "
@@ -339,7 +338,8 @@ def write_summary(study: Study, args: argparse.Namespace) -> None:
         plot(task, methods, args.out / f"{task}.png", study.threshold)
     settings = {"study": args.study, "steps": study.steps, "seeds": list(study.seeds),
                 "threshold": study.threshold, "window": args.window,
-                "train_args": study.train_args, "warm_steps": study.warm_steps,
+                "train_args": study.train_args, "warm_args": study.warm_args,
+                "tasks": {t: vars(TASKS[t]) for t in study.tasks},
                 "methods": study.methods}  # fmt: skip
     (args.out / "summary.json").write_text(
         json.dumps({"settings": settings, "results": results, "tests": tests}, indent=1) + "\n"
@@ -389,6 +389,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=10, help="moving-average window in steps")
     parser.add_argument("--runs", type=Path, help="where runs are written (runs/<study>)")
     parser.add_argument("--out", type=Path, help="where the summary goes (results/<study>)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: one process per core; "
+        "run tasks as parallel processes)"
+    )
     parser.add_argument("--rerun", action="store_true", help="run again a run that has finished")
     parser.add_argument(
         "--summarize-only", action="store_true", help="only rebuild the summary from the runs"
@@ -407,6 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     args.methods = args.method or list(study.methods)
     args.seeds = args.seed or list(study.seeds)
     if not args.summarize_only:
+        import torch
+
+        torch.set_num_threads(args.threads)
         run_all(study, args)
     write_summary(study, args)
 

@@ -17,31 +17,16 @@ atol is relative to the largest |entry| (4u: bf16 1.6e-2, fp16 2e-3) and rtol is
 
 import torch
 
+KINDS = ("value", "grad", "kernel", "gemm")
+# (atol, rtol) per kind, in the order of KINDS.
 TOL = {
-    torch.float64: {
-        "value": (1e-10, 1e-10),
-        "grad": (1e-12, 1e-10),
-        "kernel": (1e-10, 1e-10),
-        "gemm": (1e-10, 1e-10),
-    },
-    torch.float32: {
-        "value": (1e-5, 1e-5),
-        "grad": (1e-7, 1e-5),
-        "kernel": (1e-5, 1e-5),
-        "gemm": (1e-5, 1e-4),
-    },
-    torch.bfloat16: {
-        "value": (1e-5, 1e-4),
-        "grad": (1e-6, 1.2e-2),
-        "kernel": (1e-5, 1e-2),
-        "gemm": (1.6e-2, 1.6e-2),
-    },
-    torch.float16: {
-        "value": (1e-5, 1e-4),
-        "grad": (1e-7, 1.5e-3),
-        "kernel": (1e-6, 2e-3),
-        "gemm": (2e-3, 2e-3),
-    },
+    dtype: dict(zip(KINDS, row, strict=True))
+    for dtype, row in {
+        torch.float64: [(1e-10, 1e-10), (1e-12, 1e-10), (1e-10, 1e-10), (1e-10, 1e-10)],
+        torch.float32: [(1e-5, 1e-5), (1e-7, 1e-5), (1e-5, 1e-5), (1e-5, 1e-4)],
+        torch.bfloat16: [(1e-5, 1e-4), (1e-6, 1.2e-2), (1e-5, 1e-2), (1.6e-2, 1.6e-2)],
+        torch.float16: [(1e-5, 1e-4), (1e-7, 1.5e-3), (1e-6, 2e-3), (2e-3, 2e-3)],
+    }.items()
 }
 
 
