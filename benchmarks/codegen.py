@@ -79,10 +79,9 @@ def compile_row_kernel(
 ) -> Report:
     """Compile the row kernel for ``sm_<arch>`` with aligned arguments and report on it."""
     import triton
+    from grao_fast.kernels.logprob import _row_pass_kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from grao_fast.kernels.logprob import _row_pass_kernel
 
     kernel = _row_pass_kernel.fn  # the JITFunction under the heuristics
     f = FEATURES[features]

@@ -239,7 +239,7 @@ def attach(out: GRAOOutput, pairs: list, o: GRAOOptions) -> GRAOOutput:
     """``out`` with its loss differentiable w.r.t. each ``(input, gradient)`` of ``pairs``."""
     if not pairs:
         return out
-    inputs, grads = zip(*pairs)
+    inputs, grads = zip(*pairs, strict=True)
     loss = _Attach.apply(out.loss, o.backend == "triton", len(inputs), *inputs, *grads)
     return out._replace(loss=loss)
 

@@ -15,10 +15,10 @@ import torch
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 
-def is_weight(l: torch.Tensor, sampler: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance weight ``min(exp(l - sampler), cap)``; 1 where sampler is NaN (a
+def is_weight(logp: torch.Tensor, sampler: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weight ``min(exp(logp - sampler), cap)``; 1 where sampler is NaN (a
     token the sampler did not score, or a row it did not sample)."""
-    return torch.where(torch.isnan(sampler), 1.0, torch.exp(l - sampler).clamp(max=cap))
+    return torch.where(torch.isnan(sampler), 1.0, torch.exp(logp - sampler).clamp(max=cap))
 
 
 def token_scale(
@@ -79,8 +79,9 @@ def row_pass(
     pieces = []
     for i in range(s):
         sl = slice(i * t, (i + 1) * t)
-        sub = {k: None if v is None or isinstance(v, float) else v[sl] for k, v in token_inputs.items()}
-        sub.update({k: v for k, v in token_inputs.items() if isinstance(v, float)})
+        sub = {
+            k: v if v is None or isinstance(v, float) else v[sl] for k, v in token_inputs.items()
+        }
         pieces.append(_rows(
             logits[i], labels[sl], None if grad is None else grad[i],
             None if coef is None else coef[sl], temperature, ignore_index, compute_entropy,

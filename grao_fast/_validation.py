@@ -115,7 +115,7 @@ def may_overlap(x: torch.Tensor) -> bool:
     expanded or self-overlapping views): each dimension's stride, in increasing order, must
     exceed the extent of the smaller ones."""
     extent = 0
-    dims = sorted((abs(st), s) for s, st in zip(x.shape, x.stride()) if s > 1)
+    dims = sorted((abs(st), s) for s, st in zip(x.shape, x.stride(), strict=True) if s > 1)
     for stride, size in dims:
         if stride <= extent:
             return True
@@ -153,7 +153,7 @@ def check_rewards(
             f"rewards must be finite; row {bad} (group {bad // g1}) is "
             f"{float(rewards.reshape(-1)[bad])}"
         )
-    f64 = rewards.dtype == torch.float64 or stats_dtype == torch.float64
+    f64 = torch.float64 in (rewards.dtype, stats_dtype)
     return rewards.detach().reshape(b, g1).to(torch.float64 if f64 else torch.float32)
 
 
@@ -216,9 +216,7 @@ def prepare(
         rows = _packed_rows(cu_seqlens, labels.shape[0], opts.group_size, device, check)
     else:
         rows = Rows(labels.shape[0], labels.shape[1], None, None)
-    rewards = check_rewards(
-        rewards, rows.n, opts.group_size, device, finite=check, stats_dtype=acc
-    )
+    rewards = check_rewards(rewards, rows.n, opts.group_size, device, finite=check, stats_dtype=acc)
     if opts.kl_coef != 0.0 and tokens.get("ref_logps") is None:
         raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs)")
     sequence = opts.importance_level == "sequence"

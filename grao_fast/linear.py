@@ -136,9 +136,7 @@ def _(
 def _read(x, weight, bias, labels, lm_head_fp32: bool, chunk_bytes: int, grads, inputs, opts):
     """The row pass of :func:`grao_fast._plan.forward` over the chunks of ``x @ weight.T``."""
     grads = (None, None, None) if grads is None else grads
-    return linear_pass(
-        x, weight, bias, labels, *grads, *inputs, *opts, lm_head_fp32, chunk_bytes
-    )
+    return linear_pass(x, weight, bias, labels, *grads, *inputs, *opts, lm_head_fp32, chunk_bytes)
 
 
 def _gradient_buffers(hidden, weight, bias, compute, grad_weight_fp32: bool, acc) -> tuple:
@@ -254,7 +252,12 @@ def grao_loss_linear(
     read = partial(_read, x, weight, bias, batch.labels, bool(lm_head_fp32), chunk_bytes)
     with torch.no_grad():
         out = forward(batch, opts, buffers, read)
-    pairs = [(t, g.view(t.shape).to(t.dtype)) for t, g in zip(leaves, buffers or ()) if g is not None]
+    grads = buffers or (None,) * len(leaves)
+    pairs = [
+        (t, g.view(t.shape).to(t.dtype))
+        for t, g in zip(leaves, grads, strict=True)
+        if g is not None
+    ]
     return attach(out, pairs, opts)
 
 

@@ -91,8 +91,8 @@ def grao_loss(
     """
     opts = GRAOOptions.from_call(locals())
     batch = prepare(
-        logits, labels, rewards, opts, tokens=_tokens(ref_logps, sampler_logps, old_logps, token_weights),
-        cu_seqlens=cu_seqlens,
+        logits, labels, rewards, opts, cu_seqlens=cu_seqlens,
+        tokens=_tokens(ref_logps, sampler_logps, old_logps, token_weights),
     )  # fmt: skip
     if logits.stride(-1) != 1:
         if inplace:
@@ -108,7 +108,8 @@ def grao_loss(
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     grad = None
     if need_grad:
-        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        contiguous = torch.contiguous_format
+        grad = logits if inplace else torch.empty_like(logits, memory_format=contiguous)
     with torch.no_grad():
         out = forward(batch, opts, grad, partial(row_pass, logits, batch.labels))
     return attach(out, [(logits, grad)] if need_grad else [], opts)
@@ -200,9 +201,7 @@ def group_advantages(
         raise ValueError(f"rewards must be [B, G+1] or [N], got shape {tuple(rewards.shape)}")
     opts = GRAOOptions(g, eps=eps)
     rewards = check_rewards(rewards, rewards.numel(), g, rewards.device, finite=True)
-    return _torch_ops.group_advantages(
-        rewards, eps=opts.eps, reference_in_group=reference_in_group
-    )
+    return _torch_ops.group_advantages(rewards, eps=opts.eps, reference_in_group=reference_in_group)
 
 
 class GRAOLoss(nn.Module):

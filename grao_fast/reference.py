@@ -11,6 +11,7 @@ Row layout: ``N = B * (G + 1)`` rows; in group ``b`` rows ``b*(G+1) .. b*(G+1)+G
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple, Optional
 
@@ -32,7 +33,11 @@ class ReferenceTerms(NamedTuple):
 
 
 def token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
 ) -> torch.Tensor:
     """``log_softmax(logits / temperature)[labels]``, 0 where ``labels == ignore_index``, NaN
     for a label outside ``[0, V)``. logits: [..., V]; labels: [...]. Returns the logits' dtype."""
@@ -83,11 +88,11 @@ def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, fill: float) -> torch.Tens
     """Packed rows [M, ...] -> padded [N, max length, ...], ``fill`` in the padding
     (differentiable w.r.t. ``x``)."""
     bounds = cu_seqlens.tolist()
-    n, t = len(bounds) - 1, max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+    n, t = len(bounds) - 1, max((b - a for a, b in itertools.pairwise(bounds)), default=0)
     pad = torch.full((1, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
     ext = torch.cat([x, pad])
     idx = torch.full((n, t), x.shape[0], dtype=torch.long)
-    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
         idx[i, : b - a] = torch.arange(a, b)
     return ext[idx.to(x.device)]
 

@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _group_coefficients_kernel(  # noqa: PLR0917  (a kernel takes its arguments by position)
     rewards_ptr,  # [B, G+1] f32, contiguous, the reference last

@@ -200,7 +200,8 @@ def _row(  # noqa: PLR0917
             # PPO clip (GRAO_SPEC.md v2): the gradient is g * ratio where the unclipped branch is
             # taken (ties included), 0 where the clipped branch is strictly smaller.
             ratio = tl.exp(logp - tl.load(old_ptr + row))
-            clipped = ((g > 0.0) & (ratio < 1.0 - clip_low)) | ((g < 0.0) & (ratio > 1.0 + clip_high))
+            low = (g > 0.0) & (ratio < 1.0 - clip_low)
+            clipped = low | ((g < 0.0) & (ratio > 1.0 + clip_high))
             g = tl.where(clipped, 0.0, g * ratio)
         if HAS_KL:
             ref = tl.load(ref_ptr + row)

@@ -4,13 +4,13 @@ Two studies (``--study``):
 
   warm  (default) the paper's setting in miniature. For each task (``reverse`` and ``sort`` a
         string of digits), a tiny model is first trained with SFT on an easier version (2-4
-        digits) until it answers the RL task (3-5 or 3-6 digits) exactly some of the time; every
+        digits) until it answers the RL task (3-5 or 4-6 digits) exactly some of the time; every
         method then starts from that same checkpoint. 5 seeds per method.
   cold  the reverse task from random weights, 3 seeds (where GRPO has nothing to reinforce).
 
 A seed changes the data order and the sampling (and, cold, the initial weights); runs with the
 same seed see the same prompts in the same order, so seeds pair the methods. Compute is
-counted as rows backpropagated (rows through forward and backward: ``B*(G+1)`` per update for
+counted as rows backpropagated (the loop's ``rows_backpropagated``: ``B*(G+1)`` per update for
 the group losses, ``B`` for SFT) and as wall-clock. Writes to ``results/<study>/``:
 
   summary.md    per task and method: final reward and exact-answer rate, steps / rows /
@@ -72,7 +72,7 @@ class Task:
         return path
 
 
-TASKS = {"reverse": Task("reverse", (2, 4), (3, 5), 250), "sort": Task("sort", (2, 4), (3, 6), 150)}
+TASKS = {"reverse": Task("reverse", (2, 4), (3, 5), 250), "sort": Task("sort", (2, 4), (4, 6), 150)}
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,16 @@ STUDIES = {
         },
         seeds=(0, 1, 2, 3, 4),
         steps=80,
-        train_args=["--rollout", "hf", "--batch-prompts", "8", "--lr", "3e-4"],
+        train_args=[
+            "--rollout",
+            "hf",
+            "--batch-prompts",
+            "8",
+            "--lr",
+            "3e-4",
+            "--warmup-steps",
+            "10",
+        ],
         threshold=0.8,
         warm_args=["--loss", "sft", "--rollout", "hf", "--batch-prompts", "16"],
         paired=[*HEADLINE, ("GRAO", "SFT, equal rows")],
@@ -175,20 +184,10 @@ def smooth(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
 
 
-def rows_per_step(config: dict) -> int:
-    """Rows through forward and backward in one step: the reference rows for SFT, every row of
-    every group (the reference included, also under GRPO) for the group losses, per update."""
-    if config["loss"] == "sft":
-        return config["batch_prompts"]
-    return config["batch_prompts"] * (config["group_size"] + 1) * config.get("num_iterations", 1)
-
-
 def summarize_run(path: Path, threshold: float, window: int) -> dict:
-    config = json.loads((path / "config.json").read_text())
     records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
     reward = smooth([r["reward"] for r in records], window)
-    per_step = rows_per_step(config)
-    rows = [per_step * r["step"] for r in records]
+    rows = list(itertools.accumulate(r["rows_backpropagated"] for r in records))
     seconds = list(itertools.accumulate(r["seconds"] for r in records))
     hit = next((i for i, value in enumerate(reward) if value >= threshold), None)
     return {
@@ -198,7 +197,7 @@ def summarize_run(path: Path, threshold: float, window: int) -> dict:
         "steps_to_threshold": None if hit is None else records[hit]["step"],
         "rows_to_threshold": None if hit is None else rows[hit],
         "seconds_to_threshold": None if hit is None else seconds[hit],
-        "rows_per_step": per_step,
+        "rows_per_step": records[0]["rows_backpropagated"],  # the same every step
         "rows": rows[-1],
         "seconds": seconds[-1],
         "reward_curve": reward,
@@ -243,8 +242,9 @@ def paired_test(a: list[float], b: list[float]) -> dict:
     else:
         t = mean / (sd / math.sqrt(n))
         p_t = 2 * (1 - t_cdf(abs(t), n - 1))
-    flips = [sum(s * d for s, d in zip(signs, diff)) for signs in itertools.product((1, -1), repeat=n)]
-    p_perm = sum(abs(f) >= abs(sum(diff)) - 1e-12 for f in flips) / len(flips)
+    signs = itertools.product((1, -1), repeat=n)
+    flips = [abs(sum(s * d for s, d in zip(flip, diff, strict=True))) for flip in signs]
+    p_perm = sum(f >= abs(sum(diff)) - 1e-12 for f in flips) / len(flips)
     return {"n": n, "mean_diff": mean, "t": t, "p_t": p_t, "p_permutation": p_perm,
             "wins": sum(d > 0 for d in diff)}  # fmt: skip
 
@@ -277,7 +277,10 @@ def task_table(study: Study, task: str, methods: dict, window: int) -> list[str]
     ]
     for method, runs in methods.items():
         values = list(runs.values())
-        col = lambda key: mean_std([r[key] for r in values if r[key] is not None])  # noqa: E731
+
+        def col(key: str, values: list[dict] = values) -> str:
+            return mean_std([r[key] for r in values if r[key] is not None])
+
         reached = sum(r["steps_to_threshold"] is not None for r in values)
         lines.append(
             f"| {method} | {len(values)} | {col('final_reward')} | {col('final_exact')} | "
@@ -363,7 +366,8 @@ def plot(task: str, methods: dict, path: Path, threshold: float) -> None:
         rows = [next(iter(runs.values()))["rows_per_step"] * i for i in steps]
         style = "-" if method in ("GRAO", "GRPO", "SFT", "SFT, equal rows") else ":"
         for ax, x in zip(axes, (list(steps), rows), strict=True):
-            (line,) = ax.plot(x, mean, style, label=method, linewidth=2 if method == "GRAO" else 1.3)
+            width = 2 if method == "GRAO" else 1.3
+            (line,) = ax.plot(x, mean, style, label=method, linewidth=width)
             low = [m - s for m, s in zip(mean, std, strict=True)]
             high = [m + s for m, s in zip(mean, std, strict=True)]
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.12)
@@ -390,8 +394,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, help="where runs are written (runs/<study>)")
     parser.add_argument("--out", type=Path, help="where the summary goes (results/<study>)")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: one process per core; "
-        "run tasks as parallel processes)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: one process per core; run tasks as parallel processes)",
     )
     parser.add_argument("--rerun", action="store_true", help="run again a run that has finished")
     parser.add_argument(

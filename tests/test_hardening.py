@@ -4,7 +4,7 @@ precision, validation, and no gradient work without grad mode."""
 
 import pytest
 import torch
-from backends import BACKENDS, DEVICE
+from backends import BACKENDS
 from test_loss import _batch
 from tolerances import assert_close
 
@@ -200,8 +200,9 @@ def test_no_gradient_work_without_grad_mode(monkeypatch):
     real_row, real_linear = grao_fast.loss.row_pass, grao_fast.linear.linear_pass
     monkeypatch.setattr(grao_fast.loss, "row_pass",
                         lambda *a: seen.append(a[2] is None) or real_row(*a))  # fmt: skip
+    no_grads = (None,) * 3
     monkeypatch.setattr(grao_fast.linear, "linear_pass",
-                        lambda *a: seen.append(a[4:7] == (None,) * 3) or real_linear(*a))  # fmt: skip
+                        lambda *a: seen.append(a[4:7] == no_grads) or real_linear(*a))  # fmt: skip
     logits, labels, rewards = _batch(1, G, 3, 7, torch.float32, seed=10)
     x = logits.clone().requires_grad_()
     hidden = torch.randn(3, 3, 4, requires_grad=True)

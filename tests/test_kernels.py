@@ -172,9 +172,7 @@ def test_out_of_range_labels_give_nan_and_zero_gradient():
     labels[4] = -100
     coef = torch.randn(5, device=DEVICE)
     grad = torch.full_like(logits, 7.0)
-    logp, ent = row_pass(
-        logits, labels, coef, grad=grad, compute_entropy=True, block_v=32
-    )
+    logp, ent = row_pass(logits, labels, coef, grad=grad, compute_entropy=True, block_v=32)
     want_logp, want_ent, want_grad = expected_rows(logits, labels, coef)
     assert torch.isnan(logp[[1, 3]]).all()
     assert torch.all(grad[[1, 3, 4]] == 0)
@@ -189,9 +187,7 @@ def test_masked_vocabulary_block_is_harmless():
     labels = labels % 100 + 100
     coef = torch.randn(3, device=DEVICE)
     grad = torch.empty_like(logits)
-    logp, ent = row_pass(
-        logits, labels, coef, grad=grad, compute_entropy=True, block_v=64
-    )
+    logp, ent = row_pass(logits, labels, coef, grad=grad, compute_entropy=True, block_v=64)
     want_logp, want_ent, want_grad = expected_rows(logits, labels, coef)
     assert_close(logp, want_logp, torch.float32)
     assert_close(ent, want_ent, torch.float32)

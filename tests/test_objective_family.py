@@ -161,7 +161,7 @@ def test_linear_path_objective_family(backend):
         ref.loss.backward()
         assert_close(out.loss, ref.loss, torch.float32, "value")
         assert_close(out.clip_fraction, ref.clip_fraction, torch.float32, "value")
-        for got, want in zip(a, b):
+        for got, want in zip(a, b, strict=True):
             assert_close(got.grad, want.grad, torch.float32, "gemm")
 
 
