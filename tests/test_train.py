@@ -457,9 +457,8 @@ def _count_backpropagated(monkeypatch):
 
     def count_forward(module, args, kwargs):
         if torch.is_grad_enabled():
-            ids, positions = kwargs["input_ids"], kwargs.get("position_ids")
-            packed = positions is not None and ids.shape[0] == 1 and "attention_mask" in kwargs
-            seen["rows"] += int((positions == 0).sum()) if packed else ids.shape[0]
+            ids, positions = kwargs["input_ids"], kwargs.get("position_ids")  # packed: positions
+            seen["rows"] += ids.shape[0] if positions is None else int((positions == 0).sum())
             seen["tokens"] += ids.numel()
 
     def counted_policy(*args, **kwargs):
@@ -546,3 +545,17 @@ def test_packing_falls_back_to_padding_with_a_message(tmp_path, monkeypatch, cap
     for a, b in zip(padded, records, strict=True):
         assert b["tokens_backpropagated"] == a["tokens_backpropagated"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_resume_of_a_run_saved_before_a_setting_existed(tmp_path):
+    """A setting missing from a run's config.json had its default there: resume goes on."""
+    cfg = _cfg(tmp_path, steps=1)
+    train(cfg)
+    saved = tmp_path / "run" / "config.json"
+    values = json.loads(saved.read_text())
+    for name in ("num_iterations", "length_norm", "packed"):
+        del values[name]
+    saved.write_text(json.dumps(values))
+    assert [r["step"] for r in train(replace(cfg, steps=2, resume=True))] == [1, 2]
+    with pytest.raises(ValueError, match=r"resume: settings differ .*\['packed'\]"):
+        train(replace(cfg, steps=3, resume=True, packed=True))

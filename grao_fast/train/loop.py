@@ -282,9 +282,10 @@ def prepare_output(cfg: TrainConfig) -> Path | None:
     out = cfg.out
     saved = out / "config.json"
     if cfg.resume and saved.exists():
-        before = json.loads(saved.read_text())
+        # A setting the saved run predates had its default there.
+        before = {**asdict(TrainConfig()), **json.loads(saved.read_text())}
         changed = sorted(
-            k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and before.get(k) != v
+            k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and before[k] != v
         )
         if changed:
             raise ValueError(f"resume: settings differ from the run in {out}: {changed}")
