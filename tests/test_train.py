@@ -11,6 +11,7 @@ import torch
 
 import grao_fast
 from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, train
+from grao_fast.train.loop import build_packed, model_inputs
 from grao_fast.train.rollout import Rollout
 
 
@@ -58,6 +59,47 @@ def test_build_batch_layout():
     assert batch["sampler_logps"][0].tolist() == [0.0, -0.5, 0.0, 0.0]
     assert batch["sampler_logps"][3].tolist() == [-1.0, -2.0, -3.0, 0.0]
     assert batch["sampler_logps"][2].abs().sum() == 0  # reference rows were not sampled
+
+
+def test_build_packed_layout():
+    """The rows of test_build_batch_layout, packed: one sequence, or sequences of at most 8
+    tokens of whole rows, each padded at its end (the pad tokens belong to its last row)."""
+    rollouts = [
+        Rollout([1, 2], [[7], [8, 9]], ["a", "b"], [[-0.5], [-0.1, -0.2]]),
+        Rollout([3], [[4, 5, 6], [6]], ["c", "d"], [[-1.0, -2.0, -3.0], [-0.3]]),
+    ]
+    i = IGNORE
+    one = build_packed(rollouts, [[10, 11], [12]], pad_id=0)
+    assert one["input_ids"].tolist() == [
+        [1, 2, 7, 1, 2, 8, 9, 1, 2, 10, 11, 3, 4, 5, 6, 3, 6, 3, 12]
+    ]
+    assert one["position_ids"].tolist() == [
+        [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 0, 1]
+    ]
+    assert one["labels"].tolist() == [i, 7, i, i, 8, 9, i, i, 10, 11, i, 4, 5, 6, i, 6, i, 12, i]
+    assert one["cu_seqlens"].tolist() == [0, 3, 7, 11, 15, 17, 19]
+    expected = torch.tensor([0.0, -0.5, 0.0, 0.0, -0.1, -0.2, 0.0])
+    assert torch.equal(one["sampler_logps"][:7], expected)
+    bins = build_packed(rollouts, [[10, 11], [12]], pad_id=0, capacity=8)
+    assert bins["input_ids"].tolist() == [
+        [1, 2, 7, 1, 2, 8, 9, 0],
+        [1, 2, 10, 11, 3, 4, 5, 6],
+        [3, 6, 3, 12, 0, 0, 0, 0],
+    ]
+    assert bins["position_ids"].tolist() == [
+        [0, 1, 2, 0, 1, 2, 3, 4],
+        [0, 1, 2, 3, 0, 1, 2, 3],
+        [0, 1, 0, 1, 2, 3, 4, 5],
+    ]
+    assert bins["labels"].tolist() == [
+        i, 7, i, i, 8, 9, i, i, i, 10, 11, i, 4, 5, 6, i, 6, i, 12, i, i, i, i, i
+    ]  # fmt: skip
+    assert bins["cu_seqlens"].tolist() == [0, 3, 8, 12, 16, 18, 24]
+    mask = model_inputs(bins, "sdpa")["attention_mask"]  # [S, 1, L, L]: causal, within a row
+    assert mask.shape == (3, 1, 8, 8)
+    assert mask[0, 0, 4].tolist() == [False, False, False, True, True, False, False, False]
+    assert mask[2, 0, 7].tolist() == [False, False, True, True, True, True, True, True]
+    assert "attention_mask" not in model_inputs(one, "flash_attention_2")  # varlen: positions
 
 
 @pytest.mark.parametrize(
@@ -404,18 +446,20 @@ def _loss_and_grads(cfg, model, batches):
     "change",
     [
         dict(),
+        dict(max_length=32),
         dict(grad_accum=2, fused_linear=True),
-        dict(length_norm="token"),
+        dict(length_norm="token", max_length=32),
         dict(length_norm="constant", entropy_coef=0.01),
         dict(is_cap=2.0, kl_coef=0.1),
-        dict(num_iterations=2, importance_level="sequence"),
+        dict(num_iterations=2, importance_level="sequence", max_length=32),
         dict(loss="sft"),
     ],
-    ids=["grao", "fused_linear", "token_norm", "constant_norm", "is_cap_kl", "gspo", "sft"],
-)
+    ids=["grao", "grao_bins", "fused_linear", "token_norm_bins", "constant_norm", "is_cap_kl",
+         "gspo_bins", "sft"],
+)  # fmt: skip
 def test_packed_micro_batches_match_padded(tiny_model_dir, change):
-    """Packed rows (one sequence per micro-batch, a block-diagonal mask, per-row positions) give
-    the padded loss, terms and parameter gradients to float32 rounding. The clip against the
+    """Packed rows (sequences of whole rows, a block-diagonal mask, per-row positions) give the
+    padded loss, terms and parameter gradients to float32 rounding. The clip against the
     pre-update log-probs is neutral on the first update: its gradient is the on-policy one."""
     from transformers import AutoModelForCausalLM
 
@@ -431,7 +475,9 @@ def test_packed_micro_batches_match_padded(tiny_model_dir, change):
     packed = _micro_batches(cfg, model, packed=True, ref_model=ref_model)
     for p, q in zip(packed, padded, strict=True):
         assert p.tokens < q.tokens and p.rows == q.rows
-    assert packed[0].batch["labels"].dim() == 1  # [M]: the logits are never padded
+    assert packed[0].batch["labels"].dim() == 1  # [S*L]: the logits are never [N, T, V]
+    sequences = packed[0].batch["input_ids"].shape[0]  # of at most max_length tokens
+    assert sequences > 1 if cfg.max_length == 32 else sequences == 1
     (a, grads_a), (b, grads_b) = (_loss_and_grads(cfg, model, x) for x in (padded, packed))
     assert a.keys() == b.keys()
     for key in a:

@@ -94,26 +94,41 @@ def build_batch(
 
 
 def build_packed(
-    rollouts: list[Rollout], references: list[list[int]], samples: bool = True
+    rollouts: list[Rollout],
+    references: list[list[int]],
+    pad_id: int,
+    samples: bool = True,
+    capacity: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The rows of :func:`build_batch` concatenated without padding into one sequence of
-    ``M = sum(prompt + answer)`` tokens.
+    """The rows of :func:`build_batch` concatenated, in order, into sequences of at most
+    ``capacity`` tokens of whole rows (``None``: one sequence, no padding at all); a shorter
+    sequence is padded at its end to the longest one, and those pad tokens belong to its last
+    row (labels IGNORE), so the rows tile the ``S x L`` positions.
 
-    Returns input_ids/position_ids [1, M] (positions restart at 0 in each row), the shifted
-    labels/sampler_logps [M] (IGNORE on each row's last token: nothing follows it in the row)
-    and cu_seqlens [N+1], the row boundaries.
+    Returns input_ids/position_ids [S, L] (positions restart at 0 in each row and go on over the
+    padding), the shifted labels/sampler_logps [S*L] (IGNORE on each row's last token: nothing
+    follows it in the row) and cu_seqlens [N+1], the row boundaries in those S*L positions.
     """
-    rows = _rows(rollouts, references, samples)
+    bins: list[list[tuple]] = [[]]
+    for row in _rows(rollouts, references, samples):
+        used = sum(len(p) + len(a) for p, a, _ in bins[-1])
+        if bins[-1] and capacity is not None and used + len(row[0]) + len(row[1]) > capacity:
+            bins.append([])
+        bins[-1].append(row)
+    width = max(sum(len(p) + len(a) for p, a, _ in b) for b in bins)
     ids, positions, labels, sampler, bounds = [], [], [], [], [0]
-    for prompt, answer, lp in rows:
-        p, a = len(prompt), len(answer)
-        ids += prompt + answer
-        positions += range(p + a)
-        labels += [IGNORE] * (p - 1) + answer + [IGNORE]
-        sampler += [0.0] * (p - 1) + lp + [0.0]
-        bounds.append(bounds[-1] + p + a)
+    for b in bins:
+        for i, (prompt, answer, lp) in enumerate(b):
+            p, a = len(prompt), len(answer)
+            pad = width - sum(len(q) + len(c) for q, c, _ in b) if i == len(b) - 1 else 0
+            ids += prompt + answer + [pad_id] * pad
+            positions += range(p + a + pad)
+            labels += [IGNORE] * (p - 1) + answer + [IGNORE] * (1 + pad)
+            sampler += [0.0] * (p - 1) + lp + [0.0] * (1 + pad)
+            bounds.append(bounds[-1] + p + a + pad)
     return dict(
-        input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
+        input_ids=torch.tensor(ids).view(len(bins), width),
+        position_ids=torch.tensor(positions).view(len(bins), width),
         labels=torch.tensor(labels), sampler_logps=torch.tensor(sampler),
         cu_seqlens=torch.tensor(bounds),
     )  # fmt: skip
@@ -143,17 +158,18 @@ def model_inputs(batch: dict[str, torch.Tensor], attn: str) -> dict[str, torch.T
     """The policy's keyword inputs for a padded or packed batch.
 
     Packed rows: flash-attention 2 finds the rows from ``position_ids`` (its varlen kernels);
-    SDPA needs a boolean block-diagonal causal mask [1, 1, M, M] besides them (``position_ids``
-    alone do not keep the rows apart there).
+    SDPA needs a boolean block-diagonal causal mask [S, 1, L, L] besides them (``position_ids``
+    alone do not keep the rows apart there); a row starts where its position is 0.
     """
     if "cu_seqlens" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    positions = batch["position_ids"]
+    inputs = {"input_ids": batch["input_ids"], "position_ids": positions}
     if attn != "flash_attention_2":
-        cu = batch["cu_seqlens"]
-        row = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu.diff())
-        causal = torch.ones(len(row), len(row), dtype=torch.bool, device=cu.device).tril()
-        inputs["attention_mask"] = ((row[:, None] == row[None, :]) & causal)[None, None]
+        row = (positions == 0).cumsum(-1)  # [S, L]
+        causal = torch.ones(row.shape[1], row.shape[1], dtype=torch.bool, device=row.device)
+        same_row = row[:, :, None] == row[:, None, :]
+        inputs["attention_mask"] = (same_row & causal.tril())[:, None]
     return inputs
 
 
@@ -173,16 +189,17 @@ class MicroBatch(NamedTuple):
 
     @property
     def tokens(self) -> int:
-        """Positions through the policy: rows x padded length, or the packed tokens."""
+        """Positions through the policy: rows x padded length, or the packed S x L."""
         return self.batch["input_ids"].numel()
 
 
 def _logps(cfg: TrainConfig, model, mb_batch, inputs) -> torch.Tensor:
     """The token log-probs (at the sampling temperature) of ``model``, shaped like the labels."""
-    logits, labels = model(**inputs).logits, mb_batch["labels"]
-    if "cu_seqlens" in mb_batch:  # [1, M, V] with labels [M]
-        return grao_fast.token_logprobs(logits, labels[None], temperature=cfg.temperature)[0]
-    return grao_fast.token_logprobs(logits, labels, temperature=cfg.temperature)
+    logits, labels = model(**inputs).logits, mb_batch["labels"]  # packed: [S, L, V] and [S*L]
+    logp = grao_fast.token_logprobs(
+        logits, labels.view(logits.shape[:2]), temperature=cfg.temperature
+    )
+    return logp.view(labels.shape)
 
 
 def micro_batches(cfg, model, ref_model, *, rollouts, refs, rewards, pad_id, packed, device):
@@ -191,10 +208,13 @@ def micro_batches(cfg, model, ref_model, *, rollouts, refs, rewards, pad_id, pac
     current policy's before the first update (``--num-iterations`` > 1)."""
     micro, attn = cfg.batch_prompts // cfg.grad_accum, model.config._attn_implementation
     samples = cfg.loss != "sft"
+    # Without varlen kernels the mask costs L^2 per sequence: whole rows in sequences of at most
+    # max_length tokens (the longest row's limit) instead of one sequence of all the rows.
+    capacity = None if attn == "flash_attention_2" else cfg.max_length
     out = []
     for lo in range(0, cfg.batch_prompts, micro):
-        part = rollouts[lo : lo + micro], refs[lo : lo + micro]
-        batch = build_packed(*part, samples) if packed else build_batch(*part, pad_id, samples)
+        part = rollouts[lo : lo + micro], refs[lo : lo + micro], pad_id, samples
+        batch = build_packed(*part, capacity) if packed else build_batch(*part)
         batch = {k: v.to(device) for k, v in batch.items()}
         inputs = model_inputs(batch, attn)
         fixed = {"ref_logps": None, "old_logps": None}
@@ -230,16 +250,16 @@ def policy_loss(cfg: TrainConfig, model, mb: MicroBatch):
     if mb.old_logps is not None:  # PPO-style clipped ratios against the pre-update policy
         options.update(old_logps=mb.old_logps, clip_eps=(cfg.clip_eps_low, cfg.clip_eps_high),
                        importance_level=cfg.importance_level)  # fmt: skip
-    packed = "cu_seqlens" in batch
+    # Packed: [S, L, .] flattened to the [S*L, .] rows of cu_seqlens (a view, no copy).
+    flat = (lambda x: x.flatten(0, 1)) if "cu_seqlens" in batch else (lambda x: x)  # noqa: E731
     if cfg.fused_linear:
-        hidden = model.get_decoder()(**mb.inputs).last_hidden_state  # [N, L, H] or [1, M, H]
+        hidden = flat(model.get_decoder()(**mb.inputs).last_hidden_state)
         out = grao_fast.grao_loss_linear(
-            hidden[0] if packed else hidden, model.lm_head.weight, labels, mb.rewards,
-            bias=model.lm_head.bias, **options,
-        )  # fmt: skip
+            hidden, model.lm_head.weight, labels, mb.rewards, bias=model.lm_head.bias, **options
+        )
     else:
-        logits = model(**mb.inputs).logits  # [N, L, V] or [1, M, V]
-        out = grao_fast.grao_loss(logits[0] if packed else logits, labels, mb.rewards, **options)
+        logits = flat(model(**mb.inputs).logits)
+        out = grao_fast.grao_loss(logits, labels, mb.rewards, **options)
     return out._asdict()
 
 
