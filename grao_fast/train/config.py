@@ -68,7 +68,8 @@ class TrainConfig:
     packed: bool = _f(
         False,
         "padding-free micro-batches: rows concatenated into one sequence (flash-attention 2 "
-        "varlen on CUDA when installed, else SDPA with a block-diagonal mask)",
+        "varlen on CUDA when installed), else into sequences of at most max_length tokens of "
+        "whole rows (SDPA, block-diagonal mask)",
     )
     lr: float = _f(1e-3, "AdamW learning rate (paper: 1e-6 on 7B; the tiny model needs more)")
     weight_decay: float = _f(0.01, "AdamW weight decay (paper: 0.01)")
