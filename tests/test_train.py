@@ -62,8 +62,8 @@ def test_build_batch_layout():
 
 
 def test_build_packed_layout():
-    """The rows of test_build_batch_layout, packed: one sequence, or sequences of at most 8
-    tokens of whole rows, each padded at its end (the pad tokens belong to its last row)."""
+    """The rows of test_build_batch_layout, packed: one sequence, or sequences of whole rows of
+    at most 8 tokens, each padded at its end (the pad tokens belong to its last row)."""
     rollouts = [
         Rollout([1, 2], [[7], [8, 9]], ["a", "b"], [[-0.5], [-0.1, -0.2]]),
         Rollout([3], [[4, 5, 6], [6]], ["c", "d"], [[-1.0, -2.0, -3.0], [-0.3]]),
@@ -80,25 +80,21 @@ def test_build_packed_layout():
     assert one["cu_seqlens"].tolist() == [0, 3, 7, 11, 15, 17, 19]
     expected = torch.tensor([0.0, -0.5, 0.0, 0.0, -0.1, -0.2, 0.0])
     assert torch.equal(one["sampler_logps"][:7], expected)
+    # Sequences of at most 8 tokens: of the lengths 4..8, 4 needs the fewest positions (5 x 4;
+    # 8 would need 3 x 8), fewer than the padded 6 x 4.
     bins = build_packed(rollouts, [[10, 11], [12]], pad_id=0, capacity=8)
     assert bins["input_ids"].tolist() == [
-        [1, 2, 7, 1, 2, 8, 9, 0],
-        [1, 2, 10, 11, 3, 4, 5, 6],
-        [3, 6, 3, 12, 0, 0, 0, 0],
-    ]
-    assert bins["position_ids"].tolist() == [
-        [0, 1, 2, 0, 1, 2, 3, 4],
-        [0, 1, 2, 3, 0, 1, 2, 3],
-        [0, 1, 0, 1, 2, 3, 4, 5],
-    ]
-    assert bins["labels"].tolist() == [
-        i, 7, i, i, 8, 9, i, i, i, 10, 11, i, 4, 5, 6, i, 6, i, 12, i, i, i, i, i
+        [1, 2, 7, 0], [1, 2, 8, 9], [1, 2, 10, 11], [3, 4, 5, 6], [3, 6, 3, 12]
     ]  # fmt: skip
-    assert bins["cu_seqlens"].tolist() == [0, 3, 8, 12, 16, 18, 24]
+    assert bins["position_ids"].tolist() == [[0, 1, 2, 3]] * 4 + [[0, 1, 0, 1]]
+    assert bins["labels"].tolist() == [
+        i, 7, i, i, i, 8, 9, i, i, 10, 11, i, 4, 5, 6, i, 6, i, 12, i
+    ]  # fmt: skip
+    assert bins["cu_seqlens"].tolist() == [0, 4, 8, 12, 16, 18, 20]
     mask = model_inputs(bins, "sdpa")["attention_mask"]  # [S, 1, L, L]: causal, within a row
-    assert mask.shape == (3, 1, 8, 8)
-    assert mask[0, 0, 4].tolist() == [False, False, False, True, True, False, False, False]
-    assert mask[2, 0, 7].tolist() == [False, False, True, True, True, True, True, True]
+    assert mask.shape == (5, 1, 4, 4)
+    assert mask[0, 0, 3].tolist() == [True, True, True, True]  # the pad joins row 0
+    assert mask[4, 0, 3].tolist() == [False, False, True, True]
     assert "attention_mask" not in model_inputs(one, "flash_attention_2")  # varlen: positions
 
 

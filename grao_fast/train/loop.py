@@ -100,21 +100,25 @@ def build_packed(
     samples: bool = True,
     capacity: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The rows of :func:`build_batch` concatenated, in order, into sequences of at most
-    ``capacity`` tokens of whole rows (``None``: one sequence, no padding at all); a shorter
-    sequence is padded at its end to the longest one, and those pad tokens belong to its last
-    row (labels IGNORE), so the rows tile the ``S x L`` positions.
+    """The rows of :func:`build_batch` concatenated, in order, into sequences of whole rows of
+    at most ``capacity`` tokens (``None``: one sequence, no padding at all); a shorter sequence is
+    padded at its end to the longest one, and those pad tokens belong to its last row (labels
+    IGNORE), so the rows tile the ``S x L`` positions. ``L`` is the length that needs the fewest
+    positions; never more than the padded layout's, which is one of the candidates.
 
     Returns input_ids/position_ids [S, L] (positions restart at 0 in each row and go on over the
     padding), the shifted labels/sampler_logps [S*L] (IGNORE on each row's last token: nothing
     follows it in the row) and cu_seqlens [N+1], the row boundaries in those S*L positions.
     """
-    bins: list[list[tuple]] = [[]]
-    for row in _rows(rollouts, references, samples):
-        used = sum(len(p) + len(a) for p, a, _ in bins[-1])
-        if bins[-1] and capacity is not None and used + len(row[0]) + len(row[1]) > capacity:
-            bins.append([])
-        bins[-1].append(row)
+    rows = _rows(rollouts, references, samples)
+    lengths = [len(p) + len(a) for p, a, _ in rows]
+    if capacity is None:
+        bins = [rows]
+    else:
+        longest = max(lengths)
+        candidates = range(longest, max(capacity, longest) + 1, max(1, longest // 8))
+        width = min(candidates, key=lambda w: len(_fill(lengths, w)) * w)
+        bins = [rows[lo:hi] for lo, hi in _fill(lengths, width)]
     width = max(sum(len(p) + len(a) for p, a, _ in b) for b in bins)
     ids, positions, labels, sampler, bounds = [], [], [], [], [0]
     for b in bins:
@@ -132,6 +136,17 @@ def build_packed(
         labels=torch.tensor(labels), sampler_logps=torch.tensor(sampler),
         cu_seqlens=torch.tensor(bounds),
     )  # fmt: skip
+
+
+def _fill(lengths: list[int], width: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` row ranges of consecutive rows, each of at most ``width`` tokens."""
+    ranges, lo, used = [], 0, 0
+    for i, n in enumerate(lengths):
+        if used + n > width and i > lo:
+            ranges.append((lo, i))
+            lo, used = i, 0
+        used += n
+    return [*ranges, (lo, len(lengths))]
 
 
 def attention_implementation(device: torch.device) -> str:
