@@ -11,6 +11,7 @@ import torch
 
 import grao_fast
 from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, train
+from grao_fast.train.loop import build_packed, model_inputs
 from grao_fast.train.rollout import Rollout
 
 
@@ -60,6 +61,43 @@ def test_build_batch_layout():
     assert batch["sampler_logps"][2].abs().sum() == 0  # reference rows were not sampled
 
 
+def test_build_packed_layout():
+    """The rows of test_build_batch_layout, packed: one sequence, or sequences of whole rows of
+    at most 8 tokens, each padded at its end (the pad tokens belong to its last row)."""
+    rollouts = [
+        Rollout([1, 2], [[7], [8, 9]], ["a", "b"], [[-0.5], [-0.1, -0.2]]),
+        Rollout([3], [[4, 5, 6], [6]], ["c", "d"], [[-1.0, -2.0, -3.0], [-0.3]]),
+    ]
+    i = IGNORE
+    one = build_packed(rollouts, [[10, 11], [12]], pad_id=0)
+    assert one["input_ids"].tolist() == [
+        [1, 2, 7, 1, 2, 8, 9, 1, 2, 10, 11, 3, 4, 5, 6, 3, 6, 3, 12]
+    ]
+    assert one["position_ids"].tolist() == [
+        [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 0, 1]
+    ]
+    assert one["labels"].tolist() == [i, 7, i, i, 8, 9, i, i, 10, 11, i, 4, 5, 6, i, 6, i, 12, i]
+    assert one["cu_seqlens"].tolist() == [0, 3, 7, 11, 15, 17, 19]
+    expected = torch.tensor([0.0, -0.5, 0.0, 0.0, -0.1, -0.2, 0.0])
+    assert torch.equal(one["sampler_logps"][:7], expected)
+    # Sequences of at most 8 tokens: of the lengths 4..8, 4 needs the fewest positions (5 x 4;
+    # 8 would need 3 x 8), fewer than the padded 6 x 4.
+    bins = build_packed(rollouts, [[10, 11], [12]], pad_id=0, capacity=8)
+    assert bins["input_ids"].tolist() == [
+        [1, 2, 7, 0], [1, 2, 8, 9], [1, 2, 10, 11], [3, 4, 5, 6], [3, 6, 3, 12]
+    ]  # fmt: skip
+    assert bins["position_ids"].tolist() == [[0, 1, 2, 3]] * 4 + [[0, 1, 0, 1]]
+    assert bins["labels"].tolist() == [
+        i, 7, i, i, i, 8, 9, i, i, 10, 11, i, 4, 5, 6, i, 6, i, 12, i
+    ]  # fmt: skip
+    assert bins["cu_seqlens"].tolist() == [0, 4, 8, 12, 16, 18, 20]
+    mask = model_inputs(bins, "sdpa")["attention_mask"]  # [S, 1, L, L]: causal, within a row
+    assert mask.shape == (5, 1, 4, 4)
+    assert mask[0, 0, 3].tolist() == [True, True, True, True]  # the pad joins row 0
+    assert mask[4, 0, 3].tolist() == [False, False, True, True]
+    assert "attention_mask" not in model_inputs(one, "flash_attention_2")  # varlen: positions
+
+
 @pytest.mark.parametrize(
     "change, error, message",
     [
@@ -77,6 +115,19 @@ def test_build_batch_layout():
         (dict(loss="sft", is_cap=2.0), ValueError, "is_cap: --loss sft does not use it"),
         (dict(loss="sft", fused_linear=True), ValueError, "fused_linear: --loss sft does not"),
         (dict(is_cap=2.0, top_p=0.9), ValueError, "is_cap: needs top_p 1 .* renormalised"),
+        (dict(num_iterations=0), ValueError, "num_iterations: must be >= 1"),
+        (dict(clip_eps_low=0.1), ValueError, "clip_eps_low: needs --num-iterations > 1"),
+        (dict(clip_eps_high=0.3), ValueError, "clip_eps_high: needs --num-iterations > 1"),
+        (dict(importance_level="sequence"), ValueError, "importance_level: needs --num-iter"),
+        (dict(num_iterations=2, clip_eps_low=1.0), ValueError, r"clip_eps_low: must be in \(0, 1"),
+        (dict(num_iterations=2, clip_eps_high=-0.1), ValueError, "clip_eps_high: must be >= 0"),
+        (dict(num_iterations=2, importance_level="row"), ValueError, "importance_level: expe"),
+        (dict(length_norm="max"), ValueError, "length_norm: expected one of"),
+        (dict(entropy_coef=-0.01), ValueError, "entropy_coef: must be >= 0"),
+        (dict(num_iterations=2.0), TypeError, "num_iterations: expected int, got 2.0"),
+        (dict(loss="sft", num_iterations=2), ValueError, "num_iterations: --loss sft does not"),
+        (dict(loss="sft", length_norm="token"), ValueError, "length_norm: --loss sft does not"),
+        (dict(loss="sft", entropy_coef=0.1), ValueError, "entropy_coef: --loss sft does not"),
     ],
 )
 def test_bad_config_is_rejected_before_anything_is_written(tmp_path, change, error, message):
@@ -360,3 +411,193 @@ def test_short_run_with_vllm_rollouts(tmp_path, capfd):
         "step-000002",
         "step-000003",
     ]
+
+
+def _micro_batches(cfg, model, packed, ref_model=None):
+    """The micro-batches of one step of made-up rollouts of unequal lengths (tiny vocabulary)."""
+    from grao_fast.train.loop import micro_batches
+
+    gen = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 40, (n,), generator=gen).tolist()  # noqa: E731
+    rollouts, refs = [], []
+    for b in range(cfg.batch_prompts):
+        lengths = [1 + (b + i) % cfg.max_new_tokens for i in range(cfg.group_size)]
+        logps = [(-torch.rand(n, generator=gen)).tolist() for n in lengths]
+        rollouts.append(Rollout(ids(3 + b), [ids(n) for n in lengths], [""] * len(lengths), logps))
+        refs.append(ids(2 + b))
+    rewards = torch.rand(cfg.batch_prompts, cfg.group_size + 1, generator=gen)
+    return micro_batches(cfg, model, ref_model, rollouts=rollouts, refs=refs, rewards=rewards,
+                         pad_id=0, packed=packed, device=torch.device("cpu"))  # fmt: skip
+
+
+def _loss_and_grads(cfg, model, batches):
+    from grao_fast.train.loop import accumulate_gradients
+
+    model.zero_grad(set_to_none=True)
+    parts = accumulate_gradients(cfg, model, batches)
+    return parts, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(),
+        dict(max_length=32),
+        dict(grad_accum=2, fused_linear=True),
+        dict(length_norm="token", max_length=32),
+        dict(length_norm="constant", entropy_coef=0.01),
+        dict(is_cap=2.0, kl_coef=0.1),
+        dict(num_iterations=2, importance_level="sequence", max_length=32),
+        dict(loss="sft"),
+    ],
+    ids=["grao", "grao_bins", "fused_linear", "token_norm_bins", "constant_norm", "is_cap_kl",
+         "gspo_bins", "sft"],
+)  # fmt: skip
+def test_packed_micro_batches_match_padded(tiny_model_dir, change):
+    """Packed rows (sequences of whole rows, a block-diagonal mask, per-row positions) give the
+    padded loss, terms and parameter gradients to float32 rounding. The clip against the
+    pre-update log-probs is neutral on the first update: its gradient is the on-policy one."""
+    from transformers import AutoModelForCausalLM
+
+    load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        tiny_model_dir, attn_implementation="sdpa"
+    )
+    model, ref_model = load(), load().eval()
+    with torch.no_grad():  # a reference policy away from the policy: a nonzero KL
+        for p in ref_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = TrainConfig(batch_prompts=4, group_size=3, max_new_tokens=5, **change)
+    padded = _micro_batches(cfg, model, packed=False, ref_model=ref_model)
+    packed = _micro_batches(cfg, model, packed=True, ref_model=ref_model)
+    for p, q in zip(packed, padded, strict=True):
+        assert p.tokens < q.tokens and p.rows == q.rows
+    assert packed[0].batch["labels"].dim() == 1  # [S*L]: the logits are never [N, T, V]
+    sequences = packed[0].batch["input_ids"].shape[0]  # of at most max_length tokens
+    assert sequences > 1 if cfg.max_length == 32 else sequences == 1
+    (a, grads_a), (b, grads_b) = (_loss_and_grads(cfg, model, x) for x in (padded, packed))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
+    if cfg.num_iterations > 1:
+        assert a["clip_fraction"] == 0.0
+        plain = replace(cfg, num_iterations=1, importance_level="token")
+        on_policy = _micro_batches(plain, model, packed=False, ref_model=ref_model)
+        _, grads = _loss_and_grads(plain, model, on_policy)
+        for name in grads:
+            torch.testing.assert_close(grads_a[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+def _count_backpropagated(monkeypatch):
+    """Count what goes through the policy with gradient (rows, positions), the optimizer
+    updates and the engine syncs, per step, by hooks on the objects themselves."""
+    from grao_fast.train import loop
+
+    seen = {"rows": 0, "tokens": 0, "updates": 0, "syncs": 0}
+    load_policy, make_engine = loop.load_policy, loop.make_engine
+
+    def count_forward(module, args, kwargs):
+        if torch.is_grad_enabled():
+            ids, positions = kwargs["input_ids"], kwargs.get("position_ids")  # packed: positions
+            seen["rows"] += ids.shape[0] if positions is None else int((positions == 0).sum())
+            seen["tokens"] += ids.numel()
+
+    def counted_policy(*args, **kwargs):
+        model, ref_model, optimizer, scheduler, start = load_policy(*args, **kwargs)
+        model.get_decoder().register_forward_pre_hook(count_forward, with_kwargs=True)
+        optimizer.register_step_post_hook(lambda *_: seen.update(updates=seen["updates"] + 1))
+        return model, ref_model, optimizer, scheduler, start
+
+    def counted_engine(*args, **kwargs):
+        engine = make_engine(*args, **kwargs)
+        sync = engine.sync_weights
+        engine.sync_weights = lambda model: (seen.update(syncs=seen["syncs"] + 1), sync(model))
+        return engine
+
+    monkeypatch.setattr(loop, "load_policy", counted_policy)
+    monkeypatch.setattr(loop, "make_engine", counted_engine)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(),
+        dict(packed=True, grad_accum=2),
+        dict(num_iterations=3, clip_eps_high=0.28),
+        dict(num_iterations=2, packed=True, fused_linear=True, kl_coef=0.1),
+        dict(loss="sft"),
+        dict(loss="sft", packed=True),
+    ],
+    ids=["padded", "packed", "three_updates", "packed_fused_kl", "sft", "sft_packed"],
+)
+def test_backpropagated_rows_tokens_and_updates_are_exact(tmp_path, monkeypatch, change):
+    """The logged counts equal what the policy's decoder saw with gradient enabled (the
+    rollouts, the old and reference log-probs run without it); K updates per step, one engine
+    sync after them."""
+    seen = _count_backpropagated(monkeypatch)
+    counted = []
+
+    def check(record):
+        counted.append(dict(seen))
+        seen.update(rows=0, tokens=0, updates=0, syncs=0)
+
+    cfg = _cfg(tmp_path, **change)
+    records = train(cfg, on_step=check)
+    k, rows_per_update = (
+        cfg.num_iterations,
+        cfg.batch_prompts * (1 if cfg.loss == "sft" else cfg.group_size + 1),
+    )
+    for r, c in zip(records, counted, strict=True):
+        assert r["updates"] == c["updates"] == k and c["syncs"] == 1
+        assert r["rows_backpropagated"] == c["rows"] == k * rows_per_update
+        assert r["tokens_backpropagated"] == c["tokens"]
+        assert (r["clip_fraction"] is None) == (k == 1)
+        if k > 1:
+            assert 0.0 <= r["clip_fraction"] <= 1.0
+
+
+def test_packed_step_matches_padded_step_and_saves_tokens(tmp_path):
+    """The whole step, packed: the same loss, terms and gradient norm (the parameter gradients
+    themselves are compared in test_packed_micro_batches_match_padded; the weights after Adam's
+    first step are not, as its g / (|g| + eps) magnifies rounding in near-zero gradients)."""
+    padded = _cfg(tmp_path, steps=1, batch_prompts=4, output_dir=str(tmp_path / "padded"))
+    a = train(padded)[0]
+    b = train(replace(padded, packed=True, output_dir=str(tmp_path / "packed")))[0]
+    for key in ("grad_norm", "loss", "exploration", "imitation", "alignment", "reward"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6)
+    assert b["rows_backpropagated"] == a["rows_backpropagated"]
+    assert b["tokens_backpropagated"] < a["tokens_backpropagated"]
+
+
+def test_packing_falls_back_to_padding_with_a_message(tmp_path, monkeypatch, capfd):
+    """An attention that cannot keep packed rows apart (eager) trains padded, and says so once,
+    on the terminal and in train.log."""
+    from grao_fast.train import loop
+
+    padded = train(_cfg(tmp_path, output_dir=str(tmp_path / "padded")))
+    capfd.readouterr()
+    monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
+    records = train(_cfg(tmp_path, packed=True, output_dir=str(tmp_path / "eager")))
+    _, err = capfd.readouterr()
+    message = "--packed: the eager attention cannot keep packed rows apart"
+    assert err.count(message) == 1
+    assert (tmp_path / "eager" / "train.log").read_text().count(message) == 1
+    for a, b in zip(padded, records, strict=True):
+        assert b["tokens_backpropagated"] == a["tokens_backpropagated"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_resume_of_a_run_saved_before_a_setting_existed(tmp_path):
+    """A setting missing from a run's config.json had its default there: resume goes on."""
+    cfg = _cfg(tmp_path, steps=1)
+    train(cfg)
+    saved = tmp_path / "run" / "config.json"
+    values = json.loads(saved.read_text())
+    for name in ("num_iterations", "length_norm", "packed"):
+        del values[name]
+    saved.write_text(json.dumps(values))
+    assert [r["step"] for r in train(replace(cfg, steps=2, resume=True))] == [1, 2]
+    with pytest.raises(ValueError, match=r"resume: settings differ .*\['packed'\]"):
+        train(replace(cfg, steps=3, resume=True, packed=True))

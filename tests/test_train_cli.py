@@ -28,8 +28,33 @@ def test_help_lists_train_and_every_setting(capsys):
         "--resume",
         "--is-cap",
         "--rollout",
+        "--num-iterations",
+        "--clip-eps-low",
+        "--clip-eps-high",
+        "--importance-level",
+        "--length-norm",
+        "--entropy-coef",
+        "--packed",
     ):
         assert flag in text
+    assert "rollout batches (steps); each makes --num-iterations optimizer updates" in " ".join(
+        text.split()
+    )
+
+
+def test_objective_family_flags(tmp_path, capsys):
+    cfg = parse_train_args(
+        ["--num-iterations", "3", "--clip-eps-low", "0.1", "--clip-eps-high", "0.28",
+         "--importance-level", "sequence", "--length-norm", "constant", "--entropy-coef", "0.01",
+         "--packed"]
+    )  # fmt: skip
+    assert (cfg.num_iterations, cfg.clip_eps_low, cfg.clip_eps_high, cfg.importance_level,
+            cfg.length_norm, cfg.entropy_coef, cfg.packed) == (
+        3, 0.1, 0.28, "sequence", "constant", 0.01, True
+    )  # fmt: skip
+    out = str(tmp_path / "run")
+    assert main(["train", "--importance-level", "sequence", "--output-dir", out]) == 2
+    assert "importance_level: needs --num-iterations > 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])

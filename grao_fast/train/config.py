@@ -45,13 +45,35 @@ class TrainConfig:
         "cap of the truncated importance weight exp(policy - sampler log-prob), both over the "
         "whole vocabulary at the sampling temperature (unset: off); needs --top-p 1, not sft",
     )
-    steps: int = _f(200, "optimizer steps")
-    batch_prompts: int = _f(16, "prompts (groups) per optimizer step, B")
+    steps: int = _f(200, "rollout batches (steps); each makes --num-iterations optimizer updates")
+    batch_prompts: int = _f(16, "prompts (groups) per step, B")
     group_size: int = _f(8, "sampled completions per prompt, G (paper: 8)")
-    grad_accum: int = _f(1, "micro-batches per step (must divide B)")
+    grad_accum: int = _f(1, "micro-batches per optimizer update (must divide B)")
+    num_iterations: int = _f(
+        1,
+        "optimizer updates per rollout batch, K; K > 1 clips the ratios to the log-probs taken "
+        "before the first update (PPO-style); 1: plain on-policy loss; not with sft",
+    )
+    clip_eps_low: float = _f(0.2, "PPO clip: ratios below 1 - low are clipped; needs K > 1")
+    clip_eps_high: float = _f(0.2, "PPO clip: ratios above 1 + high are clipped; needs K > 1")
+    importance_level: str = _f(
+        "token", "token (one ratio per token) or sequence (GSPO: one per row); needs K > 1"
+    )
+    length_norm: str = _f(
+        "sequence",
+        "sequence (1/|s|, the paper), token (1/mean |s| of the micro-batch, DAPO) or constant "
+        "(1/max_new_tokens, Dr. GRPO); not with sft",
+    )
+    entropy_coef: float = _f(0.0, "entropy bonus: loss -= coef * mean sample-token entropy")
+    packed: bool = _f(
+        False,
+        "padding-free micro-batches: rows concatenated into one sequence (flash-attention 2 "
+        "varlen on CUDA when installed), else into sequences of at most max_length tokens of "
+        "whole rows (SDPA, block-diagonal mask)",
+    )
     lr: float = _f(1e-3, "AdamW learning rate (paper: 1e-6 on 7B; the tiny model needs more)")
     weight_decay: float = _f(0.01, "AdamW weight decay (paper: 0.01)")
-    warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps (rollout batches)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     temperature: float = _f(0.7, "sampling temperature (paper: 0.7; the loss scores tokens at it)")
     top_p: float = _f(1.0, "nucleus sampling")
@@ -78,8 +100,11 @@ RESUME_MAY_DIFFER = {"steps", "resume", "overwrite", "plot", "checkpoint_every",
 # Settings a loss does not use: setting them away from their default is an error, not a no-op.
 UNUSED_BY_LOSS = {
     "grpo": ("terms", "beta", "lam"),
-    "sft": ("terms", "beta", "lam", "kl_coef", "is_cap", "fused_linear"),
-}
+    "sft": ("terms", "beta", "lam", "kl_coef", "is_cap", "fused_linear", "num_iterations",
+            "clip_eps_low", "clip_eps_high", "importance_level", "length_norm", "entropy_coef"),
+}  # fmt: skip
+# Settings of the clipped ratio: with one update per batch the policy is the one that sampled it.
+NEEDS_ITERATIONS = ("clip_eps_low", "clip_eps_high", "importance_level")
 
 
 def terms_of(cfg: TrainConfig) -> tuple[str, ...]:
@@ -106,11 +131,13 @@ def check_config(cfg: TrainConfig) -> None:
     or written). Checks against the model's own limits come later, in ``check_model``."""
     _check_types(cfg)
     choices = {"loss": ("grao", "grpo", "sft"), "rollout": ("auto", "vllm", "hf"),
-               "data_format": ("plain", "hh")}  # fmt: skip
+               "data_format": ("plain", "hh"), "importance_level": ("token", "sequence"),
+               "length_norm": ("sequence", "token", "constant")}  # fmt: skip
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
-    for name in ("steps", "batch_prompts", "grad_accum", "max_new_tokens", "max_length"):
+    for name in ("steps", "batch_prompts", "grad_accum", "num_iterations", "max_new_tokens",
+                 "max_length"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
@@ -135,6 +162,20 @@ def check_config(cfg: TrainConfig) -> None:
                 f"{name}: --loss {cfg.loss} does not use it (got {getattr(cfg, name)!r}); "
                 f"leave it at its default {getattr(defaults, name)!r}"
             )
+    if cfg.num_iterations == 1:
+        for name in NEEDS_ITERATIONS:
+            if getattr(cfg, name) != getattr(defaults, name):
+                raise ValueError(
+                    f"{name}: needs --num-iterations > 1 (got {getattr(cfg, name)!r}): with one "
+                    "update per batch the policy is the one that sampled it, so every ratio is 1 "
+                    "and nothing is clipped"
+                )
+    if not 0 < cfg.clip_eps_low < 1:
+        raise ValueError(f"clip_eps_low: must be in (0, 1), got {cfg.clip_eps_low}")
+    if not 0 <= cfg.clip_eps_high < float("inf"):
+        raise ValueError(f"clip_eps_high: must be >= 0 and finite, got {cfg.clip_eps_high}")
+    if not 0 <= cfg.entropy_coef < float("inf"):
+        raise ValueError(f"entropy_coef: must be >= 0 and finite, got {cfg.entropy_coef}")
     if cfg.lr <= 0 or cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
         raise ValueError("lr and temperature must be > 0 and top_p in (0, 1]")
     if cfg.is_cap is not None and cfg.top_p < 1:

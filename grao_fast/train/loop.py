@@ -1,21 +1,26 @@
 """The slim GRAO training loop: vLLM (or transformers) rollouts -> rewards -> GRAO loss -> AdamW.
 
-Algorithm, one optimizer step:
+Algorithm, one step (one rollout batch):
   1. take the step's ``B`` prompts (a pure function of seed and step: resume is exact);
   2. sample ``G`` completions per prompt with the rollout engine (seeded per prompt);
   3. score the ``G`` completions and the reference answer with the reward: rewards ``[B, G+1]``;
   4. build ``N = B*(G+1)`` rows per step, the reference last in each group, labels masked to
-     the answer tokens; forward the policy in ``grad_accum`` micro-batches of whole groups;
-  5. loss = ``grao_loss`` (or ``grao_loss_linear`` on the last hidden state with
-     ``--fused-linear``); ``--loss grpo`` keeps only the exploration term and leaves the
-     reference out of the group statistics; ``--loss sft`` is the NLL of the reference rows;
-  6. clip the gradient norm, AdamW step, then push the new weights into the rollout engine.
+     the answer tokens, in ``grad_accum`` micro-batches of whole groups: right-padded, or with
+     ``--packed`` concatenated into one sequence per micro-batch (``cu_seqlens``);
+  5. with ``--num-iterations K > 1``, take the policy's token log-probs once, without gradient;
+  6. K times: forward and backward every micro-batch, loss = ``grao_loss`` (or
+     ``grao_loss_linear`` on the last hidden state with ``--fused-linear``; from the second
+     update on the ratios to the step-5 log-probs are clipped), clip the gradient norm, AdamW;
+     ``--loss grpo`` keeps only the exploration term and leaves the reference out of the group
+     statistics; ``--loss sft`` is the NLL of the reference rows (only those are built);
+  7. push the new weights into the rollout engine, log.
 
 Simplifications: one process, one device; the engine lives in the same process as the policy
-and is re-synced after every step (fully on-policy, so the optional importance weights
-``--is-cap`` only correct sampler/trainer numerical mismatch); no value model, no reference-model
-server (``--kl-coef`` keeps a frozen copy of the initial policy); prompts are plain user turns
-through the chat template; token log-probs are taken at the sampling temperature by every loss.
+and is re-synced after every step (with K = 1 fully on-policy, so the optional importance
+weights ``--is-cap`` only correct sampler/trainer numerical mismatch); no value model, no
+reference-model server (``--kl-coef`` keeps a frozen copy of the initial policy); prompts are
+plain user turns through the chat template; token log-probs are taken at the sampling
+temperature by every loss.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -52,29 +58,33 @@ from grao_fast.train.tiny import build_tiny_model_dir, build_tokenizer
 IGNORE = -100
 
 
+def _rows(rollouts: list[Rollout], references: list[list[int]], samples: bool = True) -> list:
+    """``(prompt, answer, sampler log-probs)`` per row: ``[sample_1 .. sample_G, reference]`` per
+    group (``samples=False``: the reference rows alone)."""
+    rows = []
+    for r, ref in zip(rollouts, references, strict=True):
+        answers = zip(r.completion_ids, r.sampler_logps, strict=True) if samples else ()
+        rows += [(r.prompt_ids, ids, lp) for ids, lp in [*answers, (ref, [0.0] * len(ref))]]
+    return rows
+
+
 def build_batch(
-    rollouts: list[Rollout], references: list[list[int]], pad_id: int
+    rollouts: list[Rollout], references: list[list[int]], pad_id: int, samples: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Rows ``[sample_1 .. sample_G, reference]`` per group, right-padded.
+    """Rows ``[sample_1 .. sample_G, reference]`` per group, right-padded (``samples=False``:
+    the reference rows alone).
 
     Returns input_ids/attention_mask [N, L] and the shifted labels/sampler_logps [N, L]:
     ``labels[n, t]`` is token ``t+1`` when it belongs to the answer, else IGNORE (the last
     column always), so the model's full logits [N, L, V] line up without slicing or copying.
     """
-    rows, logps = [], []
-    for r, ref in zip(rollouts, references, strict=True):
-        for ids, lp in [
-            *zip(r.completion_ids, r.sampler_logps, strict=True),
-            (ref, [0.0] * len(ref)),
-        ]:
-            rows.append((r.prompt_ids, ids))
-            logps.append(lp)
-    length = max(len(p) + len(a) for p, a in rows)
+    rows = _rows(rollouts, references, samples)
+    length = max(len(p) + len(a) for p, a, _ in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
     sampler = torch.zeros(len(rows), length)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for n, ((prompt, answer), lp) in enumerate(zip(rows, logps, strict=True)):
+    for n, (prompt, answer, lp) in enumerate(rows):
         p, a = len(prompt), len(answer)
         input_ids[n, : p + a] = torch.tensor(prompt + answer)
         mask[n, : p + a] = 1
@@ -83,51 +93,201 @@ def build_batch(
     return dict(input_ids=input_ids, attention_mask=mask, labels=labels, sampler_logps=sampler)
 
 
-def policy_loss(
-    cfg: TrainConfig, model, ref_model, batch: dict[str, torch.Tensor], rewards: torch.Tensor
-):
-    """The step's loss on one micro-batch of whole groups; returns a ``GRAOOutput``-like record
-    (for SFT only ``loss`` is set)."""
-    g, labels = cfg.group_size, batch["labels"]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if cfg.loss == "sft":  # NLL of the reference rows (every (G+1)-th), mean over their tokens
-        ref_rows = slice(g, None, g + 1)
-        logits = model(
-            input_ids=inputs["input_ids"][ref_rows],
-            attention_mask=inputs["attention_mask"][ref_rows],
-        ).logits
-        logp = grao_fast.token_logprobs(logits, labels[ref_rows], temperature=cfg.temperature)
-        return {"loss": -logp.sum() / (labels[ref_rows] != IGNORE).sum().clamp(min=1)}
-    ref_logps = None
-    if cfg.kl_coef:
-        with torch.no_grad():
-            ref_logits = ref_model(**inputs).logits
-            ref_logps = grao_fast.token_logprobs(ref_logits, labels, temperature=cfg.temperature)
-    options = dict(group_size=g, beta=cfg.beta, lam=cfg.lam, temperature=cfg.temperature,
-                   terms=terms_of(cfg), reference_in_group=cfg.loss != "grpo", kl_coef=cfg.kl_coef,
-                   ref_logps=ref_logps, is_cap=cfg.is_cap, sampler_logps=None)  # fmt: skip
+def build_packed(
+    rollouts: list[Rollout],
+    references: list[list[int]],
+    pad_id: int,
+    samples: bool = True,
+    capacity: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The rows of :func:`build_batch` concatenated, in order, into sequences of whole rows of
+    at most ``capacity`` tokens (``None``: one sequence, no padding at all); a shorter sequence is
+    padded at its end to the longest one, and those pad tokens belong to its last row (labels
+    IGNORE), so the rows tile the ``S x L`` positions. ``L`` is the length that needs the fewest
+    positions; never more than the padded layout's, which is one of the candidates.
+
+    Returns input_ids/position_ids [S, L] (positions restart at 0 in each row and go on over the
+    padding), the shifted labels/sampler_logps [S*L] (IGNORE on each row's last token: nothing
+    follows it in the row) and cu_seqlens [N+1], the row boundaries in those S*L positions.
+    """
+    rows = _rows(rollouts, references, samples)
+    lengths = [len(p) + len(a) for p, a, _ in rows]
+    if capacity is None:
+        bins = [rows]
+    else:
+        longest = max(lengths)
+        candidates = range(longest, max(capacity, longest) + 1, max(1, longest // 8))
+        width = min(candidates, key=lambda w: len(_fill(lengths, w)) * w)
+        bins = [rows[lo:hi] for lo, hi in _fill(lengths, width)]
+    width = max(sum(len(p) + len(a) for p, a, _ in b) for b in bins)
+    ids, positions, labels, sampler, bounds = [], [], [], [], [0]
+    for b in bins:
+        for i, (prompt, answer, lp) in enumerate(b):
+            p, a = len(prompt), len(answer)
+            pad = width - sum(len(q) + len(c) for q, c, _ in b) if i == len(b) - 1 else 0
+            ids += prompt + answer + [pad_id] * pad
+            positions += range(p + a + pad)
+            labels += [IGNORE] * (p - 1) + answer + [IGNORE] * (1 + pad)
+            sampler += [0.0] * (p - 1) + lp + [0.0] * (1 + pad)
+            bounds.append(bounds[-1] + p + a + pad)
+    return dict(
+        input_ids=torch.tensor(ids).view(len(bins), width),
+        position_ids=torch.tensor(positions).view(len(bins), width),
+        labels=torch.tensor(labels), sampler_logps=torch.tensor(sampler),
+        cu_seqlens=torch.tensor(bounds),
+    )  # fmt: skip
+
+
+def _fill(lengths: list[int], width: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` row ranges of consecutive rows, each of at most ``width`` tokens."""
+    ranges, lo, used = [], 0, 0
+    for i, n in enumerate(lengths):
+        if used + n > width and i > lo:
+            ranges.append((lo, i))
+            lo, used = i, 0
+        used += n
+    return [*ranges, (lo, len(lengths))]
+
+
+def attention_implementation(device: torch.device) -> str:
+    """Flash-attention 2 on CUDA when installed, else SDPA."""
+    cuda = device.type == "cuda"
+    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+PACKABLE = ("flash_attention_2", "sdpa")
+
+
+def packing_of(cfg: TrainConfig, model, warn: Callable[[str], None]) -> bool:
+    """Whether the micro-batches are packed: ``--packed`` and an attention that isolates packed
+    rows (flash-attention 2 by their ``position_ids``, SDPA by a block-diagonal mask); otherwise
+    the rows are padded, and ``warn`` says so (once per run)."""
+    attn = model.config._attn_implementation
+    if cfg.packed and attn not in PACKABLE:
+        warn(f"--packed: the {attn} attention cannot keep packed rows apart; the micro-batches "
+             f"are padded instead (packing needs one of {PACKABLE})")  # fmt: skip
+    return cfg.packed and attn in PACKABLE
+
+
+def model_inputs(batch: dict[str, torch.Tensor], attn: str) -> dict[str, torch.Tensor]:
+    """The policy's keyword inputs for a padded or packed batch.
+
+    Packed rows: flash-attention 2 finds the rows from ``position_ids`` (its varlen kernels);
+    SDPA needs a boolean block-diagonal causal mask [S, 1, L, L] besides them (``position_ids``
+    alone do not keep the rows apart there); a row starts where its position is 0.
+    """
+    if "cu_seqlens" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    positions = batch["position_ids"]
+    inputs = {"input_ids": batch["input_ids"], "position_ids": positions}
+    if attn != "flash_attention_2":
+        row = (positions == 0).cumsum(-1)  # [S, L]
+        causal = torch.ones(row.shape[1], row.shape[1], dtype=torch.bool, device=row.device)
+        same_row = row[:, :, None] == row[:, None, :]
+        inputs["attention_mask"] = (same_row & causal.tril())[:, None]
+    return inputs
+
+
+class MicroBatch(NamedTuple):
+    """One micro-batch of whole groups, on the device, and what no update changes."""
+
+    batch: dict[str, torch.Tensor]  # build_batch or build_packed
+    inputs: dict[str, torch.Tensor]  # the policy's keyword inputs
+    rewards: torch.Tensor  # [groups, G+1]
+    ref_logps: torch.Tensor | None  # the initial policy's token log-probs (--kl-coef)
+    old_logps: torch.Tensor | None  # the policy's before the first update (--num-iterations > 1)
+
+    @property
+    def rows(self) -> int:
+        cu = self.batch.get("cu_seqlens")
+        return len(cu) - 1 if cu is not None else len(self.batch["input_ids"])
+
+    @property
+    def tokens(self) -> int:
+        """Positions through the policy: rows x padded length, or the packed S x L."""
+        return self.batch["input_ids"].numel()
+
+
+def _logps(cfg: TrainConfig, model, mb_batch, inputs) -> torch.Tensor:
+    """The token log-probs (at the sampling temperature) of ``model``, shaped like the labels."""
+    logits, labels = model(**inputs).logits, mb_batch["labels"]  # packed: [S, L, V] and [S*L]
+    logp = grao_fast.token_logprobs(
+        logits, labels.view(logits.shape[:2]), temperature=cfg.temperature
+    )
+    return logp.view(labels.shape)
+
+
+def micro_batches(cfg, model, ref_model, *, rollouts, refs, rewards, pad_id, packed, device):
+    """The step's ``grad_accum`` micro-batches of whole groups (SFT: their reference rows), with
+    the log-probs every update of the step reads: the initial policy's (``--kl-coef``) and the
+    current policy's before the first update (``--num-iterations`` > 1)."""
+    micro, attn = cfg.batch_prompts // cfg.grad_accum, model.config._attn_implementation
+    samples = cfg.loss != "sft"
+    # Without varlen kernels the mask costs L^2 per sequence: whole rows in sequences of at most
+    # max_length tokens (the longest row's limit) instead of one sequence of all the rows.
+    capacity = None if attn == "flash_attention_2" else cfg.max_length
+    out = []
+    for lo in range(0, cfg.batch_prompts, micro):
+        part = rollouts[lo : lo + micro], refs[lo : lo + micro], pad_id, samples
+        batch = build_packed(*part, capacity) if packed else build_batch(*part)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = model_inputs(batch, attn)
+        fixed = {"ref_logps": None, "old_logps": None}
+        with torch.no_grad(), _autocast(device):
+            if cfg.kl_coef:
+                fixed["ref_logps"] = _logps(cfg, ref_model, batch, inputs)
+            if cfg.num_iterations > 1:
+                fixed["old_logps"] = _logps(cfg, model, batch, inputs)
+        out.append(MicroBatch(batch, inputs, rewards[lo : lo + micro].to(device), **fixed))
+    return out
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def policy_loss(cfg: TrainConfig, model, mb: MicroBatch):
+    """The loss on one micro-batch of whole groups; returns a ``GRAOOutput``-like dict (for SFT
+    only ``loss`` is set)."""
+    batch, labels = mb.batch, mb.batch["labels"]
+    if cfg.loss == "sft":  # NLL of the reference rows, mean over their tokens
+        logp = _logps(cfg, model, batch, mb.inputs)
+        return {"loss": -logp.sum() / (labels != IGNORE).sum().clamp(min=1)}
+    options = dict(group_size=cfg.group_size, beta=cfg.beta, lam=cfg.lam,
+                   temperature=cfg.temperature, terms=terms_of(cfg),
+                   reference_in_group=cfg.loss != "grpo", kl_coef=cfg.kl_coef,
+                   ref_logps=mb.ref_logps, is_cap=cfg.is_cap, length_norm=cfg.length_norm,
+                   entropy_coef=cfg.entropy_coef, cu_seqlens=batch.get("cu_seqlens"))  # fmt: skip
+    if cfg.length_norm == "constant":
+        options["max_tokens"] = cfg.max_new_tokens
     if cfg.is_cap is not None:  # truncated importance weights against the sampler's log-probs
         options["sampler_logps"] = batch["sampler_logps"]
+    if mb.old_logps is not None:  # PPO-style clipped ratios against the pre-update policy
+        options.update(old_logps=mb.old_logps, clip_eps=(cfg.clip_eps_low, cfg.clip_eps_high),
+                       importance_level=cfg.importance_level)  # fmt: skip
+    # Packed: [S, L, .] flattened to the [S*L, .] rows of cu_seqlens (a view, no copy).
+    flat = (lambda x: x.flatten(0, 1)) if "cu_seqlens" in batch else (lambda x: x)  # noqa: E731
     if cfg.fused_linear:
-        hidden = model.get_decoder()(**inputs).last_hidden_state  # [N, L, H]
+        hidden = flat(model.get_decoder()(**mb.inputs).last_hidden_state)
         out = grao_fast.grao_loss_linear(
-            hidden, model.lm_head.weight, labels, rewards, bias=model.lm_head.bias, **options
+            hidden, model.lm_head.weight, labels, mb.rewards, bias=model.lm_head.bias, **options
         )
     else:
-        out = grao_fast.grao_loss(model(**inputs).logits, labels, rewards, **options)
+        logits = flat(model(**mb.inputs).logits)
+        out = grao_fast.grao_loss(logits, labels, mb.rewards, **options)
     return out._asdict()
 
 
-def accumulate_gradients(cfg, model, ref_model, *, rollouts, refs, rewards, pad_id, device) -> dict:
-    """Backward the step's loss in ``grad_accum`` micro-batches of whole groups; returns the
-    loss and the three terms, averaged over the step's groups (for logging)."""
+def accumulate_gradients(cfg: TrainConfig, model, batches: list[MicroBatch]) -> dict:
+    """Backward one update's loss in micro-batches of whole groups; returns the loss, the terms
+    (and the KL and clipped share when computed), averaged over the step's groups (for logging)."""
     b, micro = cfg.batch_prompts, cfg.batch_prompts // cfg.grad_accum
-    parts = {k: 0.0 for k in ("loss", *TERMS, *(("kl",) if cfg.kl_coef else ()))}
-    for lo in range(0, b, micro):
-        rows = build_batch(rollouts[lo : lo + micro], refs[lo : lo + micro], pad_id)
-        rows = {k: v.to(device) for k, v in rows.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            result = policy_loss(cfg, model, ref_model, rows, rewards[lo : lo + micro].to(device))
+    keys = ("loss", *TERMS, *(("kl",) if cfg.kl_coef else ()),
+            *(("clip_fraction",) if cfg.num_iterations > 1 else ()))  # fmt: skip
+    parts = dict.fromkeys(keys, 0.0)
+    for mb in batches:
+        with _autocast(mb.rewards.device):
+            result = policy_loss(cfg, model, mb)
         # Loss normalisation: each micro-batch's loss is a mean over its `micro` groups; weighting
         # by micro / B makes the accumulated gradient that of the mean over all B groups.
         (result["loss"] * (micro / b)).backward()
@@ -136,14 +296,31 @@ def accumulate_gradients(cfg, model, ref_model, *, rollouts, refs, rewards, pad_
     return parts
 
 
+def update(cfg: TrainConfig, model, optimizer, batches: list[MicroBatch]) -> dict:
+    """The step's ``num_iterations`` optimizer updates on its micro-batches; returns the logged
+    values averaged over the updates, and what went through forward and backward, summed."""
+    k = cfg.num_iterations
+    record = {"updates": k, "rows_backpropagated": k * sum(mb.rows for mb in batches),
+              "tokens_backpropagated": k * sum(mb.tokens for mb in batches)}  # fmt: skip
+    for _ in range(k):
+        optimizer.zero_grad(set_to_none=True)
+        parts = accumulate_gradients(cfg, model, batches)
+        parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        for key, value in parts.items():
+            record[key] = record.get(key, 0.0) + float(value) / k  # device sync (logging)
+    return record
+
+
 def prepare_output(cfg: TrainConfig) -> Path | None:
     """Create the output directory; on ``--resume`` return the checkpoint to continue from."""
     out = cfg.out
     saved = out / "config.json"
     if cfg.resume and saved.exists():
-        before = json.loads(saved.read_text())
+        # A setting the saved run predates had its default there.
+        before = {**asdict(TrainConfig()), **json.loads(saved.read_text())}
         changed = sorted(
-            k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and before.get(k) != v
+            k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and before[k] != v
         )
         if changed:
             raise ValueError(f"resume: settings differ from the run in {out}: {changed}")
@@ -162,8 +339,7 @@ def load_policy(cfg: TrainConfig, model_dir: Path, checkpoint: Path | None, devi
     AdamW with a linear warm-up, and the first step; restored from ``checkpoint`` if given."""
     from transformers import AutoModelForCausalLM
 
-    cuda = device.type == "cuda"
-    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    attn = attention_implementation(device)
     load = lambda path: AutoModelForCausalLM.from_pretrained(  # noqa: E731
         path, dtype=torch.float32, attn_implementation=attn
     ).to(device)
@@ -263,6 +439,12 @@ def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_
     steps = range(start + 1, cfg.steps + 1)
     bar = tqdm(steps, initial=start, total=cfg.steps, desc=cfg.name, file=console,
                dynamic_ncols=True)  # fmt: skip
+
+    def warn(message: str) -> None:  # on the terminal and in train.log
+        bar.write(message, file=console)
+        print(message, file=sys.stderr, flush=True)
+
+    packed = packing_of(cfg, model, warn)
     with (out / "metrics.jsonl").open("a") as log:
         for step in bar:
             t0 = time.perf_counter()
@@ -281,11 +463,10 @@ def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_
                 t.strip() == a.strip() for ts, a in zip(texts, answers, strict=True) for t in ts
             ]
 
-            optimizer.zero_grad(set_to_none=True)
-            parts = accumulate_gradients(cfg, model, ref_model, rollouts=rollouts, refs=refs,
-                                         rewards=rewards, pad_id=pad, device=device)  # fmt: skip
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            batches = micro_batches(cfg, model, ref_model, rollouts=rollouts, refs=refs,
+                                    rewards=rewards, pad_id=pad, packed=packed,
+                                    device=device)  # fmt: skip
+            parts = update(cfg, model, optimizer, batches)
             scheduler.step()
             engine.sync_weights(model)  # the next step's rollouts sample from the new weights
 
@@ -296,9 +477,9 @@ def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_
                 "reward_reference": rewards[:, -1].mean().item(),
                 "solved": (samples >= rewards[:, -1:]).float().mean().item(),
                 "exact": sum(exact) / len(exact),  # samples equal to the reference answer
-                **parts,
+                **parts,  # loss, terms, grad_norm: means over the step's updates
                 "kl": parts.get("kl"),  # mean k3 KL to the initial policy (None: --kl-coef 0)
-                "grad_norm": grad_norm.item(),  # device sync
+                "clip_fraction": parts.get("clip_fraction"),  # None: --num-iterations 1
                 "lr": scheduler.get_last_lr()[0],
                 "completion_tokens": sum(tokens) / len(tokens),
                 "seconds": time.perf_counter() - t0,
