@@ -82,7 +82,8 @@ class Study:
     seeds: tuple[int, ...]
     steps: int
     train_args: list[str]  # flags of every RL run
-    threshold: float  # reward level for "steps to threshold"
+    threshold: float  # reward level for "steps to threshold" (relative: above the task's start)
+    relative: bool = False
     warm_args: list[str] = field(default_factory=list)  # empty: start from random weights
     paired: list[tuple[str, str]] = field(default_factory=lambda: HEADLINE)
 
@@ -109,7 +110,8 @@ STUDIES = {
             "--warmup-steps",
             "10",
         ],
-        threshold=0.8,
+        threshold=0.05,
+        relative=True,
         warm_args=["--loss", "sft", "--rollout", "hf", "--batch-prompts", "16"],
         paired=[*HEADLINE, ("GRAO", "SFT, equal rows")],
     ),
@@ -184,12 +186,26 @@ def smooth(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
 
 
+def read(path: Path) -> list[dict]:
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def threshold_of(study: Study, paths: list[Path], window: int) -> float:
+    """A task's threshold: the study's, or with ``relative`` that far above the task's start
+    (the mean reward of the first ``window`` steps of every run of the task)."""
+    if not study.relative:
+        return study.threshold
+    start = statistics.fmean(statistics.fmean(r["reward"] for r in read(p)[:window]) for p in paths)
+    return round(start + study.threshold, 3)
+
+
 def summarize_run(path: Path, threshold: float, window: int) -> dict:
-    records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    records = read(path)
     reward = smooth([r["reward"] for r in records], window)
     rows = list(itertools.accumulate(r["rows_backpropagated"] for r in records))
     seconds = list(itertools.accumulate(r["seconds"] for r in records))
-    hit = next((i for i, value in enumerate(reward) if value >= threshold), None)
+    # The first full window at or above the threshold (a lucky first step alone does not count).
+    hit = next((i for i in range(window - 1, len(reward)) if reward[i] >= threshold), None)
     return {
         "start_exact": records[0]["exact"],
         "final_reward": statistics.fmean(r["reward"] for r in records[-window:]),
@@ -249,29 +265,36 @@ def paired_test(a: list[float], b: list[float]) -> dict:
             "wins": sum(d > 0 for d in diff)}  # fmt: skip
 
 
-def summarize(study: Study, args: argparse.Namespace) -> dict:
-    results: dict = {}
+def summarize(study: Study, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Per task: each finished run's summary by method and seed, and the task's threshold."""
+    results, thresholds = {}, {}
     for task in study.tasks:
+        done = {
+            (m, s): path
+            for m in study.methods
+            for s in study.seeds
+            if finished(path := args.runs / task / f"{slug(m)}-seed{s}", study.steps)
+        }
+        if not done:
+            continue
+        thresholds[task] = threshold = threshold_of(study, list(done.values()), args.window)
         results[task] = {}
-        for method in study.methods:
-            runs = {s: args.runs / task / f"{slug(method)}-seed{s}" for s in study.seeds}
-            done = {s: p for s, p in runs.items() if finished(p, study.steps)}
-            if done:
-                results[task][method] = {
-                    s: summarize_run(p, study.threshold, args.window) for s, p in done.items()
-                }
-    return results
+        for (method, seed), path in done.items():
+            run = summarize_run(path, threshold, args.window)
+            results[task].setdefault(method, {})[seed] = run
+    return results, thresholds
 
 
-def task_table(study: Study, task: str, methods: dict, window: int) -> list[str]:
+def task_table(task: str, methods: dict, threshold: float) -> list[str]:
     budget = min(r["rows"] for runs in methods.values() for r in runs.values())
+    start = mean_std([r["start_exact"] for runs in methods.values() for r in runs.values()])
     lines = [
         f"### {task}",
         "",
-        f"Warm start: exact answers at step 1 {mean_std([r['start_exact'] for runs in methods.values() for r in runs.values()])} (all runs).",  # noqa: E501
+        f"Exact answers at step 1 (the starting policy): {start}.",
         "",
-        f"| method | seeds | final reward | final exact | steps to {study.threshold} | "
-        f"rows to {study.threshold} | seconds to {study.threshold} | reaching it | rows/step | "
+        f"| method | seeds | final reward | final exact | steps to {threshold} | "
+        f"rows to {threshold} | seconds to {threshold} | reaching it | rows/step | "
         f"reward at {budget} rows |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -291,7 +314,7 @@ def task_table(study: Study, task: str, methods: dict, window: int) -> list[str]
     return lines
 
 
-def tests_table(study: Study, task: str, methods: dict) -> tuple[list[str], dict]:
+def tests_table(study: Study, methods: dict) -> tuple[list[str], dict]:
     lines = [
         "",
         "| comparison (paired by seed) | metric | mean difference | wins | t-test p | "
@@ -314,17 +337,27 @@ def tests_table(study: Study, task: str, methods: dict) -> tuple[list[str], dict
     return lines, found
 
 
+def threshold_text(study: Study, window: int) -> str:
+    if not study.relative:
+        return f"threshold: reward {study.threshold}"
+    return (
+        f"threshold: reward {study.threshold} above the task's start (the mean reward of the "
+        f"first {window} steps of all its runs)"
+    )
+
+
 def write_summary(study: Study, args: argparse.Namespace) -> None:
-    results = summarize(study, args)
+    results, thresholds = summarize(study, args)
     args.out.mkdir(parents=True, exist_ok=True)
     start = "a warm start (SFT on 2-4 digits)" if study.warm_args else "random weights"
     lines = [
         f"Study `{args.study}`: each method from {start}, {study.steps} steps, seeds "
         f"{list(study.seeds)}, flags `{' '.join(study.train_args)}`. Reward = mean sampled reward "
         f"(position match), exact = samples equal to the reference; final = mean of the last "
-        f"{args.window} steps; a threshold is reached at the first step whose {args.window}-step "
-        "moving average reaches it. Mean ± std over seeds; runs that never reach the threshold "
-        "are counted in 'reaching it' and left out of the means before it. Rows = rows "
+        f"{args.window} steps; {threshold_text(study, args.window)}; a threshold is reached at "
+        f"the first step (from step {args.window} on) whose {args.window}-step moving average "
+        "reaches it. Mean ± std over seeds; runs that never reach the threshold are counted in "
+        "'reaching it' and left out of the means before it. Rows = rows "
         "backpropagated; seconds = wall-clock of the steps (sampling included) on a shared "
         "2-core CPU: compare them within a study only.",
         "",
@@ -333,14 +366,13 @@ def write_summary(study: Study, args: argparse.Namespace) -> None:
     ]
     tests = {}
     for task, methods in results.items():
-        if not methods:
-            continue
-        lines += task_table(study, task, methods, args.window)
-        more, tests[task] = tests_table(study, task, methods)
+        lines += task_table(task, methods, thresholds[task])
+        more, tests[task] = tests_table(study, methods)
         lines += [*more, "", f"![{task}]({task}.png)", ""]
-        plot(task, methods, args.out / f"{task}.png", study.threshold)
+        plot(task, methods, args.out / f"{task}.png", thresholds[task])
     settings = {"study": args.study, "steps": study.steps, "seeds": list(study.seeds),
-                "threshold": study.threshold, "window": args.window,
+                "threshold": study.threshold, "relative": study.relative,
+                "thresholds": thresholds, "window": args.window,
                 "train_args": study.train_args, "warm_args": study.warm_args,
                 "tasks": {t: vars(TASKS[t]) for t in study.tasks},
                 "methods": study.methods}  # fmt: skip

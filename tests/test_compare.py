@@ -65,6 +65,8 @@ def test_summarize_run_counts_compute_and_threshold(compare, tmp_path):
     assert compare.at_rows(run, 100) == pytest.approx(0.3)  # 100 rows: after step 2
     never = compare.summarize_run(_run(tmp_path / "b", [0.1] * 4, 8), 0.6, window=2)
     assert never["steps_to_threshold"] is None and never["rows_to_threshold"] is None
+    lucky = compare.summarize_run(_run(tmp_path / "c", [0.9, 0.1, 0.1, 0.1], 8), 0.6, window=2)
+    assert lucky["steps_to_threshold"] is None  # a first step alone is not a full window
 
 
 def test_one_run_at_a_time_and_unknown_names(compare, capsys):
