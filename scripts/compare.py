@@ -399,13 +399,15 @@ def plot(task: str, methods: dict, path: Path, threshold: float) -> None:
         style = "-" if method in ("GRAO", "GRPO", "SFT", "SFT, equal rows") else ":"
         for ax, x in zip(axes, (list(steps), rows), strict=True):
             width = 2 if method == "GRAO" else 1.3
-            (line,) = ax.plot(x, mean, style, label=method, linewidth=width)
+            (line,) = ax.plot(x, mean, style, label=method, linewidth=width,
+                              zorder=3 if method == "GRAO" else 2)  # fmt: skip
             low = [m - s for m, s in zip(mean, std, strict=True)]
             high = [m + s for m, s in zip(mean, std, strict=True)]
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.12)
-    for ax, label in zip(axes, ("optimizer step", "rows backpropagated (log)"), strict=True):
-        ax.axhline(threshold, color="grey", linewidth=0.8, linestyle="--")
-        ax.set(xlabel=label, ylim=(0, 1))
+    labels = ("step (rollout batch)", "rows backpropagated (log)")
+    for ax, label in zip(axes, labels, strict=True):
+        ax.axhline(threshold, color="grey", linewidth=0.8, linestyle="--", label="threshold")
+        ax.set(xlabel=label)
     axes[1].set_xscale("log")
     axes[0].set_ylabel("sampled reward (moving average)")
     fig.suptitle(f"{task}: mean ± std over seeds")
