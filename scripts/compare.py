@@ -72,7 +72,7 @@ class Task:
         return path
 
 
-TASKS = {"reverse": Task("reverse", (2, 4), (3, 5), 250), "sort": Task("sort", (2, 4), (4, 6), 150)}
+TASKS = {"reverse": Task("reverse", (2, 4), (3, 5), 450), "sort": Task("sort", (2, 4), (4, 6), 150)}
 
 
 @dataclass(frozen=True)
