@@ -11,7 +11,7 @@ import torch
 
 import grao_fast
 from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, train
-from grao_fast.train.loop import build_packed, model_inputs
+from grao_fast.train.batch import build_packed, model_inputs
 from grao_fast.train.rollout import Rollout
 
 

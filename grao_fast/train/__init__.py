@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 from .config import TrainConfig, check_config
 
 if TYPE_CHECKING:
-    from .loop import IGNORE, build_batch, train
+    from .batch import IGNORE, build_batch
+    from .loop import train
 
 __all__ = ["IGNORE", "TrainConfig", "build_batch", "check_config", "train"]
 
 
 def __getattr__(name: str):
     if name in ("IGNORE", "build_batch", "train"):
-        return getattr(importlib.import_module(".loop", __name__), name)
+        module = ".loop" if name == "train" else ".batch"
+        return getattr(importlib.import_module(module, __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
