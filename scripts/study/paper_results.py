@@ -72,25 +72,38 @@ def mean_score(runs: dict) -> tuple[float, float]:
     return tuple(statistics.fmean(s[i] for s in scores) for i in range(2))
 
 
-def selection(study: PaperStudy, runs: Path, task: str) -> dict:
-    """The choices of tuning so far: ``lr`` (method -> best rate; the middle one while none of
-    its runs has finished), ``grid`` (GRAO setting -> mean tuning score) and ``eval`` (the
-    evaluated methods -> their settings)."""
-    lr_runs = tuning_runs(study, runs, task, tuning_settings(study))
-    best_lr = {}
-    for method in study.methods:
-        tried = {s: mean_score(r) for s, r in lr_runs.items() if s.method == method}
-        best_lr[method] = max(tried, key=tried.get).lr if tried else study.lrs[len(study.lrs) // 2]
-    grid_runs = tuning_runs(study, runs, task, grid_settings(study, best_lr))
-    grid = {s: mean_score(r) for s, r in grid_runs.items()}
+def choose(study: PaperStudy, scores: dict) -> tuple[dict, dict, dict]:
+    """The rule of tuning, from ``{setting: mean tuning score}``: per method the best learning
+    rate (GRAO at the paper's point; the middle rate while none has finished), GRAO's grid at
+    that rate, and the evaluated settings, "GRAO tuned" being the grid's best point. Ties go to
+    the first in the order tried: rates in ``study.lrs`` order, the paper's (beta, lambda) first
+    in the grid, absolute before relative."""
     beta, lam = study.paper_point
-    chosen = {}
-    for method in study.methods:
-        grao = study.methods[method].grao
-        mode = method.split()[-1] if grao else None
-        chosen[method] = Setting(method, best_lr[method], *((beta, lam, mode) if grao else ()))
+    best_lr, chosen = {}, {}
+    for setting in tuning_settings(study):
+        if setting in scores and (setting.method not in best_lr
+                                  or scores[setting] > scores[best_lr[setting.method]]):
+            best_lr[setting.method] = setting  # fmt: skip
+    best_lr = {m: best_lr[m].lr if m in best_lr else study.lrs[len(study.lrs) // 2]
+               for m in study.methods}  # fmt: skip
+    for method, spec in study.methods.items():
+        mode = method.split()[-1] if spec.grao else None
+        chosen[method] = Setting(method, best_lr[method], *((beta, lam, mode) if spec.grao else ()))
+    order = grid_settings(study, best_lr)
+    order.sort(key=lambda s: (s.mode, (s.beta, s.lam) != (beta, lam)))
+    grid = {s: scores[s] for s in order if s in scores}
     if grid:
-        chosen["GRAO tuned"] = max(grid, key=grid.get)
-    return {"lr": best_lr, "grid": grid, "eval": chosen,
-            "lr_scores": {s: mean_score(r) for s, r in lr_runs.items()},
-            "lr_runs": lr_runs, "grid_runs": grid_runs}  # fmt: skip
+        chosen["GRAO tuned"] = max(grid, key=grid.get)  # the first of equal maxima
+    return best_lr, grid, chosen
+
+
+def selection(study: PaperStudy, runs: Path, task: str) -> dict:
+    """The choices of tuning so far (``choose``) from the finished tuning runs in ``runs``."""
+    settings = tuning_settings(study)
+    lr_runs = tuning_runs(study, runs, task, settings)
+    scores = {s: mean_score(r) for s, r in lr_runs.items()}
+    best_lr, _, _ = choose(study, scores)
+    grid_runs = tuning_runs(study, runs, task, grid_settings(study, best_lr))
+    scores.update({s: mean_score(r) for s, r in grid_runs.items()})
+    best_lr, grid, chosen = choose(study, scores)
+    return {"lr": best_lr, "grid": grid, "eval": chosen}

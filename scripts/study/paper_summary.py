@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .definitions import PaperStudy
-from .paper_results import EVAL_METHODS, tuning_score
+from .paper_results import EVAL_METHODS, choose, tuning_score
 from .running import Setting
 from .stats import mean_std, paired_test
 
@@ -51,27 +51,14 @@ def eval_runs(study: PaperStudy, runs: list[dict], task: str, chosen: dict) -> d
 
 
 def choices(study: PaperStudy, runs: list[dict], task: str) -> tuple[dict, dict, dict]:
-    """From the tuning runs: method -> best lr, the grid's scores, the evaluated settings (the
-    same rule as ``paper_results.selection``, on the written results)."""
+    """``paper_results.choose`` on the written results of the tuning runs."""
     scores: dict[Setting, list] = {}
     for r in runs:
         if r["task"] == task and r["stage"] == "tune":
             scores.setdefault(Setting(**r["setting"]), []).append(tuning_score(r))
     mean = {s: tuple(statistics.fmean(v[i] for v in vals) for i in range(2))
             for s, vals in scores.items()}  # fmt: skip
-    beta, lam = study.paper_point
-    best_lr, chosen, grid = {}, {}, {}
-    for method, spec in study.methods.items():
-        tried = {s: v for s, v in mean.items() if s.method == method
-                 and (s.beta is None or (s.beta, s.lam) == (beta, lam))}  # fmt: skip
-        best_lr[method] = max(tried, key=tried.get).lr if tried else study.lrs[len(study.lrs) // 2]
-        mode = method.split()[-1] if spec.grao else None
-        chosen[method] = Setting(method, best_lr[method], *((beta, lam, mode) if spec.grao else ()))
-    for s, v in mean.items():
-        if s.beta is not None and s.lr == best_lr[s.method]:
-            grid[s] = v
-    if grid:
-        chosen["GRAO tuned"] = max(grid, key=grid.get)
+    best_lr, grid, chosen = choose(study, mean)
     return best_lr, {"scores": mean, "grid": grid}, chosen
 
 
@@ -120,7 +107,8 @@ def task_section(study: PaperStudy, task: str, runs: list[dict], out: Path) -> t
                  fmt([r["eval_score"][-1] for r in rs]),
                  fmt([statistics.fmean(r["reward"][-10:]) for r in rs]),
                  fmt([statistics.fmean(r["reward"]) for r in rs]),
-                 f"{rs[0]['rows'][0]}", f"{rs[0]['refs'][-1] / len(rs[0]['refs']):g}"]  # fmt: skip
+                 f"{rs[0]['rows'][-1] / len(rs[0]['rows']):g}",
+                 f"{rs[0]['refs'][-1] / len(rs[0]['refs']):g}"]  # fmt: skip
         lines.append(f"| {method} | {label(vars(chosen[method]))} | {len(rs)} | "
                      + " | ".join(cols) + " |")  # fmt: skip
     tests, more = paired_lines(study, methods, budget)
@@ -203,8 +191,9 @@ def plot_task(study, task: str, methods: dict, tests: dict, budget: dict, path: 
         band(a_rows, rs, "eval_rows", "eval_exact", method)
         if rs[0]["refs"][-1]:
             band(a_refs, rs, "eval_refs", "eval_exact", method)
-        smooth = [dict(r, reward_s=np.convolve(r["reward"], np.ones(10) / 10, "valid").tolist(),
-                       steps=list(range(10, len(r["reward"]) + 1))) for r in rs]  # fmt: skip
+        w = min(10, len(rs[0]["reward"]))
+        smooth = [dict(r, reward_s=np.convolve(r["reward"], np.ones(w) / w, "valid").tolist(),
+                       steps=list(range(w, len(r["reward"]) + 1))) for r in rs]  # fmt: skip
         band(a_reward, smooth, "steps", "reward_s", method)
     a_step.set(xlabel="step", ylabel="held-out exact accuracy (greedy)",
                title="Q1: at equal steps")  # fmt: skip
