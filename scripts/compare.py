@@ -15,7 +15,7 @@ A seed changes the data order and the sampling (and, cold, the initial weights);
 same seed see the same prompts in the same order, so seeds pair the methods. Every run is its
 own process on ``--threads`` threads; a finished run is skipped, so an interrupted study
 continues where it stopped. Writes to ``results/<study>/``: ``summary.md``, ``summary.json``
-and the plots (paper: also ``runs/``, each finished run's curves, written as it finishes).
+and the plots (paper: also ``curves/``, each finished run's curves, written as it finishes).
 
     python scripts/compare.py                                   # the whole paper study
     python scripts/compare.py --study warm --task sort --method GRAO --seed 3  # one run
@@ -51,13 +51,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study", choices=ALL, default="paper", help="default: paper")
     parser.add_argument("--task", nargs="+", help="only these tasks (default: the study's)")
     parser.add_argument("--method", nargs="+", help="warm, cold: only these methods")
-    parser.add_argument("--seed", type=int, nargs="+",
-                        help="only these seeds (paper: of the evaluation; default: all)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        help="only these seeds (paper: of the evaluation; default: all)",
+    )
     parser.add_argument("--window", type=int, default=10, help="moving-average window in steps")
     parser.add_argument("--runs", type=Path, help="where runs are written (runs/<study>)")
     parser.add_argument("--out", type=Path, help="where the summary goes (results/<study>)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of each run (default 1: one core)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of each run (default 1: one core)"
+    )
     parser.add_argument("--rerun", action="store_true", help="run again a run that has finished")
     parser.add_argument("--summarize-only", action="store_true",
                         help="only rebuild the summary from the finished runs")  # fmt: skip

@@ -93,9 +93,7 @@ class GRAOConfig(GRPOConfig):
         if not self.grao_terms or any(t not in TERMS for t in self.grao_terms):
             raise ValueError(f"grao_terms must be a non-empty subset of {TERMS}: {self.grao_terms}")
         if self.reward_mode not in REWARD_MODES:
-            raise ValueError(
-                f"reward_mode must be one of {REWARD_MODES}, got {self.reward_mode!r}"
-            )
+            raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {self.reward_mode!r}")
         if self.grao_backend not in BACKENDS:
             raise ValueError(f"grao_backend must be one of {BACKENDS}, got {self.grao_backend!r}")
 

@@ -1,5 +1,5 @@
 """The paper study's bookkeeping while it runs: each finished run's curves written to
-``results/<study>/runs/`` (what the summary is built from, and what is committed), the tuning
+``results/<study>/curves/`` (what the summary is built from, and what is committed), the tuning
 choices read back between stages, and the summary rebuilt after each stage."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .running import Setting
 
 
 def result_path(out: Path, task: str, stage: str, setting: Setting, seed: int) -> Path:
-    return out / "runs" / task / stage / f"{setting.name}-seed{seed}.json"
+    return out / "curves" / task / stage / f"{setting.name}-seed{seed}.json"
 
 
 class Hooks:

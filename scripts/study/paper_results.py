@@ -81,8 +81,9 @@ def choose(study: PaperStudy, scores: dict) -> tuple[dict, dict, dict]:
     beta, lam = study.paper_point
     best_lr, chosen = {}, {}
     for setting in tuning_settings(study):
-        if setting in scores and (setting.method not in best_lr
-                                  or scores[setting] > scores[best_lr[setting.method]]):
+        if setting in scores and (
+            setting.method not in best_lr or scores[setting] > scores[best_lr[setting.method]]
+        ):
             best_lr[setting.method] = setting  # fmt: skip
     best_lr = {m: best_lr[m].lr if m in best_lr else study.lrs[len(study.lrs) // 2]
                for m in study.methods}  # fmt: skip

@@ -1,4 +1,4 @@
-"""The paper study's summary, rebuilt from ``results/<study>/runs/`` (each finished run's
+"""The paper study's summary, rebuilt from ``results/<study>/curves/`` (each finished run's
 curves): per task the tuning (learning rates, GRAO's beta x lambda heat map), the evaluation at
 fixed steps, at equal rows backpropagated and at equal reference answers consumed, paired
 differences over seeds with bootstrap intervals, and plots (one panel per question)."""
@@ -21,7 +21,7 @@ GRAOS = ("GRAO absolute", "GRAO relative", "GRAO tuned")
 
 
 def load(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((out / "curves").glob("*/*/*.json"))]
 
 
 def at(run: dict, x_key: str, x: float) -> float:
@@ -113,8 +113,11 @@ def task_section(study: PaperStudy, task: str, runs: list[dict], out: Path) -> t
                      + " | ".join(cols) + " |")  # fmt: skip
     tests, more = paired_lines(study, methods, budget)
     lines += ["", *more, "", f"![{task}]({task}.png)", f"![{task} tuning]({task}-tuning.png)", ""]
-    found.update(tests=tests, budgets=budget,
-                 runs={m: {s: r for s, r in seeds.items()} for m, seeds in methods.items()})
+    found.update(
+        tests=tests,
+        budgets=budget,
+        runs={m: {s: r for s, r in seeds.items()} for m, seeds in methods.items()},
+    )
     plot_task(study, task, methods, tests, budget, out / f"{task}.png")
     return lines, found
 
@@ -143,8 +146,10 @@ def paired_lines(study, methods: dict, budget: dict) -> tuple[dict, list[str]]:
              "| comparison | at | mean difference | 95% CI | wins | t-test p | sign-flip p |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     pairs = [(g, b) for g in GRAOS for b in BASELINES] + [("GRAO relative", "GRAO absolute")]
-    points = [("step", study.steps, f"step {study.steps}"),
-              ("rows", budget["rows"], f"{budget['rows']} rows")]
+    points = [
+        ("step", study.steps, f"step {study.steps}"),
+        ("rows", budget["rows"], f"{budget['rows']} rows"),
+    ]
     tests = {}
     for a, b in pairs:
         if a not in methods or b not in methods:
