@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import os
 import re
@@ -165,18 +166,18 @@ def check_python(where: str, args: list[str]) -> None:
             run_parser(where, lambda: runpy.run_path(str(script), run_name="__main__"))
 
 
-PYTEST_HELP: list[str] = []  # filled by the test that needs it (one subprocess per session)
+@functools.cache
+def pytest_help() -> str:
+    """``pytest --help``: every option, the plugins' included (one subprocess)."""
+    return subprocess.run([sys.executable, "-m", "pytest", "--help"], cwd=ROOT, text=True,
+                          capture_output=True, check=True).stdout  # fmt: skip
 
 
 def check_pytest(where: str, args: list[str]) -> None:
-    if not PYTEST_HELP:
-        out = subprocess.run([sys.executable, "-m", "pytest", "--help"], cwd=ROOT, text=True,
-                             capture_output=True, check=True)  # fmt: skip
-        PYTEST_HELP.append(out.stdout)
     for arg in args:
         if arg.startswith("-"):
             option = arg.split("=")[0]
-            assert re.search(rf"(^|[\s,]){re.escape(option)}\b", PYTEST_HELP[0], re.M), (
+            assert re.search(rf"(^|[\s,]){re.escape(option)}\b", pytest_help(), re.M), (
                 f"{where}: pytest has no option {option}"
             )
         else:
