@@ -94,6 +94,12 @@ def grao_loss(
         logits, labels, rewards, opts, cu_seqlens=cu_seqlens,
         tokens=_tokens(ref_logps, sampler_logps, old_logps, token_weights),
     )  # fmt: skip
+    if inplace and logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "inplace=True would overwrite logits, a leaf tensor that requires grad (PyTorch "
+            "refuses in-place writes to such a leaf); pass the model's output (a non-leaf) or "
+            "inplace=False"
+        )
     if logits.stride(-1) != 1:
         if inplace:
             raise ValueError("inplace=True needs logits with a unit stride along the vocabulary")

@@ -133,6 +133,11 @@ class GRAOOptions:
         mt = self.max_tokens
         if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
             raise ValueError(f"max_tokens must be a positive int or None, got {mt!r}")
+        if mt is not None and self.length_norm != "constant":
+            raise ValueError(
+                f'max_tokens={mt} applies only with length_norm="constant", got '
+                f"length_norm={self.length_norm!r} (pass max_tokens=None)"
+            )
         clip = self.clip_eps
         if isinstance(clip, (int, float)):
             clip = (clip, clip)
