@@ -109,8 +109,8 @@ def _assert_bf16_close(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and len(b) > 0
     atol, rtol = TOL[BF16]["gemm"]
     for name, expected in b.items():
-        torch.testing.assert_close(a[name], expected, rtol=rtol,
-                                   atol=atol * float(expected.abs().max()), msg=name.__add__)  # fmt: skip
+        bound = atol * float(expected.abs().max())
+        torch.testing.assert_close(a[name], expected, rtol=rtol, atol=bound, msg=name.__add__)
 
 
 def _trl_gradients(model_dir, path, **overrides) -> dict:
@@ -142,8 +142,9 @@ def test_trl_bf16_with_and_without_fused_linear(tmp_path, tiny_model_dir, monkey
     monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", generate)
     model_dir = str(tiny_model_dir)
     grads = {
-        (bf16, fused): _trl_gradients(model_dir, tmp_path / f"{bf16}-{fused}", bf16=bf16,
-                                      use_fused_linear=fused)  # fmt: skip
+        (bf16, fused): _trl_gradients(
+            model_dir, tmp_path / f"{bf16}-{fused}", bf16=bf16, use_fused_linear=fused
+        )
         for bf16, fused in ((True, False), (True, True), (False, False))
     }
     _assert_bf16_close(grads[True, True], grads[True, False])
