@@ -82,7 +82,8 @@ def grao_loss(
         ref_logps, sampler_logps, old_logps, token_weights: per-token inputs shaped like
             ``labels`` (no gradient flows into them).
         inplace: overwrite ``logits`` with the gradient (saves one [N, T, V] buffer; ``logits``
-            must not be used afterwards, nor share memory between its elements).
+            must not be used afterwards, nor share memory between its elements, nor be a leaf
+            that requires grad).
     {options}
     Returns:
         :class:`GRAOOutput`; ``loss`` is differentiable w.r.t. ``logits``, once: the gradient
