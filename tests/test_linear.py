@@ -48,7 +48,9 @@ def _check(
     chunk_tokens=7, **kw,
 ):  # fmt: skip
     hidden, weight, bias_t, labels, rewards = _inputs(b, g, t, h, v, dtype, bias=bias, seed=seed)
-    grad_out = torch.rand((), device=DEVICE) + 0.5
+    # Seeded, far from 1 (a skipped rescale shows) and from 0.5 (the rescale rounds).
+    grad_out = (0.55 + 0.25 * torch.rand((), generator=torch.Generator().manual_seed(seed)))
+    grad_out = grad_out.to(DEVICE)
     ref_kw = {k: x for k, x in kw.items() if k != "grad_weight_fp32"}  # (not a loss option)
     ref, ref_grads = _reference(hidden, weight, bias_t, labels, rewards, g, grad_out,
                                 lm_head_fp32=lm_head_fp32, **ref_kw)  # fmt: skip
