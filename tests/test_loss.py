@@ -27,6 +27,21 @@ def _batch(b, g, t, v, dtype, *, scale=2.0, ignore_frac=0.3, seed=0):
     return logits.to(DEVICE), labels.to(DEVICE), rewards.to(DEVICE)
 
 
+# PPO ratios pi / pi_old spread over every band of the clip: outside both sides, inside, and in
+# the bands (0.72, 0.9) and (1.1, 1.3) where swapping or changing a side changes the result.
+RATIOS = (0.6, 0.85, 0.95, 1.05, 1.15, 1.25, 1.5)
+
+
+def old_in_every_band(logits, labels, **kw):
+    """old_logps at which loss token (n, t) has the ratio ``RATIOS[(n + t) % 7]`` to the
+    reference log-probs of ``logits`` (``kw``: token_logprobs' options)."""
+    logp = token_logprobs(logits.double(), labels, backend="reference", **kw)
+    n, t = labels.shape
+    index = (torch.arange(n)[:, None] + torch.arange(t)) % len(RATIOS)
+    log_ratio = torch.tensor(RATIOS, dtype=torch.float64).log()[index].to(logp.device)
+    return (logp - log_ratio).float()
+
+
 def grad_output(seed=0):
     """A seeded ``grad_output`` in [0.55, 0.8): far from 1 (a skipped rescale shows) and from 0.5
     (not a power of two: the rescale rounds)."""
@@ -285,7 +300,8 @@ def test_same_call_twice_is_bit_identical(backend, linear):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_tokens_per_row(backend):
     """T = 0 (a legal edge case): a finite loss of 0, an empty gradient; as the reference."""
-    logits, labels, rewards = _batch(2, 2, 0, 11, torch.float32, seed=15)
+    logits, labels, rewards = (x[:, :0] for x in _batch(2, 2, 1, 11, torch.float32, seed=15))
+    rewards = torch.rand(6, device=DEVICE)
     x = logits.clone().requires_grad_()
     out = grao_loss(x, labels, rewards, group_size=2, backend=backend)
     ref = grao_loss(logits.double(), labels, rewards.double(), group_size=2, backend="reference")
@@ -327,13 +343,13 @@ def test_module_passes_every_option_it_holds(backend):
     tensors = {
         "ref_logps": (logp - 0.5 * torch.rand(n, t, generator=gen)).float(),
         "sampler_logps": (logp - 0.8 * torch.rand(n, t, generator=gen)).float(),
-        "old_logps": (logp + 0.4 * torch.randn(n, t, generator=gen)).float(),
+        "old_logps": old_in_every_band(logits, labels, ignore_index=-1, temperature=0.7),
         "token_weights": torch.rand(n, t, generator=gen),
     }
     tensors = {k: v.to(DEVICE) for k, v in tensors.items()}
     held = {
         "beta": 0.9, "lam": 0.2, "temperature": 0.7, "ignore_index": -1, "eps": 0.05,
-        "reference_in_group": False, "terms": ("exploration", "alignment"), "kl_coef": 0.3,
+        "reference_in_group": False, "terms": ("imitation", "alignment"), "kl_coef": 0.3,
         "is_cap": 1.2, "length_norm": "constant", "max_tokens": 9, "clip_eps": (0.1, 0.3),
         "entropy_coef": 0.05,
     }  # fmt: skip
