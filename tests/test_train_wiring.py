@@ -38,7 +38,8 @@ def _expected(cfg: TrainConfig, model, mb, **override):
     sample = mb.batch["sampler_logps"].double()
     kw = dict(group_size=cfg.group_size, beta=cfg.beta, lam=cfg.lam, temperature=cfg.temperature,
               terms=tuple(cfg.terms.split(",")), reference_in_group=cfg.loss == "grao",
-              kl_coef=cfg.kl_coef, length_norm=cfg.length_norm, entropy_coef=cfg.entropy_coef)  # fmt: skip
+              kl_coef=cfg.kl_coef, length_norm=cfg.length_norm,
+              entropy_coef=cfg.entropy_coef)  # fmt: skip
     if cfg.loss == "grpo":
         kw["terms"] = ("exploration",)
     if cfg.length_norm == "constant":
