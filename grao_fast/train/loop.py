@@ -48,7 +48,7 @@ from grao_fast.train.batch import (
     model_inputs,
     packing_of,
 )
-from grao_fast.train.config import RESUME_MAY_DIFFER, TrainConfig, check_config, terms_of
+from grao_fast.train.config import TrainConfig, check_config, terms_of
 from grao_fast.train.console import output_to_log
 from grao_fast.train.data import PromptSampler
 from grao_fast.train.prepare import check_examples, check_model, load_examples
@@ -196,24 +196,22 @@ def update(cfg: TrainConfig, model, optimizer, batches: list[MicroBatch]) -> dic
 
 
 def prepare_output(cfg: TrainConfig) -> Path | None:
-    """Create the output directory; on ``--resume`` return the checkpoint to continue from."""
+    """Create the output directory and save the settings there; on ``--resume`` return the
+    checkpoint to continue from."""
     out = cfg.out
     saved = out / "config.json"
-    if cfg.resume and saved.exists():
-        # A setting the saved run predates had its default there.
-        before = {**asdict(TrainConfig()), **json.loads(saved.read_text())}
-        changed = sorted(
-            k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and before[k] != v
-        )
-        if changed:
-            raise ValueError(f"resume: settings differ from the run in {out}: {changed}")
+    if cfg.resume:  # check_config: a run is there, and cfg keeps its settings
+        atomic_write(saved, json.dumps(asdict(cfg), indent=2))  # the new steps, ...
         return latest_checkpoint(out)
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise FileExistsError(f"output_dir: {out} is not empty; pass --resume or --overwrite")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(saved, json.dumps(asdict(cfg), indent=2))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(saved, json.dumps(asdict(cfg), indent=2))
+    except OSError as err:  # e.g. a read-only file system
+        raise ValueError(f"--output-dir {out}: cannot write there ({err})") from None
     return None
 
 
