@@ -319,3 +319,22 @@ def test_usage_and_help_show_the_dashed_spelling_and_take_both(capsys):
     assert "write plot.png" in plot and no_plot == "--no-plot the same as --plot false"
     assert parse_train_args(["--output_dir", "x", "--no_plot"]).output_dir == "x"
     assert parse_train_args(["--no-plot"]).plot is False and parse_train_args([]).plot is True
+
+
+def test_help_documents_every_logged_metric(tmp_path, capsys):
+    """Each key of metrics.jsonl, from a run with every optional metric on, has its line in
+    ``grao-fast train --help``; `solved` among them."""
+    out = tmp_path / "run"
+    args = ["train", "--output-dir", str(out), *SHORT, "--steps", "1", "--kl-coef", "0.1",
+            "--entropy-coef", "0.01", "--is-cap", "2", "--num-iterations", "2"]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert all(record[k] is not None for k in ("kl", "entropy", "is_ratio_mean", "clip_fraction"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    listed = text[text.index("metrics.jsonl, one JSON line per step") :]
+    documented = {line.split()[0] for line in listed.splitlines()[1:] if line[2:3].strip()}
+    assert documented == set(record)
+    assert "solved                  share of samples whose reward is at least" in listed
