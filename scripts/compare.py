@@ -11,7 +11,8 @@ Two studies (``--study``):
 A seed changes the data order and the sampling (and, cold, the initial weights); runs with the
 same seed see the same prompts in the same order, so seeds pair the methods. Compute is
 counted as rows backpropagated (the loop's ``rows_backpropagated``: ``B*(G+1)`` per update for
-the group losses, ``B`` for SFT) and as wall-clock. Writes to ``results/<study>/``:
+GRAO and its ablations, ``B*G`` for GRPO, ``B`` for SFT) and as wall-clock. Writes to
+``results/<study>/``:
 
   summary.md    per task and method: final reward and exact-answer rate, steps / rows /
                 seconds until the reward reaches the threshold (runs that never do, counted),
