@@ -139,7 +139,8 @@ def _check_types(cfg: TrainConfig) -> None:
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise ``ValueError``/``TypeError`` naming the first bad setting (before anything is loaded
-    or written). Checks against the model's own limits come later, in ``check_model``."""
+    or written), the output directory's included (:func:`check_output`). Checks against the
+    model's own limits come later, in ``check_model``."""
     _check_types(cfg)
     choices = {"loss": ("grao", "grpo", "sft"), "rollout": ("auto", "vllm", "hf"),
                "data_format": ("plain", "hh"), "importance_level": ("token", "sequence"),
