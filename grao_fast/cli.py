@@ -156,7 +156,20 @@ def summary(records: list[dict], out: Path) -> str:
     return (
         f"done: step {records[-1]['step']}; sampled reward {records[0]['reward']:.3f} at step "
         f"{records[0]['step']} -> {mean('reward'):.3f}, exact answers {mean('exact'):.0%} "
-        f"(means of the last {len(last)} steps); output in {out}, library logs in train.log"
+        f"(means of the last {len(last)} steps); reward mode {records[-1].get('reward_mode')}"
+        f"{held_out_text(records)}; output in {out}, library logs in train.log"
+    )
+
+
+def held_out_text(records: list[dict]) -> str:
+    """The last held-out evaluation, if the run made one."""
+    evals = [r for r in records if r.get("eval_exact") is not None]
+    if not evals:
+        return ""
+    last = evals[-1]
+    return (
+        f"; held-out greedy exact {last['eval_exact']:.0%}, score {last['eval_score']:.3f} "
+        f"(step {last['step']})"
     )
 
 

@@ -82,7 +82,8 @@ def grao_loss(
         ref_logps, sampler_logps, old_logps, token_weights: per-token inputs shaped like
             ``labels`` (no gradient flows into them).
         inplace: overwrite ``logits`` with the gradient (saves one [N, T, V] buffer; ``logits``
-            must not be used afterwards, nor share memory between its elements).
+            must not be used afterwards, nor share memory between its elements, nor be a leaf
+            that requires grad).
     {options}
     Returns:
         :class:`GRAOOutput`; ``loss`` is differentiable w.r.t. ``logits``, once: the gradient
@@ -94,6 +95,12 @@ def grao_loss(
         logits, labels, rewards, opts, cu_seqlens=cu_seqlens,
         tokens=_tokens(ref_logps, sampler_logps, old_logps, token_weights),
     )  # fmt: skip
+    if inplace and logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "inplace=True would overwrite logits, a leaf tensor that requires grad (PyTorch "
+            "refuses in-place writes to such a leaf); pass the model's output (a non-leaf) or "
+            "inplace=False"
+        )
     if logits.stride(-1) != 1:
         if inplace:
             raise ValueError("inplace=True needs logits with a unit stride along the vocabulary")

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tolerances import assert_close
 
 import grao_fast
 from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, train
@@ -328,9 +329,9 @@ def test_importance_weights_and_kl_are_neutral_on_policy(tmp_path):
     capped = train(_cfg(tmp_path, steps=1, is_cap=2.0, output_dir=str(tmp_path / "is")))[0]
     kl_run = train(_cfg(tmp_path, steps=2, kl_coef=0.5, output_dir=str(tmp_path / "kl")))
     kl = kl_run[0]
-    for key in ("loss", "exploration", "imitation", "alignment"):
-        assert capped[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5)
-        assert kl[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6)
+    for key in ("loss", "exploration", "imitation", "alignment"):  # float32 values
+        assert_close(torch.tensor(capped[key]), torch.tensor(plain[key]), torch.float32, "value")
+        assert_close(torch.tensor(kl[key]), torch.tensor(plain[key]), torch.float32, "value")
     # The KL is logged: zero while the policy is the initial one, positive once it has moved.
     assert plain["kl"] is None and kl["kl"] == pytest.approx(0.0, abs=1e-6)
     assert kl_run[1]["kl"] > 0
@@ -414,9 +415,9 @@ def test_resume_continues_exactly(tmp_path):
 def test_fused_linear_matches_logits_path(tmp_path):
     plain = _cfg(tmp_path, steps=1, output_dir=str(tmp_path / "plain"))
     fused = replace(plain, fused_linear=True, output_dir=str(tmp_path / "fused"))
-    a, b = train(plain)[0], train(fused)[0]
+    a, b = train(plain)[0], train(fused)[0]  # step 1: no optimizer step in between
     for key in ("loss", "exploration", "imitation", "alignment", "reward"):
-        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
+        assert_close(torch.tensor(b[key]), torch.tensor(a[key]), torch.float32, "value")
 
 
 @pytest.mark.slow
@@ -499,15 +500,20 @@ def test_packed_micro_batches_match_padded(tiny_model_dir, change):
     assert a.keys() == b.keys()
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    # Sums over the step's tokens in another order: n u of the largest entry (as in
+    # test_gradient_accumulation_matches_one_batch), n the padded positions.
+    tol = sum(mb.tokens for mb in padded) * torch.finfo(torch.float32).eps / 2
     for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
+        close = dict(rtol=tol, atol=tol * float(grads_a[name].abs().max()))
+        torch.testing.assert_close(grads_b[name], grads_a[name], **close)
     if cfg.num_iterations > 1:
         assert a["clip_fraction"] == 0.0
         plain = replace(cfg, num_iterations=1, importance_level="token")
         on_policy = _micro_batches(plain, model, packed=False, ref_model=ref_model)
         _, grads = _loss_and_grads(plain, model, on_policy)
         for name in grads:
-            torch.testing.assert_close(grads_a[name], grads[name], rtol=1e-4, atol=1e-6)
+            close = dict(rtol=tol, atol=tol * float(grads[name].abs().max()))
+            torch.testing.assert_close(grads_a[name], grads[name], **close)
 
 
 def _count_backpropagated(monkeypatch):
@@ -597,10 +603,12 @@ def test_packing_falls_back_to_padding_with_a_message(tmp_path, monkeypatch, cap
     on the terminal and in train.log."""
     from grao_fast.train import loop
 
-    padded = train(_cfg(tmp_path, output_dir=str(tmp_path / "padded")))
+    # One step: a second one would compare rollouts resampled after an AdamW step, whose
+    # g / (|g| + eps) turns rounding (SDPA against eager attention) into changes of up to lr.
+    padded = train(_cfg(tmp_path, steps=1, output_dir=str(tmp_path / "padded")))
     capfd.readouterr()
     monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
-    records = train(_cfg(tmp_path, packed=True, output_dir=str(tmp_path / "eager")))
+    records = train(_cfg(tmp_path, steps=1, packed=True, output_dir=str(tmp_path / "eager")))
     _, err = capfd.readouterr()
     message = "--packed: the eager attention cannot keep packed rows apart"
     assert err.count(message) == 1

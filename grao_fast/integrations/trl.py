@@ -10,7 +10,10 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   ``_calculate_rewards``; several functions are summed with ``reward_weights``). The loss
   computes GRAO's advantages from these rewards; TRL's ``scale_rewards`` is not used. Logged
   ``reward``, ``reward_std``, ``rewards/<fn>/*``, ``frac_reward_zero_std`` and ``completions/*``
-  cover the samples only; ``reward/reference`` is the references' mean reward.
+  cover the samples only; ``reward/reference`` is the references' mean reward. With
+  ``reward_mode="relative"`` (the paper's judge) the loss sees instead each sample's
+  ``sign(reward - its reference's reward)`` and 0 for the reference, logged as
+  ``reward/relative`` (the samples' mean); the logged rewards stay the functions' own.
 * **Batches and processes.** Every micro-batch on every process holds whole groups
   (``trl_config``'s docstring gives the path of the rows); the generation batch is shuffled
   group by group.
@@ -63,6 +66,7 @@ from grao_fast.integrations.trl_metrics import (
     is_sample_row,
     reward_metrics,
 )
+from grao_fast.train.rewards import relative_to_reference
 
 IGNORE_INDEX = -100
 # Fields of the loss's result -> the logged metrics (TRL's names where TRL logs the same thing).
@@ -259,6 +263,9 @@ class GRAOTrainer(GRPOTrainer):
                 self._rewards_per_func, self.reward_weights, self.reward_func_names, group
             )
         )
+        if self.args.reward_mode == "relative":
+            relative = self._rewards.view(-1, group)[:, :-1]
+            self._replace_metrics({"reward/relative": relative.float().mean().item()})
         advantages = grao_fast.group_advantages(
             self._rewards.view(-1, group).float(), eps=self.args.grao_eps,
             reference_in_group=self.args.reference_in_group,
@@ -304,6 +311,8 @@ class GRAOTrainer(GRPOTrainer):
         weights = self.reward_weights.to(per_func.device)
         self._rewards_per_func = per_func
         self._rewards = (per_func * weights).nansum(dim=1)  # an unscorable row gets reward 0
+        if self.args.reward_mode == "relative":  # each sample judged against its reference
+            self._rewards = relative_to_reference(self._rewards.view(-1, self._group())).flatten()
         return per_func
 
     def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:

@@ -27,11 +27,12 @@ from trl import GRPOConfig
 from grao_fast.reference import TERMS
 
 BACKENDS = ("auto", "torch", "triton", "reference")
+REWARD_MODES = ("absolute", "relative")
 # TRL's loss_type -> grao_loss's length_norm (dr_grpo: max_tokens = max_completion_length).
 LENGTH_NORMS = {"grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "constant"}
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
-__all__ = ["BACKENDS", "LENGTH_NORMS", "VLLM_IS_MODES", "GRAOConfig"]
+__all__ = ["BACKENDS", "LENGTH_NORMS", "REWARD_MODES", "VLLM_IS_MODES", "GRAOConfig"]
 
 
 def _option(default: Any, text: str) -> Any:
@@ -67,6 +68,12 @@ class GRAOConfig(GRPOConfig):
     grao_terms: list[str] = _option(list(TERMS), "Active terms (ablations drop some).")
     grao_eps: float = _option(1e-6, "Added to the group's (population) reward std.")
     reference_in_group: bool = _option(True, "Include the reference's reward in the group stats.")
+    reward_mode: str = _option(
+        "absolute",
+        "absolute: each row's summed reward as it is (the reference scored like a sample); "
+        "relative: the paper's judge, each sample's sign(reward - its reference's reward) on "
+        "{-1, 0, 1} and the reference 0.",
+    )
     grao_backend: str = _option("auto", "Loss backend: auto, torch, triton or reference.")
     use_fused_linear: bool = _option(False, "Fuse the lm_head into the loss: no [N, T, V] logits.")
 
@@ -85,6 +92,8 @@ class GRAOConfig(GRPOConfig):
             )
         if not self.grao_terms or any(t not in TERMS for t in self.grao_terms):
             raise ValueError(f"grao_terms must be a non-empty subset of {TERMS}: {self.grao_terms}")
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {self.reward_mode!r}")
         if self.grao_backend not in BACKENDS:
             raise ValueError(f"grao_backend must be one of {BACKENDS}, got {self.grao_backend!r}")
 

@@ -35,6 +35,27 @@ class TrainConfig:
     reference_field: str = _f("reference", "JSONL field / dataset column of the reference")
     split: str = _f("train", "dataset split for hf: data")
     reward: str = _f("position_match", "position_match, exact, token_f1, or rm:<model directory>")
+    reward_mode: str = _f(
+        "absolute",
+        "absolute (each row scored alone: the reference gets its own score) or relative (the "
+        "paper's judge: each sample against its group's reference, sign(score - reference "
+        "score) on {-1, 0, 1}, the reference 0); prefer relative when the reference is the best "
+        "answer the reward can give (it keeps imitation from dominating); not with sft",
+    )
+    eval_every: int = _f(
+        0, "greedy evaluation on the held-out prompts every K steps and at the end (0: off)"
+    )
+    eval_prompts: int = _f(
+        0,
+        "held-out prompts for --eval-every, left out of training: the data's last N distinct "
+        "prompts (the built-in task: N drawn apart from every --seed), the same for every seed",
+    )
+    log_term_grads: bool = _f(
+        False,
+        "log each GRAO term's gradient norm and the cosines between terms and with the total; "
+        "costs one extra forward and backward per active term and step (about 2-4x a step's "
+        "update time); --loss grao only",
+    )
     loss: str = _f("grao", "grao, grpo (exploration only, reference out of the stats) or sft")
     terms: str = _f(
         "exploration,imitation,alignment", "GRAO terms kept (ablations drop one); --loss grao only"
@@ -104,7 +125,7 @@ class TrainConfig:
 
 # Settings a resumed run may change: how long it runs, where it is, what it writes besides.
 RESUME_MAY_DIFFER = {"steps", "resume", "overwrite", "plot", "checkpoint_every", "keep_checkpoints",
-                     "name", "output_dir"}  # fmt: skip
+                     "name", "output_dir", "eval_every", "log_term_grads"}  # fmt: skip
 # Where nothing can be written (virtual file systems).
 NOT_WRITABLE = (Path("/proc"), Path("/sys"))
 
@@ -186,6 +207,7 @@ def check_config(cfg: TrainConfig) -> None:
                     "update per batch the policy is the one that sampled it, so every ratio is 1 "
                     "and nothing is clipped"
                 )
+    check_study_options(cfg)
     if not 0 < cfg.clip_eps_low < 1:
         raise ValueError(f"clip_eps_low: must be in (0, 1), got {cfg.clip_eps_low}")
     if not 0 <= cfg.clip_eps_high < float("inf"):
@@ -268,3 +290,25 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     saved = saved_settings(cfg.out)
     keep = given | {"resume", "overwrite", "name", "output_dir"}
     return TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in keep}})
+
+
+def check_study_options(cfg: TrainConfig) -> None:
+    """The reward mode, the held-out evaluation and the per-term gradient norms."""
+    if cfg.reward_mode not in ("absolute", "relative"):
+        raise ValueError(
+            f"reward_mode: expected one of ('absolute', 'relative'), got {cfg.reward_mode!r}"
+        )
+    if cfg.reward_mode == "relative" and cfg.loss == "sft":
+        raise ValueError("reward_mode: --loss sft uses no rewards; leave it at 'absolute'")
+    for name in ("eval_every", "eval_prompts"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    if (cfg.eval_every > 0) != (cfg.eval_prompts > 0):
+        raise ValueError(
+            f"eval_every ({cfg.eval_every}) and eval_prompts ({cfg.eval_prompts}): set both (an "
+            "evaluation needs held-out prompts, held-out prompts need an evaluation) or neither"
+        )
+    if cfg.log_term_grads and cfg.loss != "grao":
+        raise ValueError(
+            f"log_term_grads: --loss {cfg.loss} has no GRAO terms to compare; needs --loss grao"
+        )

@@ -54,8 +54,9 @@ from grao_fast.train.batch import (
 from grao_fast.train.config import TrainConfig, check_config, terms_of
 from grao_fast.train.console import output_to_log
 from grao_fast.train.data import PromptSampler
+from grao_fast.train.evaluate import evaluate, split_held_out
 from grao_fast.train.prepare import check_examples, check_model, load_examples
-from grao_fast.train.rewards import get_reward, score_groups
+from grao_fast.train.rewards import get_reward, relative_to_reference, score_groups
 from grao_fast.train.rollout import HFRollout, SamplingConfig, VLLMRollout, encode_prompt
 from grao_fast.train.run_dir import (
     atomic_write,
@@ -97,6 +98,12 @@ def _logps(cfg: TrainConfig, model, mb_batch, inputs) -> torch.Tensor:
     return logp.view(labels.shape)
 
 
+def batches_mean_relative(batches: list[MicroBatch]) -> float:
+    """The mean relative reward of the sample rows (the reference rows, 0, left out)."""
+    samples = torch.cat([mb.rewards[:, :-1] for mb in batches])
+    return float(samples.mean())
+
+
 def micro_batches(cfg, model, ref_model, *, rollouts, refs, rewards, pad_id, packed, device):
     """The step's ``grad_accum`` micro-batches of whole groups (SFT: their reference rows), with
     the log-probs every update of the step reads: the initial policy's (``--kl-coef``) and the
@@ -127,8 +134,15 @@ def micro_batches(cfg, model, ref_model, *, rollouts, refs, rewards, pad_id, pac
     return out
 
 
+# Devices whose forward and loss run under bf16 autocast (float32 master weights). CPU runs
+# float32: bf16 GEMMs are slow on many CPUs; the tests switch it on to run the GPU's code path.
+AUTOCAST_DEVICES = ("cuda",)
+
+
 def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=device.type in AUTOCAST_DEVICES
+    )
 
 
 def policy_loss(cfg: TrainConfig, model, mb: MicroBatch):
@@ -330,6 +344,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
     tokenizer = AutoTokenizer.from_pretrained(cfg.model) if cfg.model else build_tokenizer()
     examples = load_examples(cfg)
     check_examples(examples, tokenizer, cfg, positions)
+    examples, held_out = split_held_out(examples, cfg)
     sampler = PromptSampler(examples, cfg.batch_prompts, cfg.seed)
     reward_fn = get_reward(cfg.reward)
     # All input is valid: only now is anything written.
@@ -343,10 +358,45 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
             if new_run:
                 shutil.rmtree(cfg.out, ignore_errors=True)
             raise
-        return run_steps(cfg, state, tokenizer, sampler, reward_fn, device, console, on_step)
+        return run_steps(cfg, state, tokenizer, sampler, reward_fn, device, console, on_step,
+                         held_out=held_out)  # fmt: skip
 
 
-def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_step) -> list[dict]:
+def loss_rewards(cfg: TrainConfig, scores: torch.Tensor) -> torch.Tensor:
+    """The rewards the loss sees: the task's scores (``absolute``), or each sample judged
+    against its group's reference (``relative``, the paper's convention)."""
+    return relative_to_reference(scores) if cfg.reward_mode == "relative" else scores
+
+
+def term_gradients(cfg: TrainConfig, model, batches: list[MicroBatch]) -> dict:
+    """``--log-term-grads``: the gradient of each active GRAO term alone (the loss with that term
+    only, no KL or entropy), its norm, and the cosines between terms and with their sum (the
+    on-policy gradient of the terms). One extra forward and backward per term; leaves no
+    gradient behind."""
+    from dataclasses import replace
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {}
+    for term in terms_of(cfg):
+        one = replace(cfg, terms=term, kl_coef=0.0, entropy_coef=0.0)
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(one, model, [mb._replace(ref_logps=None) for mb in batches])
+        grads[term] = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params
+        ])  # fmt: skip
+    model.zero_grad(set_to_none=True)
+    grads["total"] = torch.stack(list(grads.values())).sum(0)
+    out = {f"grad_norm_{k}": float(g.norm()) for k, g in grads.items()}
+    names = list(grads)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            cos = torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0, eps=1e-30)
+            out[f"grad_cos_{a}_{b}"] = float(cos)
+    return out
+
+
+def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_step,
+              held_out=()) -> list[dict]:  # fmt: skip
     """The optimizer steps after ``run.start``: rollouts, rewards, loss, update, sync, log."""
     from tqdm.auto import tqdm
 
@@ -381,8 +431,16 @@ def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_
             ]
 
             batches = micro_batches(cfg, model, ref_model, rollouts=rollouts, refs=refs,
-                                    rewards=rewards, pad_id=pad, packed=packed,
+                                    rewards=loss_rewards(cfg, rewards), pad_id=pad, packed=packed,
                                     device=device)  # fmt: skip
+            extra = {"reward_mode": cfg.reward_mode}
+            if cfg.reward_mode == "relative":  # the share of samples beating minus losing to y
+                extra["reward_relative"] = batches_mean_relative(batches)
+            if held_out and step == 1:  # the starting policy
+                initial = evaluate(model, tokenizer, held_out, reward_fn, cfg.max_new_tokens)
+                extra.update({f"{k}_initial": v for k, v in initial.items()})
+            if cfg.log_term_grads:
+                extra.update(term_gradients(cfg, model, batches))
             parts = update(cfg, model, optimizer, batches)
             scheduler.step()
             engine.sync_weights(model)  # the next step's rollouts sample from the new weights
@@ -404,6 +462,9 @@ def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_
                 "seconds": time.perf_counter() - t0,
             }
             record.update({t: None for t in TERMS} if cfg.loss == "sft" else term_shares(record))
+            if held_out and (step % cfg.eval_every == 0 or step == cfg.steps):
+                extra.update(evaluate(model, tokenizer, held_out, reward_fn, cfg.max_new_tokens))
+            record.update(extra)
             log.write(json.dumps(record) + "\n")
             log.flush()
             records.append(record)

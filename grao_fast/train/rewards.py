@@ -131,3 +131,13 @@ def score_groups(
             row.append(_checked(reward, prompt, text, reference, where))
         rows.append(row)
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def relative_to_reference(scores: torch.Tensor) -> torch.Tensor:
+    """The paper's reward convention from per-row scores ``[B, G+1]`` (reference last): each
+    sample against its group's reference, ``sign(score(o_i) - score(y))`` on {-1, 0, 1} (ties
+    0), and the reference itself 0 (a tie with itself)."""
+    if scores.dim() != 2 or scores.size(1) < 2:
+        raise ValueError(f"scores: expected [B, G+1] with G >= 1, got {tuple(scores.shape)}")
+    relative = torch.sign(scores[:, :-1] - scores[:, -1:])
+    return torch.cat([relative, torch.zeros_like(scores[:, -1:])], dim=1)

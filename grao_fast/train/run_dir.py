@@ -86,6 +86,10 @@ def metrics_figure(records: list[dict]):
         curve(exact, [r["exact"] for r in records], "C2", "per step")
         exact.set(ylim=(0, 1), xlabel="step", ylabel="share of samples",
                   title="exact answers (sample == reference)")  # fmt: skip
+    evals = [r for r in records if r.get("eval_exact") is not None]
+    if evals:  # --eval-every: greedy answers to the held-out prompts
+        steps_, values = [r["step"] for r in evals], [r["eval_exact"] for r in evals]
+        exact.plot(steps_, values, "o-", color="C3", markersize=3, label="held-out, greedy")
     if records and records[0].get("exploration") is not None:
         shares.stackplot(steps, [[r[f"share_{t}"] for r in records] for t in TERMS], labels=TERMS)
         shares.set(ylim=(0, 1), xlabel="step", ylabel="share of |term|", title="GRAO term shares")

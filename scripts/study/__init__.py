@@ -1,0 +1,2 @@
+"""The studies of scripts/compare.py: definitions (``definitions``), running (``running``),
+statistics (``stats``) and reports (``report``, ``paper_report``)."""

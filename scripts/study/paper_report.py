@@ -1,0 +1,49 @@
+"""The paper study's bookkeeping while it runs: each finished run's curves written to
+``results/<study>/curves/`` (what the summary is built from, and what is committed), the tuning
+choices read back between stages, and the summary rebuilt after each stage."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .definitions import PaperStudy
+from .paper_results import read_run, selection
+from .running import Setting
+
+
+def result_path(out: Path, task: str, stage: str, setting: Setting, seed: int) -> Path:
+    return out / "curves" / task / stage / f"{setting.name}-seed{seed}.json"
+
+
+class Hooks:
+    """What ``running.run_paper`` calls: ``select(task)``, ``done(...)`` after every run and
+    ``stage_done()`` after each stage of each task."""
+
+    def __init__(self, study: PaperStudy, args) -> None:
+        self.study, self.args = study, args
+
+    def select(self, task: str) -> dict:
+        return selection(self.study, self.args.runs, task)
+
+    def done(self, task: str, stage: str, setting: Setting, seed: int, run_dir: Path) -> None:
+        run = read_run(self.study, run_dir, setting)
+        if run is None:
+            return
+        path = result_path(self.args.out, task, stage, setting, seed)
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"task": task, "stage": stage, "seed": seed, "setting": asdict(setting), **run}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.replace(path)
+
+    def stage_done(self) -> None:
+        from .paper_summary import write_summary
+
+        try:
+            write_summary(self.study, self.args)
+        except Exception as err:  # noqa: BLE001 - a summary bug must not stop the runs
+            print(f"summary failed: {type(err).__name__}: {err}", flush=True)
