@@ -113,7 +113,8 @@ class TrainConfig:
         False,
         "continue the run in the output directory from its latest checkpoint, with its saved "
         "settings; settings given as well must match them, except --steps, --name, "
-        "--output-dir, --checkpoint-every, --keep-checkpoints and --plot",
+        "--output-dir, --checkpoint-every, --keep-checkpoints, --plot, --eval-every and "
+        "--log-term-grads",
     )
     overwrite: bool = _f(False, "delete an existing output directory first")
     plot: bool = _f(True, "write plot.png (reward, exact answers, term shares) at the end")

@@ -1,6 +1,7 @@
 """What a run logs: ``metrics.jsonl`` in the output directory holds one JSON line per step with
-the keys of :data:`METRICS` (``null`` where the setting that makes a value is off; ``--loss sft``
-has no term shares). ``grao-fast train --help`` prints the same list. Standard library only."""
+the keys of :data:`METRICS` (``<...>`` stands for a name; ``null`` where the setting that makes
+a value is off; some keys only with their setting). ``grao-fast train --help`` prints the same
+list. Standard library only."""
 
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ METRICS = {
     "share_exploration": "|exploration| / (|exploration| + |imitation| + |alignment|) (not SFT)",
     "share_imitation": "|imitation| / the same sum (not SFT)",
     "share_alignment": "|alignment| / the same sum (not SFT)",
+    "reward_mode": "--reward-mode: absolute or relative",
+    "reward_relative": "mean relative reward of the samples, sign(score - reference score): the "
+    "share beating their reference minus the share losing to it (--reward-mode relative)",
+    "grad_norm_<term>": "norm of the gradient of one active term alone, and of their sum "
+    "(<term>: exploration, imitation, alignment, total; --log-term-grads)",
+    "grad_cos_<a>_<b>": "cosine between two of those gradients (--log-term-grads)",
+    "eval_exact": "share of greedy answers to the held-out prompts equal to the reference, at "
+    "the steps evaluated (--eval-every)",
+    "eval_score": "mean reward of those greedy answers (--eval-every)",
+    "eval_exact_initial": "eval_exact of the starting policy, at step 1 (--eval-every)",
+    "eval_score_initial": "eval_score of the starting policy, at step 1 (--eval-every)",
 }
 
 
@@ -42,7 +54,9 @@ def metrics_help(width: int = 100) -> str:
     """:data:`METRICS` as an indented list (the epilog of ``grao-fast train --help``)."""
     import textwrap
 
-    lines = ["metrics.jsonl, one JSON line per step (null where the setting named is off):"]
+    lines = [
+        "metrics.jsonl, one JSON line per step (null, or left out, where the setting named is off):"
+    ]
     for key, text in METRICS.items():
         body = textwrap.wrap(text, width - 26, break_on_hyphens=False)
         lines.append(f"  {key:<22}  {body[0]}")
