@@ -59,9 +59,10 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag in one spelling, the dashed one (``--output-dir``); the underscore spelling
-    that ``HfArgumentParser`` adds as well (``--output_dir``) is still accepted."""
+    that ``HfArgumentParser`` adds as well (``--output_dir``) is still accepted. The description
+    and epilog are printed as written (wrapped by the caller)."""
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         dashed = [s for s in action.option_strings if "_" not in s.lstrip("-")]
@@ -73,15 +74,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def train_parser() -> argparse.ArgumentParser:
     """``grao-fast train``: one flag per :class:`TrainConfig` field, plus ``--config``."""
-    from grao_fast.train.config import TrainConfig
+    import textwrap
 
+    from grao_fast.train.config import TrainConfig
+    from grao_fast.train.metrics import metrics_help
+
+    description = (
+        "GRAO training loop: rollouts -> rewards -> GRAO loss -> AdamW -> weight sync. "
+        "With no arguments: the built-in toy run. Settings come from the defaults, then "
+        "--config, then the flags; with --resume, from the run's saved settings, then --config, "
+        "then the flags."
+    )
     parser = hf_argument_parser()(
         TrainConfig,
         prog="grao-fast train",
-        description="GRAO training loop: rollouts -> rewards -> GRAO loss -> AdamW -> weight sync. "
-        "With no arguments: the built-in toy run. Settings come from the defaults, then "
-        "--config, then the flags; with --resume, from the run's saved settings, then --config, "
-        "then the flags.",
+        description=textwrap.fill(description, 79),
+        epilog=metrics_help(79),
         formatter_class=HelpFormatter,
     )
     for action in parser._actions:

@@ -231,6 +231,17 @@ def test_resume_takes_the_saved_settings_and_refuses_changed_ones(tmp_path, caps
     assert "group_size: saved 2, given 4" in capsys.readouterr().err
 
 
+def test_resume_help_names_what_may_change(capsys):
+    from grao_fast.train.config import RESUME_MAY_DIFFER
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    resume = " ".join(text[text.index("  --resume") : text.index("  --overwrite")].split())
+    for name in RESUME_MAY_DIFFER - {"resume", "overwrite"}:
+        assert f"--{name.replace('_', '-')}," in resume or f"--{name.replace('_', '-')} " in resume
+
+
 def test_resume_of_a_run_that_does_not_exist_is_an_error(tmp_path, capsys):
     out = tmp_path / "never-ran"
     assert main(["train", "--output-dir", str(out), "--resume", *SHORT, "--steps", "1"]) == 2
@@ -319,3 +330,34 @@ def test_usage_and_help_show_the_dashed_spelling_and_take_both(capsys):
     assert "write plot.png" in plot and no_plot == "--no-plot the same as --plot false"
     assert parse_train_args(["--output_dir", "x", "--no_plot"]).output_dir == "x"
     assert parse_train_args(["--no-plot"]).plot is False and parse_train_args([]).plot is True
+
+
+def test_help_documents_every_logged_metric(tmp_path, capsys):
+    """Each key of metrics.jsonl, from a run with every optional metric on, has its line in
+    ``grao-fast train --help``; `solved` among them."""
+    import re
+
+    out = tmp_path / "run"
+    args = ["train", "--output-dir", str(out), *SHORT, "--steps", "1", "--kl-coef", "0.1",
+            "--entropy-coef", "0.01", "--is-cap", "2", "--num-iterations", "2",
+            "--reward-mode", "relative", "--log-term-grads", "--eval-every", "1",
+            "--eval-prompts", "2"]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads((out / "metrics.jsonl").read_text())
+    on = ("kl", "entropy", "is_ratio_mean", "clip_fraction", "reward_relative", "eval_exact",
+          "eval_score_initial", "grad_norm_total", "grad_cos_exploration_imitation")  # fmt: skip
+    assert all(record[k] is not None for k in on)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    listed = text[text.index("metrics.jsonl, one JSON line per step") :]
+    documented = [line.split()[0] for line in listed.splitlines()[1:] if line[2:3].strip()]
+    # grad_cos_<a>_<b>: each <name> stands for a lower-case name
+    patterns = [re.compile("[a-z]+".join(map(re.escape, re.split(r"<\w+>", d))) + "$")
+                for d in documented]  # fmt: skip
+    for key in record:
+        assert any(p.match(key) for p in patterns), key
+    for pattern in patterns:  # nothing documented that the run does not log
+        assert any(pattern.match(key) for key in record), pattern.pattern
+    assert "solved                  share of samples whose reward is at least" in listed

@@ -113,7 +113,8 @@ class TrainConfig:
         False,
         "continue the run in the output directory from its latest checkpoint, with its saved "
         "settings; settings given as well must match them, except --steps, --name, "
-        "--output-dir, --checkpoint-every, --keep-checkpoints and --plot",
+        "--output-dir, --checkpoint-every, --keep-checkpoints, --plot, --eval-every and "
+        "--log-term-grads",
     )
     overwrite: bool = _f(False, "delete an existing output directory first")
     plot: bool = _f(True, "write plot.png (reward, exact answers, term shares) at the end")
@@ -160,7 +161,8 @@ def _check_types(cfg: TrainConfig) -> None:
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise ``ValueError``/``TypeError`` naming the first bad setting (before anything is loaded
-    or written). Checks against the model's own limits come later, in ``check_model``."""
+    or written), the output directory's included (:func:`check_output`). Checks against the
+    model's own limits come later, in ``check_model``."""
     _check_types(cfg)
     choices = {"loss": ("grao", "grpo", "sft"), "rollout": ("auto", "vllm", "hf"),
                "data_format": ("plain", "hh"), "importance_level": ("token", "sequence"),
