@@ -155,6 +155,8 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, lm_head_fp32: bool
     inputs excepted), else the inputs' common dtype; float32 with ``lm_head_fp32``."""
     device = hidden.device.type
     f64 = torch.float64 in (hidden.dtype, weight.dtype)
+    if lm_head_fp32 and not f64:  # both cast to float32, as TRL's float32 lm_head does
+        return torch.float32
     if not f64 and torch.is_autocast_enabled(device):
         low = torch.get_autocast_dtype(device)
     elif hidden.dtype != weight.dtype:
@@ -166,7 +168,7 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, lm_head_fp32: bool
         )
     else:
         low = weight.dtype
-    return torch.float32 if lm_head_fp32 and low != torch.float64 else low
+    return low
 
 
 def _gradient_buffers(hidden, weight, bias, compute, grad_weight_fp32: bool, acc) -> tuple:
@@ -237,9 +239,10 @@ def grao_loss_linear(
             input's dtype, ``grad_weight`` accumulated over the chunks in the wider of the
             weight's and the compute dtype (float32 for a float32 weight).
         lm_head_fp32: compute the logits (and their gradient) in float32, as samplers such as
-            vLLM often do, instead of the weight's (or autocast's) dtype. Costs a float32 copy
-            of ``weight`` and a float32 ``grad_weight`` accumulator ([V, H] each) when the
-            weight is bf16/fp16.
+            vLLM often do, instead of the weight's (or autocast's) dtype: ``hidden`` and
+            ``weight`` of any dtypes are cast to float32 (TRL's ``cast_lm_head_to_fp32``).
+            Costs a float32 copy of ``weight`` and a float32 ``grad_weight`` accumulator
+            ([V, H] each) when the weight is bf16/fp16.
         grad_weight_fp32: accumulate ``grad_weight`` over the chunks in float32 (one rounding
             to the weight's dtype at the end) instead of the weight's dtype (a rounding per
             chunk). Costs a float32 [V, H] accumulator; on CUDA the GEMMs stay bf16/fp16.

@@ -191,3 +191,22 @@ def test_training_loop_fused_linear_under_its_autocast(tiny_model_dir, monkeypat
     fused, logits = gradients(fused_linear=True), gradients()
     _assert_bf16_close(fused, logits)
     assert _max_relative_gap(logits, plain) > 1e-4
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_lm_head_fp32_takes_any_dtypes(backend):
+    """``lm_head_fp32``: bf16 hidden states with a float32 weight (TRL's
+    ``cast_lm_head_to_fp32``) are both cast to float32, with or without autocast; the result is
+    the float32 logits' loss, each gradient in its input's dtype."""
+    hidden, weight, bias, labels, rewards = _inputs(BF16, seed=3)
+    want, want_grads = _run(False, "reference", hidden.double(), weight.double(), bias.double(),
+                            labels, rewards, autocast=False)  # fmt: skip
+    for autocast in (False, True):
+        out, grads = _run(True, backend, hidden, weight, bias, labels, rewards,
+                          autocast=autocast, lm_head_fp32=True)  # fmt: skip
+        for field in ("loss", "exploration", "imitation", "alignment"):
+            assert_close(getattr(out, field), getattr(want, field), torch.float32, "value")
+        assert [g.dtype for g in grads] == [BF16, torch.float32, torch.float32]
+        assert_close(grads[0], want_grads[0], BF16, "kernel")  # float32 math, one bf16 rounding
+        for got, exp in zip(grads[1:], want_grads[1:], strict=True):
+            assert_close(got, exp, torch.float32, "gemm")

@@ -339,8 +339,6 @@ def test_grao_beta_and_lambda_reach_the_loss(model_dir, tmp_path, fixed_generati
     assert abs(swapped.loss - ref.loss) > 1e-3 * abs(ref.loss)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="grao_loss_linear refuses bf16 hidden states with a float32 weight")
 def test_lm_head_fp32(model_dir, tmp_path, fixed_generation):
     """cast_lm_head_to_fp32 with a bfloat16 model: the fused lm_head path computes the logits in
     float32 from the bf16 hidden states, as TRL's float32 head does on the logits path."""
