@@ -128,11 +128,12 @@ def row_pass(
     empty unless ``opts.compute_entropy``); with ``inputs.coef`` writes this shard's gradient
     rows into ``grad``. ``check``: a host sync that the processes' labels agree."""
     v = shard.size
-    x = _as_matrix(logits)
-    g_out = _as_matrix(grad)
-    if x is None or (grad is not None and g_out is None):  # unevenly spaced rows: one copy
+    x, g_out = _as_matrix(logits), _as_matrix(grad)
+    if x is None:  # unevenly spaced rows (a slice such as logits[:, :-1]): one copy
         x = logits.reshape(-1, v)
-        g_out = None if grad is None else torch.empty_like(x)
+    copy_back = grad is not None and g_out is None
+    if copy_back:
+        g_out = torch.empty(x.shape, dtype=grad.dtype, device=grad.device)
     labels = labels.reshape(-1)
     m = labels.numel()
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -148,7 +149,7 @@ def row_pass(
     top, log_total, logp, entropy = _combine(gathered, labels, shard, inv_t, opts, check)
     if grad is not None and inputs.coef is not None:
         _gradient(x, g_out, labels, shard, inputs, opts, rows, (top, log_total, logp, entropy))
-        if g_out.data_ptr() != grad.data_ptr() and _as_matrix(grad) is None:
+        if copy_back:
             grad.copy_(g_out.view(grad.shape))
     empty = logp.new_empty(0)
     return logp, (entropy if opts.compute_entropy else empty)
