@@ -131,15 +131,13 @@ def grao_loss(
 
 
 def _backend(backend: str, logits: torch.Tensor, shard) -> str:
-    """The implementation that runs; a vocabulary split runs the PyTorch row pass."""
-    if shard is None:
-        return resolve_backend(backend, logits.device, logits.dtype)
-    if backend not in ("auto", "torch"):
+    """The implementation that runs (a vocabulary split: the Triton kernels or PyTorch)."""
+    if shard is not None and backend == "reference":
         raise ValueError(
-            f"backend={backend!r} does not take a vocabulary split (vocab_group or a DTensor); "
-            "use backend='auto' or 'torch'"
+            "backend='reference' does not take a vocabulary split (vocab_group or a DTensor); "
+            "use 'auto', 'torch' or 'triton'"
         )
-    return resolve_backend("torch", logits.device, logits.dtype)
+    return resolve_backend(backend, logits.device, logits.dtype)
 
 
 grao_loss.__doc__ = grao_loss.__doc__.format(options=OPTIONS_DOC)

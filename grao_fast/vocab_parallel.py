@@ -126,7 +126,28 @@ def row_pass(
     logits: [M, size] or [S, T, size] (unit stride along the vocabulary); labels: global ids,
     the same on every process. Returns the global log-probs and entropies [M] (the entropies
     empty unless ``opts.compute_entropy``); with ``inputs.coef`` writes this shard's gradient
-    rows into ``grad``. ``check``: a host sync that the processes' labels agree."""
+    rows into ``grad``. ``check``: a host sync that the processes' labels agree. The Triton
+    kernels run both passes where ``opts.use_triton`` (float64 logits: PyTorch)."""
+    labels = labels.reshape(-1)
+    inv_t = 1.0 / opts.temperature
+    if opts.use_triton and logits.dtype != torch.float64:
+        from . import kernels
+
+        stats = torch.empty(6, labels.numel(), dtype=torch.float32, device=labels.device)
+        kernels.row_pass(logits, labels, None, temperature=opts.temperature,
+                         ignore_index=opts.ignore_index, compute_entropy=opts.compute_entropy,
+                         vocab_start=shard.start, vocab_total=shard.vocab, stats=stats)  # fmt: skip
+        values = _combine(_gather(stats, shard.group), labels, shard, inv_t, opts, check)
+        if grad is not None and inputs.coef is not None:
+            fields = inputs._asdict()
+            kernels.row_pass(
+                logits, labels, fields.pop("coef"), grad=grad, temperature=opts.temperature,
+                ignore_index=opts.ignore_index, is_cap=opts.is_cap, clip_low=opts.clip_low,
+                clip_high=opts.clip_high, compute_entropy=opts.compute_entropy,
+                vocab_start=shard.start, vocab_total=shard.vocab,
+                global_values=torch.stack(values), **fields,
+            )  # fmt: skip
+        return values[2], (values[3] if opts.compute_entropy else values[3].new_empty(0))
     v = shard.size
     x, g_out = _as_matrix(logits), _as_matrix(grad)
     if x is None:  # unevenly spaced rows (a slice such as logits[:, :-1]): one copy
@@ -134,10 +155,8 @@ def row_pass(
     copy_back = grad is not None and g_out is None
     if copy_back:
         g_out = torch.empty(x.shape, dtype=grad.dtype, device=grad.device)
-    labels = labels.reshape(-1)
     m = labels.numel()
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    inv_t = 1.0 / opts.temperature
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     rows = max(1, budget // (8 * max(v, 1)))  # two float32 [rows, size] buffers per chunk
     stats = torch.empty(6, m, dtype=acc, device=labels.device)
@@ -145,14 +164,12 @@ def row_pass(
         sl = slice(start, min(start + rows, m))
         stats[:, sl] = _local_stats(x[sl], labels[sl], shard, inv_t, opts, acc,
                                     opts.compute_entropy)  # fmt: skip
-    gathered = _gather(stats, shard.group)
-    top, log_total, logp, entropy = _combine(gathered, labels, shard, inv_t, opts, check)
+    values = _combine(_gather(stats, shard.group), labels, shard, inv_t, opts, check)
     if grad is not None and inputs.coef is not None:
-        _gradient(x, g_out, labels, shard, inputs, opts, rows, (top, log_total, logp, entropy))
+        _gradient(x, g_out, labels, shard, inputs, opts, rows, values)
         if copy_back:
             grad.copy_(g_out.view(grad.shape))
-    empty = logp.new_empty(0)
-    return logp, (entropy if opts.compute_entropy else empty)
+    return values[2], (values[3] if opts.compute_entropy else values[3].new_empty(0))
 
 
 def _gradient(x, grad, labels, shard, inputs: TokenInputs, opts, rows, global_values) -> None:
