@@ -73,21 +73,35 @@ def linear_pass(
     clip_high: float,
     compute_entropy: bool,
     use_triton: bool,
-    lm_head_fp32: bool,
+    compute: torch.dtype,
     chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row pass over ``hidden [M, H] @ weight.T (+ bias)``, chunk by chunk; with ``coef``,
-    the gradients are accumulated into ``grad_hidden`` [M, H], ``grad_weight`` [V, H] (zeroed
-    by the caller) and ``grad_bias`` [V] (each may be None). Returns (logp [M], entropy)."""
+    """The row pass over ``hidden [M, H] @ weight.T (+ bias)``, chunk by chunk, with the GEMMs
+    in ``compute`` (autocast is off inside: every cast is explicit); with ``coef``, the
+    gradients are accumulated into ``grad_hidden`` [M, H], ``grad_weight`` [V, H] (zeroed by
+    the caller) and ``grad_bias`` [V] (each may be None). Returns (logp [M], entropy)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _linear_pass(
+            hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias,
+            TokenInputs(coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef),
+            dict(temperature=temperature, ignore_index=ignore_index, is_cap=is_cap,
+                 clip_low=clip_low, clip_high=clip_high, compute_entropy=compute_entropy),
+            use_triton, compute, chunk_bytes,
+        )  # fmt: skip
+
+
+def _linear_pass(
+    hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias, inputs, row_opts,
+    use_triton, compute, chunk_bytes,
+):  # fmt: skip
     m, h = hidden.shape
     v = weight.shape[0]
-    compute = torch.float32 if lm_head_fp32 else weight.dtype
-    w = weight.to(compute)  # no copy unless lm_head_fp32 with a low-precision weight
+    compute_entropy = row_opts["compute_entropy"]
+    w = weight.to(compute)  # no copy when the weight is already in the compute dtype
     b = None if bias is None else bias.to(compute)
     acc = torch.float64 if compute == torch.float64 else torch.float32
     logp = torch.empty(m, dtype=acc, device=hidden.device)
     ent = torch.empty(m if compute_entropy else 0, dtype=acc, device=hidden.device)
-    inputs = TokenInputs(coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef)
     impl = _impl(use_triton)
     step = chunk_tokens(v, compute, chunk_bytes)
     for start in range(0, m, step):
@@ -96,12 +110,9 @@ def linear_pass(
         # [c, V] logits of this chunk: the only vocabulary-sized buffer.
         logits = torch.addmm(b, xc, w.t()) if b is not None else xc @ w.t()
         rows = {k: None if x is None else x[sl] for k, x in inputs._asdict().items()}
-        grad = logits if coef is not None else None  # the gradient replaces the logits in place
-        lp, e = impl.row_pass(
-            logits, labels[sl], rows.pop("coef"), grad=grad, temperature=temperature,
-            ignore_index=ignore_index, is_cap=is_cap, clip_low=clip_low, clip_high=clip_high,
-            compute_entropy=compute_entropy, **rows,
-        )  # fmt: skip
+        # the gradient replaces the logits in place
+        grad = logits if inputs.coef is not None else None
+        lp, e = impl.row_pass(logits, labels[sl], rows.pop("coef"), grad=grad, **row_opts, **rows)
         logp[sl] = lp
         if compute_entropy:
             ent[sl] = e
@@ -126,28 +137,50 @@ def linear_pass(
 def _(
     hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias, coef, ref_logps, kl_coef,
     sampler_logps, old_logps, ent_coef, temperature, ignore_index, is_cap, clip_low, clip_high,
-    compute_entropy, use_triton, lm_head_fp32, chunk_bytes,
+    compute_entropy, use_triton, compute, chunk_bytes,
 ):  # fmt: skip
     m = hidden.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = torch.float64 if compute == torch.float64 else torch.float32
     return hidden.new_empty(m, dtype=acc), hidden.new_empty(m if compute_entropy else 0, dtype=acc)
 
 
-def _read(x, weight, bias, labels, lm_head_fp32: bool, chunk_bytes: int, grads, inputs, opts):
+def _read(x, weight, bias, labels, compute, chunk_bytes: int, grads, inputs, opts):
     """The row pass of :func:`grao_fast._plan.forward` over the chunks of ``x @ weight.T``."""
     grads = (None, None, None) if grads is None else grads
-    return linear_pass(x, weight, bias, labels, *grads, *inputs, *opts, lm_head_fp32, chunk_bytes)
+    return linear_pass(x, weight, bias, labels, *grads, *inputs, *opts, compute, chunk_bytes)
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, lm_head_fp32: bool) -> torch.dtype:
+    """The GEMMs' dtype, as ``F.linear`` picks it: the autocast dtype under autocast (float64
+    inputs excepted), else the inputs' common dtype; float32 with ``lm_head_fp32``."""
+    device = hidden.device.type
+    f64 = torch.float64 in (hidden.dtype, weight.dtype)
+    if not f64 and torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+    elif hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"weight ({weight.dtype}) must match hidden ({hidden.dtype}) in dtype outside "
+            f"autocast: for low-precision GEMMs with {weight.dtype} weights run the call under "
+            f'torch.autocast("{device}", dtype=...) (the weight\'s gradient stays '
+            f"{weight.dtype}), or cast hidden to {weight.dtype}"
+        )
+    else:
+        low = weight.dtype
+    return torch.float32 if lm_head_fp32 and low != torch.float64 else low
 
 
 def _gradient_buffers(hidden, weight, bias, compute, grad_weight_fp32: bool, acc) -> tuple:
     """The gradient buffers of the inputs that need one (grad mode on, requires_grad), or None
-    when none does (forward only)."""
+    when none does (forward only). ``grad_weight`` accumulates in the wider of the compute
+    dtype and the weight's (float32 at least with ``grad_weight_fp32``)."""
     leaves = (hidden, weight, bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in leaves):
         return leaves, None
     v, h = weight.shape
     need = [t is not None and t.requires_grad for t in leaves]
-    gw_dtype = torch.float32 if grad_weight_fp32 else compute
+    gw_dtype = torch.promote_types(compute, weight.dtype)
+    if grad_weight_fp32:
+        gw_dtype = torch.promote_types(gw_dtype, torch.float32)
     return leaves, (
         torch.empty(hidden.numel() // h, h, dtype=hidden.dtype, device=hidden.device)
         if need[0] else None,
@@ -193,14 +226,20 @@ def grao_loss_linear(
     """:func:`grao_loss` of ``hidden @ weight.T + bias`` without materialising those logits.
 
     Args:
-        hidden: [N, T, H] (packed rows: [M, H]) float32/bfloat16/float16: the last hidden
-            states (after the final norm), ``hidden[n, t]`` predicting ``labels[n, t]``.
-        weight: [V, H] the lm_head weight, same dtype and device as ``hidden``.
+        hidden: [N, T, H] (packed rows: [M, H]) float32/bfloat16/float16/float64: the last
+            hidden states (after the final norm), ``hidden[n, t]`` predicting ``labels[n, t]``.
+        weight: [V, H] the lm_head weight on ``hidden``'s device; outside autocast in
+            ``hidden``'s dtype.
         bias: [V] or None.
         labels, rewards and the per-token inputs: as for :func:`grao_loss`.
+        Mixed precision: as ``F.linear``. Under ``torch.autocast`` the GEMMs run in the
+            autocast dtype (e.g. bf16 with float32 master weights); each gradient comes in its
+            input's dtype, ``grad_weight`` accumulated over the chunks in the wider of the
+            weight's and the compute dtype (float32 for a float32 weight).
         lm_head_fp32: compute the logits (and their gradient) in float32, as samplers such as
-            vLLM often do, instead of the weight's dtype. Costs a float32 copy of ``weight``
-            and a float32 ``grad_weight`` accumulator ([V, H] each) when the weight is bf16/fp16.
+            vLLM often do, instead of the weight's (or autocast's) dtype. Costs a float32 copy
+            of ``weight`` and a float32 ``grad_weight`` accumulator ([V, H] each) when the
+            weight is bf16/fp16.
         grad_weight_fp32: accumulate ``grad_weight`` over the chunks in float32 (one rounding
             to the weight's dtype at the end) instead of the weight's dtype (a rounding per
             chunk). Costs a float32 [V, H] accumulator; on CUDA the GEMMs stay bf16/fp16.
@@ -217,39 +256,43 @@ def grao_loss_linear(
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a 2-D tensor [V, H], got {shape}")
     v = weight.shape[0]
+    h = hidden.shape[-1] if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
+    if h is not None and weight.shape[1] != h:  # before the labels are checked against V
+        hint = " (transposed? pass weight.t())" if v == h else ""
+        raise ValueError(
+            f"weight must be [V, H] with H = {h}, hidden's last dim (hidden "
+            f"{tuple(hidden.shape)}), got weight {tuple(weight.shape)}{hint}"
+        )
+    if v == 0:
+        raise ValueError(f"weight must have at least one row (V = 0): got {tuple(weight.shape)}")
     batch = prepare(
         hidden, labels, rewards, opts, tokens=tokens, cu_seqlens=cu_seqlens, vocab=v,
         name="hidden",
     )  # fmt: skip
     h = hidden.shape[-1]
-    if weight.shape[1] != h:
-        raise ValueError(f"weight must be [V, H] with H = {h} (hidden's last dim), got "
-                         f"{tuple(weight.shape)}")  # fmt: skip
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise TypeError(
-            f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, "
-            f"{hidden.device})"
-        )
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None and (
         not isinstance(bias, torch.Tensor) or bias.shape != (v,) or bias.device != weight.device
     ):
         raise ValueError(f"bias must be a [V] = [{v}] tensor on {weight.device}")
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    compute = torch.float32 if lm_head_fp32 else weight.dtype
+    compute = compute_dtype(hidden, weight, bool(lm_head_fp32))
     which = resolve_backend(backend, hidden.device, compute)
     opts = opts.replace(backend=which)
     if which == "reference":
-        x, w = hidden.reshape(-1, h).to(compute), weight.to(compute)
-        logits = x @ w.t() if bias is None else torch.addmm(bias.to(compute), x, w.t())
-        logits = logits.view(*hidden.shape[:-1], v).to(batch.acc)
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit
+            x, w = hidden.reshape(-1, h).to(compute), weight.to(compute)
+            logits = x @ w.t() if bias is None else torch.addmm(bias.to(compute), x, w.t())
+            logits = logits.view(*hidden.shape[:-1], v).to(batch.acc)
         return GRAOOutput(*reference.grao_terms(
             logits, labels, rewards.detach(), cu_seqlens=cu_seqlens, **tokens,
             **opts.spec_kwargs(),
         ))  # fmt: skip
     leaves, buffers = _gradient_buffers(hidden, weight, bias, compute, grad_weight_fp32, batch.acc)
     x = hidden.reshape(-1, h)
-    read = partial(_read, x, weight, bias, batch.labels, bool(lm_head_fp32), chunk_bytes)
+    read = partial(_read, x, weight, bias, batch.labels, compute, chunk_bytes)
     with torch.no_grad():
         out = forward(batch, opts, buffers, read)
     grads = buffers or (None,) * len(leaves)

@@ -84,7 +84,8 @@ def grao_loss(
         ref_logps, sampler_logps, old_logps, token_weights: per-token inputs shaped like
             ``labels`` (no gradient flows into them).
         inplace: overwrite ``logits`` with the gradient (saves one [N, T, V] buffer; ``logits``
-            must not be used afterwards, nor share memory between its elements).
+            must not be used afterwards, nor share memory between its elements, nor be a leaf
+            that requires grad).
         vocab_group, vocab_start: a vocabulary split across a process group (tensor
             parallelism): ``logits`` is this process's shard ``[..., vocab_start : vocab_start
             + V_local]`` of the vocabulary (labels are global ids, the same on every process);
@@ -104,6 +105,12 @@ def grao_loss(
         tokens=_tokens(ref_logps, sampler_logps, old_logps, token_weights),
         vocab=None if shard is None else shard.vocab,
     )  # fmt: skip
+    if inplace and logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "inplace=True would overwrite logits, a leaf tensor that requires grad (PyTorch "
+            "refuses in-place writes to such a leaf); pass the model's output (a non-leaf) or "
+            "inplace=False"
+        )
     if logits.stride(-1) != 1:
         if inplace:
             raise ValueError("inplace=True needs logits with a unit stride along the vocabulary")

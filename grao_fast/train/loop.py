@@ -118,8 +118,15 @@ def micro_batches(cfg, model, ref_model, *, rollouts, refs, rewards, pad_id, pac
     return out
 
 
+# Devices whose forward and loss run under bf16 autocast (float32 master weights). CPU runs
+# float32: bf16 GEMMs are slow on many CPUs; the tests switch it on to run the GPU's code path.
+AUTOCAST_DEVICES = ("cuda",)
+
+
 def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=device.type in AUTOCAST_DEVICES
+    )
 
 
 def policy_loss(cfg: TrainConfig, model, mb: MicroBatch):
