@@ -38,6 +38,7 @@ class VocabShard(NamedTuple):
     start: int
     size: int
     vocab: int
+    largest: int  # the largest shard's size: what sets chunk sizes equal on every process
 
 
 def _gather(x: torch.Tensor, group) -> torch.Tensor:
@@ -75,7 +76,7 @@ def vocab_shard(
                 f"gaps or overlaps; vocab_start is each shard's first vocabulary id"
             )
         edge = s + n
-    return VocabShard(group, spans[rank][0], size, edge)
+    return VocabShard(group, spans[rank][0], size, edge, max(n for _, n in spans))
 
 
 def _local_stats(x, labels, shard, inv_t, opts, acc, compute_entropy):
@@ -239,3 +240,24 @@ def split(
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     return logits, vocab_shard(logits.shape[dim], group, start, logits.device, name)
+
+
+def backend_row_pass(
+    logits, labels, coef, *, grad, temperature, ignore_index, is_cap, clip_low, clip_high,
+    compute_entropy, shard: VocabShard, check: bool, use_triton: bool, **token_inputs,
+):  # fmt: skip
+    """:func:`row_pass` with the backends' signature (``_torch_ops.row_pass``), for the fused
+    lm_head path's chunks."""
+    opts = RowOptions(temperature, ignore_index, is_cap, clip_low, clip_high, compute_entropy,
+                      use_triton)  # fmt: skip
+    inputs = TokenInputs(coef=coef, **token_inputs)
+    return row_pass(logits, labels, grad, inputs, opts, shard=shard, check=check)
+
+
+def local(x) -> torch.Tensor:
+    """The local shard of a DTensor (differentiable), or ``x`` itself."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return x
+    return x.to_local() if isinstance(x, DTensor) else x

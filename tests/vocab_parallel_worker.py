@@ -17,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from tolerances import assert_close  # noqa: E402
 
-from grao_fast import grao_loss, token_logprobs  # noqa: E402
+from grao_fast import grao_loss, grao_loss_linear, token_logprobs  # noqa: E402
 from grao_fast.loss import triton_available  # noqa: E402
 
 B, G, T = 2, 3, 5
@@ -123,6 +123,7 @@ def run(rank: int, world: int, init: str) -> None:
             kw = {"temperature": 0.7, "entropy_coef": 0.01, "backend": "triton"}
             check_case(37, 60, kw, torch.bfloat16, group, start, stop)
         check_token_logprobs(world, rank, group)
+        check_linear(world, rank, group)
         check_dtensor(world, rank)
         check_bytes(world, rank, group)
         check_errors(world, rank, group)
@@ -269,3 +270,55 @@ def check_colwise_model(world, rank) -> None:
         tol = "gemm" if name.startswith("lm_head") else "value"
         assert_close(full(q.grad), p.grad.double(), torch.float32, tol)
         assert_close(full(q.detach()), p.detach().double(), torch.float32, "value")
+
+
+def check_linear(world, rank, group) -> None:
+    """grao_loss_linear on a vocabulary shard of the lm_head (plain rows, a bias, DTensor):
+    values, the whole gradient of hidden on every process and this shard's weight gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    v, h = 37, 16
+    start, stop = bounds(v, world)[rank : rank + 2]
+    rng = random.Random(7)
+    for case in range(5):
+        data = inputs(v, 70 + case, torch.float32)
+        gen = torch.Generator().manual_seed(case)
+        hidden = torch.randn(B * (G + 1), T, h, generator=gen)
+        weight = torch.randn(v, h, generator=gen) / h**0.5
+        bias = torch.randn(v, generator=gen) if case % 2 else None
+        kw = options(rng)
+        kw.pop("sliced")
+        tensors = {k: data[k] for k, on in kw.items() if on is True and k in data}
+        opts = {k: val for k, val in kw.items() if val is not True}
+        leaves = [hidden, weight] + ([] if bias is None else [bias])
+        ref_in = [t.double().requires_grad_() for t in leaves]
+        ref = grao_loss_linear(ref_in[0], ref_in[1], data["labels"], data["rewards"].double(),
+                               group_size=G, bias=ref_in[2] if bias is not None else None,
+                               backend="reference", **opts,
+                               **{k: t.double() for k, t in tensors.items()})  # fmt: skip
+        ref.loss.backward()
+        x = hidden.clone().requires_grad_()
+        if case == 4:  # the weight (and bias) as DTensors sharded on the vocabulary
+            mesh = init_device_mesh("cpu", (world,))
+            w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+            b = None if bias is None else distribute_tensor(bias, mesh, [Shard(0)])
+            split = {}
+        else:
+            w = weight[start:stop].clone().requires_grad_()
+            b = None if bias is None else bias[start:stop].clone().requires_grad_()
+            split = {"vocab_group": group}
+        out = grao_loss_linear(x, w, data["labels"], data["rewards"], group_size=G, bias=b,
+                               chunk_bytes=4 * v * 8, **split, **opts, **tensors)  # fmt: skip
+        out.loss.backward()
+        for field in FIELDS:
+            mine, want = getattr(out, field), getattr(ref, field)
+            assert (mine is None) == (want is None), (field, kw)
+            if want is not None:
+                assert_close(mine, want, torch.float32, "value")
+        assert_close(x.grad, ref_in[0].grad, torch.float32, "gemm")
+        w_grad = w.grad.full_tensor() if case == 4 else w.grad
+        want_w = ref_in[1].grad if case == 4 else ref_in[1].grad[start:stop]
+        assert_close(w_grad, want_w, torch.float32, "gemm")
+        if bias is not None and case != 4:
+            assert_close(b.grad, ref_in[2].grad[start:stop], torch.float32, "gemm")
