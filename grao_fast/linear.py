@@ -16,8 +16,9 @@ from functools import partial
 from typing import Optional
 
 import torch
+import torch.distributed
 
-from . import reference
+from . import reference, vocab_parallel
 from ._ops import TokenInputs, _impl, resolve_backend
 from ._plan import GRAOOutput, attach, forward
 from ._validation import prepare
@@ -86,23 +87,24 @@ def linear_pass(
             TokenInputs(coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef),
             dict(temperature=temperature, ignore_index=ignore_index, is_cap=is_cap,
                  clip_low=clip_low, clip_high=clip_high, compute_entropy=compute_entropy),
-            use_triton, compute, chunk_bytes,
+            _impl(use_triton).row_pass, compute, chunk_bytes,
         )  # fmt: skip
 
 
 def _linear_pass(
     hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias, inputs, row_opts,
-    use_triton, compute, chunk_bytes,
+    row_pass, compute, chunk_bytes, chunk_vocab=None,
 ):  # fmt: skip
+    """The chunk loop; ``row_pass`` is a backend's (``_torch_ops.row_pass``'s signature).
+    ``chunk_vocab``: the vocabulary that sizes the chunks (default the weight's rows)."""
     m, h = hidden.shape
-    v = weight.shape[0]
+    v = weight.shape[0] if chunk_vocab is None else chunk_vocab
     compute_entropy = row_opts["compute_entropy"]
     w = weight.to(compute)  # no copy when the weight is already in the compute dtype
     b = None if bias is None else bias.to(compute)
     acc = torch.float64 if compute == torch.float64 else torch.float32
     logp = torch.empty(m, dtype=acc, device=hidden.device)
     ent = torch.empty(m if compute_entropy else 0, dtype=acc, device=hidden.device)
-    impl = _impl(use_triton)
     step = chunk_tokens(v, compute, chunk_bytes)
     for start in range(0, m, step):
         sl = slice(start, min(start + step, m))
@@ -112,7 +114,7 @@ def _linear_pass(
         rows = {k: None if x is None else x[sl] for k, x in inputs._asdict().items()}
         # the gradient replaces the logits in place
         grad = logits if inputs.coef is not None else None
-        lp, e = impl.row_pass(logits, labels[sl], rows.pop("coef"), grad=grad, **row_opts, **rows)
+        lp, e = row_pass(logits, labels[sl], rows.pop("coef"), grad=grad, **row_opts, **rows)
         logp[sl] = lp
         if compute_entropy:
             ent[sl] = e
@@ -148,6 +150,26 @@ def _read(x, weight, bias, labels, compute, chunk_bytes: int, grads, inputs, opt
     """The row pass of :func:`grao_fast._plan.forward` over the chunks of ``x @ weight.T``."""
     grads = (None, None, None) if grads is None else grads
     return linear_pass(x, weight, bias, labels, *grads, *inputs, *opts, compute, chunk_bytes)
+
+
+def _read_split(x, weight, bias, labels, compute, chunk_bytes: int, shard, check: bool, grads,
+                inputs, opts):  # fmt: skip
+    """:func:`_read` on a vocabulary shard of ``weight``: each chunk's logits are a shard of the
+    chunk's, read by :func:`grao_fast.vocab_parallel.row_pass` (a collective per chunk), and
+    ``grad_hidden`` is summed over the group at the end (every process gets the whole one)."""
+    grads = (None, None, None) if grads is None else grads
+    row_opts = dict(zip(("temperature", "ignore_index", "is_cap", "clip_low", "clip_high",
+                         "compute_entropy"), opts[:6], strict=True))  # fmt: skip
+    rows = partial(vocab_parallel.backend_row_pass, shard=shard, check=check,
+                   use_triton=opts.use_triton)  # fmt: skip
+    with torch.autocast(x.device.type, enabled=False):
+        # Chunks sized by the largest shard: the same chunks, so the same collectives, on
+        # every process.
+        out = _linear_pass(x, weight, bias, labels, *grads, inputs, row_opts, rows, compute,
+                           chunk_bytes, shard.largest)  # fmt: skip
+    if grads[0] is not None:
+        torch.distributed.all_reduce(grads[0], group=shard.group)
+    return out
 
 
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, lm_head_fp32: bool) -> torch.dtype:
@@ -224,6 +246,8 @@ def grao_loss_linear(
     lm_head_fp32: bool = False,
     grad_weight_fp32: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    vocab_group: object | None = None,
+    vocab_start: int | None = None,
 ) -> GRAOOutput:
     """:func:`grao_loss` of ``hidden @ weight.T + bias`` without materialising those logits.
 
@@ -247,6 +271,14 @@ def grao_loss_linear(
             to the weight's dtype at the end) instead of the weight's dtype (a rounding per
             chunk). Costs a float32 [V, H] accumulator; on CUDA the GEMMs stay bf16/fp16.
         chunk_bytes: bound on the one chunk of logits held at a time (default 256 MiB).
+        vocab_group, vocab_start: the lm_head split by vocabulary across a process group
+            (tensor parallelism): ``weight`` (and ``bias``) is this process's rows
+            ``[vocab_start, vocab_start + V_local)``, as :func:`grao_loss` takes its logits; a
+            ``DTensor`` weight sharded on dim 0 (``Shard(0)``, 1-D mesh) needs neither.
+            ``hidden`` (the same on every process) gets its whole gradient on every process:
+            the shards' parts are summed over the group here, so it must not pass through a
+            region whose backward sums them again (Megatron's
+            ``copy_to_tensor_model_parallel_region``).
     Under FSDP / ZeRO-3 the full ``weight`` must be gathered when this runs.
     {options}
     Returns:
@@ -255,6 +287,9 @@ def grao_loss_linear(
     """
     opts = GRAOOptions.from_call(locals())
     tokens = _tokens(ref_logps, sampler_logps, old_logps, token_weights)
+    weight, shard = vocab_parallel.split(weight, vocab_group, vocab_start, "weight", dim=0)
+    if shard is not None and bias is not None:
+        bias = vocab_parallel.local(bias)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a 2-D tensor [V, H], got {shape}")
@@ -269,8 +304,8 @@ def grao_loss_linear(
     if v == 0:
         raise ValueError(f"weight must have at least one row (V = 0): got {tuple(weight.shape)}")
     batch = prepare(
-        hidden, labels, rewards, opts, tokens=tokens, cu_seqlens=cu_seqlens, vocab=v,
-        name="hidden",
+        hidden, labels, rewards, opts, tokens=tokens, cu_seqlens=cu_seqlens,
+        vocab=v if shard is None else shard.vocab, name="hidden",
     )  # fmt: skip
     h = hidden.shape[-1]
     if weight.device != hidden.device:
@@ -282,6 +317,9 @@ def grao_loss_linear(
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
     compute = compute_dtype(hidden, weight, bool(lm_head_fp32))
+    if shard is not None and backend == "reference":
+        raise ValueError("backend='reference' does not take a vocabulary split; use 'auto', "
+                         "'torch' or 'triton'")  # fmt: skip
     which = resolve_backend(backend, hidden.device, compute)
     opts = opts.replace(backend=which)
     if which == "reference":
@@ -295,7 +333,11 @@ def grao_loss_linear(
         ))  # fmt: skip
     leaves, buffers = _gradient_buffers(hidden, weight, bias, compute, grad_weight_fp32, batch.acc)
     x = hidden.reshape(-1, h)
-    read = partial(_read, x, weight, bias, batch.labels, compute, chunk_bytes)
+    if shard is None:
+        read = partial(_read, x, weight, bias, batch.labels, compute, chunk_bytes)
+    else:
+        read = partial(_read_split, x, weight, bias, batch.labels, compute, chunk_bytes, shard,
+                       opts.check_labels)  # fmt: skip
     with torch.no_grad():
         out = forward(batch, opts, buffers, read)
     grads = buffers or (None,) * len(leaves)
