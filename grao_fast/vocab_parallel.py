@@ -83,12 +83,17 @@ def _local_stats(x, labels, shard, inv_t, opts, acc, compute_entropy):
     """[6, r] statistics of one chunk of rows ``x`` [r, size] of this shard."""
     mx = x.amax(dim=-1).to(acc)
     safe_mx = torch.where(torch.isfinite(mx), mx, 0.0)  # a shard row of -inf: sum 0, no NaN
-    z = (x.to(acc) - safe_mx[:, None]).mul_(inv_t)
+    # One [r, size] working buffer, transformed in place (a second one for the entropy).
+    z = torch.sub(x, safe_mx[:, None]) if x.dtype == acc else x.to(acc).sub_(safe_mx[:, None])
+    z.mul_(inv_t)
     local = labels - shard.start
     held = (labels != opts.ignore_index) & (local >= 0) & (local < shard.size)
     picked = z.gather(1, torch.where(held, local, 0).long()[:, None]).squeeze(1)
-    e = z.exp()
-    ent = torch.where(e > 0, e * z, 0.0).sum(dim=-1) if compute_entropy else torch.zeros_like(mx)
+    if compute_entropy:
+        e = z.exp()
+        ent = torch.where(e > 0, z.mul_(e), 0.0).sum(dim=-1)
+    else:
+        e, ent = z.exp_(), torch.zeros_like(mx)
     return torch.stack([safe_mx, e.sum(dim=-1), ent, torch.where(held, picked, 0.0),
                         held.to(acc), labels.to(acc)])  # fmt: skip
 
@@ -189,20 +194,30 @@ def _gradient(x, grad, labels, shard, inputs: TokenInputs, opts, rows, global_va
         g = token_scale(logp[sl], coef[sl], **per_token, is_cap=opts.is_cap,
                         clip_low=opts.clip_low, clip_high=opts.clip_high).to(acc)  # fmt: skip
         g = torch.where(keep, g * inv_t, 0.0)
-        z = (x[sl].to(acc) - top[sl, None]).mul_(inv_t).sub_(log_total[sl, None])  # log p
-        p = z.exp()
-        if ent_coef is not None and opts.compute_entropy:
+        entropy_bonus = ent_coef is not None and opts.compute_entropy
+        # One working buffer, in place; for float32 logits without the entropy bonus it is the
+        # chunk of the gradient itself (each chunk is read before it is overwritten).
+        direct = grad.dtype == acc and not entropy_bonus
+        xs = x[sl]
+        if direct:
+            z = torch.sub(xs, top[sl, None], out=grad[sl])
+        else:
+            z = torch.sub(xs, top[sl, None]) if xs.dtype == acc else xs.to(acc).sub_(top[sl, None])
+        z.mul_(inv_t).sub_(log_total[sl, None])  # log p
+        if entropy_bonus:
             ec = torch.where(keep, ent_coef[sl] * inv_t, 0.0)[:, None]
+            p = z.exp()
             # d(e H)/dx = -e p (log p + H) / T, 0 where p = 0 (a masked word).
             d = torch.where(p > 0, p * z.add_(entropy[sl, None]), 0.0)
-            d = d.mul_(-ec).sub_(p * g[:, None])
+            d = d.mul_(-ec).sub_(p.mul_(g[:, None]))
         else:
-            d = p.mul_(-g[:, None])
+            d = z.exp_().mul_(-g[:, None])
         local = lab - shard.start
         held = keep & (local >= 0) & (local < shard.size)
         d.scatter_add_(1, torch.where(held, local, 0).long()[:, None],
                        torch.where(held, g, 0.0)[:, None])  # fmt: skip
-        grad[sl] = d
+        if not direct:
+            grad[sl] = d
 
 
 def split(
