@@ -6,7 +6,7 @@
 - Every command of a ```bash block is parsed by the parser of the program it calls, without
   running the program: ``grao-fast`` subcommands and flags, ``python script.py``/``-m module``
   flags (argparse), ``torchrun`` options, pytest options and paths, ``scripts/gpu_check.sh``
-  stages. A program this file has no check for is a failure, so a new kind of command gets one.
+  stages, ``scripts/mutation.sh`` groups. A program this file has no check for is a failure, so a new kind of command gets one.
 - The flag table of docs/TRAINING.md lists every flag of ``grao-fast train`` with its default.
   ``python tests/test_docs.py --flags`` prints the table's rows from the parser.
 - The metrics table of docs/TRAINING.md lists every key of ``grao_fast/train/metrics.py`` (the
@@ -213,6 +213,11 @@ def check_bash(where: str, args: list[str]) -> None:
         stages = re.search(r"stages=\(([\w ]+)\)", script.read_text()).group(1).split()
         for arg in args[1:]:
             assert arg in stages or arg in ("-h", "--help"), f"{where}: no stage {arg!r}"
+    elif script.name == "mutation.sh":  # groups of its `case`, or a module of grao_fast/
+        groups = re.findall(r"^ +(\w+)\)", script.read_text(), re.M)
+        for arg in args[1:]:
+            known = arg in groups or (ROOT / "grao_fast" / f"{arg}.py").is_file()
+            assert known or arg in ("-h", "--help"), f"{where}: no mutation group {arg!r}"
     else:
         assert args[1:] == [], f"{where}: tests/test_docs.py has no check for {args}"
 
