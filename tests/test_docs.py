@@ -6,7 +6,8 @@
 - Every command of a ```bash block is parsed by the parser of the program it calls, without
   running the program: ``grao-fast`` subcommands and flags, ``python script.py``/``-m module``
   flags (argparse), ``torchrun`` options, pytest options and paths, ``scripts/gpu_check.sh``
-  stages, ``scripts/mutation.sh`` groups. A program this file has no check for is a failure, so a new kind of command gets one.
+  stages, ``scripts/mutation.sh`` groups. A program this file has no check for is a failure,
+  so a new kind of command gets one.
 - The flag table of docs/TRAINING.md lists every flag of ``grao-fast train`` with its default.
   ``python tests/test_docs.py --flags`` prints the table's rows from the parser.
 - The metrics table of docs/TRAINING.md lists every key of ``grao_fast/train/metrics.py`` (the
