@@ -6,9 +6,12 @@
 - Every command of a ```bash block is parsed by the parser of the program it calls, without
   running the program: ``grao-fast`` subcommands and flags, ``python script.py``/``-m module``
   flags (argparse), ``torchrun`` options, pytest options and paths, ``scripts/gpu_check.sh``
-  stages. A program this file has no check for is a failure, so a new kind of command gets one.
+  stages, ``scripts/mutation.sh`` groups. A program this file has no check for is a failure,
+  so a new kind of command gets one.
 - The flag table of docs/TRAINING.md lists every flag of ``grao-fast train`` with its default.
   ``python tests/test_docs.py --flags`` prints the table's rows from the parser.
+- The metrics table of docs/TRAINING.md lists every key of ``grao_fast/train/metrics.py`` (the
+  keys of ``metrics.jsonl``), and no other.
 - Every relative link and image of the documents points to an existing file, and every
   ``#anchor`` into a Markdown file to one of its headings.
 """
@@ -211,6 +214,11 @@ def check_bash(where: str, args: list[str]) -> None:
         stages = re.search(r"stages=\(([\w ]+)\)", script.read_text()).group(1).split()
         for arg in args[1:]:
             assert arg in stages or arg in ("-h", "--help"), f"{where}: no stage {arg!r}"
+    elif script.name == "mutation.sh":  # groups of its `case`, or a module of grao_fast/
+        groups = re.findall(r"^ +(\w+)\)", script.read_text(), re.M)
+        for arg in args[1:]:
+            known = arg in groups or (ROOT / "grao_fast" / f"{arg}.py").is_file()
+            assert known or arg in ("-h", "--help"), f"{where}: no mutation group {arg!r}"
     else:
         assert args[1:] == [], f"{where}: tests/test_docs.py has no check for {args}"
 
@@ -246,7 +254,7 @@ def test_command_parses(command, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The flag table of docs/TRAINING.md
+# The flag and metrics tables of docs/TRAINING.md
 
 
 def train_flags() -> dict[str, tuple[list[str], str, str]]:
@@ -296,6 +304,29 @@ def test_training_flag_table_lists_every_flag_and_default():
     wrong = {n: (rows[frozenset(f[0])], f[1]) for n, f in flags.items()
              if rows[frozenset(f[0])] != f[1]}  # fmt: skip
     assert not wrong, f"defaults in docs/TRAINING.md (documented, actual): {wrong}"
+
+
+def documented_metrics() -> list[str]:
+    """The keys in the first column of the table of docs/TRAINING.md, section 'Metrics'."""
+    text = (ROOT / "docs" / "TRAINING.md").read_text()
+    section = text.split("\n## Metrics (`metrics.jsonl`)\n", 1)[1].split("\n## ", 1)[0]
+    keys = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if cells and cells[0] != "key":
+            keys += re.findall(r"`([^`]+)`", cells[0])
+    return keys
+
+
+def test_training_metrics_table_lists_every_key():
+    from grao_fast.train.metrics import METRICS
+
+    keys = documented_metrics()
+    missing = [k for k in METRICS if k not in keys]
+    assert not missing, f"docs/TRAINING.md, section 'Metrics', lacks the keys {missing}"
+    extra = sorted(set(keys) - set(METRICS))
+    assert not extra, f"docs/TRAINING.md lists keys that grao_fast/train/metrics.py lacks: {extra}"
+    assert len(keys) == len(set(keys)), f"keys listed twice in docs/TRAINING.md: {keys}"
 
 
 # ---------------------------------------------------------------------------------------------
