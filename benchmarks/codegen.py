@@ -28,13 +28,18 @@ from pathlib import Path
 
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # Feature sets: what the loss paths launch (forward only, gradient, gradient + every extra:
-# KL, importance weights, PPO clip, entropy and its bonus).
-_NONE = dict(grad=False, kl=False, is_=False, clip=False, entropy=False, ent_grad=False)
+# KL, importance weights, PPO clip, entropy and its bonus; a vocabulary split's statistics pass
+# and its gradient pass from the group's values).
+_NONE = dict(grad=False, kl=False, is_=False, clip=False, entropy=False, ent_grad=False,
+             split_stats=False, split_grad=False)  # fmt: skip
+_ALL = {**dict.fromkeys(_NONE, True), "split_stats": False, "split_grad": False}
 FEATURES = {
     "forward": _NONE,
     "forward+entropy": {**_NONE, "entropy": True},
     "grad": {**_NONE, "grad": True},
-    "grad+all": dict.fromkeys(_NONE, True),
+    "grad+all": _ALL,
+    "split-stats": {**_NONE, "entropy": True, "split_stats": True},
+    "split-grad+all": {**_ALL, "split_grad": True},
 }
 # Per-SM limits of compute capability 9.0 (CUDA C++ programming guide, "Technical Specifications
 # per Compute Capability"): registers, threads, resident blocks, shared memory (1 KiB of it
@@ -95,15 +100,19 @@ def compile_row_kernel(
         "ent_coef_ptr": ("*fp32", f["ent_grad"]),
         "grad_ptr": (ptr, f["grad"]),
         "entropy_ptr": ("*fp32", f["entropy"]),
+        "stats_ptr": ("*fp32", f["split_stats"]),
+        "global_ptr": ("*fp32", f["split_grad"]),
     }
     signature = dict(
         logits_ptr=ptr, stride_ls="i64", stride_lt="i64", labels_ptr="*i64", stride_gs="i64",
-        stride_gt="i64", logp_ptr="*fp32", M="i32", T="i32", V="i32", inv_temperature="fp32",
-        ignore_index="i32", is_cap="fp32", clip_low="fp32", clip_high="fp32",
+        stride_gt="i64", logp_ptr="*fp32", M="i32", T="i32", V="i32", vocab_start="i32",
+        vocab_total="i32", inv_temperature="fp32", ignore_index="i32", is_cap="fp32",
+        clip_low="fp32", clip_high="fp32",
     )  # fmt: skip
     constants = dict(
         BLOCK_V=block_v, HAS_GRAD=f["grad"], HAS_KL=f["kl"], HAS_IS=f["is_"], HAS_CLIP=f["clip"],
-        HAS_ENTROPY=f["entropy"], HAS_ENT_GRAD=f["ent_grad"],
+        HAS_ENTROPY=f["entropy"], HAS_ENT_GRAD=f["ent_grad"], SPLIT_STATS=f["split_stats"],
+        SPLIT_GRAD=f["split_grad"],
         FIRST_READ="evict_last" if f["grad"] else "evict_first", NUM_STAGES=num_stages,
     )  # fmt: skip
     for name, (kind, present) in optional.items():

@@ -36,7 +36,9 @@ def reverse_reward(prompts: list[str], completions: list[str], reference: list[s
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model directory or hub id (default: the tiny local model)")
-    parser.add_argument("--output-dir", help="checkpoints and logs (default: a temporary folder)")
+    parser.add_argument(
+        "--output-dir", help="checkpoints and logs (default: a temporary folder, removed after)"
+    )
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps")
     parser.add_argument("--samples", type=int, default=3, help="G: completions per prompt")
     parser.add_argument(
@@ -53,7 +55,15 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    output_dir = args.output_dir or tempfile.mkdtemp(prefix="grao-trl-")
+    if args.output_dir:
+        train(args, args.output_dir)
+        return
+    # Each process (torchrun starts one per rank) its own folder, removed when the run ends.
+    with tempfile.TemporaryDirectory(prefix="grao-trl-") as output_dir:
+        train(args, output_dir)
+
+
+def train(args: argparse.Namespace, output_dir: str) -> None:
     model = args.model or str(build_tiny_model_dir(f"{output_dir}/tiny-model"))
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     examples = ReverseTask().examples(args.steps * args.groups * processes, seed=0)

@@ -105,8 +105,8 @@ def token_inputs(pl: Plan, b: Batch, o: GRAOOptions, coef: Optional[torch.Tensor
     ent = None
     if o.entropy_coef != 0.0:
         sample_tok = _sample_tokens(pl, b)
-        ent = torch.where(sample_tok, -o.entropy_coef / sample_tok.sum().clamp(min=1), 0.0)
-        ent = ent.to(b.acc)
+        count = sample_tok.sum().clamp(min=1).to(b.acc)  # float64 logits: a float64 coefficient
+        ent = torch.where(sample_tok, -o.entropy_coef / count, 0.0)
     old = b.old_logps if o.importance_level == "token" else None
     return TokenInputs(coef, ref, kl, sampler, old, ent)
 
@@ -225,7 +225,9 @@ class _Attach(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss, use_triton: bool, n: int, *tensors):
         ctx.use_triton = use_triton
-        ctx.grads = tensors[n:]
+        # None: the input is its own gradient buffer (inplace=True), passed once.
+        pairs = zip(tensors[:n], tensors[n:], strict=True)
+        ctx.grads = tuple(x if g is None else g for x, g in pairs)
         ctx.set_materialize_grads(False)
         return loss.clone()
 
@@ -240,6 +242,8 @@ def attach(out: GRAOOutput, pairs: list, o: GRAOOptions) -> GRAOOutput:
     if not pairs:
         return out
     inputs, grads = zip(*pairs, strict=True)
+    # A tensor must not reach a Function twice (torch.compile refuses duplicate inputs).
+    grads = [None if g is x else g for x, g in zip(inputs, grads, strict=True)]
     loss = _Attach.apply(out.loss, o.backend == "triton", len(inputs), *inputs, *grads)
     return out._replace(loss=loss)
 

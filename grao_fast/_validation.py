@@ -10,6 +10,7 @@ never an out-of-bounds read.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -219,6 +220,11 @@ def prepare(
     rewards = check_rewards(rewards, rows.n, opts.group_size, device, finite=check, stats_dtype=acc)
     if opts.kl_coef != 0.0 and tokens.get("ref_logps") is None:
         raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs)")
+    if opts.is_cap != math.inf and tokens.get("sampler_logps") is None:
+        raise ValueError(
+            f"is_cap={opts.is_cap} needs sampler_logps (the sampler's log-probs, to which the "
+            f"importance weights are capped); without them there is no weight to cap"
+        )
     sequence = opts.importance_level == "sequence"
     if sequence and tokens.get("old_logps") is None:
         raise ValueError('importance_level="sequence" needs old_logps')
@@ -237,8 +243,11 @@ def prepare(
     if check:
         check_label_range(labels, vocab, opts.ignore_index)
         old, tw = tokens.get("old_logps"), tokens.get("token_weights")
-        if old is not None and bool((torch.isnan(old) & mask).any()):
-            raise ValueError("old_logps is NaN on a loss token (labels != ignore_index)")
+        if old is not None and not bool((torch.isfinite(old) | ~mask).all()):
+            raise ValueError(
+                "old_logps is NaN or infinite on a loss token (labels != ignore_index): "
+                "expected the finite log-probs of the policy the batch was prepared with"
+            )
         if tw is not None and not bool(((tw >= 0) & torch.isfinite(tw) | ~mask).all()):
             raise ValueError("token_weights must be finite and >= 0 on every loss token")
     flat = {k: None if t is None else t.detach().reshape(-1).to(acc) for k, t in tokens.items()}

@@ -10,6 +10,7 @@ function that gets every later argument (and parses them itself) and its line in
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import sys
@@ -58,32 +59,70 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag in one spelling, the dashed one (``--output-dir``); the underscore spelling
+    that ``HfArgumentParser`` adds as well (``--output_dir``) is still accepted. The description
+    and epilog are printed as written (wrapped by the caller)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        dashed = [s for s in action.option_strings if "_" not in s.lstrip("-")]
+        if dashed and len(dashed) < len(action.option_strings):
+            action = copy.copy(action)
+            action.option_strings = dashed
+        return super()._format_action_invocation(action)
+
+
 def train_parser() -> argparse.ArgumentParser:
     """``grao-fast train``: one flag per :class:`TrainConfig` field, plus ``--config``."""
-    from grao_fast.train.config import TrainConfig
+    import textwrap
 
+    from grao_fast.train.config import TrainConfig
+    from grao_fast.train.metrics import metrics_help
+
+    description = (
+        "GRAO training loop: rollouts -> rewards -> GRAO loss -> AdamW -> weight sync. "
+        "With no arguments: the built-in toy run. Settings come from the defaults, then "
+        "--config, then the flags; with --resume, from the run's saved settings, then --config, "
+        "then the flags."
+    )
     parser = hf_argument_parser()(
         TrainConfig,
         prog="grao-fast train",
-        description="GRAO training loop: rollouts -> rewards -> GRAO loss -> AdamW -> weight sync. "
-        "With no arguments: the built-in toy run. Settings come from the defaults, then "
-        "--config, then the flags.",
+        description=textwrap.fill(description, 79),
+        epilog=metrics_help(79),
+        formatter_class=HelpFormatter,
     )
+    for action in parser._actions:
+        # The usage line shows the first spelling: the dashed one.
+        action.option_strings.sort(key=lambda s: "_" in s)
+        if action.option_strings[0].startswith("--no-"):  # --no-plot: the store_false twin
+            action.help = f"the same as --{action.option_strings[0][5:]} false"
+            action.default = argparse.SUPPRESS  # the positive flag's default is the one
     parser.add_argument(
         "--config", metavar="FILE", help="YAML or JSON file of settings (flags override it)"
     )
     return parser
 
 
+def given_settings(argv: Sequence[str]) -> set[str]:
+    """The settings given as flags in ``argv`` (whatever their value), not their defaults."""
+    parser = train_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(list(argv))[0])) - {"config"}
+
+
 def parse_train_args(argv: Sequence[str]):
     """The :class:`TrainConfig` of ``grao-fast train ARGV``: defaults, then the ``--config``
-    file, then the flags. Unknown settings in the file are a ``ValueError``."""
+    file, then the flags; with ``--resume``, the saved settings of the run take the defaults'
+    place. Unknown settings in the file are a ``ValueError``."""
     from dataclasses import fields
 
-    from grao_fast.train.config import TrainConfig
+    from grao_fast.train.config import TrainConfig, resumed_config
 
     parser = train_parser()
     config_file = parser.parse_known_args(argv)[0].config
+    values = {}
     if config_file:
         values = load_config_file(config_file)
         known = sorted(f.name for f in fields(TrainConfig))
@@ -92,11 +131,16 @@ def parse_train_args(argv: Sequence[str]):
             raise ValueError(f"config: unknown settings {unknown}; known: {known}")
         parser.set_defaults(**values)  # a string value is converted like the flag's argument
     cfg, _ = parser.parse_args_into_dataclasses(list(argv), look_for_args_file=False)
+    if cfg.resume:
+        cfg = resumed_config(cfg, given=set(values) | given_settings(argv))
     return cfg
 
 
 def run_train(argv: Sequence[str]) -> int:
     cfg = parse_train_args(argv)
+    from grao_fast.train.config import check_config
+
+    check_config(cfg)  # a bad setting is reported at once, before the imports below take seconds
     from grao_fast.train import train
 
     records = train(cfg)

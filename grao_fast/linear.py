@@ -16,8 +16,9 @@ from functools import partial
 from typing import Optional
 
 import torch
+import torch.distributed
 
-from . import reference
+from . import reference, vocab_parallel
 from ._ops import TokenInputs, _impl, resolve_backend
 from ._plan import GRAOOutput, attach, forward
 from ._validation import prepare
@@ -73,22 +74,37 @@ def linear_pass(
     clip_high: float,
     compute_entropy: bool,
     use_triton: bool,
-    lm_head_fp32: bool,
+    compute: torch.dtype,
     chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row pass over ``hidden [M, H] @ weight.T (+ bias)``, chunk by chunk; with ``coef``,
-    the gradients are accumulated into ``grad_hidden`` [M, H], ``grad_weight`` [V, H] (zeroed
-    by the caller) and ``grad_bias`` [V] (each may be None). Returns (logp [M], entropy)."""
+    """The row pass over ``hidden [M, H] @ weight.T (+ bias)``, chunk by chunk, with the GEMMs
+    in ``compute`` (autocast is off inside: every cast is explicit); with ``coef``, the
+    gradients are accumulated into ``grad_hidden`` [M, H], ``grad_weight`` [V, H] (zeroed by
+    the caller) and ``grad_bias`` [V] (each may be None). Returns (logp [M], entropy)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _linear_pass(
+            hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias,
+            TokenInputs(coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef),
+            dict(temperature=temperature, ignore_index=ignore_index, is_cap=is_cap,
+                 clip_low=clip_low, clip_high=clip_high, compute_entropy=compute_entropy),
+            _impl(use_triton).row_pass, compute, chunk_bytes,
+        )  # fmt: skip
+
+
+def _linear_pass(
+    hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias, inputs, row_opts,
+    row_pass, compute, chunk_bytes, chunk_vocab=None,
+):  # fmt: skip
+    """The chunk loop; ``row_pass`` is a backend's (``_torch_ops.row_pass``'s signature).
+    ``chunk_vocab``: the vocabulary that sizes the chunks (default the weight's rows)."""
     m, h = hidden.shape
-    v = weight.shape[0]
-    compute = torch.float32 if lm_head_fp32 else weight.dtype
-    w = weight.to(compute)  # no copy unless lm_head_fp32 with a low-precision weight
+    v = weight.shape[0] if chunk_vocab is None else chunk_vocab
+    compute_entropy = row_opts["compute_entropy"]
+    w = weight.to(compute)  # no copy when the weight is already in the compute dtype
     b = None if bias is None else bias.to(compute)
     acc = torch.float64 if compute == torch.float64 else torch.float32
     logp = torch.empty(m, dtype=acc, device=hidden.device)
     ent = torch.empty(m if compute_entropy else 0, dtype=acc, device=hidden.device)
-    inputs = TokenInputs(coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef)
-    impl = _impl(use_triton)
     step = chunk_tokens(v, compute, chunk_bytes)
     for start in range(0, m, step):
         sl = slice(start, min(start + step, m))
@@ -96,12 +112,9 @@ def linear_pass(
         # [c, V] logits of this chunk: the only vocabulary-sized buffer.
         logits = torch.addmm(b, xc, w.t()) if b is not None else xc @ w.t()
         rows = {k: None if x is None else x[sl] for k, x in inputs._asdict().items()}
-        grad = logits if coef is not None else None  # the gradient replaces the logits in place
-        lp, e = impl.row_pass(
-            logits, labels[sl], rows.pop("coef"), grad=grad, temperature=temperature,
-            ignore_index=ignore_index, is_cap=is_cap, clip_low=clip_low, clip_high=clip_high,
-            compute_entropy=compute_entropy, **rows,
-        )  # fmt: skip
+        # the gradient replaces the logits in place
+        grad = logits if inputs.coef is not None else None
+        lp, e = row_pass(logits, labels[sl], rows.pop("coef"), grad=grad, **row_opts, **rows)
         logp[sl] = lp
         if compute_entropy:
             ent[sl] = e
@@ -126,28 +139,72 @@ def linear_pass(
 def _(
     hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias, coef, ref_logps, kl_coef,
     sampler_logps, old_logps, ent_coef, temperature, ignore_index, is_cap, clip_low, clip_high,
-    compute_entropy, use_triton, lm_head_fp32, chunk_bytes,
+    compute_entropy, use_triton, compute, chunk_bytes,
 ):  # fmt: skip
     m = hidden.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = torch.float64 if compute == torch.float64 else torch.float32
     return hidden.new_empty(m, dtype=acc), hidden.new_empty(m if compute_entropy else 0, dtype=acc)
 
 
-def _read(x, weight, bias, labels, lm_head_fp32: bool, chunk_bytes: int, grads, inputs, opts):
+def _read(x, weight, bias, labels, compute, chunk_bytes: int, grads, inputs, opts):
     """The row pass of :func:`grao_fast._plan.forward` over the chunks of ``x @ weight.T``."""
     grads = (None, None, None) if grads is None else grads
-    return linear_pass(x, weight, bias, labels, *grads, *inputs, *opts, lm_head_fp32, chunk_bytes)
+    return linear_pass(x, weight, bias, labels, *grads, *inputs, *opts, compute, chunk_bytes)
+
+
+def _read_split(x, weight, bias, labels, compute, chunk_bytes: int, shard, check: bool, grads,
+                inputs, opts):  # fmt: skip
+    """:func:`_read` on a vocabulary shard of ``weight``: each chunk's logits are a shard of the
+    chunk's, read by :func:`grao_fast.vocab_parallel.row_pass` (a collective per chunk), and
+    ``grad_hidden`` is summed over the group at the end (every process gets the whole one)."""
+    grads = (None, None, None) if grads is None else grads
+    row_opts = dict(zip(("temperature", "ignore_index", "is_cap", "clip_low", "clip_high",
+                         "compute_entropy"), opts[:6], strict=True))  # fmt: skip
+    rows = partial(vocab_parallel.backend_row_pass, shard=shard, check=check,
+                   use_triton=opts.use_triton)  # fmt: skip
+    with torch.autocast(x.device.type, enabled=False):
+        # Chunks sized by the largest shard: the same chunks, so the same collectives, on
+        # every process.
+        out = _linear_pass(x, weight, bias, labels, *grads, inputs, row_opts, rows, compute,
+                           chunk_bytes, shard.largest)  # fmt: skip
+    if grads[0] is not None:
+        torch.distributed.all_reduce(grads[0], group=shard.group)
+    return out
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, lm_head_fp32: bool) -> torch.dtype:
+    """The GEMMs' dtype, as ``F.linear`` picks it: the autocast dtype under autocast (float64
+    inputs excepted), else the inputs' common dtype; float32 with ``lm_head_fp32``."""
+    device = hidden.device.type
+    f64 = torch.float64 in (hidden.dtype, weight.dtype)
+    if lm_head_fp32 and not f64:  # both cast to float32, as TRL's float32 lm_head does
+        return torch.float32
+    if not f64 and torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+    elif hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"weight ({weight.dtype}) must match hidden ({hidden.dtype}) in dtype outside "
+            f"autocast: for low-precision GEMMs with {weight.dtype} weights run the call under "
+            f'torch.autocast("{device}", dtype=...) (the weight\'s gradient stays '
+            f"{weight.dtype}), or cast hidden to {weight.dtype}"
+        )
+    else:
+        low = weight.dtype
+    return low
 
 
 def _gradient_buffers(hidden, weight, bias, compute, grad_weight_fp32: bool, acc) -> tuple:
     """The gradient buffers of the inputs that need one (grad mode on, requires_grad), or None
-    when none does (forward only)."""
+    when none does (forward only). ``grad_weight`` accumulates in the wider of the compute
+    dtype and the weight's (float32 at least with ``grad_weight_fp32``)."""
     leaves = (hidden, weight, bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in leaves):
         return leaves, None
     v, h = weight.shape
     need = [t is not None and t.requires_grad for t in leaves]
-    gw_dtype = torch.float32 if grad_weight_fp32 else compute
+    gw_dtype = torch.promote_types(compute, weight.dtype)
+    if grad_weight_fp32:
+        gw_dtype = torch.promote_types(gw_dtype, torch.float32)
     return leaves, (
         torch.empty(hidden.numel() // h, h, dtype=hidden.dtype, device=hidden.device)
         if need[0] else None,
@@ -189,22 +246,39 @@ def grao_loss_linear(
     lm_head_fp32: bool = False,
     grad_weight_fp32: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    vocab_group: object | None = None,
+    vocab_start: int | None = None,
 ) -> GRAOOutput:
     """:func:`grao_loss` of ``hidden @ weight.T + bias`` without materialising those logits.
 
     Args:
-        hidden: [N, T, H] (packed rows: [M, H]) float32/bfloat16/float16: the last hidden
-            states (after the final norm), ``hidden[n, t]`` predicting ``labels[n, t]``.
-        weight: [V, H] the lm_head weight, same dtype and device as ``hidden``.
+        hidden: [N, T, H] (packed rows: [M, H]) float32/bfloat16/float16/float64: the last
+            hidden states (after the final norm), ``hidden[n, t]`` predicting ``labels[n, t]``.
+        weight: [V, H] the lm_head weight on ``hidden``'s device; outside autocast in
+            ``hidden``'s dtype.
         bias: [V] or None.
         labels, rewards and the per-token inputs: as for :func:`grao_loss`.
+        Mixed precision: as ``F.linear``. Under ``torch.autocast`` the GEMMs run in the
+            autocast dtype (e.g. bf16 with float32 master weights); each gradient comes in its
+            input's dtype, ``grad_weight`` accumulated over the chunks in the wider of the
+            weight's and the compute dtype (float32 for a float32 weight).
         lm_head_fp32: compute the logits (and their gradient) in float32, as samplers such as
-            vLLM often do, instead of the weight's dtype. Costs a float32 copy of ``weight``
-            and a float32 ``grad_weight`` accumulator ([V, H] each) when the weight is bf16/fp16.
+            vLLM often do, instead of the weight's (or autocast's) dtype: ``hidden`` and
+            ``weight`` of any dtypes are cast to float32 (TRL's ``cast_lm_head_to_fp32``).
+            Costs a float32 copy of ``weight`` and a float32 ``grad_weight`` accumulator
+            ([V, H] each) when the weight is bf16/fp16.
         grad_weight_fp32: accumulate ``grad_weight`` over the chunks in float32 (one rounding
             to the weight's dtype at the end) instead of the weight's dtype (a rounding per
             chunk). Costs a float32 [V, H] accumulator; on CUDA the GEMMs stay bf16/fp16.
         chunk_bytes: bound on the one chunk of logits held at a time (default 256 MiB).
+        vocab_group, vocab_start: the lm_head split by vocabulary across a process group
+            (tensor parallelism): ``weight`` (and ``bias``) is this process's rows
+            ``[vocab_start, vocab_start + V_local)``, as :func:`grao_loss` takes its logits; a
+            ``DTensor`` weight sharded on dim 0 (``Shard(0)``, 1-D mesh) needs neither.
+            ``hidden`` (the same on every process) gets its whole gradient on every process:
+            the shards' parts are summed over the group here, so it must not pass through a
+            region whose backward sums them again (Megatron's
+            ``copy_to_tensor_model_parallel_region``).
     Under FSDP / ZeRO-3 the full ``weight`` must be gathered when this runs.
     {options}
     Returns:
@@ -213,43 +287,57 @@ def grao_loss_linear(
     """
     opts = GRAOOptions.from_call(locals())
     tokens = _tokens(ref_logps, sampler_logps, old_logps, token_weights)
+    weight, shard = vocab_parallel.split(weight, vocab_group, vocab_start, "weight", dim=0)
+    if shard is not None and bias is not None:
+        bias = vocab_parallel.local(bias)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a 2-D tensor [V, H], got {shape}")
     v = weight.shape[0]
+    h = hidden.shape[-1] if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
+    if h is not None and weight.shape[1] != h:  # before the labels are checked against V
+        hint = " (transposed? pass weight.t())" if v == h else ""
+        raise ValueError(
+            f"weight must be [V, H] with H = {h}, hidden's last dim (hidden "
+            f"{tuple(hidden.shape)}), got weight {tuple(weight.shape)}{hint}"
+        )
+    if v == 0:
+        raise ValueError(f"weight must have at least one row (V = 0): got {tuple(weight.shape)}")
     batch = prepare(
-        hidden, labels, rewards, opts, tokens=tokens, cu_seqlens=cu_seqlens, vocab=v,
-        name="hidden",
+        hidden, labels, rewards, opts, tokens=tokens, cu_seqlens=cu_seqlens,
+        vocab=v if shard is None else shard.vocab, name="hidden",
     )  # fmt: skip
     h = hidden.shape[-1]
-    if weight.shape[1] != h:
-        raise ValueError(f"weight must be [V, H] with H = {h} (hidden's last dim), got "
-                         f"{tuple(weight.shape)}")  # fmt: skip
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise TypeError(
-            f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, "
-            f"{hidden.device})"
-        )
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None and (
         not isinstance(bias, torch.Tensor) or bias.shape != (v,) or bias.device != weight.device
     ):
         raise ValueError(f"bias must be a [V] = [{v}] tensor on {weight.device}")
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    compute = torch.float32 if lm_head_fp32 else weight.dtype
+    compute = compute_dtype(hidden, weight, bool(lm_head_fp32))
+    if shard is not None and backend == "reference":
+        raise ValueError("backend='reference' does not take a vocabulary split; use 'auto', "
+                         "'torch' or 'triton'")  # fmt: skip
     which = resolve_backend(backend, hidden.device, compute)
     opts = opts.replace(backend=which)
     if which == "reference":
-        x, w = hidden.reshape(-1, h).to(compute), weight.to(compute)
-        logits = x @ w.t() if bias is None else torch.addmm(bias.to(compute), x, w.t())
-        logits = logits.view(*hidden.shape[:-1], v).to(batch.acc)
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit
+            x, w = hidden.reshape(-1, h).to(compute), weight.to(compute)
+            logits = x @ w.t() if bias is None else torch.addmm(bias.to(compute), x, w.t())
+            logits = logits.view(*hidden.shape[:-1], v).to(batch.acc)
         return GRAOOutput(*reference.grao_terms(
             logits, labels, rewards.detach(), cu_seqlens=cu_seqlens, **tokens,
             **opts.spec_kwargs(),
         ))  # fmt: skip
     leaves, buffers = _gradient_buffers(hidden, weight, bias, compute, grad_weight_fp32, batch.acc)
     x = hidden.reshape(-1, h)
-    read = partial(_read, x, weight, bias, batch.labels, bool(lm_head_fp32), chunk_bytes)
+    if shard is None:
+        read = partial(_read, x, weight, bias, batch.labels, compute, chunk_bytes)
+    else:
+        read = partial(_read_split, x, weight, bias, batch.labels, compute, chunk_bytes, shard,
+                       opts.check_labels)  # fmt: skip
     with torch.no_grad():
         out = forward(batch, opts, buffers, read)
     grads = buffers or (None,) * len(leaves)

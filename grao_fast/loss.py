@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from . import _torch_ops, reference
+from . import _torch_ops, reference, vocab_parallel
 from ._ops import RowOptions, TokenInputs, resolve_backend, row_pass, triton_available
 from ._plan import GRAOOutput, attach, forward, row_options
 from ._validation import check_label_range, check_logits_labels, check_rewards, prepare
@@ -69,6 +69,8 @@ def grao_loss(
     inplace: bool = False,
     check_labels: bool = True,
     return_entropy: bool = False,
+    vocab_group: object | None = None,
+    vocab_start: int | None = None,
 ) -> GRAOOutput:
     """The GRAO loss (GRAO_SPEC.md) of a batch of groups, with its gradient in one pass.
 
@@ -82,7 +84,14 @@ def grao_loss(
         ref_logps, sampler_logps, old_logps, token_weights: per-token inputs shaped like
             ``labels`` (no gradient flows into them).
         inplace: overwrite ``logits`` with the gradient (saves one [N, T, V] buffer; ``logits``
-            must not be used afterwards, nor share memory between its elements).
+            must not be used afterwards, nor share memory between its elements, nor be a leaf
+            that requires grad).
+        vocab_group, vocab_start: a vocabulary split across a process group (tensor
+            parallelism): ``logits`` is this process's shard ``[..., vocab_start : vocab_start
+            + V_local]`` of the vocabulary (labels are global ids, the same on every process);
+            ``vocab_start`` defaults to the lower ranks' shard sizes summed. A ``DTensor``
+            ``logits`` sharded on the vocabulary (``Shard(-1)``, 1-D mesh) needs neither. The
+            result is the unsplit call's on every process; the gradient is this shard's.
     {options}
     Returns:
         :class:`GRAOOutput`; ``loss`` is differentiable w.r.t. ``logits``, once: the gradient
@@ -90,15 +99,23 @@ def grao_loss(
         be backpropagated a second time, and double backward is an error.
     """
     opts = GRAOOptions.from_call(locals())
+    logits, shard = vocab_parallel.split(logits, vocab_group, vocab_start)
     batch = prepare(
         logits, labels, rewards, opts, cu_seqlens=cu_seqlens,
         tokens=_tokens(ref_logps, sampler_logps, old_logps, token_weights),
+        vocab=None if shard is None else shard.vocab,
     )  # fmt: skip
+    if inplace and logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "inplace=True would overwrite logits, a leaf tensor that requires grad (PyTorch "
+            "refuses in-place writes to such a leaf); pass the model's output (a non-leaf) or "
+            "inplace=False"
+        )
     if logits.stride(-1) != 1:
         if inplace:
             raise ValueError("inplace=True needs logits with a unit stride along the vocabulary")
         logits = logits.contiguous()
-    which = resolve_backend(backend, logits.device, logits.dtype)
+    which = _backend(backend, logits, shard)
     opts = opts.replace(backend=which)
     if which == "reference":
         return GRAOOutput(*reference.grao_terms(
@@ -110,9 +127,24 @@ def grao_loss(
     if need_grad:
         contiguous = torch.contiguous_format
         grad = logits if inplace else torch.empty_like(logits, memory_format=contiguous)
+    if shard is None:
+        rows = partial(row_pass, logits, batch.labels)
+    else:
+        rows = partial(vocab_parallel.row_pass, logits, batch.labels, shard=shard,
+                       check=opts.check_labels)  # fmt: skip
     with torch.no_grad():
-        out = forward(batch, opts, grad, partial(row_pass, logits, batch.labels))
+        out = forward(batch, opts, grad, rows)
     return attach(out, [(logits, grad)] if need_grad else [], opts)
+
+
+def _backend(backend: str, logits: torch.Tensor, shard) -> str:
+    """The implementation that runs (a vocabulary split: the Triton kernels or PyTorch)."""
+    if shard is not None and backend == "reference":
+        raise ValueError(
+            "backend='reference' does not take a vocabulary split (vocab_group or a DTensor); "
+            "use 'auto', 'torch' or 'triton'"
+        )
+    return resolve_backend(backend, logits.device, logits.dtype)
 
 
 grao_loss.__doc__ = grao_loss.__doc__.format(options=OPTIONS_DOC)
@@ -122,11 +154,11 @@ class _TokenLogprobs(torch.autograd.Function):
     """Per-token log-probs; backward re-reads the logits (its weights come only in backward)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, opts: RowOptions):
+    def forward(ctx, logits, labels, opts: RowOptions, rows):
         n, t, _ = logits.shape
-        logp, _ = row_pass(logits, labels, None, TokenInputs(), opts)
+        logp, _ = rows(logits, labels, None, TokenInputs(), opts)
         ctx.save_for_backward(logits, labels)
-        ctx.opts = opts
+        ctx.opts, ctx.rows = opts, rows
         return logp.view(n, t)
 
     @staticmethod
@@ -134,8 +166,8 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, labels = ctx.saved_tensors
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         coef = d_logp.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1)
-        row_pass(logits, labels, grad, TokenInputs(coef=coef), ctx.opts)
-        return grad, None, None
+        ctx.rows(logits, labels, grad, TokenInputs(coef=coef), ctx.opts)
+        return grad, None, None, None
 
 
 def token_logprobs(
@@ -146,6 +178,8 @@ def token_logprobs(
     ignore_index: int = -100,
     backend: str = "auto",
     check_labels: bool = True,
+    vocab_group: object | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """``log_softmax(logits / temperature)[labels]`` without a float32 copy of the logits.
 
@@ -153,24 +187,29 @@ def token_logprobs(
     (float64 for float64 logits), 0 where ``labels == ignore_index``, differentiable w.r.t.
     ``logits``. For GRPO-style trainers that need the log-probs themselves; the GRAO loss should
     use :func:`grao_loss`. Backward reads the logits a second time (its weights come only then).
+    ``vocab_group``, ``vocab_start``: a vocabulary split, as in :func:`grao_loss`.
     """
     opts = GRAOOptions(1, temperature=temperature, ignore_index=ignore_index, backend=backend)
+    logits, shard = vocab_parallel.split(logits, vocab_group, vocab_start)
     check_logits_labels(logits, labels)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     if check_labels and not torch.compiler.is_compiling():
-        check_label_range(labels, logits.shape[-1], ignore_index)
-    which = resolve_backend(backend, logits.device, logits.dtype)
+        check_label_range(labels, logits.shape[-1] if shard is None else shard.vocab, ignore_index)
+    which = _backend(backend, logits, shard)
     if which == "reference":
         acc = torch.promote_types(logits.dtype, torch.float32)
         return reference.token_logprobs(
             logits.to(acc), labels, temperature=opts.temperature, ignore_index=ignore_index
         )
     ropts = row_options(opts.replace(backend=which))
+    rows = row_pass
+    if shard is not None:
+        rows = partial(vocab_parallel.row_pass, shard=shard, check=check_labels)
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _TokenLogprobs.apply(logits, labels, ropts)
+        return _TokenLogprobs.apply(logits, labels, ropts, rows)
     n, t, _ = logits.shape
-    return row_pass(logits, labels, None, TokenInputs(), ropts)[0].view(n, t)
+    return rows(logits, labels, None, TokenInputs(), ropts)[0].view(n, t)
 
 
 def group_advantages(

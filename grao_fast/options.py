@@ -35,8 +35,10 @@ OPTIONS_DOC = """
             per-token log-probs ``ref_logps`` (sample rows only); kl_coef > 0 needs ref_logps.
         sampler_logps, is_cap: weight each sample token by ``min(exp(l - sampler_logps), is_cap)``
             (held constant; ``l`` = old_logps if given, else logp); NaN means "not scored": 1.
+            is_cap needs sampler_logps.
         length_norm, max_tokens: ``"sequence"`` (1/|s|, the paper), ``"token"`` (1/mean |s| over
-            the call's rows, DAPO) or ``"constant"`` (1/max_tokens, Dr. GRPO; default T).
+            the call's rows, DAPO) or ``"constant"`` (1/max_tokens, Dr. GRPO; default T);
+            max_tokens only with ``"constant"``.
         token_weights: per-token constant multipliers (no gradient), >= 0.
         old_logps, clip_eps, importance_level: PPO-style clipped ratios against the policy the
             batch was prepared with (``clip_eps = (low, high)``); ``importance_level="sequence"``
@@ -48,6 +50,9 @@ OPTIONS_DOC = """
             per-token inputs legal (one device sync; off in the sync-free fast path, where an
             out-of-range label is still never read: its log-prob is NaN).
         return_entropy: also report the mean token entropy over all loss tokens.
+    The reported exploration/imitation/alignment are Eq. 3's terms with J_s = nu_s sum_t w logp
+    (the call's length normaliser and token weights): without old_logps, loss = -(their sum)
+    + kl_coef * kl - entropy_coef * bonus.
 """
 
 
@@ -133,6 +138,11 @@ class GRAOOptions:
         mt = self.max_tokens
         if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
             raise ValueError(f"max_tokens must be a positive int or None, got {mt!r}")
+        if mt is not None and self.length_norm != "constant":
+            raise ValueError(
+                f'max_tokens={mt} applies only with length_norm="constant", got '
+                f"length_norm={self.length_norm!r} (pass max_tokens=None)"
+            )
         clip = self.clip_eps
         if isinstance(clip, (int, float)):
             clip = (clip, clip)

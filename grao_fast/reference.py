@@ -43,17 +43,24 @@ def token_logprobs(
     for a label outside ``[0, V)``. logits: [..., V]; labels: [...]. Returns the logits' dtype."""
     mask = labels != ignore_index
     in_range = (labels >= 0) & (labels < logits.shape[-1])
-    logp = torch.log_softmax(logits / temperature, dim=-1)
+    logp = torch.log_softmax(scaled(logits, temperature), dim=-1)
     safe = torch.where(mask & in_range, labels, torch.zeros_like(labels))
     picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     picked = torch.where(in_range, picked, torch.full_like(picked, math.nan))
     return torch.where(mask, picked, torch.zeros_like(picked))
 
 
+def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(logits - row max) / temperature``: the softmax's argument, the max subtracted first
+    (exact for |x| ~ 1e4, where ``x / temperature`` alone would round; no gradient through the
+    max, to which the softmax is invariant)."""
+    return (logits - logits.detach().amax(dim=-1, keepdim=True)) / temperature
+
+
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``-sum_v p log p`` of ``softmax(logits / temperature)``; a ``-inf`` logit contributes 0
     (value and gradient)."""
-    z = logits / temperature
+    z = scaled(logits, temperature)
     p = torch.softmax(z, dim=-1)
     finite_z = z.masked_fill(torch.isneginf(z), 0.0)
     return torch.logsumexp(z, dim=-1) - (p * finite_z).sum(dim=-1)
@@ -142,6 +149,11 @@ def grao_terms(
         labels = unpack(labels, cu_seqlens, ignore_index)
         ref_logps, sampler_logps = rows(ref_logps, 0.0), rows(sampler_logps, math.nan)
         old_logps, token_weights = rows(old_logps, 0.0), rows(token_weights, 0.0)
+    # The per-token inputs are constants (no gradient flows into them).
+    ref_logps, sampler_logps, old_logps, token_weights = (
+        None if x is None else x.detach()
+        for x in (ref_logps, sampler_logps, old_logps, token_weights)
+    )
     g = group_size
     n, t = labels.shape
     b = n // (g + 1)

@@ -72,6 +72,10 @@ def default_programs(device: torch.device, rows: int, row_bytes: int) -> int:
         "HAS_CLIP": lambda args: args["old_ptr"] is not None,
         "HAS_ENTROPY": lambda args: args["entropy_ptr"] is not None,
         "HAS_ENT_GRAD": lambda args: args["ent_coef_ptr"] is not None,
+        # A vocabulary split (tensor parallelism): the statistics pass of a shard, or the
+        # gradient pass of a shard from the group's combined per-token values.
+        "SPLIT_STATS": lambda args: args["stats_ptr"] is not None,
+        "SPLIT_GRAD": lambda args: args["global_ptr"] is not None,
         # L2 priority of the first pass's loads: keep the row for the second pass, if any.
         "FIRST_READ": lambda args: "evict_first" if args["coef_ptr"] is None else "evict_last",
     }
@@ -93,9 +97,13 @@ def _row_pass_kernel(  # noqa: PLR0917  (a kernel takes its arguments by positio
     stride_gt,  # elements between positions of grad
     logp_ptr,  # [M] f32 out
     entropy_ptr,  # [M] f32 out or None
+    stats_ptr,  # [6, M] f32 out or None: a shard's statistics (vocab_parallel, no gradient)
+    global_ptr,  # [4, M] f32 or None: the group's max, log-sum-exp, logp, entropy (gradient)
     M,  # rows S * T (runtime)
     T,  # rows per sequence (runtime)
-    V,  # vocabulary size (runtime)
+    V,  # vocabulary size (runtime): of this shard
+    vocab_start,  # first vocabulary id of the logits (0 unless split; runtime)
+    vocab_total,  # vocabulary size of the labels (V unless split; runtime)
     inv_temperature,  # 1 / T (runtime)
     ignore_index,  # (runtime)
     is_cap,  # cap of the importance weight, +inf for none (runtime)
@@ -108,6 +116,8 @@ def _row_pass_kernel(  # noqa: PLR0917  (a kernel takes its arguments by positio
     HAS_CLIP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     HAS_ENT_GRAD: tl.constexpr,
+    SPLIT_STATS: tl.constexpr,
+    SPLIT_GRAD: tl.constexpr,
     FIRST_READ: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -130,6 +140,13 @@ def _row_pass_kernel(  # noqa: PLR0917  (a kernel takes its arguments by positio
             tl.store(logp_ptr + row, 0.0)
             if HAS_ENTROPY:
                 tl.store(entropy_ptr + row, 0.0)
+            if SPLIT_STATS:  # a neutral row (max 0, sum 1, nothing held) with its label id
+                tl.store(stats_ptr + row, 0.0)
+                tl.store(stats_ptr + M + row, 1.0)
+                tl.store(stats_ptr + 2 * M + row, 0.0)
+                tl.store(stats_ptr + 3 * M + row, 0.0)
+                tl.store(stats_ptr + 4 * M + row, 0.0)
+                tl.store(stats_ptr + 5 * M + row, label.to(tl.float32))
             if HAS_GRAD:
                 zeros = tl.zeros([BLOCK_V], dtype=grad_row.dtype.element_ty)
                 for start in range(0, V, BLOCK_V):
@@ -138,57 +155,39 @@ def _row_pass_kernel(  # noqa: PLR0917  (a kernel takes its arguments by positio
         else:
             _row(
                 logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, old_ptr,
-                ent_coef_ptr, grad_row, logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap,
-                clip_low, clip_high, BLOCK_V, HAS_GRAD, HAS_KL, HAS_IS, HAS_CLIP, HAS_ENTROPY,
-                HAS_ENT_GRAD, FIRST_READ, NUM_STAGES,
+                ent_coef_ptr, grad_row, logp_ptr, entropy_ptr, stats_ptr, global_ptr, row, M, V,
+                vocab_start, vocab_total, inv_temperature, is_cap, clip_low, clip_high, BLOCK_V,
+                HAS_GRAD, HAS_KL, HAS_IS, HAS_CLIP, HAS_ENTROPY, HAS_ENT_GRAD, SPLIT_STATS,
+                SPLIT_GRAD, FIRST_READ, NUM_STAGES,
             )  # fmt: skip
 
 
 @triton.jit
 def _row(  # noqa: PLR0917
     logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, old_ptr, ent_coef_ptr,
-    grad_row, logp_ptr, entropy_ptr, row, V, inv_temperature, is_cap, clip_low, clip_high,
-    BLOCK_V: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_IS: tl.constexpr,
-    HAS_CLIP: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
-    FIRST_READ: tl.constexpr, NUM_STAGES: tl.constexpr,
+    grad_row, logp_ptr, entropy_ptr, stats_ptr, global_ptr, row, M, V, vocab_start, vocab_total,
+    inv_temperature, is_cap, clip_low, clip_high, BLOCK_V: tl.constexpr, HAS_GRAD: tl.constexpr,
+    HAS_KL: tl.constexpr, HAS_IS: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, SPLIT_STATS: tl.constexpr,
+    SPLIT_GRAD: tl.constexpr, FIRST_READ: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """One row that is not ignored: logp (and entropy) and, with HAS_GRAD, its gradient row."""
     cols = tl.arange(0, BLOCK_V)
-    # Pass 1: online log-sum-exp of z = (x - m) / T over the row. Subtracting the raw max before
-    # scaling keeps (x - m) exact for |x| ~ 1e4, where x / T alone would already lose digits.
-    # Running max of the raw logits, started at the most negative finite float32 so that a block
-    # of -inf logits (a masked vocabulary) gives exp(-inf - m) = 0, never exp(-inf + inf) = NaN.
-    m = -3.4028234663852886e38
-    d = 0.0  # sum exp((x - m) / T)
-    s = 0.0  # sum exp((x - m) / T) * (x - m), for the entropy
-    for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
-        offs = start + cols
-        x = tl.load(
-            logits_row + offs, mask=offs < V, other=float("-inf"), eviction_policy=FIRST_READ
-        ).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # exp of the old terms' shift; clamped so the first shift, from the start value, stays
-        # finite (exp(-1e30 / T) is 0 all the same, and the interpreter warns on overflow).
-        scale = tl.exp(tl.maximum(m - m_new, -1e30) * inv_temperature)
-        e = tl.exp((x - m_new) * inv_temperature)
-        if HAS_ENTROPY:
-            # Moving the old terms to the new max: sum e' (x - m_new) = scale * (s + (m - m_new) d).
-            s = scale * (s + (m - m_new) * d)
-            s += tl.sum(e * tl.where(e > 0.0, x - m_new, 0.0), axis=0)
-        d = d * scale + tl.sum(e, axis=0)
-        m = m_new
-    log_d = tl.log(d)  # lse = m / T + log_d, never formed (it would round at |x| ~ 1e4)
-
-    # A label outside [0, V) is never read: logp NaN and a zero gradient (safety net; the
-    # host checks labels beforehand unless told not to).
-    in_range = (label >= 0) & (label < V)
-    x_label = tl.load(logits_row + label, mask=in_range, other=0.0).to(tl.float32)
-    logp = tl.where(in_range, (x_label - m) * inv_temperature - log_d, float("nan"))
-    tl.store(logp_ptr + row, logp)
-    entropy = log_d - inv_temperature * s / d
-    if HAS_ENTROPY:
-        tl.store(entropy_ptr + row, entropy)
-
+    # The label's column in these logits (a vocabulary shard starts at vocab_start) and whether
+    # it is a valid id of the whole vocabulary.
+    local = label - vocab_start
+    held = (local >= 0) & (local < V)
+    in_range = (label >= 0) & (label < vocab_total)
+    if SPLIT_GRAD:  # the group's combined values (vocab_parallel): no statistics pass here
+        m = tl.load(global_ptr + row)
+        log_d = tl.load(global_ptr + M + row)
+        logp = tl.load(global_ptr + 2 * M + row)
+        entropy = tl.load(global_ptr + 3 * M + row)
+    else:
+        m, log_d, logp, entropy = _statistics(
+            logits_row, local, held, in_range, logp_ptr, entropy_ptr, stats_ptr, row, M, V,
+            label, inv_temperature, BLOCK_V, HAS_ENTROPY, SPLIT_STATS, FIRST_READ, NUM_STAGES,
+        )  # fmt: skip
     if HAS_GRAD:
         g = tl.load(coef_ptr + row)
         if HAS_IS:
@@ -221,11 +220,64 @@ def _row(  # noqa: PLR0917
             ).to(tl.float32)
             log_p = (x - m) * inv_temperature - log_d
             p = tl.exp(log_p)
-            d_x = g * (tl.where(offs == label, 1.0, 0.0) - p)
+            d_x = g * (tl.where(offs == local, 1.0, 0.0) - p)
             if HAS_ENT_GRAD:  # a masked word (p = 0, log p = -inf) contributes 0, never NaN
                 d_x -= e_t * tl.where(p > 0.0, p * (log_p + entropy), 0.0)
             d_x = d_x.to(grad_row.dtype.element_ty)
             tl.store(grad_row + offs, d_x, mask=mask, cache_modifier=".cs")
+
+
+@triton.jit
+def _statistics(  # noqa: PLR0917
+    logits_row, local, held, in_range, logp_ptr, entropy_ptr, stats_ptr, row, M, V, label,
+    inv_temperature, BLOCK_V: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    SPLIT_STATS: tl.constexpr, FIRST_READ: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 over a row: (max, log-sum-exp, logp, entropy), stored (or, split, the shard's
+    statistics)."""
+    cols = tl.arange(0, BLOCK_V)
+    # Pass 1: online log-sum-exp of z = (x - m) / T over the row. Subtracting the raw max before
+    # scaling keeps (x - m) exact for |x| ~ 1e4, where x / T alone would already lose digits.
+    # Running max of the raw logits, started at the most negative finite float32 so that a block
+    # of -inf logits (a masked vocabulary) gives exp(-inf - m) = 0, never exp(-inf + inf) = NaN.
+    m = -3.4028234663852886e38
+    d = 0.0  # sum exp((x - m) / T)
+    s = 0.0  # sum exp((x - m) / T) * (x - m), for the entropy
+    for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+        offs = start + cols
+        x = tl.load(
+            logits_row + offs, mask=offs < V, other=float("-inf"), eviction_policy=FIRST_READ
+        ).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # exp of the old terms' shift; clamped so the first shift, from the start value, stays
+        # finite (exp(-1e30 / T) is 0 all the same, and the interpreter warns on overflow).
+        scale = tl.exp(tl.maximum(m - m_new, -1e30) * inv_temperature)
+        e = tl.exp((x - m_new) * inv_temperature)
+        if HAS_ENTROPY:
+            # Moving the old terms to the new max: sum e' (x - m_new) = scale * (s + (m - m_new) d).
+            s = scale * (s + (m - m_new) * d)
+            s += tl.sum(e * tl.where(e > 0.0, x - m_new, 0.0), axis=0)
+        d = d * scale + tl.sum(e, axis=0)
+        m = m_new
+    log_d = tl.log(d)  # lse = m / T + log_d, never formed (it would round at |x| ~ 1e4)
+
+    # A label outside the vocabulary is never read: logp NaN and a zero gradient (safety net;
+    # the host checks labels beforehand unless told not to).
+    x_label = tl.load(logits_row + local, mask=held, other=0.0).to(tl.float32)
+    logp = tl.where(in_range, (x_label - m) * inv_temperature - log_d, float("nan"))
+    entropy = log_d - inv_temperature * s / d
+    if SPLIT_STATS:  # this shard's part of the row, for the group to combine
+        tl.store(stats_ptr + row, m)
+        tl.store(stats_ptr + M + row, d)
+        tl.store(stats_ptr + 2 * M + row, inv_temperature * s)
+        tl.store(stats_ptr + 3 * M + row, tl.where(held, (x_label - m) * inv_temperature, 0.0))
+        tl.store(stats_ptr + 4 * M + row, tl.where(held, 1.0, 0.0))
+        tl.store(stats_ptr + 5 * M + row, label.to(tl.float32))
+    else:
+        tl.store(logp_ptr + row, logp)
+        if HAS_ENTROPY:
+            tl.store(entropy_ptr + row, entropy)
+    return m, log_d, logp, entropy
 
 
 def row_pass(
@@ -245,6 +297,10 @@ def row_pass(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     compute_entropy: bool = False,
+    vocab_start: int = 0,
+    vocab_total: int | None = None,
+    stats: torch.Tensor | None = None,
+    global_values: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -276,6 +332,14 @@ def row_pass(
         ent_coef: [M] float32, ``d loss / d H`` of each token (entropy bonus); needs
             ``compute_entropy``.
         compute_entropy: also return ``-sum p log p`` per token.
+        vocab_start, vocab_total, stats, global_values: a vocabulary split
+            (``grao_fast.vocab_parallel``): ``logits`` holds ids ``[vocab_start, vocab_start +
+            V)`` of ``vocab_total``, labels are global ids. Without ``coef``, ``stats`` [6, M]
+            float32 receives the shard's per-token statistics (max, sum of exponentials, sum of
+            ``e z``, the label's scaled logit if held here, whether it is, the label id) and
+            logp/entropy are not written. With ``coef``, ``global_values`` [4, M] float32 gives
+            the group's max, log-sum-exp, logp and entropy per token, and only the gradient is
+            written (no statistics pass).
         block_v, num_warps, num_stages: override the default launch config (``default_config``;
             block_v a power of two).
         num_programs: override the size of the persistent grid (``default_programs``).
@@ -335,6 +399,17 @@ def row_pass(
         if grad.stride(-1) != 1:
             raise ValueError("grad must have unit stride along the vocabulary (last) dimension")
 
+    vocab_total = v if vocab_total is None else vocab_total
+    if not 0 <= vocab_start <= vocab_total - v:
+        raise ValueError(f"vocab_start must be in [0, {vocab_total - v}], got {vocab_start}")
+    if stats is not None and coef is not None:
+        raise ValueError("stats (the statistics pass of a split) takes no coef")
+    if global_values is not None and coef is None:
+        raise ValueError("global_values (the gradient pass of a split) needs coef")
+    for name, t, rows in (("stats", stats, 6), ("global_values", global_values, 4)):
+        if t is not None and (t.shape != (rows, m) or t.dtype != torch.float32 or
+                              t.device != device or not t.is_contiguous()):  # fmt: skip
+            raise ValueError(f"{name} must be a contiguous float32 [{rows}, {m}] on {device}")
     logp = torch.empty(m, dtype=torch.float32, device=device)
     entropy = torch.empty_like(logp) if compute_entropy else None
     if m == 0:
@@ -353,8 +428,8 @@ def row_pass(
     _row_pass_kernel[(min(num_programs, m),)](
         logits3, logits3.stride(0), logits3.stride(1), labels, coef, ref_logps, kl_coef,
         sampler_logps, old_logps, ent_coef, grad3,
-        *((0, 0) if grad3 is None else grad3.stride()[:2]), logp, entropy,
-        m, logits3.shape[1], v, 1.0 / temperature, ignore_index,
+        *((0, 0) if grad3 is None else grad3.stride()[:2]), logp, entropy, stats, global_values,
+        m, logits3.shape[1], v, vocab_start, vocab_total, 1.0 / temperature, ignore_index,
         float(is_cap) if sampler_logps is not None else 1.0, float(clip_low), float(clip_high),
         BLOCK_V=block_v, NUM_STAGES=config.num_stages if num_stages is None else num_stages,
         num_warps=config.num_warps if num_warps is None else num_warps,

@@ -65,9 +65,19 @@ def test_compile_changing_shapes_bounded_recompiles(target, dynamic):
     counts = []
     for n_groups, t in SHAPES:
         logits, labels, rewards, hidden = _inputs(n_groups, t)
-        step(logits, labels, rewards, hidden).backward()
-        assert (hidden if target == "linear" else logits).grad is not None
+        leaves = (hidden, weight) if target == "linear" else (logits,)
+        loss = step(logits, labels, rewards, hidden)
+        loss.backward()
         counts.append(counter.frame_count)
+        compiled = [leaf.grad for leaf in leaves]
+        for leaf in leaves:
+            leaf.grad = None
+        eager = body(logits, labels, rewards, hidden)  # the same values, compiled or not
+        eager.backward()
+        assert_close(loss, eager, torch.float32, "value")
+        for got, leaf in zip(compiled, leaves, strict=True):
+            assert_close(got, leaf.grad, torch.float32, "gemm" if target == "linear" else "grad")
+            leaf.grad = None
     # A static graph, then a dynamic one (automatic dynamic shapes); then no growth at all.
     assert counts[-1] <= 4 and counts[1] == counts[-1], f"graphs after each shape: {counts}"
 

@@ -48,7 +48,9 @@ def _check(
     chunk_tokens=7, **kw,
 ):  # fmt: skip
     hidden, weight, bias_t, labels, rewards = _inputs(b, g, t, h, v, dtype, bias=bias, seed=seed)
-    grad_out = torch.rand((), device=DEVICE) + 0.5
+    # Seeded, far from 1 (a skipped rescale shows) and from 0.5 (the rescale rounds).
+    grad_out = (0.55 + 0.25 * torch.rand((), generator=torch.Generator().manual_seed(seed)))
+    grad_out = grad_out.to(DEVICE)
     ref_kw = {k: x for k, x in kw.items() if k != "grad_weight_fp32"}  # (not a loss option)
     ref, ref_grads = _reference(hidden, weight, bias_t, labels, rewards, g, grad_out,
                                 lm_head_fp32=lm_head_fp32, **ref_kw)  # fmt: skip
@@ -188,3 +190,49 @@ def test_memory_bounded_against_reference_path():
     logits_mib = 4096 * 32000 * 4 / 2**20
     assert fused["extra_mib"] < 0.5 * logits_mib, fused
     assert ref["extra_mib"] > 4 * fused["extra_mib"], (fused, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extras_against_reference(backend):
+    """kl_coef with ref_logps, sampler_logps with is_cap and token_weights through the fused
+    lm_head path: the reference's loss, KL and gradients."""
+    hidden, weight, bias, labels, rewards = _inputs(2, 2, 5, 16, 53, torch.float32, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    shape = labels.shape
+    extras = {
+        "ref_logps": (-4 * torch.rand(shape, generator=gen)).to(DEVICE),
+        "sampler_logps": (-4 * torch.rand(shape, generator=gen)).to(DEVICE),
+        "token_weights": torch.rand(shape, generator=gen).to(DEVICE),
+    }
+    out, _ = _check(backend, torch.float32, seed=4, kl_coef=0.3, is_cap=1.5, **extras)
+    ref, _ = _reference(hidden, weight, bias, labels, rewards, 2, 1.0, lm_head_fp32=False,
+                        kl_coef=0.3, is_cap=1.5,
+                        **{k: v.double() for k, v in extras.items()})  # fmt: skip
+    assert_close(out.kl, ref.kl, torch.float32, "value")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_rows_against_reference(backend):
+    """Packed hidden states [M, H] with cu_seqlens: the reference on the same packed rows."""
+    hidden, weight, bias, labels, rewards = _inputs(2, 2, 6, 16, 53, torch.float32, seed=6)
+    keep = [6, 2, 0, 5, 1, 4]  # ragged rows, one empty
+    cat = lambda x: torch.cat([x[n, :k] for n, k in enumerate(keep)])  # noqa: E731
+    cu = torch.tensor([0, *torch.tensor(keep).cumsum(0).tolist()], device=DEVICE)
+    p_hidden, p_labels = cat(hidden), cat(labels)
+    old = -3 * torch.rand(p_labels.shape, generator=torch.Generator().manual_seed(7))
+    kw = dict(group_size=2, cu_seqlens=cu, length_norm="token", entropy_coef=0.05)
+    params = [p_hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
+              bias.clone().requires_grad_()]  # fmt: skip
+    out = grao_loss_linear(params[0], params[1], p_labels, rewards, bias=params[2],
+                           backend=backend, chunk_bytes=4 * 53 * 4, old_logps=old.to(DEVICE),
+                           **kw)  # fmt: skip
+    out.loss.backward()
+    exact = [x.detach().double().requires_grad_() for x in (p_hidden, weight, bias)]
+    ref = grao_loss(exact[0] @ exact[1].t() + exact[2], p_labels, rewards.double(),
+                    backend="reference", old_logps=old.double().to(DEVICE), **kw)  # fmt: skip
+    ref.loss.backward()
+    for field in ("loss", "exploration", "imitation", "alignment", "seq_logps", "clip_fraction"):
+        assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
+    assert out.seq_logps[2] == 0
+    for got, want in zip(params, exact, strict=True):
+        assert_close(got.grad, want.grad, torch.float32, "gemm")

@@ -5,6 +5,7 @@ the three terms, the sequence log-probs and the gradient (under a random ``grad_
 ``backend="reference"`` run in float64 on the same (rounded) inputs.
 """
 
+import math
 import os
 
 import pytest
@@ -26,9 +27,31 @@ def _batch(b, g, t, v, dtype, *, scale=2.0, ignore_frac=0.3, seed=0):
     return logits.to(DEVICE), labels.to(DEVICE), rewards.to(DEVICE)
 
 
+# PPO ratios pi / pi_old spread over every band of the clip: outside both sides, inside, and in
+# the bands (0.72, 0.9) and (1.1, 1.3) where swapping or changing a side changes the result.
+RATIOS = (0.6, 0.85, 0.95, 1.05, 1.15, 1.25, 1.5)
+
+
+def old_in_every_band(logits, labels, **kw):
+    """old_logps at which loss token (n, t) has the ratio ``RATIOS[(n + t) % 7]`` to the
+    reference log-probs of ``logits`` (``kw``: token_logprobs' options)."""
+    logp = token_logprobs(logits.double(), labels, backend="reference", **kw)
+    n, t = labels.shape
+    index = (torch.arange(n)[:, None] + torch.arange(t)) % len(RATIOS)
+    log_ratio = torch.tensor(RATIOS, dtype=torch.float64).log()[index].to(logp.device)
+    return (logp - log_ratio).float()
+
+
+def grad_output(seed=0):
+    """A seeded ``grad_output`` in [0.55, 0.8): far from 1 (a skipped rescale shows) and from 0.5
+    (not a power of two: the rescale rounds)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (0.55 + 0.25 * torch.rand((), generator=gen)).to(DEVICE)
+
+
 def _compare(backend, logits, labels, rewards, g, **kw):
     dtype = logits.dtype
-    grad_out = torch.rand((), device=logits.device) + 0.5
+    grad_out = grad_output()
     extras = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
     opts = {k: v for k, v in kw.items() if k not in extras}
     ref_in = logits.detach().double().requires_grad_()
@@ -128,6 +151,8 @@ def test_inplace_equals_out_of_place(backend, dtype):
     out = grao_loss(view, labels, rewards, group_size=2, backend=backend, inplace=True)
     out.loss.backward()
     assert torch.equal(leaf.grad, a.grad)
+    # The logits' own buffer now holds their gradient (no [N, T, V] gradient was allocated).
+    assert torch.equal(view.detach(), a.grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -241,3 +266,132 @@ def test_fast_path_has_no_host_sync(linear):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("linear", [False, True], ids=["logits", "linear"])
+def test_same_call_twice_is_bit_identical(backend, linear):
+    """GUARANTEES.md: every reduction is a fixed-order sum, so the same call on the same machine
+    and thread count gives the same bits, value and gradient."""
+    from grao_fast import grao_loss_linear
+
+    logits, labels, rewards = _batch(2, 2, 6, 37, torch.float32, seed=13)
+    hidden = logits[..., :8].contiguous()
+    weight = torch.randn(37, 8, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    opts = dict(group_size=2, backend=backend, temperature=0.8, entropy_coef=0.01)
+    runs = []
+    for _ in range(2):
+        if linear:
+            x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            out = grao_loss_linear(x, w, labels, rewards, chunk_bytes=5 * 37 * 4, **opts)
+            leaves = (x, w)
+        else:
+            x = logits.clone().requires_grad_()
+            out = grao_loss(x, labels, rewards, **opts)
+            leaves = (x,)
+        out.loss.backward()
+        runs.append((out, [leaf.grad for leaf in leaves]))
+    (a, grads_a), (b, grads_b) = runs
+    for field in ("loss", "exploration", "imitation", "alignment", "seq_logps", "entropy"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert all(torch.equal(p, q) for p, q in zip(grads_a, grads_b, strict=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens_per_row(backend):
+    """T = 0 (a legal edge case): a finite loss of 0, an empty gradient; as the reference."""
+    logits, labels, rewards = (x[:, :0] for x in _batch(2, 2, 1, 11, torch.float32, seed=15))
+    rewards = torch.rand(6, device=DEVICE)
+    x = logits.clone().requires_grad_()
+    out = grao_loss(x, labels, rewards, group_size=2, backend=backend)
+    ref = grao_loss(logits.double(), labels, rewards.double(), group_size=2, backend="reference")
+    out.loss.backward()
+    assert out.loss.item() == 0.0 == ref.loss.item()
+    assert x.grad.shape == (6, 0, 11)
+    assert torch.equal(out.seq_logps, torch.zeros(6, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_labels(backend):
+    """int32 labels (GUARANTEES.md) give the loss and gradient of int64 ones, which are the
+    reference's."""
+    logits, labels, rewards = _batch(2, 2, 5, 29, torch.float32, seed=16)
+    _, expected = _compare(backend, logits, labels, rewards, g=2, temperature=0.9)
+    x = logits.clone().requires_grad_()
+    out = grao_loss(x, labels.int(), rewards, group_size=2, backend=backend, temperature=0.9)
+    (out.loss * grad_output()).backward()
+    ref = grao_loss(logits, labels, rewards, group_size=2, backend=backend, temperature=0.9)
+    assert torch.equal(out.loss, ref.loss) and torch.equal(out.seq_logps, ref.seq_logps)
+    assert torch.equal(x.grad, expected)
+    assert torch.equal(token_logprobs(logits, labels.int(), backend=backend),
+                       token_logprobs(logits, labels, backend=backend))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_passes_every_option_it_holds(backend):
+    """GRAOLoss(group_size, **options): each held option (every one away from its default)
+    reaches the loss, whose value and gradient are the reference's with the same options; an
+    option given per call overrides the held one."""
+    from grao_fast import GRAOLoss
+
+    g = 2
+    logits, labels, rewards = _batch(2, g, 6, 23, torch.float32, seed=17)
+    labels[labels == -100] = -1  # ignore_index=-1: a -100 label would be out of range
+    n, t = labels.shape
+    gen = torch.Generator().manual_seed(18)
+    logp = token_logprobs(logits.double(), labels, ignore_index=-1, backend="reference")
+    tensors = {
+        "ref_logps": (logp - 0.5 * torch.rand(n, t, generator=gen)).float(),
+        "sampler_logps": (logp - 0.8 * torch.rand(n, t, generator=gen)).float(),
+        "old_logps": old_in_every_band(logits, labels, ignore_index=-1, temperature=0.7),
+        "token_weights": torch.rand(n, t, generator=gen),
+    }
+    tensors = {k: v.to(DEVICE) for k, v in tensors.items()}
+    held = {
+        "beta": 0.9, "lam": 0.2, "temperature": 0.7, "ignore_index": -1, "eps": 0.05,
+        "reference_in_group": False, "terms": ("imitation", "alignment"), "kl_coef": 0.3,
+        "is_cap": 1.2, "length_norm": "constant", "max_tokens": 9, "clip_eps": (0.1, 0.3),
+        "entropy_coef": 0.05,
+    }  # fmt: skip
+
+    def reference(**options):
+        x = logits.double().requires_grad_()
+        out = grao_loss(x, labels, rewards.double(), group_size=g, backend="reference",
+                        **options, **{k: v.double() for k, v in tensors.items()})  # fmt: skip
+        (out.loss * grad_output()).backward()
+        return out, x.grad
+
+    ref, ref_grad = reference(**held)
+    for name in held:  # each option changes the loss or its gradient here
+        try:
+            other, other_grad = reference(**{k: v for k, v in held.items() if k != name})
+        except ValueError:  # ignore_index: the -1 labels are out of range then
+            continue
+        assert not torch.allclose(other_grad, ref_grad, rtol=1e-3, atol=0), name
+
+    module = GRAOLoss(g, backend=backend, return_entropy=True, **held)
+    x = logits.clone().requires_grad_()
+    out = module(x, labels, rewards, **tensors)
+    (out.loss * grad_output()).backward()
+    for field in ("loss", "exploration", "imitation", "alignment", "kl", "clip_fraction"):
+        assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
+    assert_close(out.entropy, ref.entropy.double(), torch.float32, "value")
+    assert_close(x.grad, ref_grad, torch.float32, "grad")
+    # Per-call options override the held ones.
+    y = logits.clone().requires_grad_()
+    out = module(y, labels, rewards, **tensors, beta=0.5, lam=0.6)
+    (out.loss * grad_output()).backward()
+    assert_close(y.grad, reference(**{**held, "beta": 0.5, "lam": 0.6})[1], torch.float32, "grad")
+    # importance_level, inplace and check_labels, held.
+    seq = GRAOLoss(g, backend=backend, importance_level="sequence", clip_eps=0.05)
+    got = seq(logits, labels.masked_fill(labels == -1, -100), rewards,
+              old_logps=tensors["old_logps"]).clip_fraction  # fmt: skip
+    assert got.item() not in (0.0, 1.0)
+    view = logits.clone().requires_grad_() * 1.0
+    GRAOLoss(g, backend=backend, inplace=True)(view, labels.masked_fill(labels == -1, -100),
+                                               rewards).loss.backward()  # fmt: skip
+    assert not torch.equal(view.detach(), logits)  # overwritten with the gradient
+    unchecked = GRAOLoss(g, backend=backend, check_labels=False)
+    bad = labels.masked_fill(labels == -1, -100)
+    bad[0, 2] = 23
+    assert math.isnan(unchecked(logits, bad, rewards).loss.item())

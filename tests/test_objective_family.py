@@ -4,7 +4,7 @@ length norms, token weights, PPO clip (token and sequence level), entropy bonus,
 import pytest
 import torch
 from backends import BACKENDS, DEVICE
-from test_loss import _batch, _compare
+from test_loss import RATIOS, _batch, _compare, old_in_every_band
 from tolerances import assert_close
 
 from grao_fast import grao_loss, grao_loss_linear
@@ -55,6 +55,30 @@ def test_option_matches_reference(backend, dtype, name):
     out, _ = _check(backend, dtype, kw, seed=1)
     if "clip_eps" in kw:
         assert 0 < out.clip_fraction < 1  # the case exercises both branches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("clip_eps", [(0.1, 0.28), (0.28, 0.1)], ids=["low<high", "low>high"])
+def test_clip_sides_with_tokens_in_every_band(backend, dtype, clip_eps):
+    """Asymmetric clips where ratios fall in every band, for samples of both advantage signs: a
+    clip with its two sides swapped (or one side for both) gives another loss and gradient."""
+    logits, labels, rewards = _batch(2, G, 7, 29, dtype, seed=13)
+    old = old_in_every_band(logits, labels, temperature=0.9)
+    kw = {"old_logps": old, "clip_eps": clip_eps, "temperature": 0.9}
+    out, grad = _check(backend, dtype, kw, seed=13, t=7)
+    # The data do exercise both sides: loss tokens with each sign of the row coefficient in
+    # (1 - 0.28, 1 - 0.1) and in (1 + 0.1, 1 + 0.28).
+    adv = out.advantages.reshape(-1)
+    mask = labels != -100
+    for ratio in (0.85, 1.15, 1.25):
+        index = (torch.arange(labels.shape[0])[:, None] + torch.arange(labels.shape[1])) % 7
+        band = mask & (index == RATIOS.index(ratio)).to(DEVICE)
+        signs = adv[band.any(dim=1).nonzero().flatten()].sign()
+        assert {-1.0, 1.0} <= set(signs.tolist()), ratio
+    swapped = grao_loss(logits, labels, rewards, group_size=G, backend="reference",
+                        **{**kw, "clip_eps": clip_eps[::-1]})  # fmt: skip
+    assert abs(swapped.loss - out.loss) > 1e-3 * abs(out.loss)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -156,3 +156,46 @@ def test_gradcheck_float64(kw, backend):
         with torch.no_grad():
             numeric = (f(x + h * d) - f(x - h * d)) / (2 * h)
         assert torch.allclose((x.grad * d).sum(), numeric, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_clip_sides_by_hand(level):
+    """One loss token per row, at ratios 1.2 and 0.85 against ``old_logps``, with the asymmetric
+    clip (low 0.1, high 0.28): PPO's pessimistic objective clips a negative coefficient below
+    1 - low = 0.9 (0.85 is clipped), and a positive one above 1 + high = 1.28 (1.2 is not)."""
+    logits, labels, rewards, *_ = _two_token_case()
+    labels = torch.tensor([[1, -100], [0, -100], [0, -100]])  # one token per row
+    rewards = torch.tensor([[1.0, 0.0, 0.5]], dtype=torch.float64)  # A = (a, -a, 0), a = 1.5^0.5
+    logp = token_logprobs(logits, labels, backend="reference")
+    ratio = torch.tensor([[1.2], [0.85], [1.0]], dtype=torch.float64)
+    old = logp - ratio.log()
+    out = reference.grao_terms(logits, labels, rewards, group_size=2, beta=0.0, lam=0.0,
+                               old_logps=old, clip_eps=(0.1, 0.28), importance_level=level,
+                               eps=0.0)  # fmt: skip
+    # Exploration only: c = A / G per sample row; loss = -(sum of min(r c, clip(r) c)).
+    c = torch.tensor([0.5, -0.5], dtype=torch.float64) * math.sqrt(1.5)
+    expected = -(1.2 * c[0] + 0.9 * c[1])  # swapped sides: 1.1 and 0.85
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert out.clip_fraction.item() == pytest.approx(1 / 3)
+
+
+def test_reference_advantages_edge_cases():
+    """The reference backend's own group statistics (reference.group_advantages, not the
+    package's): population std, the reference outside the pool, flat pools."""
+    r = torch.tensor([[1.0, 2.0, 3.0, 10.0]], dtype=torch.float64)
+    outside = reference.group_advantages(r, eps=0.0, reference_in_group=False)
+    torch.testing.assert_close(outside, (r - 2.0) / math.sqrt(2 / 3))
+    torch.testing.assert_close(reference.group_advantages(r, eps=0.0),
+                               (r - 4.0) / r.std(unbiased=False))  # fmt: skip
+    # A flat pool with the reference outside it: zero advantages for every member, the reference
+    # included (no (r_y - mu) / eps blow-up); a flat pool with the reference inside, too.
+    flat_pool = torch.tensor([[0.3, 0.3, 5.0]], dtype=torch.float64)
+    assert torch.equal(reference.group_advantages(flat_pool, reference_in_group=False),
+                       torch.zeros(1, 3, dtype=torch.float64))  # fmt: skip
+    assert torch.equal(reference.group_advantages(torch.full((2, 4), 0.1)), torch.zeros(2, 4))
+    # ... and through the reference's loss: no gradient from a flat pool.
+    logits = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1, 2], [0, 3], [2, 2]])
+    out = reference.grao_terms(logits, labels, flat_pool, group_size=2, reference_in_group=False)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits.grad))

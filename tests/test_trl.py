@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
+from tolerances import assert_close  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
@@ -301,3 +302,52 @@ def test_config_rejects_unsupported_settings(tmp_path, overrides, message):
 def test_trainer_requires_grao_config(model_dir, tmp_path):
     with pytest.raises(TypeError, match="GRAOConfig"):
         _trainer(GRAOTrainer, model_dir, GRAO_REWARDS, _config(GRPOConfig, tmp_path))
+
+
+def _reference_loss(trainer: GRAOTrainer, batch: dict, **options):
+    """GRAO's loss of ``batch`` on the trainer's model, by the reference backend, with
+    ``options`` spelled out (not read from the trainer's config)."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    keep = batch["completion_ids"].size(1)
+    logits = trainer.model(input_ids=ids, attention_mask=mask).logits[:, -keep - 1 : -1]
+    labels = batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    g = len(GRAO_REWARDS[0])
+    return grao_fast.grao_loss(logits.double(), labels, batch["rewards"].double(), group_size=g,
+                               backend="reference", temperature=0.7, **options)  # fmt: skip
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused-linear"])
+def test_grao_beta_and_lambda_reach_the_loss(model_dir, tmp_path, fixed_generation, fused):
+    """grao_beta (imitation) and grao_lambda (alignment), set to distinct values off their
+    defaults, with grao_eps: the trainer's gradient and logged terms are the reference loss's
+    with beta=0.2, lam=0.9, eps=0.1 (swapped or dropped, they would not be)."""
+    trainer = _grao_trainer(model_dir, tmp_path, grao_backend="torch", grao_beta=0.2,
+                            grao_lambda=0.9, grao_eps=0.1, use_fused_linear=fused)  # fmt: skip
+    batch = _fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)
+    grads = _gradients(trainer, [batch])
+    trainer.model.zero_grad()
+    ref = _reference_loss(trainer, batch, beta=0.2, lam=0.9, eps=0.1)
+    ref.loss.backward()
+    named = trainer.model.named_parameters()
+    expected = {n: p.grad.float() for n, p in named if p.grad is not None}
+    _assert_same_gradients(grads, expected)
+    for term in ("imitation", "alignment", "exploration"):
+        logged = torch.tensor(trainer._metrics["train"][f"grao/{term}"][-1])
+        assert_close(logged, getattr(ref, term), torch.float32, "value")
+    swapped = _reference_loss(trainer, batch, beta=0.9, lam=0.2, eps=0.1)
+    assert abs(swapped.loss - ref.loss) > 1e-3 * abs(ref.loss)
+
+
+def test_lm_head_fp32(model_dir, tmp_path, fixed_generation):
+    """cast_lm_head_to_fp32 with a bfloat16 model: the fused lm_head path computes the logits in
+    float32 from the bf16 hidden states, as TRL's float32 head does on the logits path."""
+    grads = {}
+    for fused in (False, True):
+        trainer = _grao_trainer(model_dir, tmp_path / str(fused), grao_backend="torch",
+                                use_fused_linear=fused, cast_lm_head_to_fp32=True,
+                                model_init_kwargs={"dtype": torch.bfloat16})  # fmt: skip
+        assert trainer.model.lm_head.weight.dtype == torch.float32
+        assert trainer.model.model.embed_tokens.weight.dtype == torch.bfloat16
+        grads[fused] = _gradients(trainer, [_fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)])
+    _assert_same_gradients(grads[True], grads[False])

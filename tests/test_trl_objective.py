@@ -66,6 +66,25 @@ def _take_a_step(model: torch.nn.Module) -> None:
             p.add_(0.2 * p.std().nan_to_num(0.02) * torch.randn(p.shape, generator=generator))
 
 
+def _assert_ratios_in_both_side_bands(trainer, batch: dict, level: str, low: float, high: float):
+    """The moved policy's ratios to the batch's old log-probs fall where a clip with its sides
+    swapped would decide otherwise: a positive advantage with a ratio in (1 + low, 1 + high], a
+    negative one in [1 - high, 1 - low) (each token, or each row at the sequence level)."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    keep = batch["completion_ids"].size(1)
+    with torch.no_grad():
+        logps = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)[0]
+    loss_tokens = batch["completion_mask"].bool()
+    delta = torch.where(loss_tokens, logps - batch["old_per_token_logps"], 0.0)
+    if level == "sequence":
+        delta = (delta.sum(1, keepdim=True) / loss_tokens.sum(1, keepdim=True)).expand_as(delta)
+    ratio, adv = delta.exp(), batch["advantages"].reshape(-1, 1).expand_as(delta)
+    above = loss_tokens & (adv > 0) & (ratio > 1 + low) & (ratio <= 1 + high)
+    below = loss_tokens & (adv < 0) & (ratio >= 1 - high) & (ratio < 1 - low)
+    assert above.any() and below.any(), (above.sum(), below.sum())
+
+
 def _tokens(batch: dict) -> float:
     return batch["completion_mask"].sum().item()
 
@@ -94,13 +113,15 @@ def test_second_iteration_matches_trl(model_dir, tmp_path, fixed_generation, los
     reference rows too and averages over groups of G + 1 rows, so its gradient is TRL's times
     ``(G + 1) / G * tokens(samples) / tokens(all rows)``.
     """
+    low, high = (0.2, 0.5) if level == "token" else (0.02, 0.1)  # a row's ratio: a mean's
     settings = {"loss_type": loss_type, "importance_sampling_level": level, "num_iterations": 2,
-                "epsilon": 0.1, "epsilon_high": 0.15, "entropy_coef": entropy_coef}  # fmt: skip
+                "epsilon": low, "epsilon_high": high, "entropy_coef": entropy_coef}  # fmt: skip
     grao, grpo = _pair(model_dir, tmp_path, **settings)
     batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
     assert "old_per_token_logps" in batch and "old_per_token_logps" in trl_batch
     _take_a_step(grao.model)
     _take_a_step(grpo.model)
+    _assert_ratios_in_both_side_bands(grpo, trl_batch, level, low=low, high=high)
     grads, trl_grads = _gradients(grao, [batch]), _gradients(grpo, [trl_batch])
     scale = 1.0
     if loss_type in ("bnpo", "dapo"):

@@ -14,27 +14,36 @@ from grao_fast.train.rollout import Rollout
 IGNORE = -100
 
 
-def _rows(rollouts: list[Rollout], references: list[list[int]], samples: bool = True) -> list:
+def _rows(
+    rollouts: list[Rollout], references: list[list[int]], samples: bool, reference_rows: bool
+) -> list:
     """``(prompt, answer, sampler log-probs)`` per row: ``[sample_1 .. sample_G, reference]`` per
-    group (``samples=False``: the reference rows alone)."""
+    group (``samples=False``: the reference rows alone; ``reference_rows=False``: the samples)."""
+    if not (samples or reference_rows):
+        raise ValueError("rows: samples=False and reference_rows=False leave no row")
     rows = []
     for r, ref in zip(rollouts, references, strict=True):
-        answers = zip(r.completion_ids, r.sampler_logps, strict=True) if samples else ()
-        rows += [(r.prompt_ids, ids, lp) for ids, lp in [*answers, (ref, [0.0] * len(ref))]]
+        answers = list(zip(r.completion_ids, r.sampler_logps, strict=True)) if samples else []
+        answers += [(ref, [0.0] * len(ref))] if reference_rows else []
+        rows += [(r.prompt_ids, ids, lp) for ids, lp in answers]
     return rows
 
 
 def build_batch(
-    rollouts: list[Rollout], references: list[list[int]], pad_id: int, samples: bool = True
+    rollouts: list[Rollout],
+    references: list[list[int]],
+    pad_id: int,
+    samples: bool = True,
+    reference_rows: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Rows ``[sample_1 .. sample_G, reference]`` per group, right-padded (``samples=False``:
-    the reference rows alone).
+    the reference rows alone; ``reference_rows=False``: the sample rows alone).
 
     Returns input_ids/attention_mask [N, L] and the shifted labels/sampler_logps [N, L]:
     ``labels[n, t]`` is token ``t+1`` when it belongs to the answer, else IGNORE (the last
     column always), so the model's full logits [N, L, V] line up without slicing or copying.
     """
-    rows = _rows(rollouts, references, samples)
+    rows = _rows(rollouts, references, samples, reference_rows)
     length = max(len(p) + len(a) for p, a, _ in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
@@ -55,6 +64,7 @@ def build_packed(
     pad_id: int,
     samples: bool = True,
     capacity: int | None = None,
+    reference_rows: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The rows of :func:`build_batch` concatenated, in order, into sequences of whole rows of
     at most ``capacity`` tokens (``None``: one sequence, no padding at all); a shorter sequence is
@@ -66,7 +76,7 @@ def build_packed(
     padding), the shifted labels/sampler_logps [S*L] (IGNORE on each row's last token: nothing
     follows it in the row) and cu_seqlens [N+1], the row boundaries in those S*L positions.
     """
-    rows = _rows(rollouts, references, samples)
+    rows = _rows(rollouts, references, samples, reference_rows)
     lengths = [len(p) + len(a) for p, a, _ in rows]
     if capacity is None:
         bins = [rows]
@@ -92,6 +102,22 @@ def build_packed(
         labels=torch.tensor(labels), sampler_logps=torch.tensor(sampler),
         cu_seqlens=torch.tensor(bounds),
     )  # fmt: skip
+
+
+def with_empty_references(batch: dict[str, torch.Tensor], group_size: int) -> dict:
+    """The loss's view of a batch of sample rows alone (``reference_rows=False``): after each
+    group's ``group_size`` rows an empty reference row (no tokens), so the loss, whose groups end
+    in a reference row, takes them while the policy reads only the samples. The rows become
+    packed rows over the flattened positions: ``cu_seqlens`` [groups * (G+1) + 1], labels and
+    sampler log-probs [positions]; the model's inputs (``input_ids``, ...) are unchanged."""
+    labels = batch["labels"]
+    cu = batch.get("cu_seqlens")
+    if cu is None:  # padded [R, L]: row r holds positions r*L .. (r+1)*L
+        cu = torch.arange(labels.shape[0] + 1, device=labels.device) * labels.shape[1]
+    ends = cu[1:].view(-1, group_size)
+    cu = torch.cat([cu[:1], torch.cat([ends, ends[:, -1:]], dim=1).flatten()])
+    flat = {"labels": labels.flatten(), "sampler_logps": batch["sampler_logps"].flatten()}
+    return {**batch, **flat, "cu_seqlens": cu}
 
 
 def _fill(lengths: list[int], width: int) -> list[tuple[int, int]]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,7 +109,13 @@ class TrainConfig:
     seed: int = _f(0, "seed of data order, sampling and the tiny model's initial weights")
     checkpoint_every: int = _f(50, "checkpoint every K steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk")
-    resume: bool = _f(False, "continue from the latest checkpoint in the output directory")
+    resume: bool = _f(
+        False,
+        "continue the run in the output directory from its latest checkpoint, with its saved "
+        "settings; settings given as well must match them, except --steps, --name, "
+        "--output-dir, --checkpoint-every, --keep-checkpoints, --plot, --eval-every and "
+        "--log-term-grads",
+    )
     overwrite: bool = _f(False, "delete an existing output directory first")
     plot: bool = _f(True, "write plot.png (reward, exact answers, term shares) at the end")
 
@@ -116,7 +124,11 @@ class TrainConfig:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
 
-RESUME_MAY_DIFFER = {"steps", "resume", "overwrite", "plot", "checkpoint_every", "keep_checkpoints"}
+# Settings a resumed run may change: how long it runs, where it is, what it writes besides.
+RESUME_MAY_DIFFER = {"steps", "resume", "overwrite", "plot", "checkpoint_every", "keep_checkpoints",
+                     "name", "output_dir", "eval_every", "log_term_grads"}  # fmt: skip
+# Where nothing can be written (virtual file systems).
+NOT_WRITABLE = (Path("/proc"), Path("/sys"))
 
 # Settings a loss does not use: setting them away from their default is an error, not a no-op.
 UNUSED_BY_LOSS = {
@@ -149,7 +161,8 @@ def _check_types(cfg: TrainConfig) -> None:
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise ``ValueError``/``TypeError`` naming the first bad setting (before anything is loaded
-    or written). Checks against the model's own limits come later, in ``check_model``."""
+    or written), the output directory's included (:func:`check_output`). Checks against the
+    model's own limits come later, in ``check_model``."""
     _check_types(cfg)
     choices = {"loss": ("grao", "grpo", "sft"), "rollout": ("auto", "vllm", "hf"),
                "data_format": ("plain", "hh"), "importance_level": ("token", "sequence"),
@@ -171,11 +184,15 @@ def check_config(cfg: TrainConfig) -> None:
             f"{cfg.grad_accum} micro-batches of whole groups; make batch_prompts a multiple "
             "of grad_accum"
         )
-    from grao_fast.reference import TERMS
+    from grao_fast.options import TERMS  # plain Python: no torch
 
     terms = terms_of(cfg)
-    if not terms or set(terms) - set(TERMS):
-        raise ValueError(f"terms: expected a non-empty comma list of {TERMS}, got {cfg.terms!r}")
+    unknown = [t for t in terms if t not in TERMS]
+    if not terms or unknown:
+        which = f": unknown term(s) {unknown}" if unknown else ""
+        raise ValueError(
+            f"terms: expected a non-empty comma list of {TERMS}, got {cfg.terms!r}{which}"
+        )
     defaults = TrainConfig()
     for name in UNUSED_BY_LOSS.get(cfg.loss, ()):
         if getattr(cfg, name) != getattr(defaults, name):
@@ -198,8 +215,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"clip_eps_high: must be >= 0 and finite, got {cfg.clip_eps_high}")
     if not 0 <= cfg.entropy_coef < float("inf"):
         raise ValueError(f"entropy_coef: must be >= 0 and finite, got {cfg.entropy_coef}")
-    if cfg.lr <= 0 or cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        raise ValueError("lr and temperature must be > 0 and top_p in (0, 1]")
+    for name in ("lr", "temperature"):
+        if not 0 < getattr(cfg, name) < float("inf"):
+            raise ValueError(f"{name}: must be > 0 and finite, got {getattr(cfg, name)}")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"top_p: must be in (0, 1], got {cfg.top_p}")
     if cfg.is_cap is not None and cfg.top_p < 1:
         raise ValueError(
             f"is_cap: needs top_p 1 (got {cfg.top_p}): with a nucleus the sampler's log-probs are "
@@ -212,6 +232,65 @@ def check_config(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"model: no such directory {cfg.model!r}")
     if cfg.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("rollout: vllm is not installed (use --rollout hf)")
+    check_output(cfg)
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """The output directory must be one a run can write, and hold no other run unless
+    ``--overwrite``; ``--resume`` needs a run there whose saved settings ``cfg`` keeps (except
+    :data:`RESUME_MAY_DIFFER`)."""
+    out = cfg.out
+    path = out.resolve()
+    for root in NOT_WRITABLE:
+        if path == root or root in path.parents:
+            raise ValueError(f"--output-dir {out}: is under {root}, where no run can be written")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    where = "" if existing == path else f"{existing} "
+    if not existing.is_dir():
+        raise ValueError(f"--output-dir {out}: {where}is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir {out}: {where}is not writable")
+    if cfg.resume:
+        changed = resume_changes(cfg, saved_settings(out))
+        if changed:
+            values = "; ".join(f"{k}: saved {old!r}, given {new!r}" for k, (old, new) in changed)
+            raise ValueError(
+                f"resume: settings differ from the run in {out}: {[k for k, _ in changed]} "
+                f"({values}); leave them out to keep the saved ones (only "
+                f"{', '.join(sorted(RESUME_MAY_DIFFER - {'resume', 'overwrite'}))} may change)"
+            )
+    elif path.is_dir() and any(path.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"output_dir: {out} is not empty; pass --resume or --overwrite")
+
+
+def saved_settings(out: Path) -> dict:
+    """The settings saved with the run in ``out`` (``config.json``); a setting the saved run
+    predates had its default there."""
+    saved = out / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(
+            f"resume: no run to resume in {out} (no config.json there); start it without --resume"
+        )
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in json.loads(saved.read_text()).items() if k in names}
+    return {**dataclasses.asdict(TrainConfig()), **values}
+
+
+def resume_changes(cfg: TrainConfig, saved: dict) -> list[tuple[str, tuple]]:
+    """``(name, (saved, given))`` of each setting of ``cfg`` that differs from the saved run's
+    and may not change on resume."""
+    given = dataclasses.asdict(cfg)
+    return [(k, (saved[k], v)) for k, v in given.items()
+            if k not in RESUME_MAY_DIFFER and saved[k] != v]  # fmt: skip
+
+
+def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """``--resume``: the saved settings of the run in ``cfg.out``, with the settings named in
+    ``given`` (given on the command line or in ``--config``) and where the run is taken from
+    ``cfg``. :func:`check_config` then refuses a given setting that may not change."""
+    saved = saved_settings(cfg.out)
+    keep = given | {"resume", "overwrite", "name", "output_dir"}
+    return TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in keep}})
 
 
 def check_study_options(cfg: TrainConfig) -> None:

@@ -6,13 +6,15 @@ Algorithm, one step (one rollout batch):
   3. score the ``G`` completions and the reference answer with the reward: rewards ``[B, G+1]``;
   4. build ``N = B*(G+1)`` rows per step, the reference last in each group, labels masked to
      the answer tokens, in ``grad_accum`` micro-batches of whole groups: right-padded, or with
-     ``--packed`` concatenated into one sequence per micro-batch (``cu_seqlens``);
+     ``--packed`` concatenated into one sequence per micro-batch (``cu_seqlens``); ``--loss
+     grpo`` builds the ``B*G`` sample rows alone, ``--loss sft`` the ``B`` reference rows;
   5. with ``--num-iterations K > 1``, take the policy's token log-probs once, without gradient;
   6. K times: forward and backward every micro-batch, loss = ``grao_loss`` (or
      ``grao_loss_linear`` on the last hidden state with ``--fused-linear``; from the second
      update on the ratios to the step-5 log-probs are clipped), clip the gradient norm, AdamW;
      ``--loss grpo`` keeps only the exploration term and leaves the reference out of the group
-     statistics; ``--loss sft`` is the NLL of the reference rows (only those are built);
+     statistics (the loss sees an empty reference row per group: nothing of the reference is
+     forwarded or backpropagated); ``--loss sft`` is the NLL of the reference rows;
   7. push the new weights into the rollout engine, log.
 
 Simplifications: one process, one device; the engine lives in the same process as the policy
@@ -47,8 +49,9 @@ from grao_fast.train.batch import (
     build_packed,
     model_inputs,
     packing_of,
+    with_empty_references,
 )
-from grao_fast.train.config import RESUME_MAY_DIFFER, TrainConfig, check_config, terms_of
+from grao_fast.train.config import TrainConfig, check_config, terms_of
 from grao_fast.train.console import output_to_log
 from grao_fast.train.data import PromptSampler
 from grao_fast.train.evaluate import evaluate, split_held_out
@@ -76,8 +79,9 @@ class MicroBatch(NamedTuple):
 
     @property
     def rows(self) -> int:
+        """Rows through the policy (the empty reference rows of ``--loss grpo`` are none)."""
         cu = self.batch.get("cu_seqlens")
-        return len(cu) - 1 if cu is not None else len(self.batch["input_ids"])
+        return int((cu[1:] > cu[:-1]).sum()) if cu is not None else len(self.batch["input_ids"])
 
     @property
     def tokens(self) -> int:
@@ -105,16 +109,21 @@ def micro_batches(cfg, model, ref_model, *, rollouts, refs, rewards, pad_id, pac
     the log-probs every update of the step reads: the initial policy's (``--kl-coef``) and the
     current policy's before the first update (``--num-iterations`` > 1)."""
     micro, attn = cfg.batch_prompts // cfg.grad_accum, model.config._attn_implementation
-    samples = cfg.loss != "sft"
+    rows = {"samples": cfg.loss != "sft", "reference_rows": cfg.loss != "grpo"}
     # Without varlen kernels the mask costs L^2 per sequence: whole rows in sequences of at most
     # max_length tokens (the longest row's limit) instead of one sequence of all the rows.
     capacity = None if attn == "flash_attention_2" else cfg.max_length
     out = []
     for lo in range(0, cfg.batch_prompts, micro):
-        part = rollouts[lo : lo + micro], refs[lo : lo + micro], pad_id, samples
-        batch = build_packed(*part, capacity) if packed else build_batch(*part)
+        part = rollouts[lo : lo + micro], refs[lo : lo + micro], pad_id
+        if packed:
+            batch = build_packed(*part, capacity=capacity, **rows)
+        else:
+            batch = build_batch(*part, **rows)
         batch = {k: v.to(device) for k, v in batch.items()}
         inputs = model_inputs(batch, attn)
+        if not rows["reference_rows"]:
+            batch = with_empty_references(batch, cfg.group_size)
         fixed = {"ref_logps": None, "old_logps": None}
         with torch.no_grad(), _autocast(device):
             if cfg.kl_coef:
@@ -125,8 +134,15 @@ def micro_batches(cfg, model, ref_model, *, rollouts, refs, rewards, pad_id, pac
     return out
 
 
+# Devices whose forward and loss run under bf16 autocast (float32 master weights). CPU runs
+# float32: bf16 GEMMs are slow on many CPUs; the tests switch it on to run the GPU's code path.
+AUTOCAST_DEVICES = ("cuda",)
+
+
 def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=device.type in AUTOCAST_DEVICES
+    )
 
 
 def policy_loss(cfg: TrainConfig, model, mb: MicroBatch):
@@ -143,6 +159,11 @@ def policy_loss(cfg: TrainConfig, model, mb: MicroBatch):
                    entropy_coef=cfg.entropy_coef, cu_seqlens=batch.get("cu_seqlens"))  # fmt: skip
     if cfg.length_norm == "constant":
         options["max_tokens"] = cfg.max_new_tokens
+    if cfg.loss == "grpo" and cfg.length_norm == "token":
+        # The mean length of "token" counts the empty reference rows: G/(G+1) makes it the
+        # samples' mean (the KL and entropy bonus take no token weights).
+        g = cfg.group_size
+        options["token_weights"] = torch.full_like(batch["sampler_logps"], g / (g + 1))
     if cfg.is_cap is not None:  # truncated importance weights against the sampler's log-probs
         options["sampler_logps"] = batch["sampler_logps"]
     if mb.old_logps is not None:  # PPO-style clipped ratios against the pre-update policy
@@ -163,11 +184,13 @@ def policy_loss(cfg: TrainConfig, model, mb: MicroBatch):
 
 def accumulate_gradients(cfg: TrainConfig, model, batches: list[MicroBatch]) -> dict:
     """Backward one update's loss in micro-batches of whole groups; returns the loss, the terms
-    (and the KL and clipped share when computed), averaged over the step's groups (for logging)."""
+    (and the KL, clipped share and entropy when computed), averaged over the step's groups, and
+    with ``--is-cap`` the ``is_ratio_*`` statistics of :func:`sample_ratios` (for logging)."""
     b, micro = cfg.batch_prompts, cfg.batch_prompts // cfg.grad_accum
     keys = ("loss", *TERMS, *(("kl",) if cfg.kl_coef else ()),
-            *(("clip_fraction",) if cfg.num_iterations > 1 else ()))  # fmt: skip
-    parts = dict.fromkeys(keys, 0.0)
+            *(("clip_fraction",) if cfg.num_iterations > 1 else ()),
+            *(("entropy",) if cfg.entropy_coef else ()))  # fmt: skip
+    parts, ratios = dict.fromkeys(keys, 0.0), []
     for mb in batches:
         with _autocast(mb.rewards.device):
             result = policy_loss(cfg, model, mb)
@@ -176,7 +199,31 @@ def accumulate_gradients(cfg: TrainConfig, model, batches: list[MicroBatch]) -> 
         (result["loss"] * (micro / b)).backward()
         for k in parts:  # device sync (logging)
             parts[k] += float(result[k].detach()) * micro / b if k in result else 0.0
+        if cfg.is_cap is not None:
+            ratios.append(sample_ratios(cfg, mb, result["seq_logps"].detach()))
+    if ratios:
+        ratios = torch.cat(ratios)
+        for name, value in (("min", ratios.min()), ("mean", ratios.mean()), ("max", ratios.max())):
+            parts[f"is_ratio_{name}"] = float(value)  # device sync (logging)
     return parts
+
+
+def sample_ratios(cfg: TrainConfig, mb: MicroBatch, seq_logps: torch.Tensor) -> torch.Tensor:
+    """Per sample row, the policy/sampler probability ratio that ``--is-cap`` truncates, as the
+    row's geometric mean over its tokens: ``exp(mean_t (policy - sampler log-prob))``, before the
+    cap. ``seq_logps``: the loss's per-row mean token log-prob of the policy (``J``)."""
+    labels, sampler = mb.batch["labels"], mb.batch["sampler_logps"]
+    mask = (labels != IGNORE).to(sampler.dtype)
+    cu = mb.batch.get("cu_seqlens")
+    if cu is None:  # padded [N, L]
+        sums, counts = (sampler * mask).sum(-1), mask.sum(-1)
+    else:  # packed [M]: rows cu[n] .. cu[n+1]
+        row = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu.diff())
+        sums = sampler.new_zeros(len(cu) - 1).index_add_(0, row, sampler * mask)
+        counts = sampler.new_zeros(len(cu) - 1).index_add_(0, row, mask)
+    position = torch.arange(len(counts), device=counts.device) % (cfg.group_size + 1)
+    sample = (position != cfg.group_size) & (counts > 0)
+    return (seq_logps.float() - sums / counts.clamp(min=1))[sample].exp()
 
 
 def update(cfg: TrainConfig, model, optimizer, batches: list[MicroBatch]) -> dict:
@@ -185,35 +232,36 @@ def update(cfg: TrainConfig, model, optimizer, batches: list[MicroBatch]) -> dic
     k = cfg.num_iterations
     record = {"updates": k, "rows_backpropagated": k * sum(mb.rows for mb in batches),
               "tokens_backpropagated": k * sum(mb.tokens for mb in batches)}  # fmt: skip
-    for _ in range(k):
+    for i in range(k):
         optimizer.zero_grad(set_to_none=True)
         parts = accumulate_gradients(cfg, model, batches)
         parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
-        for key, value in parts.items():
-            record[key] = record.get(key, 0.0) + float(value) / k  # device sync (logging)
+        for key, value in parts.items():  # device sync (logging)
+            if key.startswith("is_ratio_"):  # the first update's: the policy of the old_logps
+                record[key] = float(value) if i == 0 else record[key]
+            else:
+                record[key] = record.get(key, 0.0) + float(value) / k
     return record
 
 
 def prepare_output(cfg: TrainConfig) -> Path | None:
-    """Create the output directory; on ``--resume`` return the checkpoint to continue from."""
+    """Create the output directory and save the settings there; on ``--resume`` return the
+    checkpoint to continue from."""
     out = cfg.out
     saved = out / "config.json"
-    if cfg.resume and saved.exists():
-        # A setting the saved run predates had its default there.
-        before = {**asdict(TrainConfig()), **json.loads(saved.read_text())}
-        changed = sorted(
-            k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and before[k] != v
-        )
-        if changed:
-            raise ValueError(f"resume: settings differ from the run in {out}: {changed}")
+    if cfg.resume:  # check_config: a run is there, and cfg keeps its settings
+        atomic_write(saved, json.dumps(asdict(cfg), indent=2))  # the new steps, ...
         return latest_checkpoint(out)
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise FileExistsError(f"output_dir: {out} is not empty; pass --resume or --overwrite")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(saved, json.dumps(asdict(cfg), indent=2))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(saved, json.dumps(asdict(cfg), indent=2))
+    except OSError as err:  # e.g. a read-only file system
+        raise ValueError(f"--output-dir {out}: cannot write there ({err})") from None
     return None
 
 
@@ -407,6 +455,8 @@ def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_
                 **parts,  # loss, terms, grad_norm: means over the step's updates
                 "kl": parts.get("kl"),  # mean k3 KL to the initial policy (None: --kl-coef 0)
                 "clip_fraction": parts.get("clip_fraction"),  # None: --num-iterations 1
+                "entropy": parts.get("entropy"),  # mean token entropy (None: --entropy-coef 0)
+                **{f"is_ratio_{s}": parts.get(f"is_ratio_{s}") for s in ("min", "mean", "max")},
                 "lr": scheduler.get_last_lr()[0],
                 "completion_tokens": sum(tokens) / len(tokens),
                 "seconds": time.perf_counter() - t0,

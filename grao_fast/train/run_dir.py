@@ -70,18 +70,20 @@ def metrics_figure(records: list[dict]):
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    window = max(1, len(records) // 20)
+    window = len(records) // 20  # under 2 (short runs): each step alone, no smoothed line
+
+    def curve(ax, values: list[float], color: str, label: str) -> None:
+        faint = dict(alpha=0.3, linewidth=0.8) if window > 1 else dict(linewidth=1.5)
+        ax.plot(steps, values, color=color, label=label, **faint)
+        if window > 1:
+            ax.plot(steps, smooth(values, window), color=color, linewidth=2,
+                    label=f"mean of the last {window} steps")  # fmt: skip
+
     fig, (reward, exact, shares) = plt.subplots(1, 3, figsize=(14, 4))
-    values = [r["reward"] for r in records]
-    reward.plot(steps, values, color="C0", alpha=0.3, linewidth=0.8, label="mean per step")
-    reward.plot(steps, smooth(values, window), color="C0", linewidth=2,
-                label=f"mean of the last {window} steps")  # fmt: skip
+    curve(reward, [r["reward"] for r in records], "C0", "mean per step")
     reward.set(xlabel="step", ylabel="reward", title="sampled reward")
     if all(r.get("exact") is not None for r in records):
-        values = [r["exact"] for r in records]
-        exact.plot(steps, values, color="C2", alpha=0.3, linewidth=0.8, label="per step")
-        exact.plot(steps, smooth(values, window), color="C2", linewidth=2,
-                   label=f"mean of the last {window} steps")  # fmt: skip
+        curve(exact, [r["exact"] for r in records], "C2", "per step")
         exact.set(ylim=(0, 1), xlabel="step", ylabel="share of samples",
                   title="exact answers (sample == reference)")  # fmt: skip
     evals = [r for r in records if r.get("eval_exact") is not None]

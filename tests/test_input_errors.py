@@ -1,0 +1,92 @@
+"""Settings that would be silently ignored or misread are errors naming the argument and what
+was expected, on every backend and entry point (docs/GUARANTEES.md, "Errors")."""
+
+import pytest
+import torch
+from backends import BACKENDS
+from test_loss import _batch
+
+from grao_fast import GRAOLoss, grao_loss, grao_loss_linear, token_logprobs
+
+ALL = ["reference", *BACKENDS]
+G = 2
+
+
+def _data(seed=0):
+    return _batch(1, G, 4, 11, torch.float32, seed=seed)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_is_cap_without_sampler_logps(backend):
+    logits, labels, rewards = _data()
+    with pytest.raises(ValueError, match=r"is_cap=2.0 needs sampler_logps"):
+        grao_loss(logits, labels, rewards, group_size=G, backend=backend, is_cap=2.0)
+    with pytest.raises(ValueError, match=r"is_cap=2.0 needs sampler_logps"):
+        GRAOLoss(G, backend=backend, is_cap=2.0)(logits, labels, rewards)
+    sampler = token_logprobs(logits, labels) - 1.0  # weights e > 2: the cap takes effect
+    capped = grao_loss(logits, labels, rewards, group_size=G, backend=backend, is_cap=2.0,
+                       sampler_logps=sampler)  # fmt: skip
+    free = grao_loss(logits, labels, rewards, group_size=G, backend=backend, sampler_logps=sampler)
+    assert not torch.isclose(capped.loss, free.loss)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("norm", ["sequence", "token"])
+def test_max_tokens_needs_the_constant_length_norm(backend, norm):
+    logits, labels, rewards = _data()
+    message = f"max_tokens=8 applies only with length_norm=\"constant\", got length_norm='{norm}'"
+    with pytest.raises(ValueError, match=message):
+        grao_loss(logits, labels, rewards, group_size=G, backend=backend, length_norm=norm,
+                  max_tokens=8)  # fmt: skip
+    out = grao_loss(logits, labels, rewards, group_size=G, backend=backend,
+                    length_norm="constant", max_tokens=8)  # fmt: skip
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("bad", [float("-inf"), float("inf"), float("nan")])
+def test_non_finite_old_logps_on_a_loss_token(backend, bad):
+    logits, labels, rewards = _data()
+    old = token_logprobs(logits, labels)
+    labels[1, 2], labels[0, 0] = 3, -100
+    on_loss, on_ignored = old.clone(), old.clone()
+    on_loss[1, 2] = bad
+    on_ignored[0, 0] = bad  # not a loss token: never read
+    with pytest.raises(ValueError, match=r"old_logps is NaN or infinite on a loss token"):
+        grao_loss(logits, labels, rewards, group_size=G, backend=backend, old_logps=on_loss)
+    out = grao_loss(logits, labels, rewards, group_size=G, backend=backend, old_logps=on_ignored)
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_inplace_on_a_leaf_that_requires_grad(backend):
+    logits, labels, rewards = _data()
+    leaf = logits.clone().requires_grad_()
+    with pytest.raises(ValueError, match=r"inplace=True would overwrite logits, a leaf tensor"):
+        grao_loss(leaf, labels, rewards, group_size=G, backend=backend, inplace=True)
+    assert torch.equal(leaf.detach(), logits)  # untouched
+    x = leaf * 1.0  # a model's output: not a leaf
+    grao_loss(x, labels, rewards, group_size=G, backend=backend, inplace=True).loss.backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_transposed_lm_head_weight_names_both_shapes(backend):
+    hidden = torch.randn(3, 4, 8)
+    labels = torch.randint(0, 11, (3, 4))
+    labels[0, 1] = 10  # a valid word that the transposed weight's 8 "rows" would not have
+    weight = torch.randn(11, 8)
+    both = r"H = 8, hidden's last dim \(hidden \(3, 4, 8\)\), got weight \(8, 11\)"
+    with pytest.raises(ValueError, match=r"weight must be \[V, H\] with " + both):
+        grao_loss_linear(hidden, weight.t(), labels, torch.rand(3), group_size=G, backend=backend)
+    out = grao_loss_linear(hidden, weight, labels, torch.rand(3), group_size=G, backend=backend)
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_lm_head_weight_without_rows(backend):
+    hidden = torch.randn(3, 4, 8)
+    labels = torch.full((3, 4), -100)  # no label to check against V
+    with pytest.raises(ValueError, match=r"weight must have at least one row \(V = 0\)"):
+        grao_loss_linear(hidden, torch.randn(0, 8), labels, torch.rand(3), group_size=G,
+                         backend=backend)  # fmt: skip

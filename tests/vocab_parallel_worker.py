@@ -1,0 +1,324 @@
+"""One process of the vocabulary-parallel tests (tests/test_vocab_parallel.py starts P of them).
+
+Every process builds the same full-vocabulary inputs from one seed, keeps its shard of the
+logits, and checks the split call against the unsplit float64 reference on the full
+vocabulary: loss, every reported value, and its own slice of the gradient.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tolerances import assert_close  # noqa: E402
+
+from grao_fast import grao_loss, grao_loss_linear, token_logprobs  # noqa: E402
+from grao_fast.loss import triton_available  # noqa: E402
+
+B, G, T = 2, 3, 5
+FIELDS = ("loss", "exploration", "imitation", "alignment", "seq_logps", "advantages", "kl",
+          "entropy", "clip_fraction")  # fmt: skip
+
+
+def bounds(v: int, p: int) -> list[int]:
+    """PyTorch's Shard placement: torch.chunk's sizes (ceil first, uneven last)."""
+    size = -(-v // p)
+    return [min(r * size, v) for r in range(p)] + [v]
+
+
+def inputs(v: int, seed: int, dtype: torch.dtype) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    n = B * (G + 1)
+    logits = (torch.randn(n, T, v, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, v, (n, T), generator=gen)
+    labels[torch.rand(n, T, generator=gen) < 0.3] = -100
+    rewards = torch.rand(B, G + 1, generator=gen)
+    rewards[1] = 0.5  # a zero-std group
+    near = lambda s: torch.randn(n, T, generator=gen) * s  # noqa: E731
+    full = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return dict(
+        logits=logits, labels=labels, rewards=rewards,
+        ref_logps=(full + near(0.3)).float(), sampler_logps=(full + near(0.3)).float(),
+        old_logps=(full + near(0.3)).float(), token_weights=torch.rand(n, T, generator=gen) * 2,
+    )  # fmt: skip
+
+
+def options(rng: random.Random) -> dict:
+    """A random combination of the objective family's options."""
+    kw: dict = {"temperature": rng.choice([1.0, 0.7])}
+    if rng.random() < 0.5:
+        kw["beta"], kw["lam"] = rng.choice([(0.5, 0.6), (0.1, 0.9)])
+    level = rng.choice([None, "token", "sequence"])
+    if level is not None:
+        kw.update(old_logps=True, importance_level=level, clip_eps=(0.1, 0.3))
+    if level != "sequence":
+        if rng.random() < 0.4:
+            kw["token_weights"] = True
+        if rng.random() < 0.4:
+            kw.update(sampler_logps=True, is_cap=2.0)
+    if rng.random() < 0.4:
+        kw.update(kl_coef=0.1, ref_logps=True)
+    if rng.random() < 0.4:
+        kw["entropy_coef"] = 0.01
+    kw["return_entropy"] = rng.random() < 0.5
+    kw["length_norm"] = rng.choice(["sequence", "token", "constant"])
+    kw["sliced"] = rng.random() < 0.3
+    return kw
+
+
+def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, stop) -> None:
+    data = inputs(v, seed, dtype)
+    tensors = {k: data[k] for k, on in kw.items() if on is True and k in data}
+    opts = {k: val for k, val in kw.items() if val is not True}
+    inplace, sliced = opts.pop("inplace", False), opts.pop("sliced", False)
+    backend = opts.pop("backend", "auto")
+    ref_x = data["logits"].double().requires_grad_()
+    ref = grao_loss(ref_x, data["labels"], data["rewards"].double(), group_size=G,
+                    backend="reference", **opts, **{k: t.double() for k, t in tensors.items()})
+    grad_out = 0.75
+    (ref.loss * grad_out).backward()
+    x = data["logits"][..., start:stop].clone().requires_grad_()
+    arg = x.clone() if inplace else x
+    if sliced and not inplace:  # rows unevenly spaced in memory, as model_logits[:, :-1]
+        x = torch.cat([x.detach(), x.detach()[:, :1]], dim=1).requires_grad_()
+        arg = x[:, :-1]
+    out = grao_loss(arg, data["labels"], data["rewards"], group_size=G, vocab_group=group,
+                    inplace=inplace, backend=backend, **opts, **tensors)  # fmt: skip
+    (out.loss * grad_out).backward()
+    for field in FIELDS:
+        mine, want = getattr(out, field), getattr(ref, field)
+        assert (mine is None) == (want is None), (field, kw)
+        if want is not None:
+            assert_close(mine, want, dtype, "value")
+    grad = x.grad[:, :T] if x.shape[1] > T else x.grad
+    assert_close(grad, ref_x.grad[..., start:stop], dtype, "grad")
+
+
+def run(rank: int, world: int, init: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        group = dist.group.WORLD
+        for v in (37, 64):  # 37: uneven shards for P = 2 and 3
+            start, stop = bounds(v, world)[rank : rank + 2]
+            rng = random.Random(v)
+            for case in range(12):
+                kw = options(rng)
+                if case == 0:
+                    kw["inplace"] = True
+                check_case(v, case, kw, torch.float32, group, start, stop)
+            check_case(v, 99, {"temperature": 0.7, "return_entropy": True}, torch.bfloat16,
+                       group, start, stop)  # fmt: skip
+        if triton_available(torch.device("cpu")):  # the kernels' split passes (interpreter)
+            rng = random.Random(1)
+            start, stop = bounds(37, world)[rank : rank + 2]
+            for case in range(4):
+                kw = {**options(rng), "backend": "triton", "inplace": case == 0}
+                check_case(37, 50 + case, kw, torch.float32, group, start, stop)
+            kw = {"temperature": 0.7, "entropy_coef": 0.01, "backend": "triton"}
+            check_case(37, 60, kw, torch.bfloat16, group, start, stop)
+        check_token_logprobs(world, rank, group)
+        check_linear(world, rank, group)
+        check_dtensor(world, rank)
+        check_bytes(world, rank, group)
+        check_errors(world, rank, group)
+        check_group_of_one(world, rank)
+        check_colwise_model(world, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def check_token_logprobs(world, rank, group) -> None:
+    data = inputs(37, 7, torch.float32)
+    start, stop = bounds(37, world)[rank : rank + 2]
+    ref_x = data["logits"].double().requires_grad_()
+    want = token_logprobs(ref_x, data["labels"], temperature=0.7, backend="reference")
+    w = torch.rand(want.shape, generator=torch.Generator().manual_seed(3))
+    (want * w).sum().backward()
+    x = data["logits"][..., start:stop].clone().requires_grad_()
+    got = token_logprobs(x, data["labels"], temperature=0.7, vocab_group=group)
+    (got * w).sum().backward()
+    assert_close(got, want, torch.float32, "value")
+    assert_close(x.grad, ref_x.grad[..., start:stop], torch.float32, "grad")
+
+
+def check_dtensor(world, rank) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    data = inputs(37, 11, torch.float32)
+    ref_x = data["logits"].double().requires_grad_()
+    kw = dict(group_size=G, temperature=0.7, entropy_coef=0.01, return_entropy=True)
+    ref = grao_loss(ref_x, data["labels"], data["rewards"].double(), backend="reference", **kw)
+    ref.loss.backward()
+    x = distribute_tensor(data["logits"], mesh, [Shard(2)]).requires_grad_()
+    out = grao_loss(x, data["labels"], data["rewards"], **kw)
+    out.loss.backward()
+    for field in ("loss", "exploration", "imitation", "alignment", "entropy"):
+        assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
+    assert x.grad.placements == (Shard(2),)
+    assert_close(x.grad.full_tensor(), ref_x.grad, torch.float32, "grad")
+
+
+def check_bytes(world, rank, group) -> None:
+    """The communication of a call is per token: the same bytes at vocab 37 and 370."""
+    sent = []
+    gather = dist.all_gather
+
+    def counting(out, x, *args, **kwargs):
+        sent.append(x.numel() * x.element_size())
+        return gather(out, x, *args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        totals = []
+        for v in (37, 370):
+            sent.clear()
+            data = inputs(v, 5, torch.float32)
+            start, stop = bounds(v, world)[rank : rank + 2]
+            x = data["logits"][..., start:stop].clone().requires_grad_()
+            grao_loss(x, data["labels"], data["rewards"], group_size=G, vocab_group=group,
+                      entropy_coef=0.01).loss.backward()  # fmt: skip
+            totals.append(sum(sent))
+    finally:
+        dist.all_gather = gather
+    m = B * (G + 1) * T
+    assert totals[0] == totals[1] <= 6 * m * 4 + 64, totals  # six float32 [M] + the shard sizes
+
+
+def check_errors(world, rank, group) -> None:
+    data = inputs(37, 1, torch.float32)
+    start, stop = bounds(37, world)[rank : rank + 2]
+    x = data["logits"][..., start:stop]
+    common = dict(group_size=G, vocab_group=group)
+    try:  # every rank claims the first ids: the shards overlap
+        grao_loss(x, data["labels"], data["rewards"], vocab_start=0, **common)
+    except ValueError as e:
+        assert "must tile the vocabulary" in str(e), e
+    else:
+        raise AssertionError("overlapping shards were accepted")
+    labels = data["labels"].clone()
+    if rank == 0:
+        labels[0, 1] = (int(labels[0, 1]) + 1) % 37 if labels[0, 1] >= 0 else 3
+    try:
+        grao_loss(x, labels, data["rewards"], **common)
+    except ValueError as e:
+        assert "labels differ between the processes" in str(e), e
+    else:
+        raise AssertionError("labels that differ between processes were accepted")
+    try:
+        grao_loss(x, data["labels"], data["rewards"], backend="reference", **common)
+    except ValueError as e:
+        assert "does not take a vocabulary split" in str(e), e
+    else:
+        raise AssertionError("backend='reference' with a split was accepted")
+
+
+def check_group_of_one(world, rank) -> None:
+    """A group of one process: the split call is the unsplit call."""
+    groups = [dist.new_group([r]) for r in range(world)]
+    data = inputs(37, 2, torch.float32)
+    x = data["logits"].clone().requires_grad_()
+    y = data["logits"].clone().requires_grad_()
+    a = grao_loss(x, data["labels"], data["rewards"], group_size=G, vocab_group=groups[rank])
+    b = grao_loss(y, data["labels"], data["rewards"], group_size=G, backend="torch")
+    a.loss.backward()
+    b.loss.backward()
+    assert_close(a.loss, b.loss.double(), torch.float32, "value")
+    assert_close(x.grad, y.grad.double(), torch.float32, "grad")
+
+
+def tiny_model(v: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      tie_word_embeddings=False)  # fmt: skip
+    return Qwen2ForCausalLM(cfg).float()
+
+
+def check_colwise_model(world, rank) -> None:
+    """One GRAO step of a tiny model whose lm_head is ColwiseParallel (TP = world) equals the
+    same step of the unsplit model: the gradients of every parameter, and the weights after an
+    SGD step (linear in the gradient, so rounding is not amplified)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    v = 37
+    data = inputs(v, 13, torch.float32)
+    ids = data["labels"].clamp(min=0)
+    labels = data["labels"][:, 1:]
+    kw = dict(group_size=G, temperature=0.7, entropy_coef=0.01)
+    plain, split = tiny_model(v), tiny_model(v)
+    mesh = init_device_mesh("cpu", (world,))
+    parallelize_module(split, mesh, {"lm_head": ColwiseParallel(use_local_output=False)})
+    for model in (plain, split):
+        logits = model(input_ids=ids).logits[:, :-1]
+        assert isinstance(logits, DTensor) == (model is split)
+        grao_loss(logits, labels, data["rewards"], **kw).loss.backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+    for (name, p), q in zip(plain.named_parameters(), split.parameters(), strict=True):
+        tol = "gemm" if name.startswith("lm_head") else "value"
+        assert_close(full(q.grad), p.grad.double(), torch.float32, tol)
+        assert_close(full(q.detach()), p.detach().double(), torch.float32, "value")
+
+
+def check_linear(world, rank, group) -> None:
+    """grao_loss_linear on a vocabulary shard of the lm_head (plain rows, a bias, DTensor):
+    values, the whole gradient of hidden on every process and this shard's weight gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    v, h = 37, 16
+    start, stop = bounds(v, world)[rank : rank + 2]
+    rng = random.Random(7)
+    for case in range(5):
+        data = inputs(v, 70 + case, torch.float32)
+        gen = torch.Generator().manual_seed(case)
+        hidden = torch.randn(B * (G + 1), T, h, generator=gen)
+        weight = torch.randn(v, h, generator=gen) / h**0.5
+        bias = torch.randn(v, generator=gen) if case % 2 else None
+        kw = options(rng)
+        kw.pop("sliced")
+        tensors = {k: data[k] for k, on in kw.items() if on is True and k in data}
+        opts = {k: val for k, val in kw.items() if val is not True}
+        leaves = [hidden, weight] + ([] if bias is None else [bias])
+        ref_in = [t.double().requires_grad_() for t in leaves]
+        ref = grao_loss_linear(ref_in[0], ref_in[1], data["labels"], data["rewards"].double(),
+                               group_size=G, bias=ref_in[2] if bias is not None else None,
+                               backend="reference", **opts,
+                               **{k: t.double() for k, t in tensors.items()})  # fmt: skip
+        ref.loss.backward()
+        x = hidden.clone().requires_grad_()
+        if case == 4:  # the weight (and bias) as DTensors sharded on the vocabulary
+            mesh = init_device_mesh("cpu", (world,))
+            w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+            b = None if bias is None else distribute_tensor(bias, mesh, [Shard(0)])
+            split = {}
+        else:
+            w = weight[start:stop].clone().requires_grad_()
+            b = None if bias is None else bias[start:stop].clone().requires_grad_()
+            split = {"vocab_group": group}
+        out = grao_loss_linear(x, w, data["labels"], data["rewards"], group_size=G, bias=b,
+                               chunk_bytes=4 * v * 8, **split, **opts, **tensors)  # fmt: skip
+        out.loss.backward()
+        for field in FIELDS:
+            mine, want = getattr(out, field), getattr(ref, field)
+            assert (mine is None) == (want is None), (field, kw)
+            if want is not None:
+                assert_close(mine, want, torch.float32, "value")
+        assert_close(x.grad, ref_in[0].grad, torch.float32, "gemm")
+        w_grad = w.grad.full_tensor() if case == 4 else w.grad
+        want_w = ref_in[1].grad if case == 4 else ref_in[1].grad[start:stop]
+        assert_close(w_grad, want_w, torch.float32, "gemm")
+        if bias is not None and case != 4:
+            assert_close(b.grad, ref_in[2].grad[start:stop], torch.float32, "gemm")
