@@ -187,6 +187,12 @@ def test_reference_advantages_edge_cases():
     torch.testing.assert_close(outside, (r - 2.0) / math.sqrt(2 / 3))
     torch.testing.assert_close(reference.group_advantages(r, eps=0.0),
                                (r - 4.0) / r.std(unbiased=False))  # fmt: skip
+    torch.testing.assert_close(reference.group_advantages(r),  # the default eps: 1e-6
+                               (r - 4.0) / (r.std(unbiased=False) + 1e-6))  # fmt: skip
+    # The entropy's default temperature is 1.
+    logits = torch.randn(2, 5, dtype=torch.float64)
+    torch.testing.assert_close(reference.token_entropy(logits),
+                               reference.token_entropy(logits, temperature=1.0))  # fmt: skip
     # A flat pool with the reference outside it: zero advantages for every member, the reference
     # included (no (r_y - mu) / eps blow-up); a flat pool with the reference inside, too.
     flat_pool = torch.tensor([[0.3, 0.3, 5.0]], dtype=torch.float64)
