@@ -123,6 +123,7 @@ def run(rank: int, world: int, init: str) -> None:
             kw = {"temperature": 0.7, "entropy_coef": 0.01, "backend": "triton"}
             check_case(37, 60, kw, torch.bfloat16, group, start, stop)
         check_token_logprobs(world, rank, group)
+        check_packed(world, rank, group)
         check_linear(world, rank, group)
         check_dtensor(world, rank)
         check_bytes(world, rank, group)
@@ -322,3 +323,35 @@ def check_linear(world, rank, group) -> None:
         assert_close(w_grad, want_w, torch.float32, "gemm")
         if bias is not None and case != 4:
             assert_close(b.grad, ref_in[2].grad[start:stop], torch.float32, "gemm")
+
+
+def check_packed(world, rank, group) -> None:
+    """Packed rows (``cu_seqlens``, logits [M, V_local]) under the split, with the options that
+    read whole rows (sequence-level ratios, token length norm, entropy bonus)."""
+    v = 37
+    start, stop = bounds(v, world)[rank : rank + 2]
+    keep = [5, 3, 4, 1, 5, 2, 4, 5]  # tokens kept per row (N = 8)
+    cu = torch.tensor([0, *torch.tensor(keep).cumsum(0).tolist()])
+    cat = lambda x: torch.cat([x[n, :k] for n, k in enumerate(keep)])  # noqa: E731
+    cases = [{}, {"importance_level": "sequence", "old_logps": True, "clip_eps": (0.1, 0.3)},
+             {"length_norm": "token", "entropy_coef": 0.01, "temperature": 0.7}]  # fmt: skip
+    for case, kw in enumerate(cases):
+        data = inputs(v, 80 + case, torch.float32)
+        tensors = {k: cat(data[k]) for k, on in kw.items() if on is True}
+        opts = {k: val for k, val in kw.items() if val is not True}
+        ref_x = cat(data["logits"]).double().requires_grad_()
+        ref = grao_loss(ref_x, cat(data["labels"]), data["rewards"].double(), group_size=G,
+                        cu_seqlens=cu, backend="reference", **opts,
+                        **{k: t.double() for k, t in tensors.items()})  # fmt: skip
+        ref.loss.backward()
+        x = cat(data["logits"])[:, start:stop].clone().requires_grad_()
+        out = grao_loss(x, cat(data["labels"]), data["rewards"], group_size=G, cu_seqlens=cu,
+                        vocab_group=group, **opts, **tensors)  # fmt: skip
+        out.loss.backward()
+        for field in ("loss", "exploration", "imitation", "alignment", "seq_logps",
+                      "clip_fraction"):  # fmt: skip
+            mine, want = getattr(out, field), getattr(ref, field)
+            assert (mine is None) == (want is None), field
+            if want is not None:
+                assert_close(mine, want, torch.float32, "value")
+        assert_close(x.grad, ref_x.grad[:, start:stop], torch.float32, "grad")
