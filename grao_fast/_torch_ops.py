@@ -91,7 +91,7 @@ def row_pass(
     for i in range(s):
         sl = slice(i * t, (i + 1) * t)
         sub = {
-            k: v if v is None or isinstance(v, float) else v[sl] for k, v in token_inputs.items()
+            k: v[sl] if isinstance(v, torch.Tensor) else v for k, v in token_inputs.items()
         }
         pieces.append(_rows(
             logits[i], labels[sl], None if grad is None else grad[i],
