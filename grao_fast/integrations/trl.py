@@ -22,7 +22,8 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   lm_head's forward, where DDP, FSDP and ZeRO-3 present the full weight. The result is divided
   by the accumulation steps like TRL's own loss. TRL's ``beta`` stays the KL coefficient (k3 to
   the reference model, sample rows). Logged: ``grao/<term>``, ``kl`` (with ``beta > 0``),
-  ``entropy`` and ``clip_ratio/region_mean``.
+  ``entropy`` and TRL's clip statistics of the loss type (``clip_ratio/region_mean``,
+  ``/low_mean``, ``/high_mean``; ``cispo_clip_ratio``; none for ``"sapo"``).
 * **TRL's objective settings** map onto GRAO's objective family (GRAO_SPEC.md, v2), the
   coefficient of every row being GRAO's instead of TRL's advantage:
 
@@ -43,9 +44,13 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
     ``sampling/importance_sampling_ratio/*``. These weights replace the loss's own
     ``sampler_logps``/``is_cap`` path, which computes ``token_truncate`` alone.
   - ``entropy_coef`` -> ``entropy_coef`` (the bonus over the sample rows' tokens).
+  - ``delta`` -> ``delta``; ``loss_type="cispo"`` -> ``ratio_policy="cispo"`` with
+    ``ratio_cap=epsilon_high`` (token length normalisation); ``"sapo"`` -> ``ratio_policy="sapo"``
+    with ``sapo_tau=(sapo_temperature_pos, sapo_temperature_neg)`` (per-sequence); token level
+    only (docs/OBJECTIVES.md, ratio policies).
 
 ``scale_rewards`` has no effect (GRAO computes its own advantages); the settings of TRL's loss
-that GRAO's has no counterpart for are rejected by :class:`GRAOConfig`.
+that GRAOTrainer does not implement are rejected by :class:`GRAOConfig` with the reason.
 """
 
 from __future__ import annotations
