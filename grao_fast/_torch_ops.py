@@ -90,9 +90,7 @@ def row_pass(
     pieces = []
     for i in range(s):
         sl = slice(i * t, (i + 1) * t)
-        sub = {
-            k: v[sl] if isinstance(v, torch.Tensor) else v for k, v in token_inputs.items()
-        }
+        sub = {k: v[sl] if isinstance(v, torch.Tensor) else v for k, v in token_inputs.items()}
         pieces.append(_rows(
             logits[i], labels[sl], None if grad is None else grad[i],
             None if coef is None else coef[sl], temperature, ignore_index, compute_entropy,
