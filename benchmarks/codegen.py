@@ -40,6 +40,10 @@ FEATURES = {
     "grad+all": _ALL,
     "split-stats": {**_NONE, "entropy": True, "split_stats": True},
     "split-grad+all": {**_ALL, "split_grad": True},
+    # The other ratio policies (options.POLICY_CODES) with every extra.
+    "grad+all+delta": {**_ALL, "policy": 1},
+    "grad+all+cispo": {**_ALL, "policy": 2},
+    "grad+all+sapo": {**_ALL, "policy": 3},
 }
 # Per-SM limits of compute capability 9.0 (CUDA C++ programming guide, "Technical Specifications
 # per Compute Capability"): registers, threads, resident blocks, shared memory (1 KiB of it
@@ -107,12 +111,12 @@ def compile_row_kernel(
         logits_ptr=ptr, stride_ls="i64", stride_lt="i64", labels_ptr="*i64", stride_gs="i64",
         stride_gt="i64", logp_ptr="*fp32", M="i32", T="i32", V="i32", vocab_start="i32",
         vocab_total="i32", inv_temperature="fp32", ignore_index="i32", is_cap="fp32",
-        clip_low="fp32", clip_high="fp32",
+        clip_low="fp32", clip_high="fp32", policy_a="fp32", policy_b="fp32",
     )  # fmt: skip
     constants = dict(
         BLOCK_V=block_v, HAS_GRAD=f["grad"], HAS_KL=f["kl"], HAS_IS=f["is_"], HAS_CLIP=f["clip"],
-        HAS_ENTROPY=f["entropy"], HAS_ENT_GRAD=f["ent_grad"], SPLIT_STATS=f["split_stats"],
-        SPLIT_GRAD=f["split_grad"],
+        RATIO_POLICY=f.get("policy", 0), HAS_ENTROPY=f["entropy"], HAS_ENT_GRAD=f["ent_grad"],
+        SPLIT_STATS=f["split_stats"], SPLIT_GRAD=f["split_grad"],
         FIRST_READ="evict_last" if f["grad"] else "evict_first", NUM_STAGES=num_stages,
     )  # fmt: skip
     for name, (kind, present) in optional.items():

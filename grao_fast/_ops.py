@@ -35,6 +35,9 @@ class RowOptions(NamedTuple):
     is_cap: float
     clip_low: float
     clip_high: float
+    ratio_policy: int  # options.POLICY_CODES
+    policy_a: float  # the ratio policy's parameters
+    policy_b: float
     compute_entropy: bool
     use_triton: bool
 
@@ -87,6 +90,9 @@ def _row_pass(
     is_cap: float,
     clip_low: float,
     clip_high: float,
+    ratio_policy: int,
+    policy_a: float,
+    policy_b: float,
     compute_entropy: bool,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +100,8 @@ def _row_pass(
         logits, labels, coef, grad=grad, ref_logps=ref_logps, kl_coef=kl_coef,
         sampler_logps=sampler_logps, old_logps=old_logps, ent_coef=ent_coef,
         temperature=temperature, ignore_index=ignore_index, is_cap=is_cap,
-        clip_low=clip_low, clip_high=clip_high, compute_entropy=compute_entropy,
+        clip_low=clip_low, clip_high=clip_high, ratio_policy=ratio_policy, policy_a=policy_a,
+        policy_b=policy_b, compute_entropy=compute_entropy,
     )  # fmt: skip
     return logp, (ent if ent is not None else logp.new_empty(0))
 
@@ -102,7 +109,8 @@ def _row_pass(
 @_row_pass.register_fake
 def _(
     logits, labels, grad, coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef,
-    temperature, ignore_index, is_cap, clip_low, clip_high, compute_entropy, use_triton,
+    temperature, ignore_index, is_cap, clip_low, clip_high, ratio_policy, policy_a, policy_b,
+    compute_entropy, use_triton,
 ):  # fmt: skip
     m = logits.numel() // logits.shape[-1]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32

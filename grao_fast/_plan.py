@@ -33,6 +33,9 @@ class GRAOOutput(NamedTuple):
     kl: Optional[torch.Tensor] = None  # scalar: mean k3 KL over sample rows, when ref_logps given
     entropy: Optional[torch.Tensor] = None  # scalar: mean token entropy (return_entropy)
     clip_fraction: Optional[torch.Tensor] = None  # scalar: share of clipped tokens (old_logps)
+    # ratio_policy="clip", token level: the shares clipped below (c_s < 0) and above (c_s > 0).
+    clip_low_fraction: Optional[torch.Tensor] = None
+    clip_high_fraction: Optional[torch.Tensor] = None
 
 
 class Plan(NamedTuple):
@@ -114,8 +117,9 @@ def token_inputs(pl: Plan, b: Batch, o: GRAOOptions, coef: Optional[torch.Tensor
 def row_options(o: GRAOOptions) -> RowOptions:
     low, high = o.clip_eps
     return RowOptions(
-        o.temperature, o.ignore_index, o.is_cap, low, high, o.wants_entropy, o.backend == "triton"
-    )
+        o.temperature, o.ignore_index, o.is_cap, low, high, *o.policy_code, o.wants_entropy,
+        o.backend == "triton",
+    )  # fmt: skip
 
 
 def _row_ratio(pl: Plan, b: Batch, logp: torch.Tensor) -> torch.Tensor:
@@ -129,6 +133,20 @@ def _clipped(ratio: torch.Tensor, dj: torch.Tensor, o: GRAOOptions) -> tuple:
     low, high = o.clip_eps
     clipped_value = ratio.clamp(1.0 - low, 1.0 + high) * dj
     return torch.maximum(ratio * dj, clipped_value), clipped_value > ratio * dj
+
+
+def _policy(ratio: torch.Tensor, dj: torch.Tensor, logp: torch.Tensor, o: GRAOOptions) -> tuple:
+    """Per token: (the loss term of ``ratio_policy`` with loss coefficient ``dj``, the tokens
+    reported as clipped or None) (docs/OBJECTIVES.md, ratio policies)."""
+    if o.ratio_policy == "cispo":
+        return dj * ratio.clamp(max=o.ratio_cap) * logp, (dj < 0) & (ratio > o.ratio_cap)
+    if o.ratio_policy == "sapo":
+        tau = torch.where(dj < 0, o.sapo_tau[0], o.sapo_tau[1]).to(ratio.dtype)
+        return dj * (4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)), None
+    low, high = o.clip_eps
+    bounded = ratio if o.delta is None else ratio.clamp(max=o.delta)
+    clipped_value = ratio.clamp(1.0 - low, 1.0 + high) * dj
+    return torch.maximum(bounded * dj, clipped_value), clipped_value > bounded * dj
 
 
 def sequence_coef(pl: Plan, b: Batch, logp: torch.Tensor, o: GRAOOptions) -> torch.Tensor:
@@ -167,7 +185,7 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
     weighted = logp if w is None else w * logp
     parts = _terms(pl, pl.nu * rows.sum(weighted), o)  # the objective with u = logp
     loss = -(parts["exploration"] + parts["imitation"] + parts["alignment"])
-    clip_fraction = None
+    clip_fraction = clip_low = clip_high = None
     if b.old_logps is not None:
         counted = mask if w is None else mask & (w > 0)
         if o.importance_level == "sequence":
@@ -176,11 +194,16 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
             clipped = rows.expand(clipped)
         else:
             ratio = torch.exp(torch.where(mask, logp - b.old_logps, 0.0))
-            value, clipped = _clipped(ratio, rows.expand(pl.dj), o)
+            dj = rows.expand(pl.dj)
+            value, clipped = _policy(ratio, dj, logp, o)
             value = value * rows.expand(pl.nu) * (1.0 if w is None else w)
             loss = torch.where(mask, value, 0.0).sum()
-        clipped = clipped & counted
-        clip_fraction = clipped.sum().to(logp.dtype) / counted.sum().clamp(min=1).to(logp.dtype)
+            if o.ratio_policy == "clip":
+                clip_low, clip_high = (
+                    _share(clipped & side, counted, logp.dtype) for side in (dj > 0, dj < 0)
+                )
+        if clipped is not None:
+            clip_fraction = _share(clipped, counted, logp.dtype)
     kl = None
     if b.ref_logps is not None:
         delta = torch.where(mask, b.ref_logps - logp, 0.0)
@@ -196,7 +219,12 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
             bonus = torch.where(sample_tok, ent, 0.0).sum() / sample_tok.sum().clamp(min=1)
             loss = loss - o.entropy_coef * bonus
     extras = (parts["exploration"], parts["imitation"], parts["alignment"], pl.adv, seq)
-    return loss, extras, (kl, entropy, clip_fraction)
+    return loss, extras, (kl, entropy, clip_fraction, clip_low, clip_high)
+
+
+def _share(tokens: torch.Tensor, counted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The share of the ``counted`` tokens among ``tokens`` ([M] bool each)."""
+    return (tokens & counted).sum().to(dtype) / counted.sum().clamp(min=1).to(dtype)
 
 
 def forward(b: Batch, o: GRAOOptions, grad: object, row_pass: Callable) -> GRAOOutput:

@@ -23,18 +23,29 @@ def is_weight(logp: torch.Tensor, sampler: torch.Tensor, cap: float) -> torch.Te
 
 def token_scale(
     logp: torch.Tensor, coef: torch.Tensor, *, ref_logps=None, kl_coef=None, sampler_logps=None,
-    old_logps=None, is_cap: float, clip_low: float, clip_high: float,
+    old_logps=None, is_cap: float, clip_low: float, clip_high: float, ratio_policy: int = 0,
+    policy_a: float = 0.0, policy_b: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
-    """d loss / d logp per token: ``coef`` times the importance weight, PPO-clipped against
-    ``old_logps`` (0 where the clipped branch is strictly smaller, GRAO_SPEC.md v2), plus the
-    k3 KL gradient ``kl_coef * (1 - exp(ref - logp))``."""
+    """d loss / d logp per token: ``coef`` times the importance weight, the ratio against
+    ``old_logps`` applied by ``ratio_policy`` (``options.POLICY_CODES``: PPO clip, 0 where the
+    clipped branch is strictly smaller, GRAO_SPEC.md v2; the two-sided clip; CISPO; SAPO), plus
+    the k3 KL gradient ``kl_coef * (1 - exp(ref - logp))``."""
     g = coef
     if sampler_logps is not None:
         g = g * is_weight(logp, sampler_logps, is_cap)
     if old_logps is not None:
         ratio = torch.exp(logp - old_logps)
-        clipped = ((g > 0) & (ratio < 1.0 - clip_low)) | ((g < 0) & (ratio > 1.0 + clip_high))
-        g = torch.where(clipped, 0.0, g * ratio)
+        if ratio_policy == 2:  # CISPO: the capped ratio, never 0
+            g = g * ratio.clamp(max=policy_a)
+        elif ratio_policy == 3:  # SAPO: 4 s (1 - s) r, s = sigmoid(tau (r - 1))
+            s = torch.sigmoid(torch.where(g < 0, policy_a, policy_b) * (ratio - 1.0))
+            g = g * (4.0 * s * (1.0 - s) * ratio)
+        else:
+            low = (g > 0) & (ratio < 1.0 - clip_low)
+            clipped = low | ((g < 0) & (ratio > 1.0 + clip_high))
+            if ratio_policy == 1:  # two-sided: also the negative side above delta
+                clipped = clipped | ((g > 0) & (ratio > policy_a))
+            g = torch.where(clipped, 0.0, g * ratio)
     if ref_logps is not None:
         g = g + kl_coef * (1.0 - torch.exp(ref_logps - logp))
     return g
@@ -79,9 +90,7 @@ def row_pass(
     pieces = []
     for i in range(s):
         sl = slice(i * t, (i + 1) * t)
-        sub = {
-            k: v if v is None or isinstance(v, float) else v[sl] for k, v in token_inputs.items()
-        }
+        sub = {k: v[sl] if isinstance(v, torch.Tensor) else v for k, v in token_inputs.items()}
         pieces.append(_rows(
             logits[i], labels[sl], None if grad is None else grad[i],
             None if coef is None else coef[sl], temperature, ignore_index, compute_entropy,

@@ -225,6 +225,10 @@ def prepare(
             f"is_cap={opts.is_cap} needs sampler_logps (the sampler's log-probs, to which the "
             f"importance weights are capped); without them there is no weight to cap"
         )
+    if tokens.get("old_logps") is None and (opts.ratio_policy != "clip" or opts.delta is not None):
+        raise ValueError(
+            f"ratio_policy={opts.ratio_policy!r} and delta need old_logps (the ratio they act on)"
+        )
     sequence = opts.importance_level == "sequence"
     if sequence and tokens.get("old_logps") is None:
         raise ValueError('importance_level="sequence" needs old_logps')

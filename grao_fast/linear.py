@@ -23,7 +23,7 @@ from ._ops import TokenInputs, _impl, resolve_backend
 from ._plan import GRAOOutput, attach, forward
 from ._validation import prepare
 from .loss import _tokens
-from .options import OPTIONS_DOC, TERMS, GRAOOptions
+from .options import OPTIONS_DOC, SAPO_TAU, TERMS, GRAOOptions
 
 # One chunk of logits (in the compute dtype). 256 MiB is ~880 tokens of a 151,936-word
 # vocabulary in bf16: each GEMM of a chunk is still ~1 TFLOP at H = 3,584 (full speed on a
@@ -72,6 +72,9 @@ def linear_pass(
     is_cap: float,
     clip_low: float,
     clip_high: float,
+    ratio_policy: int,
+    policy_a: float,
+    policy_b: float,
     compute_entropy: bool,
     use_triton: bool,
     compute: torch.dtype,
@@ -86,7 +89,8 @@ def linear_pass(
             hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias,
             TokenInputs(coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef),
             dict(temperature=temperature, ignore_index=ignore_index, is_cap=is_cap,
-                 clip_low=clip_low, clip_high=clip_high, compute_entropy=compute_entropy),
+                 clip_low=clip_low, clip_high=clip_high, ratio_policy=ratio_policy,
+                 policy_a=policy_a, policy_b=policy_b, compute_entropy=compute_entropy),
             _impl(use_triton).row_pass, compute, chunk_bytes,
         )  # fmt: skip
 
@@ -139,7 +143,7 @@ def _linear_pass(
 def _(
     hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias, coef, ref_logps, kl_coef,
     sampler_logps, old_logps, ent_coef, temperature, ignore_index, is_cap, clip_low, clip_high,
-    compute_entropy, use_triton, compute, chunk_bytes,
+    ratio_policy, policy_a, policy_b, compute_entropy, use_triton, compute, chunk_bytes,
 ):  # fmt: skip
     m = hidden.shape[0]
     acc = torch.float64 if compute == torch.float64 else torch.float32
@@ -158,8 +162,7 @@ def _read_split(x, weight, bias, labels, compute, chunk_bytes: int, shard, check
     chunk's, read by :func:`grao_fast.vocab_parallel.row_pass` (a collective per chunk), and
     ``grad_hidden`` is summed over the group at the end (every process gets the whole one)."""
     grads = (None, None, None) if grads is None else grads
-    row_opts = dict(zip(("temperature", "ignore_index", "is_cap", "clip_low", "clip_high",
-                         "compute_entropy"), opts[:6], strict=True))  # fmt: skip
+    row_opts = {k: v for k, v in opts._asdict().items() if k != "use_triton"}
     rows = partial(vocab_parallel.backend_row_pass, shard=shard, check=check,
                    use_triton=opts.use_triton)  # fmt: skip
     with torch.autocast(x.device.type, enabled=False):
@@ -239,6 +242,10 @@ def grao_loss_linear(
     old_logps: torch.Tensor | None = None,
     clip_eps: float | tuple[float, float] = (0.2, 0.2),
     importance_level: str = "token",
+    ratio_policy: str = "clip",
+    delta: float | None = None,
+    ratio_cap: float | None = None,
+    sapo_tau: tuple[float, float] = SAPO_TAU,
     entropy_coef: float = 0.0,
     cu_seqlens: torch.Tensor | None = None,
     check_labels: bool = True,

@@ -19,7 +19,7 @@ from . import _torch_ops, reference, vocab_parallel
 from ._ops import RowOptions, TokenInputs, resolve_backend, row_pass, triton_available
 from ._plan import GRAOOutput, attach, forward, row_options
 from ._validation import check_label_range, check_logits_labels, check_rewards, prepare
-from .options import BACKENDS, OPTIONS_DOC, TERMS, GRAOOptions
+from .options import BACKENDS, OPTIONS_DOC, SAPO_TAU, TERMS, GRAOOptions
 
 __all__ = [
     "BACKENDS",
@@ -64,6 +64,10 @@ def grao_loss(
     old_logps: torch.Tensor | None = None,
     clip_eps: float | tuple[float, float] = (0.2, 0.2),
     importance_level: str = "token",
+    ratio_policy: str = "clip",
+    delta: float | None = None,
+    ratio_cap: float | None = None,
+    sapo_tau: tuple[float, float] = SAPO_TAU,
     entropy_coef: float = 0.0,
     cu_seqlens: torch.Tensor | None = None,
     inplace: bool = False,

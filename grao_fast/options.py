@@ -17,6 +17,8 @@ TERMS = ("exploration", "imitation", "alignment")
 BACKENDS = ("auto", "reference", "torch", "triton")
 LENGTH_NORMS = ("sequence", "token", "constant")
 IMPORTANCE_LEVELS = ("token", "sequence")
+RATIO_POLICIES = ("clip", "cispo", "sapo")
+SAPO_TAU = (1.0, 1.05)  # TRL's sapo_temperature_pos, sapo_temperature_neg
 
 OPTIONS_DOC = """
     GRAO options (GRAO_SPEC.md; the same on every entry point and backend):
@@ -43,6 +45,12 @@ OPTIONS_DOC = """
         old_logps, clip_eps, importance_level: PPO-style clipped ratios against the policy the
             batch was prepared with (``clip_eps = (low, high)``); ``importance_level="sequence"``
             uses one length-normalised ratio per row (GSPO: two reads of the logits).
+        ratio_policy, delta, ratio_cap, sapo_tau: what ``old_logps``' ratio does to each token
+            (docs/OBJECTIVES.md, ratio policies; token level only): ``"clip"`` (PPO, with
+            ``delta`` also a zero gradient where the row coefficient is negative and the ratio
+            above ``delta >= 1 + clip_eps[1]``), ``"cispo"`` (the gradient weighted by the ratio
+            capped at ``ratio_cap``, never zero) or ``"sapo"`` (a smooth gate of temperatures
+            ``sapo_tau = (positive, negative)`` by the row coefficient's sign).
         entropy_coef: ``loss -= entropy_coef * mean entropy`` over the sample rows' tokens.
         cu_seqlens: [N+1] row boundaries of packed rows (``logits [M, V]``, ``labels [M]`` and
             every per-token input [M]); None for the padded [N, T] layout.
@@ -106,6 +114,10 @@ class GRAOOptions:
     max_tokens: int | None = None
     clip_eps: tuple[float, float] = (0.2, 0.2)
     importance_level: str = "token"
+    ratio_policy: str = "clip"
+    delta: float | None = None
+    ratio_cap: float | None = None
+    sapo_tau: tuple[float, float] = SAPO_TAU
     entropy_coef: float = 0.0
     check_labels: bool = True
     return_entropy: bool = False
@@ -154,8 +166,62 @@ class GRAOOptions:
         if high < 0:
             raise ValueError(f"clip_eps: the high side must be >= 0, got {high}")
         set_("clip_eps", (low, high))
+        self._check_ratio_policy()
         for name in ("reference_in_group", "check_labels", "return_entropy", "inplace"):
             set_(name, bool(getattr(self, name)))
+
+    def _check_ratio_policy(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen)
+        policy = _choice("ratio_policy", self.ratio_policy, RATIO_POLICIES)
+        if policy != "clip" and self.importance_level != "token":
+            raise ValueError(
+                f'ratio_policy={policy!r} needs importance_level="token" (a per-token ratio), got '
+                f"{self.importance_level!r}"
+            )
+        if self.delta is not None:
+            delta = _number("delta", self.delta)
+            if policy != "clip" or self.importance_level != "token":
+                raise ValueError(
+                    'delta (the two-sided clip) applies only with ratio_policy="clip" and '
+                    f'importance_level="token", got {policy!r}, {self.importance_level!r}'
+                )
+            if not delta >= 1.0 + self.clip_eps[1]:
+                raise ValueError(
+                    f"delta must be >= 1 + clip_eps[1] = {1.0 + self.clip_eps[1]}, got {delta}"
+                )
+            set_("delta", delta)
+        if self.ratio_cap is not None:
+            cap = _number("ratio_cap", self.ratio_cap)
+            if policy != "cispo":
+                raise ValueError(
+                    f'ratio_cap applies only with ratio_policy="cispo", got {policy!r}'
+                )
+            if not cap > 0:
+                raise ValueError(f"ratio_cap must be > 0, got {cap}")
+            set_("ratio_cap", cap)
+        elif policy == "cispo":
+            raise ValueError('ratio_policy="cispo" needs ratio_cap (the cap of the ratio, > 0)')
+        tau = self.sapo_tau
+        if not isinstance(tau, (tuple, list)) or len(tau) != 2:
+            raise TypeError(f"sapo_tau must be a pair (positive, negative), got {tau!r}")
+        tau = (_number("sapo_tau[0]", tau[0]), _number("sapo_tau[1]", tau[1]))
+        if not (tau[0] > 0 and tau[1] > 0):
+            raise ValueError(f"sapo_tau must be > 0, got {tau}")
+        if policy != "sapo" and tau != SAPO_TAU:
+            raise ValueError(f'sapo_tau applies only with ratio_policy="sapo", got {policy!r}')
+        set_("sapo_tau", tau)
+
+    @property
+    def policy_code(self) -> tuple[int, float, float]:
+        """The row pass's ratio policy: (code, parameter a, parameter b); see
+        :data:`POLICY_CODES`."""
+        if self.ratio_policy == "cispo":
+            return POLICY_CODES["cispo"], self.ratio_cap, 0.0
+        if self.ratio_policy == "sapo":
+            return POLICY_CODES["sapo"], *self.sapo_tau
+        if self.delta is not None:
+            return POLICY_CODES["delta"], self.delta, 0.0
+        return POLICY_CODES["clip"], 0.0, 0.0
 
     @classmethod
     def from_call(cls, values: dict) -> GRAOOptions:
@@ -180,5 +246,12 @@ class GRAOOptions:
         """The row pass computes the token entropy (reported, or the bonus needs it)."""
         return self.return_entropy or self.entropy_coef != 0.0
 
+
+# The row kernel's RATIO_POLICY (a constexpr) and the PyTorch twin's ``ratio_policy``: what a
+# token's gradient coefficient g becomes, with r = exp(logp - old_logps) and (a, b) the runtime
+# parameters. clip: 0 where the clipped branch is strictly smaller, else g r; delta: also 0 where
+# g > 0 and r > a; cispo: g min(r, a); sapo: g 4 s (1 - s) r, s = sigmoid(tau (r - 1)), tau = a
+# where g < 0 (positive row coefficient) else b.
+POLICY_CODES = {"clip": 0, "delta": 1, "cispo": 2, "sapo": 3}
 
 _FIELDS = tuple(f.name for f in fields(GRAOOptions))  # read by name: torch.compile traces these

@@ -30,6 +30,8 @@ class ReferenceTerms(NamedTuple):
     kl: Optional[torch.Tensor]  # mean over sample rows of each row's mean k3 (with ref_logps)
     entropy: Optional[torch.Tensor]  # mean token entropy over all loss tokens
     clip_fraction: Optional[torch.Tensor]  # share of clipped loss tokens (with old_logps)
+    clip_low_fraction: Optional[torch.Tensor] = None  # "clip", token level: clipped, c_s < 0
+    clip_high_fraction: Optional[torch.Tensor] = None  # and clipped, c_s > 0
 
 
 def token_logprobs(
@@ -110,6 +112,19 @@ def _pessimistic(ratio: torch.Tensor, c: torch.Tensor, clip_eps: tuple) -> tuple
     return torch.minimum(ratio * c, clipped), clipped < ratio * c
 
 
+def _ratio_policy(ratio, c, logp, clip_eps, policy, delta, ratio_cap, sapo_tau) -> tuple:
+    """Per token ``c · u`` of the ratio policy (docs/OBJECTIVES.md, ratio policies) and the
+    tokens it reports as clipped (None for SAPO)."""
+    if policy == "cispo":
+        return ratio.clamp(max=ratio_cap).detach() * c * logp, (c > 0) & (ratio > ratio_cap)
+    if policy == "sapo":
+        tau = torch.where(c > 0, sapo_tau[0], sapo_tau[1]).to(ratio.dtype)
+        return c * (4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)), None
+    bounded = ratio if delta is None else ratio.clamp(max=delta)
+    clipped = ratio.clamp(1.0 - clip_eps[0], 1.0 + clip_eps[1]) * c
+    return torch.minimum(bounded * c, clipped), clipped < bounded * c
+
+
 def grao_terms(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -133,6 +148,10 @@ def grao_terms(
     old_logps: torch.Tensor | None = None,
     clip_eps: tuple[float, float] = (0.2, 0.2),
     importance_level: str = "token",
+    ratio_policy: str = "clip",
+    delta: float | None = None,
+    ratio_cap: float | None = None,
+    sapo_tau: tuple[float, float] = (1.0, 1.05),
     entropy_coef: float = 0.0,
     return_entropy: bool = False,
     cu_seqlens: torch.Tensor | None = None,
@@ -191,7 +210,7 @@ def grao_terms(
     w = torch.where(mask, w, torch.zeros_like(w))
 
     # The objective, summed over rows (then averaged over groups): u = logp, or PPO-clipped.
-    clip_fraction = None
+    clip_fraction = clip_low = clip_high = None
     if old_logps is None:
         per_row = c[:, 0] * nu[:, 0] * (w * logp).sum(dim=1)
     else:
@@ -205,9 +224,14 @@ def grao_terms(
             clipped = clipped[:, None].expand(n, t)
         else:
             ratio = torch.exp(torch.where(mask, logp - old, torch.zeros_like(logp)))
-            value, clipped = _pessimistic(ratio, c.expand(n, t), clip_eps)
+            value, clipped = _ratio_policy(ratio, c.expand(n, t), logp, clip_eps, ratio_policy,
+                                           delta, ratio_cap, sapo_tau)  # fmt: skip
             per_row = nu[:, 0] * torch.where(mask, w * value, torch.zeros_like(value)).sum(dim=1)
-        clip_fraction = (clipped & counted).sum() / counted.sum().clamp(min=1)
+            if ratio_policy == "clip":
+                share = lambda x: (x & counted).sum() / counted.sum().clamp(min=1)  # noqa: E731
+                clip_low, clip_high = share(clipped & (c < 0)), share(clipped & (c > 0))
+        if clipped is not None:
+            clip_fraction = (clipped & counted).sum() / counted.sum().clamp(min=1)
     loss = -per_row.reshape(b, g + 1).sum(dim=1).mean()
 
     # Reported terms: Eq. 3 with J replaced by nu_s sum_t w logp (the paper's J by default).
@@ -240,4 +264,6 @@ def grao_terms(
         kl=None if kl is None else kl.detach(),
         entropy=entropy,
         clip_fraction=clip_fraction,
+        clip_low_fraction=clip_low,
+        clip_high_fraction=clip_high,
     )

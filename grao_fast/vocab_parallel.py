@@ -149,7 +149,8 @@ def row_pass(
             kernels.row_pass(
                 logits, labels, fields.pop("coef"), grad=grad, temperature=opts.temperature,
                 ignore_index=opts.ignore_index, is_cap=opts.is_cap, clip_low=opts.clip_low,
-                clip_high=opts.clip_high, compute_entropy=opts.compute_entropy,
+                clip_high=opts.clip_high, ratio_policy=opts.ratio_policy, policy_a=opts.policy_a,
+                policy_b=opts.policy_b, compute_entropy=opts.compute_entropy,
                 vocab_start=shard.start, vocab_total=shard.vocab,
                 global_values=torch.stack(values), **fields,
             )  # fmt: skip
@@ -192,7 +193,9 @@ def _gradient(x, grad, labels, shard, inputs: TokenInputs, opts, rows, global_va
         keep = (lab != opts.ignore_index) & (lab >= 0) & (lab < shard.vocab)
         per_token = {k: None if t is None else t[sl] for k, t in fields.items()}
         g = token_scale(logp[sl], coef[sl], **per_token, is_cap=opts.is_cap,
-                        clip_low=opts.clip_low, clip_high=opts.clip_high).to(acc)  # fmt: skip
+                        clip_low=opts.clip_low, clip_high=opts.clip_high,
+                        ratio_policy=opts.ratio_policy, policy_a=opts.policy_a,
+                        policy_b=opts.policy_b).to(acc)  # fmt: skip
         g = torch.where(keep, g * inv_t, 0.0)
         entropy_bonus = ent_coef is not None and opts.compute_entropy
         # One working buffer, in place; for float32 logits without the entropy bonus it is the
@@ -259,12 +262,13 @@ def split(
 
 def backend_row_pass(
     logits, labels, coef, *, grad, temperature, ignore_index, is_cap, clip_low, clip_high,
-    compute_entropy, shard: VocabShard, check: bool, use_triton: bool, **token_inputs,
+    ratio_policy, policy_a, policy_b, compute_entropy, shard: VocabShard, check: bool,
+    use_triton: bool, **token_inputs,
 ):  # fmt: skip
     """:func:`row_pass` with the backends' signature (``_torch_ops.row_pass``), for the fused
     lm_head path's chunks."""
-    opts = RowOptions(temperature, ignore_index, is_cap, clip_low, clip_high, compute_entropy,
-                      use_triton)  # fmt: skip
+    opts = RowOptions(temperature, ignore_index, is_cap, clip_low, clip_high, ratio_policy,
+                      policy_a, policy_b, compute_entropy, use_triton)  # fmt: skip
     inputs = TokenInputs(coef=coef, **token_inputs)
     return row_pass(logits, labels, grad, inputs, opts, shard=shard, check=check)
 

@@ -109,11 +109,14 @@ def _row_pass_kernel(  # noqa: PLR0917  (a kernel takes its arguments by positio
     is_cap,  # cap of the importance weight, +inf for none (runtime)
     clip_low,  # PPO clip: the ratio's low side 1 - clip_low (runtime)
     clip_high,  # and its high side 1 + clip_high (runtime)
+    policy_a,  # the ratio policy's parameters (runtime): delta; CISPO's cap; SAPO's tau+
+    policy_b,  # SAPO's tau- (runtime)
     BLOCK_V: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     HAS_KL: tl.constexpr,
     HAS_IS: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    RATIO_POLICY: tl.constexpr,  # with HAS_CLIP: 0 PPO clip, 1 two-sided clip, 2 CISPO, 3 SAPO
     HAS_ENTROPY: tl.constexpr,
     HAS_ENT_GRAD: tl.constexpr,
     SPLIT_STATS: tl.constexpr,
@@ -156,9 +159,9 @@ def _row_pass_kernel(  # noqa: PLR0917  (a kernel takes its arguments by positio
             _row(
                 logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, old_ptr,
                 ent_coef_ptr, grad_row, logp_ptr, entropy_ptr, stats_ptr, global_ptr, row, M, V,
-                vocab_start, vocab_total, inv_temperature, is_cap, clip_low, clip_high, BLOCK_V,
-                HAS_GRAD, HAS_KL, HAS_IS, HAS_CLIP, HAS_ENTROPY, HAS_ENT_GRAD, SPLIT_STATS,
-                SPLIT_GRAD, FIRST_READ, NUM_STAGES,
+                vocab_start, vocab_total, inv_temperature, is_cap, clip_low, clip_high, policy_a,
+                policy_b, BLOCK_V, HAS_GRAD, HAS_KL, HAS_IS, HAS_CLIP, RATIO_POLICY, HAS_ENTROPY,
+                HAS_ENT_GRAD, SPLIT_STATS, SPLIT_GRAD, FIRST_READ, NUM_STAGES,
             )  # fmt: skip
 
 
@@ -166,10 +169,11 @@ def _row_pass_kernel(  # noqa: PLR0917  (a kernel takes its arguments by positio
 def _row(  # noqa: PLR0917
     logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, old_ptr, ent_coef_ptr,
     grad_row, logp_ptr, entropy_ptr, stats_ptr, global_ptr, row, M, V, vocab_start, vocab_total,
-    inv_temperature, is_cap, clip_low, clip_high, BLOCK_V: tl.constexpr, HAS_GRAD: tl.constexpr,
-    HAS_KL: tl.constexpr, HAS_IS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, SPLIT_STATS: tl.constexpr,
-    SPLIT_GRAD: tl.constexpr, FIRST_READ: tl.constexpr, NUM_STAGES: tl.constexpr,
+    inv_temperature, is_cap, clip_low, clip_high, policy_a, policy_b, BLOCK_V: tl.constexpr,
+    HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_IS: tl.constexpr, HAS_CLIP: tl.constexpr,
+    RATIO_POLICY: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
+    SPLIT_STATS: tl.constexpr, SPLIT_GRAD: tl.constexpr, FIRST_READ: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """One row that is not ignored: logp (and entropy) and, with HAS_GRAD, its gradient row."""
     cols = tl.arange(0, BLOCK_V)
@@ -196,12 +200,22 @@ def _row(  # noqa: PLR0917
             not_nan = sampler == sampler  # noqa: PLR0124  (False only for NaN)
             g = g * tl.where(not_nan, w, 1.0)  # NaN: a row that was not sampled, weight 1
         if HAS_CLIP:
-            # PPO clip (GRAO_SPEC.md v2): the gradient is g * ratio where the unclipped branch is
-            # taken (ties included), 0 where the clipped branch is strictly smaller.
             ratio = tl.exp(logp - tl.load(old_ptr + row))
-            low = (g > 0.0) & (ratio < 1.0 - clip_low)
-            clipped = low | ((g < 0.0) & (ratio > 1.0 + clip_high))
-            g = tl.where(clipped, 0.0, g * ratio)
+            if RATIO_POLICY == 2:  # CISPO: the ratio capped at policy_a, never a zero gradient
+                g = g * tl.minimum(ratio, policy_a)
+            elif RATIO_POLICY == 3:  # SAPO: g 4 s (1 - s) r, s = sigmoid(tau (r - 1))
+                tau = tl.where(g < 0.0, policy_a, policy_b)
+                gate = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
+                g = g * (4.0 * gate * (1.0 - gate) * ratio)
+            else:
+                # PPO clip (GRAO_SPEC.md v2): the gradient is g * ratio where the unclipped
+                # branch is taken (ties included), 0 where the clipped branch is strictly
+                # smaller; two-sided (1): also 0 where g > 0 and the ratio exceeds delta.
+                low = (g > 0.0) & (ratio < 1.0 - clip_low)
+                clipped = low | ((g < 0.0) & (ratio > 1.0 + clip_high))
+                if RATIO_POLICY == 1:
+                    clipped = clipped | ((g > 0.0) & (ratio > policy_a))
+                g = tl.where(clipped, 0.0, g * ratio)
         if HAS_KL:
             ref = tl.load(ref_ptr + row)
             g += tl.load(kl_coef_ptr + row) * (1.0 - tl.exp(ref - logp))
@@ -296,6 +310,9 @@ def row_pass(
     is_cap: float = 0.0,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    ratio_policy: int = 0,
+    policy_a: float = 0.0,
+    policy_b: float = 0.0,
     compute_entropy: bool = False,
     vocab_start: int = 0,
     vocab_total: int | None = None,
@@ -329,6 +346,11 @@ def row_pass(
         old_logps, clip_low, clip_high: PPO clip of ``ratio = exp(logp - old_logps)``: the
             token's ``g`` becomes ``g * ratio``, or 0 where the clipped branch is strictly
             smaller (``g > 0`` and ratio < 1 - clip_low, or ``g < 0`` and ratio > 1 + clip_high).
+        ratio_policy, policy_a, policy_b: what the ratio does with ``old_logps``
+            (``grao_fast.options.POLICY_CODES``): 0 the PPO clip above; 1 also 0 where ``g > 0``
+            and ratio > policy_a (delta); 2 (CISPO) ``g * min(ratio, policy_a)``; 3 (SAPO)
+            ``g * 4 s (1 - s) ratio`` with ``s = sigmoid(tau (ratio - 1))``, ``tau = policy_a``
+            where ``g < 0``, else ``policy_b``.
         ent_coef: [M] float32, ``d loss / d H`` of each token (entropy bonus); needs
             ``compute_entropy``.
         compute_entropy: also return ``-sum p log p`` per token.
@@ -383,6 +405,8 @@ def row_pass(
         raise ValueError("ent_coef (the entropy bonus) needs compute_entropy=True")
     if coef is not None and grad is None:
         raise ValueError("grad (an [M, V] output buffer, or logits itself) is required with coef")
+    if ratio_policy not in (0, 1, 2, 3):
+        raise ValueError(f"ratio_policy must be 0, 1, 2 or 3, got {ratio_policy!r}")
     if sampler_logps is not None and not is_cap > 0:
         raise ValueError(f"is_cap must be > 0 (inf for no cap) with sampler_logps, got {is_cap}")
     vectors = {"coef": coef, "ref_logps": ref_logps, "kl_coef": kl_coef}
@@ -431,6 +455,7 @@ def row_pass(
         *((0, 0) if grad3 is None else grad3.stride()[:2]), logp, entropy, stats, global_values,
         m, logits3.shape[1], v, vocab_start, vocab_total, 1.0 / temperature, ignore_index,
         float(is_cap) if sampler_logps is not None else 1.0, float(clip_low), float(clip_high),
+        float(policy_a), float(policy_b), RATIO_POLICY=ratio_policy if old_logps is not None else 0,
         BLOCK_V=block_v, NUM_STAGES=config.num_stages if num_stages is None else num_stages,
         num_warps=config.num_warps if num_warps is None else num_warps,
     )  # fmt: skip

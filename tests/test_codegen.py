@@ -42,7 +42,8 @@ def test_every_dtype_and_feature_set_compiled(reports):
         (d, f)
         for d in ("bf16", "fp16", "fp32")
         for f in ("forward", "forward+entropy", "grad", "grad+all", "split-stats",
-                  "split-grad+all")  # fmt: skip
+                  "split-grad+all", "grad+all+delta", "grad+all+cispo",
+                  "grad+all+sapo")  # fmt: skip
     }
 
 

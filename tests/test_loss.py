@@ -63,7 +63,7 @@ def _compare(backend, logits, labels, rewards, g, **kw):
     (out.loss * grad_out).backward()
     for field in ("loss", "exploration", "imitation", "alignment", "seq_logps", "advantages"):
         assert_close(getattr(out, field), getattr(ref, field), dtype, "value")
-    for field in ("kl", "entropy", "clip_fraction"):
+    for field in ("kl", "entropy", "clip_fraction", "clip_low_fraction", "clip_high_fraction"):
         assert (getattr(out, field) is None) == (getattr(ref, field) is None), field
         if getattr(ref, field) is not None:
             assert_close(getattr(out, field), getattr(ref, field), dtype, "value")

@@ -1,5 +1,6 @@
 """The objective family (GRAO_SPEC.md v2) on every backend against the float64 reference:
-length norms, token weights, PPO clip (token and sequence level), entropy bonus, packed rows."""
+length norms, token weights, PPO clip (token and sequence level), the other ratio policies
+(two-sided clip, CISPO, SAPO; docs/OBJECTIVES.md), entropy bonus, packed rows."""
 
 import pytest
 import torch
@@ -81,6 +82,65 @@ def test_clip_sides_with_tokens_in_every_band(backend, dtype, clip_eps):
     assert abs(swapped.loss - out.loss) > 1e-3 * abs(out.loss)
 
 
+# The ratio policies other than the plain clip (docs/OBJECTIVES.md), with parameters that the
+# ratios of old_in_every_band (0.6 ... 1.5) fall on both sides of.
+POLICIES = {
+    "delta": {"clip_eps": (0.1, 0.2), "delta": 1.3},
+    "cispo": {"ratio_policy": "cispo", "ratio_cap": 1.2},
+    "cispo-cap-below-1": {"ratio_policy": "cispo", "ratio_cap": 0.9},
+    "sapo": {"ratio_policy": "sapo", "sapo_tau": (1.5, 4.0)},
+}
+# What each differs from: its parameters changed (delta: the plain clip; the others swapped or
+# moved), so the test sees each parameter act.
+VARIANTS = {
+    "delta": {"clip_eps": (0.1, 0.2)},
+    "cispo": {"ratio_policy": "cispo", "ratio_cap": 1.4},
+    "cispo-cap-below-1": {"ratio_policy": "cispo", "ratio_cap": 0.7},
+    "sapo": {"ratio_policy": "sapo", "sapo_tau": (4.0, 1.5)},
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_ratio_policy_matches_reference(backend, dtype, name):
+    """Each ratio policy against the float64 reference, ratios in every band and row
+    coefficients of both signs; its parameters change the loss and the gradient."""
+    logits, labels, rewards = _batch(2, G, 7, 29, dtype, seed=13)
+    old = old_in_every_band(logits, labels, temperature=0.9)
+    kw = {"old_logps": old, "temperature": 0.9, "entropy_coef": 0.02}
+    out, grad = _check(backend, dtype, {**kw, **POLICIES[name]}, seed=13, t=7)
+    x = logits.clone().requires_grad_()
+    other = grao_loss(x, labels, rewards, group_size=G, backend=backend, **kw, **VARIANTS[name])
+    other.loss.backward()
+    assert (x.grad.float() - grad.float()).abs().max() > 1e-3 * grad.float().abs().max()
+    assert abs(other.loss - out.loss) > 1e-4 * abs(out.loss)
+    if name == "sapo":
+        assert out.clip_fraction is None and out.clip_low_fraction is None
+    else:
+        assert 0 < out.clip_fraction < 1
+    if name == "delta":  # the plain clip's shares; delta's cut tokens are not counted
+        assert out.clip_fraction == other.clip_fraction
+        assert 0 < out.clip_low_fraction < out.clip_fraction
+        assert out.clip_low_fraction + out.clip_high_fraction == out.clip_fraction
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_ratio_policy_on_policy_is_the_plain_gradient(backend, name):
+    """At old_logps = logp (every ratio 1) each policy gives the on-policy GRAO gradient (CISPO
+    with a cap below 1: that gradient times the cap)."""
+    logits, labels, rewards = _batch(2, G, 5, 23, torch.float32, seed=7)
+    old = _old_near(logits, labels, 0.0, seed=0)
+    x = logits.clone().requires_grad_()
+    grao_loss(x, labels, rewards, group_size=G, backend=backend, old_logps=old,
+              **POLICIES[name]).loss.backward()  # fmt: skip
+    y = logits.clone().requires_grad_()
+    grao_loss(y, labels, rewards, group_size=G, backend=backend).loss.backward()
+    scale = min(POLICIES[name].get("ratio_cap", 1.0), 1.0)
+    assert_close(x.grad, scale * y.grad.double(), torch.float32, "grad")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_weights_and_combined_options(backend):
     logits, labels, _ = _batch(2, G, 4, 29, torch.float32, seed=3)
@@ -125,8 +185,9 @@ def _pack(logits, labels, *tokens, keep):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "kw", [{}, {"length_norm": "constant"}, {"length_norm": "token", "entropy_coef": 0.1},
-           {"importance_level": "sequence"}, {"clip_eps": 0.1}],
-    ids=["plain", "constant", "token+entropy", "gspo", "clip"],
+           {"importance_level": "sequence"}, {"clip_eps": 0.1}, {"clip_eps": 0.1, "delta": 1.2},
+           {"ratio_policy": "cispo", "ratio_cap": 1.1}, {"ratio_policy": "sapo"}],
+    ids=["plain", "constant", "token+entropy", "gspo", "clip", "delta", "cispo", "sapo"],
 )  # fmt: skip
 def test_packed_rows_equal_padded(backend, kw):
     t = 6
@@ -134,8 +195,8 @@ def test_packed_rows_equal_padded(backend, kw):
     keep = [6, 3, 0, 5, 1, 6]  # ragged rows, one empty; the padding is ignored
     for n, k in enumerate(keep):
         labels[n, k:] = -100
-    old = _old_near(logits, labels, 0.3, seed=9) if kw.get("clip_eps") or kw.get(
-        "importance_level") else None  # fmt: skip
+    ratio = ("clip_eps", "importance_level", "ratio_policy")
+    old = _old_near(logits, labels, 0.3, seed=9) if any(k in kw for k in ratio) else None
     extra = {"old_logps": old} if old is not None else {}
     x = logits.clone().requires_grad_()
     padded = grao_loss(x, labels, rewards, group_size=G, backend=backend, **kw, **extra,
@@ -174,7 +235,10 @@ def test_linear_path_objective_family(backend):
     logits = hidden @ weight.t()
     old = _old_near(logits, labels, 0.3, seed=11)
     for kw in ({"old_logps": old, "entropy_coef": 0.05, "length_norm": "token"},
-               {"old_logps": old, "importance_level": "sequence"}):  # fmt: skip
+               {"old_logps": old, "importance_level": "sequence"},
+               {"old_logps": old, "clip_eps": 0.1, "delta": 1.2},
+               {"old_logps": old, "ratio_policy": "cispo", "ratio_cap": 1.1},
+               {"old_logps": old, "ratio_policy": "sapo", "sapo_tau": (2.0, 3.0)}):  # fmt: skip
         a = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
         out = grao_loss_linear(*a, labels, rewards, group_size=G, backend=backend, **kw)
         out.loss.backward()
@@ -184,7 +248,11 @@ def test_linear_path_objective_family(backend):
                                                     else x) for k, x in kw.items()})  # fmt: skip
         ref.loss.backward()
         assert_close(out.loss, ref.loss, torch.float32, "value")
-        assert_close(out.clip_fraction, ref.clip_fraction, torch.float32, "value")
+        for field in ("clip_fraction", "clip_low_fraction", "clip_high_fraction"):
+            want = getattr(ref, field)
+            assert (getattr(out, field) is None) == (want is None), field
+            if want is not None:
+                assert_close(getattr(out, field), want, torch.float32, "value")
         for got, want in zip(a, b, strict=True):
             assert_close(got.grad, want.grad, torch.float32, "gemm")
 
@@ -216,6 +284,18 @@ N, T = G + 1, 3
         ({"entropy_coef": float("inf")}, ValueError, "entropy_coef must be finite"),
         ({"importance_level": "sequence", "old_logps": torch.zeros(N, T),
           "token_weights": torch.ones(N, T)}, ValueError, "token_weights does not apply"),
+        ({"ratio_policy": "sapo"}, ValueError, "need old_logps"),
+        ({"delta": 2.0}, ValueError, "need old_logps"),
+        ({"ratio_policy": "ppo"}, ValueError, "ratio_policy must be one of"),
+        ({"ratio_policy": "cispo"}, ValueError, "needs ratio_cap"),
+        ({"ratio_policy": "cispo", "ratio_cap": 0.0}, ValueError, "ratio_cap must be > 0"),
+        ({"ratio_cap": 2.0}, ValueError, "ratio_cap applies only"),
+        ({"sapo_tau": (2.0, 2.0)}, ValueError, "sapo_tau applies only"),
+        ({"ratio_policy": "sapo", "sapo_tau": (1.0, -1.0)}, ValueError, "sapo_tau must be > 0"),
+        ({"delta": 1.1, "clip_eps": 0.2}, ValueError, "delta must be >= 1 \\+ clip_eps"),
+        ({"delta": 2.0, "ratio_policy": "sapo"}, ValueError, "delta .* applies only"),
+        ({"ratio_policy": "sapo", "importance_level": "sequence"}, ValueError,
+         'needs importance_level="token"'),
     ],
 )  # fmt: skip
 def test_bad_objective_input(over, exc, match):

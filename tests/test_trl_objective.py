@@ -136,6 +136,70 @@ def test_second_iteration_matches_trl(model_dir, tmp_path, fixed_generation, los
         assert clipped > 0
 
 
+def _ratios(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The moved policy's token ratios to the batch's old log-probs and the advantages, on the
+    loss tokens."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    keep = batch["completion_ids"].size(1)
+    with torch.no_grad():
+        logps = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)[0]
+    loss_tokens = batch["completion_mask"].bool()
+    adv = batch["advantages"].reshape(-1, 1).expand_as(logps)
+    return (logps - batch["old_per_token_logps"]).exp()[loss_tokens], adv[loss_tokens]
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "settings", "metric"),
+    [
+        ("grpo", {"delta": 1.3, "epsilon": 0.2}, "clip_ratio/low_mean"),
+        ("cispo", {"epsilon_high": 1.2}, "cispo_clip_ratio"),
+        ("cispo", {"epsilon_high": 0.8}, "cispo_clip_ratio"),
+        ("sapo", {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 4.0}, None),
+    ],
+    ids=["delta", "cispo", "cispo-cap-below-1", "sapo"],
+)
+def test_ratio_policies_match_trl(model_dir, tmp_path, fixed_generation, loss_type, settings,
+                                  metric):  # fmt: skip
+    """TRL's two-sided clip (``delta``), ``"cispo"`` and ``"sapo"`` on a second iteration (the
+    policy moved since the batch's old log-probs) give TRL's gradient and clip statistics."""
+    grao, grpo = _pair(model_dir, tmp_path, loss_type=loss_type, num_iterations=2, **settings)
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    _take_a_step(grao.model)
+    _take_a_step(grpo.model)
+    ratio, adv = _ratios(grpo, trl_batch)
+    if "delta" in settings:  # the delta cuts some negative-advantage tokens
+        assert ((adv < 0) & (ratio > settings["delta"])).any()
+    if loss_type == "cispo":  # tokens on both sides of the cap, for each advantage sign
+        cap = settings["epsilon_high"]
+        for sign in (adv > 0, adv < 0):
+            assert (sign & (ratio > cap)).any() and (sign & (ratio < cap)).any()
+    grads, trl_grads = _gradients(grao, [batch]), _gradients(grpo, [trl_batch])
+    scale = (G + 1) / G * _tokens(trl_batch) / _tokens(batch) if loss_type == "cispo" else 1.0
+    _assert_same_gradients(grads, {name: scale * grad for name, grad in trl_grads.items()})
+    if metric is None:
+        assert "clip_ratio/region_mean" not in grao._metrics["train"]
+        return
+    mine, theirs = _last(grao, metric), _last(grpo, metric)
+    assert 0 < theirs < 1
+    assert mine * _tokens(batch) == pytest.approx(theirs * _tokens(trl_batch))
+    if loss_type == "grpo":
+        for key in ("clip_ratio/high_mean", "clip_ratio/region_mean"):
+            assert _last(grao, key) * _tokens(batch) == pytest.approx(
+                _last(grpo, key) * _tokens(trl_batch)
+            )
+
+
+def test_on_policy_cispo_cap_below_1_matches_trl(model_dir, tmp_path, fixed_generation):
+    """On-policy (no old log-probs) TRL's CISPO weighs every token by ``min(1, epsilon_high)``."""
+    grao, grpo = _pair(model_dir, tmp_path, loss_type="cispo", epsilon_high=0.5)
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    assert "old_per_token_logps" not in batch
+    grads, trl_grads = _gradients(grao, [batch]), _gradients(grpo, [trl_batch])
+    scale = (G + 1) / G * _tokens(trl_batch) / _tokens(batch)
+    _assert_same_gradients(grads, {name: scale * grad for name, grad in trl_grads.items()})
+
+
 def test_on_policy_iterations_need_no_old_logps(model_dir, tmp_path, fixed_generation):
     """With ``gradient_accumulation_steps`` a multiple of ``steps_per_generation x
     num_iterations`` every pass over the batch sees the weights that sampled it: TRL computes no
@@ -240,15 +304,19 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"loss_type": "cispo"}, "loss_type"),
-        ({"loss_type": "sapo"}, "loss_type"),
+        ({"loss_type": "luspo", "importance_sampling_level": "sequence"}, "LUSPO"),
+        ({"loss_type": "vespo"}, "VESPO"),
+        ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, "needs loss_type='grpo'"),
+        ({"loss_type": "sapo", "delta": 2.0}, "delta applies only"),
+        ({"delta": 1.1, "epsilon_high": 0.28}, "delta must be >= 1 \\+ epsilon_high"),
+        ({"delta": 2.0, "importance_sampling_level": "sequence"}, "delta needs"),
+        ({"loss_type": "sapo", "sapo_temperature_neg": 0.0}, "sapo_temperature"),
         ({"importance_sampling_level": "sequence", "loss_type": "dapo"}, "loss_type='grpo'"),
         ({"importance_sampling_level": "sequence", "use_vllm": True}, "vllm_importance_sampling"),
         ({"vllm_importance_sampling_mode": "token_clip"}, "vllm_importance_sampling_mode"),
         ({"epsilon": 1.5}, "epsilon"),
         ({"epsilon_high": -0.1}, "epsilon_high"),
         ({"entropy_coef": -0.1}, "entropy_coef"),
-        ({"delta": 2.0}, "delta"),
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
         ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
         ({"use_adaptive_entropy": True}, "use_adaptive_entropy"),

@@ -22,7 +22,7 @@ from grao_fast.loss import triton_available  # noqa: E402
 
 B, G, T = 2, 3, 5
 FIELDS = ("loss", "exploration", "imitation", "alignment", "seq_logps", "advantages", "kl",
-          "entropy", "clip_fraction")  # fmt: skip
+          "entropy", "clip_fraction", "clip_low_fraction", "clip_high_fraction")  # fmt: skip
 
 
 def bounds(v: int, p: int) -> list[int]:
@@ -68,6 +68,9 @@ def options(rng: random.Random) -> dict:
     kw["return_entropy"] = rng.random() < 0.5
     kw["length_norm"] = rng.choice(["sequence", "token", "constant"])
     kw["sliced"] = rng.random() < 0.3
+    if level == "token" and rng.random() < 0.6:  # the other ratio policies
+        kw.update(rng.choice([{"delta": 1.4}, {"ratio_policy": "cispo", "ratio_cap": 1.2},
+                              {"ratio_policy": "sapo", "sapo_tau": (2.0, 3.0)}]))  # fmt: skip
     return kw
 
 

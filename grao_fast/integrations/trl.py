@@ -22,7 +22,8 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   lm_head's forward, where DDP, FSDP and ZeRO-3 present the full weight. The result is divided
   by the accumulation steps like TRL's own loss. TRL's ``beta`` stays the KL coefficient (k3 to
   the reference model, sample rows). Logged: ``grao/<term>``, ``kl`` (with ``beta > 0``),
-  ``entropy`` and ``clip_ratio/region_mean``.
+  ``entropy`` and TRL's clip statistics of the loss type (``clip_ratio/region_mean``,
+  ``/low_mean``, ``/high_mean``; ``cispo_clip_ratio``; none for ``"sapo"``).
 * **TRL's objective settings** map onto GRAO's objective family (GRAO_SPEC.md, v2), the
   coefficient of every row being GRAO's instead of TRL's advantage:
 
@@ -43,9 +44,13 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
     ``sampling/importance_sampling_ratio/*``. These weights replace the loss's own
     ``sampler_logps``/``is_cap`` path, which computes ``token_truncate`` alone.
   - ``entropy_coef`` -> ``entropy_coef`` (the bonus over the sample rows' tokens).
+  - ``delta`` -> ``delta``; ``loss_type="cispo"`` -> ``ratio_policy="cispo"`` with
+    ``ratio_cap=epsilon_high`` (token length normalisation); ``"sapo"`` -> ``ratio_policy="sapo"``
+    with ``sapo_tau=(sapo_temperature_pos, sapo_temperature_neg)`` (per-sequence); token level
+    only (docs/OBJECTIVES.md, ratio policies).
 
 ``scale_rewards`` has no effect (GRAO computes its own advantages); the settings of TRL's loss
-that GRAO's has no counterpart for are rejected by :class:`GRAOConfig`.
+that GRAOTrainer does not implement are rejected by :class:`GRAOConfig` with the reason.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 import grao_fast
-from grao_fast.integrations.trl_config import LENGTH_NORMS, GRAOConfig
+from grao_fast.integrations.trl_config import LENGTH_NORMS, RATIO_POLICIES, GRAOConfig
 from grao_fast.integrations.trl_metrics import (
     completion_metrics,
     importance_sampling_stats,
@@ -73,7 +78,13 @@ IGNORE_INDEX = -100
 LOGGED = {
     "exploration": "grao/exploration", "imitation": "grao/imitation",
     "alignment": "grao/alignment", "kl": "kl", "entropy": "entropy",
-    "clip_fraction": "clip_ratio/region_mean",
+}  # fmt: skip
+# The clip statistics TRL logs per loss type (0 where the batch is on-policy, as TRL's).
+CLIP_LOGGED = {
+    "clip": {"clip_fraction": "clip_ratio/region_mean", "clip_low_fraction": "clip_ratio/low_mean",
+             "clip_high_fraction": "clip_ratio/high_mean"},
+    "cispo": {"clip_fraction": "cispo_clip_ratio"},
+    "sapo": {},
 }  # fmt: skip
 
 __all__ = ["GRAOConfig", "GRAOTrainer", "shuffle_groups"]
@@ -377,10 +388,11 @@ class GRAOTrainer(GRPOTrainer):
         ``clip_ratio/region_mean`` (0 where the batch is on-policy, as TRL logs it): means over
         processes."""
         mode = "train" if self.model.training else "eval"
-        for name, key in LOGGED.items():
+        policy = RATIO_POLICIES.get(self.args.loss_type, "clip")
+        for name, key in {**LOGGED, **CLIP_LOGGED[policy]}.items():
             value = getattr(result, name)
-            if value is None and name == "clip_fraction":
-                value = result.loss.new_zeros(())
+            if value is None and name.startswith("clip_") and result.clip_fraction is None:
+                value = result.loss.new_zeros(())  # on-policy: nothing clipped
             if value is not None:
                 gathered = self.accelerator.gather(value.detach().float())
                 self._metrics[mode][key].append(gathered.mean().item())
@@ -408,16 +420,37 @@ class GRAOTrainer(GRPOTrainer):
             "old_logps": old_logps,
             "clip_eps": (self.epsilon_low, self.epsilon_high),
             "importance_level": level,
+            **self._ratio_policy(old_logps is not None),
             "entropy_coef": self.entropy_coef,
             "return_entropy": True,
         }
 
+    def _ratio_policy(self, off_policy: bool) -> dict[str, Any]:
+        """TRL's ``delta``, ``"cispo"`` (cap ``epsilon_high``) and ``"sapo"`` (its two
+        temperatures) as grao_loss's ratio policy; on-policy (no old log-probs, every ratio 1)
+        none applies: their gradient is the plain one (CISPO's times ``min(1, cap)``, see
+        :meth:`_importance_weights`)."""
+        args = self.args
+        if not off_policy:
+            return {}
+        if args.loss_type == "cispo":
+            return {"ratio_policy": "cispo", "ratio_cap": self.epsilon_high}
+        if args.loss_type == "sapo":
+            temperatures = (args.sapo_temperature_pos, args.sapo_temperature_neg)
+            return {"ratio_policy": "sapo", "sapo_tau": temperatures}
+        return {} if args.delta is None else {"delta": args.delta}
+
     def _importance_weights(self, inputs: dict[str, Any]) -> torch.Tensor | None:
         """[N, C] TRL's vLLM importance-sampling ratio of this micro-batch as token weights
-        (None without the correction); 1 on the reference rows, which were not sampled."""
+        (None without the correction); 1 on the reference rows, which were not sampled. On-policy
+        CISPO with a cap below 1 weighs every token by the cap (TRL's ``min(1, epsilon_high)``)."""
+        cap = 1.0
+        if self.args.loss_type == "cispo" and inputs.get("old_per_token_logps") is None:
+            cap = min(1.0, self.epsilon_high)
         if not (self.use_vllm and self.vllm_importance_sampling_correction):
-            return None
+            mask = inputs["completion_mask"]
+            return None if cap == 1.0 else torch.full(mask.shape, cap, device=mask.device)
         mask = inputs["completion_mask"]
         ratio = inputs["importance_sampling_ratio"].expand_as(mask)  # [N, C] or [N, 1] (sequence_*)
         sample = is_sample_row(mask.size(0), self._group(), mask.device)[:, None]
-        return torch.where(sample, ratio, torch.ones_like(ratio))
+        return cap * torch.where(sample, ratio, torch.ones_like(ratio))

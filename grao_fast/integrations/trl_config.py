@@ -28,11 +28,34 @@ from grao_fast.reference import TERMS
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 REWARD_MODES = ("absolute", "relative")
-# TRL's loss_type -> grao_loss's length_norm (dr_grpo: max_tokens = max_completion_length).
-LENGTH_NORMS = {"grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "constant"}
+# TRL's loss_type -> grao_loss's length_norm (dr_grpo: max_tokens = max_completion_length);
+# cispo and sapo also select their ratio_policy (RATIO_POLICIES).
+LENGTH_NORMS = {
+    "grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "constant",
+    "cispo": "token", "sapo": "sequence",
+}  # fmt: skip
+RATIO_POLICIES = {"cispo": "cispo", "sapo": "sapo"}  # the rest: "clip"
+# TRL's loss settings GRAOTrainer refuses, and why (docs/OBJECTIVES.md).
+REFUSED = {
+    "luspo": "LUSPO scales GSPO's row loss by the row's length, a row statistic GRAO's "
+    "sequence-level path does not implement yet",
+    "vespo": "VESPO's Gamma weight of the sequence ratio needs a second read of the logits that "
+    "GRAO's loss does not implement yet",
+    "off_policy_mask_threshold": "the off-policy sequence mask needs each row's mean drift "
+    "before its gradient (a second read) and is not implemented yet",
+    "top_entropy_quantile": "the top-entropy token mask needs the batch's entropy quantile "
+    "before any gradient (a second read) and is not implemented yet",
+    "use_adaptive_entropy": "the adaptive entropy coefficient is not implemented in "
+    "GRAOTrainer yet",
+    "use_bias_correction_kl": "the ratio-weighted k3 KL is not implemented in GRAO's loss "
+    "yet (GRAO's KL is the plain k3)",
+}
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
-__all__ = ["BACKENDS", "LENGTH_NORMS", "REWARD_MODES", "VLLM_IS_MODES", "GRAOConfig"]
+__all__ = [
+    "BACKENDS", "LENGTH_NORMS", "RATIO_POLICIES", "REFUSED", "REWARD_MODES", "VLLM_IS_MODES",
+    "GRAOConfig",
+]  # fmt: skip
 
 
 def _option(default: Any, text: str) -> Any:
@@ -56,7 +79,9 @@ class GRAOConfig(GRPOConfig):
     num_generations: int | None = _option(9, "Group size G + 1: G samples plus the reference.")
     per_device_train_batch_size: int = _option(9, "Rows per micro-batch: whole groups.")
     loss_type: str = _option(
-        "grpo", "Length normalisation: grpo (1/|s|, the paper), bnpo/dapo (tokens), dr_grpo."
+        "grpo",
+        "Length normalisation: grpo (1/|s|, the paper), bnpo/dapo (tokens), dr_grpo; cispo "
+        "(tokens, CISPO's capped ratio) and sapo (1/|s|, SAPO's gate).",
     )
     vllm_importance_sampling_mode: str = _option(
         "token_truncate", "Weights of the sample tokens: TRL's ratio pi / pi_vllm in this mode."
@@ -100,10 +125,15 @@ class GRAOConfig(GRPOConfig):
     def _check_objective(self) -> None:
         """TRL's settings of the clipped surrogate that GRAO's objective family has (the trainer
         module's docstring maps each); the others are rejected here, before a model loads."""
+        if self.loss_type in REFUSED:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} is not supported by GRAOTrainer: "
+                f"{REFUSED[self.loss_type]}"
+            )
         if self.loss_type not in LENGTH_NORMS:
             raise ValueError(
-                f"loss_type must be one of {tuple(LENGTH_NORMS)} (GRAO's length normalisations), "
-                f"got {self.loss_type!r}"
+                f"loss_type must be one of {tuple(LENGTH_NORMS)} (GRAO's length normalisations "
+                f"and ratio policies), got {self.loss_type!r}"
             )
         if self.importance_sampling_level not in ("token", "sequence"):
             raise ValueError(
@@ -131,8 +161,8 @@ class GRAOConfig(GRPOConfig):
             raise ValueError(f"epsilon must be in (0, 1) and epsilon_high >= 0, got {low}, {high}")
         if not self.entropy_coef >= 0:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+        self._check_ratio_policy()
         unsupported = {
-            "delta": self.delta is not None,
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
             "top_entropy_quantile": self.top_entropy_quantile != 1.0,
             "use_adaptive_entropy": self.use_adaptive_entropy,
@@ -141,8 +171,40 @@ class GRAOConfig(GRPOConfig):
         for name, set_ in unsupported.items():
             if set_:
                 raise ValueError(
-                    f"{name}={getattr(self, name)!r} is not supported by GRAOTrainer (GRAO's loss "
-                    "has no such term); leave it at its default"
+                    f"{name}={getattr(self, name)!r} is not supported by GRAOTrainer: "
+                    f"{REFUSED[name]}; leave it at its default"
+                )
+
+    def _check_ratio_policy(self) -> None:
+        """delta, CISPO and SAPO: token-level ratios (docs/OBJECTIVES.md, ratio policies)."""
+        high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        if self.loss_type in RATIO_POLICIES:
+            if self.importance_sampling_level != "token":
+                raise ValueError(
+                    f"loss_type={self.loss_type!r} needs importance_sampling_level='token' in "
+                    "GRAOTrainer (GRAO's ratio policies act on each token's ratio)"
+                )
+            if self.delta is not None:
+                raise ValueError(
+                    f"delta applies only to the clipped losses, not {self.loss_type!r}"
+                )
+            if self.loss_type == "cispo" and not high > 0:
+                raise ValueError(f"loss_type='cispo' needs epsilon_high > 0 (its cap), got {high}")
+            if self.loss_type == "sapo" and not (
+                self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0
+            ):
+                raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be > 0")
+        if self.delta is not None:
+            if self.importance_sampling_level != "token":
+                raise ValueError(
+                    "delta needs importance_sampling_level='token' in GRAOTrainer (GRAO's "
+                    "two-sided clip acts on each token's ratio)"
+                )
+            if not self.delta >= 1 + high:
+                raise ValueError(
+                    f"delta must be >= 1 + epsilon_high = {1 + high} in GRAOTrainer (below it, "
+                    "TRL's two-sided clip also cuts positive-advantage ratios inside the clip "
+                    f"range), got {self.delta}"
                 )
 
     def _check_groups(self) -> None:
