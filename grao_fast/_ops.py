@@ -38,6 +38,7 @@ class RowOptions(NamedTuple):
     ratio_policy: int  # options.POLICY_CODES
     policy_a: float  # the ratio policy's parameters
     policy_b: float
+    kl_ratio: bool  # the k3 KL weighted by the ratio (kl_bias_correction)
     compute_entropy: bool
     use_triton: bool
 
@@ -93,6 +94,7 @@ def _row_pass(
     ratio_policy: int,
     policy_a: float,
     policy_b: float,
+    kl_ratio: bool,
     compute_entropy: bool,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +103,7 @@ def _row_pass(
         sampler_logps=sampler_logps, old_logps=old_logps, ent_coef=ent_coef,
         temperature=temperature, ignore_index=ignore_index, is_cap=is_cap,
         clip_low=clip_low, clip_high=clip_high, ratio_policy=ratio_policy, policy_a=policy_a,
-        policy_b=policy_b, compute_entropy=compute_entropy,
+        policy_b=policy_b, kl_ratio=kl_ratio, compute_entropy=compute_entropy,
     )  # fmt: skip
     return logp, (ent if ent is not None else logp.new_empty(0))
 
@@ -110,7 +112,7 @@ def _row_pass(
 def _(
     logits, labels, grad, coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef,
     temperature, ignore_index, is_cap, clip_low, clip_high, ratio_policy, policy_a, policy_b,
-    compute_entropy, use_triton,
+    kl_ratio, compute_entropy, use_triton,
 ):  # fmt: skip
     m = logits.numel() // logits.shape[-1]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32

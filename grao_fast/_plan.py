@@ -117,8 +117,8 @@ def token_inputs(pl: Plan, b: Batch, o: GRAOOptions, coef: Optional[torch.Tensor
 def row_options(o: GRAOOptions) -> RowOptions:
     low, high = o.clip_eps
     return RowOptions(
-        o.temperature, o.ignore_index, o.is_cap, low, high, *o.policy_code, o.wants_entropy,
-        o.backend == "triton",
+        o.temperature, o.ignore_index, o.is_cap, low, high, *o.policy_code,
+        o.kl_bias_correction, o.wants_entropy, o.backend == "triton",
     )  # fmt: skip
 
 
@@ -207,7 +207,10 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
     kl = None
     if b.ref_logps is not None:
         delta = torch.where(mask, b.ref_logps - logp, 0.0)
-        k3 = rows.sum(torch.exp(delta) - delta - 1) * inv_len
+        k3 = torch.exp(delta) - delta - 1
+        if o.kl_bias_correction and b.old_logps is not None:  # weighted by the ratio
+            k3 = k3 * torch.exp(torch.where(mask, logp - b.old_logps, 0.0))
+        k3 = rows.sum(k3) * inv_len
         kl = (k3 * pl.is_sample).sum() / pl.is_sample.sum()
         if o.kl_coef != 0.0:
             loss = loss + o.kl_coef * kl

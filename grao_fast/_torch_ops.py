@@ -24,12 +24,13 @@ def is_weight(logp: torch.Tensor, sampler: torch.Tensor, cap: float) -> torch.Te
 def token_scale(
     logp: torch.Tensor, coef: torch.Tensor, *, ref_logps=None, kl_coef=None, sampler_logps=None,
     old_logps=None, is_cap: float, clip_low: float, clip_high: float, ratio_policy: int = 0,
-    policy_a: float = 0.0, policy_b: float = 0.0,
+    policy_a: float = 0.0, policy_b: float = 0.0, kl_ratio: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """d loss / d logp per token: ``coef`` times the importance weight, the ratio against
     ``old_logps`` applied by ``ratio_policy`` (``options.POLICY_CODES``: PPO clip, 0 where the
     clipped branch is strictly smaller, GRAO_SPEC.md v2; the two-sided clip; CISPO; SAPO), plus
-    the k3 KL gradient ``kl_coef * (1 - exp(ref - logp))``."""
+    the k3 KL gradient ``kl_coef * (1 - exp(ref - logp))``; with ``kl_ratio`` that of the k3
+    weighted by the ratio ``r`` (1 without ``old_logps``), ``kl_coef * r * (logp - ref)``."""
     g = coef
     if sampler_logps is not None:
         g = g * is_weight(logp, sampler_logps, is_cap)
@@ -46,7 +47,10 @@ def token_scale(
             if ratio_policy == 1:  # two-sided: also the negative side above delta
                 clipped = clipped | ((g > 0) & (ratio > policy_a))
             g = torch.where(clipped, 0.0, g * ratio)
-    if ref_logps is not None:
+    if ref_logps is not None and kl_ratio:  # d(r k3)/dlogp = r (k3 + 1 - e^(ref - logp))
+        weight = 1.0 if old_logps is None else torch.exp(logp - old_logps)
+        g = g + kl_coef * weight * (logp - ref_logps)
+    elif ref_logps is not None:
         g = g + kl_coef * (1.0 - torch.exp(ref_logps - logp))
     return g
 

@@ -75,6 +75,7 @@ def linear_pass(
     ratio_policy: int,
     policy_a: float,
     policy_b: float,
+    kl_ratio: bool,
     compute_entropy: bool,
     use_triton: bool,
     compute: torch.dtype,
@@ -90,7 +91,8 @@ def linear_pass(
             TokenInputs(coef, ref_logps, kl_coef, sampler_logps, old_logps, ent_coef),
             dict(temperature=temperature, ignore_index=ignore_index, is_cap=is_cap,
                  clip_low=clip_low, clip_high=clip_high, ratio_policy=ratio_policy,
-                 policy_a=policy_a, policy_b=policy_b, compute_entropy=compute_entropy),
+                 policy_a=policy_a, policy_b=policy_b, kl_ratio=kl_ratio,
+                 compute_entropy=compute_entropy),
             _impl(use_triton).row_pass, compute, chunk_bytes,
         )  # fmt: skip
 
@@ -143,7 +145,7 @@ def _linear_pass(
 def _(
     hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias, coef, ref_logps, kl_coef,
     sampler_logps, old_logps, ent_coef, temperature, ignore_index, is_cap, clip_low, clip_high,
-    ratio_policy, policy_a, policy_b, compute_entropy, use_triton, compute, chunk_bytes,
+    ratio_policy, policy_a, policy_b, kl_ratio, compute_entropy, use_triton, compute, chunk_bytes,
 ):  # fmt: skip
     m = hidden.shape[0]
     acc = torch.float64 if compute == torch.float64 else torch.float32
@@ -233,6 +235,7 @@ def grao_loss_linear(
     terms: Sequence[str] = TERMS,
     backend: str = "auto",
     kl_coef: float = 0.0,
+    kl_bias_correction: bool = False,
     ref_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     is_cap: float | None = None,

@@ -55,6 +55,7 @@ def grao_loss(
     terms: Sequence[str] = TERMS,
     backend: str = "auto",
     kl_coef: float = 0.0,
+    kl_bias_correction: bool = False,
     ref_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     is_cap: float | None = None,

@@ -35,6 +35,9 @@ OPTIONS_DOC = """
             or "reference" (the plain spec, materialises the log-softmax).
         kl_coef, ref_logps: ``loss += kl_coef * KL``, the mean k3 KL to a reference policy with
             per-token log-probs ``ref_logps`` (sample rows only); kl_coef > 0 needs ref_logps.
+        kl_bias_correction: each token's k3 weighted by its ratio ``exp(logp - old_logps)``
+            (differentiable; 1 without old_logps, whose gradient still changes: TRL's
+            ``use_bias_correction_kl``); needs kl_coef > 0 and importance_level="token".
         sampler_logps, is_cap: weight each sample token by ``min(exp(l - sampler_logps), is_cap)``
             (held constant; ``l`` = old_logps if given, else logp); NaN means "not scored": 1.
             is_cap needs sampler_logps.
@@ -109,6 +112,7 @@ class GRAOOptions:
     terms: tuple[str, ...] = TERMS
     backend: str = "auto"
     kl_coef: float = 0.0
+    kl_bias_correction: bool = False
     is_cap: float = math.inf
     length_norm: str = "sequence"
     max_tokens: int | None = None
@@ -167,7 +171,14 @@ class GRAOOptions:
             raise ValueError(f"clip_eps: the high side must be >= 0, got {high}")
         set_("clip_eps", (low, high))
         self._check_ratio_policy()
-        for name in ("reference_in_group", "check_labels", "return_entropy", "inplace"):
+        if self.kl_bias_correction and not (self.kl_coef > 0 and self.importance_level == "token"):
+            raise ValueError(
+                "kl_bias_correction (the ratio-weighted k3 KL) needs kl_coef > 0 and "
+                f'importance_level="token", got kl_coef={self.kl_coef}, '
+                f"importance_level={self.importance_level!r}"
+            )
+        for name in ("reference_in_group", "kl_bias_correction", "check_labels", "return_entropy",
+                     "inplace"):  # fmt: skip
             set_(name, bool(getattr(self, name)))
 
     def _check_ratio_policy(self) -> None:

@@ -139,6 +139,7 @@ def grao_terms(
     reference_in_group: bool = True,
     terms: tuple[str, ...] = TERMS,
     kl_coef: float = 0.0,
+    kl_bias_correction: bool = False,
     ref_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     is_cap: float | None = None,
@@ -248,6 +249,9 @@ def grao_terms(
     if ref_logps is not None:
         delta = ref_logps.to(logp.dtype) - logp
         k3 = torch.exp(delta) - delta - 1
+        if kl_bias_correction:  # TRL's use_bias_correction_kl: times the (differentiable) ratio
+            old = logp.detach() if old_logps is None else old_logps.to(logp.dtype)
+            k3 = k3 * torch.exp(torch.where(mask, logp - old, torch.zeros_like(logp)))
         kl = sequence_means(k3, mask)[is_sample].mean()
         loss = loss + kl_coef * kl
     entropy = None

@@ -150,8 +150,9 @@ def row_pass(
                 logits, labels, fields.pop("coef"), grad=grad, temperature=opts.temperature,
                 ignore_index=opts.ignore_index, is_cap=opts.is_cap, clip_low=opts.clip_low,
                 clip_high=opts.clip_high, ratio_policy=opts.ratio_policy, policy_a=opts.policy_a,
-                policy_b=opts.policy_b, compute_entropy=opts.compute_entropy,
-                vocab_start=shard.start, vocab_total=shard.vocab,
+                policy_b=opts.policy_b, kl_ratio=opts.kl_ratio,
+                compute_entropy=opts.compute_entropy, vocab_start=shard.start,
+                vocab_total=shard.vocab,
                 global_values=torch.stack(values), **fields,
             )  # fmt: skip
         return values[2], (values[3] if opts.compute_entropy else values[3].new_empty(0))
@@ -195,7 +196,7 @@ def _gradient(x, grad, labels, shard, inputs: TokenInputs, opts, rows, global_va
         g = token_scale(logp[sl], coef[sl], **per_token, is_cap=opts.is_cap,
                         clip_low=opts.clip_low, clip_high=opts.clip_high,
                         ratio_policy=opts.ratio_policy, policy_a=opts.policy_a,
-                        policy_b=opts.policy_b).to(acc)  # fmt: skip
+                        policy_b=opts.policy_b, kl_ratio=opts.kl_ratio).to(acc)  # fmt: skip
         g = torch.where(keep, g * inv_t, 0.0)
         entropy_bonus = ent_coef is not None and opts.compute_entropy
         # One working buffer, in place; for float32 logits without the entropy bonus it is the
@@ -262,13 +263,13 @@ def split(
 
 def backend_row_pass(
     logits, labels, coef, *, grad, temperature, ignore_index, is_cap, clip_low, clip_high,
-    ratio_policy, policy_a, policy_b, compute_entropy, shard: VocabShard, check: bool,
-    use_triton: bool, **token_inputs,
+    ratio_policy, policy_a, policy_b, kl_ratio, compute_entropy, shard: VocabShard,
+    check: bool, use_triton: bool, **token_inputs,
 ):  # fmt: skip
     """:func:`row_pass` with the backends' signature (``_torch_ops.row_pass``), for the fused
     lm_head path's chunks."""
     opts = RowOptions(temperature, ignore_index, is_cap, clip_low, clip_high, ratio_policy,
-                      policy_a, policy_b, compute_entropy, use_triton)  # fmt: skip
+                      policy_a, policy_b, kl_ratio, compute_entropy, use_triton)  # fmt: skip
     inputs = TokenInputs(coef=coef, **token_inputs)
     return row_pass(logits, labels, grad, inputs, opts, shard=shard, check=check)
 

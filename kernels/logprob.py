@@ -117,6 +117,7 @@ def _row_pass_kernel(  # noqa: PLR0917  (a kernel takes its arguments by positio
     HAS_IS: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     RATIO_POLICY: tl.constexpr,  # with HAS_CLIP: 0 PPO clip, 1 two-sided clip, 2 CISPO, 3 SAPO
+    KL_RATIO: tl.constexpr,  # with HAS_KL: the k3 weighted by the ratio (1 without HAS_CLIP)
     HAS_ENTROPY: tl.constexpr,
     HAS_ENT_GRAD: tl.constexpr,
     SPLIT_STATS: tl.constexpr,
@@ -160,8 +161,8 @@ def _row_pass_kernel(  # noqa: PLR0917  (a kernel takes its arguments by positio
                 logits_row, label, coef_ptr, ref_ptr, kl_coef_ptr, sampler_ptr, old_ptr,
                 ent_coef_ptr, grad_row, logp_ptr, entropy_ptr, stats_ptr, global_ptr, row, M, V,
                 vocab_start, vocab_total, inv_temperature, is_cap, clip_low, clip_high, policy_a,
-                policy_b, BLOCK_V, HAS_GRAD, HAS_KL, HAS_IS, HAS_CLIP, RATIO_POLICY, HAS_ENTROPY,
-                HAS_ENT_GRAD, SPLIT_STATS, SPLIT_GRAD, FIRST_READ, NUM_STAGES,
+                policy_b, BLOCK_V, HAS_GRAD, HAS_KL, HAS_IS, HAS_CLIP, RATIO_POLICY, KL_RATIO,
+                HAS_ENTROPY, HAS_ENT_GRAD, SPLIT_STATS, SPLIT_GRAD, FIRST_READ, NUM_STAGES,
             )  # fmt: skip
 
 
@@ -171,9 +172,9 @@ def _row(  # noqa: PLR0917
     grad_row, logp_ptr, entropy_ptr, stats_ptr, global_ptr, row, M, V, vocab_start, vocab_total,
     inv_temperature, is_cap, clip_low, clip_high, policy_a, policy_b, BLOCK_V: tl.constexpr,
     HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_IS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    RATIO_POLICY: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
-    SPLIT_STATS: tl.constexpr, SPLIT_GRAD: tl.constexpr, FIRST_READ: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    RATIO_POLICY: tl.constexpr, KL_RATIO: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    HAS_ENT_GRAD: tl.constexpr, SPLIT_STATS: tl.constexpr, SPLIT_GRAD: tl.constexpr,
+    FIRST_READ: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """One row that is not ignored: logp (and entropy) and, with HAS_GRAD, its gradient row."""
     cols = tl.arange(0, BLOCK_V)
@@ -218,7 +219,13 @@ def _row(  # noqa: PLR0917
                 g = tl.where(clipped, 0.0, g * ratio)
         if HAS_KL:
             ref = tl.load(ref_ptr + row)
-            g += tl.load(kl_coef_ptr + row) * (1.0 - tl.exp(ref - logp))
+            if KL_RATIO:  # d(r k3)/dlogp = r (logp - ref), r the ratio (1 on-policy)
+                kl_grad = logp - ref
+                if HAS_CLIP:
+                    kl_grad = kl_grad * tl.exp(logp - tl.load(old_ptr + row))
+            else:
+                kl_grad = 1.0 - tl.exp(ref - logp)
+            g += tl.load(kl_coef_ptr + row) * kl_grad
         g = tl.where(in_range, g * inv_temperature, 0.0)
         if HAS_ENT_GRAD:  # d(e H)/dx = -e p (log p + H) / T
             e_t = tl.where(in_range, tl.load(ent_coef_ptr + row) * inv_temperature, 0.0)
@@ -313,6 +320,7 @@ def row_pass(
     ratio_policy: int = 0,
     policy_a: float = 0.0,
     policy_b: float = 0.0,
+    kl_ratio: bool = False,
     compute_entropy: bool = False,
     vocab_start: int = 0,
     vocab_total: int | None = None,
@@ -338,7 +346,9 @@ def row_pass(
             logits.
         temperature: T > 0; the kernel works on ``x = logits / T``.
         ref_logps, kl_coef: [M] float32 each, both or neither: adds the k3 KL gradient
-            ``kl_coef * (1 - exp(ref_logps - logp))``.
+            ``kl_coef * (1 - exp(ref_logps - logp))``; with ``kl_ratio`` that of the k3 weighted
+            by the ratio ``r = exp(logp - old_logps)`` (1 without old_logps), ``kl_coef * r *
+            (logp - ref_logps)``.
         sampler_logps: [M] float32: multiplies ``coef`` by the truncated importance weight
             ``min(exp(logp - sampler_logps), is_cap)`` (a constant); NaN gives weight 1 (rows
             that were not sampled, e.g. reference answers). is_cap: > 0 (inf for none), required
@@ -456,6 +466,7 @@ def row_pass(
         m, logits3.shape[1], v, vocab_start, vocab_total, 1.0 / temperature, ignore_index,
         float(is_cap) if sampler_logps is not None else 1.0, float(clip_low), float(clip_high),
         float(policy_a), float(policy_b), RATIO_POLICY=ratio_policy if old_logps is not None else 0,
+        KL_RATIO=bool(kl_ratio) and ref_logps is not None,
         BLOCK_V=block_v, NUM_STAGES=config.num_stages if num_stages is None else num_stages,
         num_warps=config.num_warps if num_warps is None else num_warps,
     )  # fmt: skip

@@ -142,6 +142,33 @@ def test_ratio_policy_on_policy_is_the_plain_gradient(backend, name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("off_policy", [True, False], ids=["off-policy", "on-policy"])
+def test_kl_bias_correction_matches_reference(backend, dtype, off_policy):
+    """The k3 KL weighted by the ratio (TRL's ``use_bias_correction_kl``) against the float64
+    reference, off-policy (ratios in every band, with the delta clip) and on-policy (ratio 1,
+    whose gradient still differs from the plain k3's); it changes the loss, the reported KL
+    (off-policy) and the gradient."""
+    logits, labels, rewards = _batch(2, G, 7, 29, dtype, seed=13)
+    gen = torch.Generator().manual_seed(3)
+    ref = _old_near(logits, labels, 0.5, seed=4) - 0.2 * torch.rand(labels.shape, generator=gen)
+    kw = {"kl_coef": 0.3, "ref_logps": ref.to(DEVICE), "temperature": 0.9}
+    if off_policy:
+        old = old_in_every_band(logits, labels, temperature=0.9)
+        kw.update(old_logps=old, clip_eps=(0.1, 0.2), delta=1.3)
+    out, grad = _check(backend, dtype, {**kw, "kl_bias_correction": True}, seed=13, t=7)
+    x = logits.clone().requires_grad_()
+    plain = grao_loss(x, labels, rewards, group_size=G, backend=backend, **kw)
+    plain.loss.backward()
+    assert (x.grad.float() - grad.float()).abs().max() > 1e-2 * grad.float().abs().max()
+    if off_policy:
+        assert abs(plain.kl - out.kl) > 1e-2 * abs(out.kl)
+        assert abs(plain.loss - out.loss) > 1e-4 * abs(out.loss)
+    else:  # ratio 1: the same values
+        assert_close(out.kl, plain.kl.double(), dtype, "value")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_token_weights_and_combined_options(backend):
     logits, labels, _ = _batch(2, G, 4, 29, torch.float32, seed=3)
     old = _old_near(logits, labels, 0.3, seed=4)
@@ -238,7 +265,9 @@ def test_linear_path_objective_family(backend):
                {"old_logps": old, "importance_level": "sequence"},
                {"old_logps": old, "clip_eps": 0.1, "delta": 1.2},
                {"old_logps": old, "ratio_policy": "cispo", "ratio_cap": 1.1},
-               {"old_logps": old, "ratio_policy": "sapo", "sapo_tau": (2.0, 3.0)}):  # fmt: skip
+               {"old_logps": old, "ratio_policy": "sapo", "sapo_tau": (2.0, 3.0)},
+               {"old_logps": old, "kl_coef": 0.2, "ref_logps": old - 0.3,
+                "kl_bias_correction": True}):  # fmt: skip
         a = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
         out = grao_loss_linear(*a, labels, rewards, group_size=G, backend=backend, **kw)
         out.loss.backward()
@@ -296,6 +325,10 @@ N, T = G + 1, 3
         ({"delta": 2.0, "ratio_policy": "sapo"}, ValueError, "delta .* applies only"),
         ({"ratio_policy": "sapo", "importance_level": "sequence"}, ValueError,
          'needs importance_level="token"'),
+        ({"kl_bias_correction": True}, ValueError, "kl_bias_correction .* needs kl_coef > 0"),
+        ({"kl_bias_correction": True, "kl_coef": 0.1, "importance_level": "sequence",
+          "ref_logps": torch.zeros(N, T), "old_logps": torch.zeros(N, T)}, ValueError,
+         "kl_bias_correction"),
     ],
 )  # fmt: skip
 def test_bad_objective_input(over, exc, match):

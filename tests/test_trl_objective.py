@@ -190,6 +190,25 @@ def test_ratio_policies_match_trl(model_dir, tmp_path, fixed_generation, loss_ty
             )
 
 
+@pytest.mark.parametrize("iterations", [2, 1], ids=["second-iteration", "on-policy"])
+def test_bias_corrected_kl_matches_trl(model_dir, tmp_path, fixed_generation, iterations):
+    """``beta > 0`` with ``use_bias_correction_kl``: TRL's k3 KL times the token ratio, off-policy
+    (the policy moved since the batch, clipped) and on-policy (ratio 1, whose gradient still
+    adds the k3 itself), is GRAO's; without the correction the gradient differs."""
+    grao, grpo = _pair(model_dir, tmp_path, loss_type="grpo", num_iterations=iterations, beta=0.5,
+                       use_bias_correction_kl=True, epsilon_high=0.28)  # fmt: skip
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    assert ("old_per_token_logps" in batch) == (iterations > 1)
+    _take_a_step(grao.model)  # the policy leaves the reference model (and the old policy)
+    _take_a_step(grpo.model)
+    assert grao._loss_options(batch)["kl_bias_correction"]
+    grads, trl_grads = _gradients(grao, [batch]), _gradients(grpo, [trl_batch])
+    _assert_same_gradients(grads, trl_grads)
+    grao.args.use_bias_correction_kl = False
+    plain = _gradients(grao, [batch])
+    assert any(not torch.allclose(plain[k], grads[k], rtol=1e-3, atol=0) for k in grads)
+
+
 def test_on_policy_cispo_cap_below_1_matches_trl(model_dir, tmp_path, fixed_generation):
     """On-policy (no old log-probs) TRL's CISPO weighs every token by ``min(1, epsilon_high)``."""
     grao, grpo = _pair(model_dir, tmp_path, loss_type="cispo", epsilon_high=0.5)
@@ -320,7 +339,10 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
         ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
         ({"use_adaptive_entropy": True}, "use_adaptive_entropy"),
-        ({"beta": 0.1, "use_bias_correction_kl": True}, "use_bias_correction_kl"),
+        (
+            {"beta": 0.1, "use_bias_correction_kl": True, "importance_sampling_level": "sequence"},
+            "use_bias_correction_kl",
+        ),
     ],
 )
 def test_config_rejects_settings_without_grao_counterpart(tmp_path, overrides, message):

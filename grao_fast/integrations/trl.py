@@ -44,6 +44,8 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
     ``sampling/importance_sampling_ratio/*``. These weights replace the loss's own
     ``sampler_logps``/``is_cap`` path, which computes ``token_truncate`` alone.
   - ``entropy_coef`` -> ``entropy_coef`` (the bonus over the sample rows' tokens).
+  - ``use_bias_correction_kl`` (with ``beta > 0``) -> ``kl_bias_correction`` (each token's k3
+    weighted by its ratio; token level only).
   - ``delta`` -> ``delta``; ``loss_type="cispo"`` -> ``ratio_policy="cispo"`` with
     ``ratio_cap=epsilon_high`` (token length normalisation); ``"sapo"`` -> ``ratio_policy="sapo"``
     with ``sapo_tau=(sapo_temperature_pos, sapo_temperature_neg)`` (per-sequence); token level
@@ -413,6 +415,7 @@ class GRAOTrainer(GRPOTrainer):
             "terms": tuple(args.grao_terms),
             "backend": args.grao_backend,
             "kl_coef": self.beta,
+            "kl_bias_correction": bool(args.use_bias_correction_kl) and self.beta != 0.0,
             "ref_logps": inputs.get("ref_per_token_logps"),
             "length_norm": LENGTH_NORMS[args.loss_type],
             "max_tokens": self.max_completion_length if args.loss_type == "dr_grpo" else None,

@@ -47,8 +47,9 @@ REFUSED = {
     "before any gradient (a second read) and is not implemented yet",
     "use_adaptive_entropy": "the adaptive entropy coefficient is not implemented in "
     "GRAOTrainer yet",
-    "use_bias_correction_kl": "the ratio-weighted k3 KL is not implemented in GRAO's loss "
-    "yet (GRAO's KL is the plain k3)",
+    "use_bias_correction_kl": "with importance_sampling_level='sequence' the ratio-weighted k3 "
+    "KL takes each row's ratio, whose gradient reaches every token of the row; GRAO's loss "
+    "weights the KL by token ratios only",
 }
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
@@ -86,7 +87,9 @@ class GRAOConfig(GRPOConfig):
     vllm_importance_sampling_mode: str = _option(
         "token_truncate", "Weights of the sample tokens: TRL's ratio pi / pi_vllm in this mode."
     )
-    use_bias_correction_kl: bool = _option(False, "Not with beta > 0: GRAO's KL is the plain k3.")
+    use_bias_correction_kl: bool = _option(
+        False, "With beta > 0: each token's k3 KL weighted by its ratio (token level only)."
+    )
     reference_column: str = _option("reference", "Dataset column with the reference answers.")
     grao_beta: float = _option(0.5, "Weight beta of the imitation term (paper: 0.5).")
     grao_lambda: float = _option(0.6, "Weight lambda of the alignment term (paper: 0.6).")
@@ -162,11 +165,12 @@ class GRAOConfig(GRPOConfig):
         if not self.entropy_coef >= 0:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
         self._check_ratio_policy()
+        row_ratio_kl = self.beta != 0.0 and self.importance_sampling_level == "sequence"
         unsupported = {
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
             "top_entropy_quantile": self.top_entropy_quantile != 1.0,
             "use_adaptive_entropy": self.use_adaptive_entropy,
-            "use_bias_correction_kl": self.use_bias_correction_kl and self.beta != 0.0,
+            "use_bias_correction_kl": self.use_bias_correction_kl and row_ratio_kl,
         }
         for name, set_ in unsupported.items():
             if set_:
