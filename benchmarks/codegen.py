@@ -115,7 +115,8 @@ def compile_row_kernel(
     )  # fmt: skip
     constants = dict(
         BLOCK_V=block_v, HAS_GRAD=f["grad"], HAS_KL=f["kl"], HAS_IS=f["is_"], HAS_CLIP=f["clip"],
-        RATIO_POLICY=f.get("policy", 0), HAS_ENTROPY=f["entropy"], HAS_ENT_GRAD=f["ent_grad"],
+        RATIO_POLICY=f.get("policy", 0), KL_RATIO=f.get("kl_ratio", False),
+        HAS_ENTROPY=f["entropy"], HAS_ENT_GRAD=f["ent_grad"],
         SPLIT_STATS=f["split_stats"], SPLIT_GRAD=f["split_grad"],
         FIRST_READ="evict_last" if f["grad"] else "evict_first", NUM_STAGES=num_stages,
     )  # fmt: skip
