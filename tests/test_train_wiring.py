@@ -51,6 +51,9 @@ def _expected(cfg: TrainConfig, model, mb, **override):
     if cfg.num_iterations > 1:
         kw.update(old_logps=mb.old_logps.double(), importance_level=cfg.importance_level,
                   clip_eps=(cfg.clip_eps_low, cfg.clip_eps_high))  # fmt: skip
+    cu = mb.batch.get("cu_seqlens")
+    if cu is not None:  # rows over the flattened positions (GRPO: an empty reference per group)
+        logits, kw["cu_seqlens"] = logits.flatten(0, 1), cu
     kw.update(override)
     return grao_loss(logits, mb.batch["labels"], mb.rewards.double(), backend="reference", **kw)
 
