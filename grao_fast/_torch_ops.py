@@ -13,10 +13,10 @@ import torch
 # Float32 working set of one chunk (upcast logits + probabilities): 64 MiB is large enough that
 # the per-chunk Python overhead is negligible at vocabulary 32k-152k and small beside any model.
 DEFAULT_CHUNK_BYTES = 64 << 20
-# On CPU each chunk goes through several elementwise passes (max, subtract, exp, sum, scale):
-# chunks that stay in the core's cache between them are faster than large ones (measured in
-# docs/PERFORMANCE.md, "CPU").
-CPU_CHUNK_BYTES = 2 << 20
+# On CPU: 8 MiB (32 rows of a 32k vocabulary, a 4 MiB buffer): as fast as 64 MiB, smaller
+# chunks are slower (docs/PERFORMANCE.md, "CPU"), and the temporaries of the bf16 and entropy
+# paths stay small.
+CPU_CHUNK_BYTES = 8 << 20
 
 
 def is_weight(logp: torch.Tensor, sampler: torch.Tensor, cap: float) -> torch.Tensor:
@@ -97,7 +97,7 @@ def row_pass(
 
 def chunk_budget(device: torch.device) -> int:
     """The row pass's default working set per chunk on ``device``: ``DEFAULT_CHUNK_BYTES``, and
-    on CPU at most ``CPU_CHUNK_BYTES`` (a chunk that stays in cache between its passes)."""
+    on CPU at most ``CPU_CHUNK_BYTES``."""
     if device.type == "cpu":
         return min(DEFAULT_CHUNK_BYTES, CPU_CHUNK_BYTES)
     return DEFAULT_CHUNK_BYTES
