@@ -13,10 +13,6 @@ import torch
 # Float32 working set of one chunk (upcast logits + probabilities): 64 MiB is large enough that
 # the per-chunk Python overhead is negligible at vocabulary 32k-152k and small beside any model.
 DEFAULT_CHUNK_BYTES = 64 << 20
-# On CPU: 8 MiB (32 rows of a 32k vocabulary, a 4 MiB buffer): as fast as 64 MiB, smaller
-# chunks are slower (docs/PERFORMANCE.md, "CPU"), and the temporaries of the bf16 and entropy
-# paths stay small.
-CPU_CHUNK_BYTES = 8 << 20
 
 
 def is_weight(logp: torch.Tensor, sampler: torch.Tensor, cap: float) -> torch.Tensor:
@@ -95,14 +91,6 @@ def row_pass(
     return logp, (torch.cat([e for _, e in pieces]) if compute_entropy else None)
 
 
-def chunk_budget(device: torch.device) -> int:
-    """The row pass's default working set per chunk on ``device``: ``DEFAULT_CHUNK_BYTES``, and
-    on CPU at most ``CPU_CHUNK_BYTES``."""
-    if device.type == "cpu":
-        return min(DEFAULT_CHUNK_BYTES, CPU_CHUNK_BYTES)
-    return DEFAULT_CHUNK_BYTES
-
-
 def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy, chunk_bytes,
           token_inputs):  # fmt: skip
     m, v = logits.shape
@@ -110,21 +98,24 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
     logp = torch.empty(m, dtype=acc, device=logits.device)
     entropy = torch.empty_like(logp) if compute_entropy else None
     ent_coef = token_inputs.pop("ent_coef", None)
-    budget = chunk_budget(logits.device) if chunk_bytes is None else chunk_bytes
-    rows = max(1, budget // (8 * v))  # at most two float32 [rows, V] buffers per chunk
+    # For float32 logits without entropy the working buffer is the chunk of the gradient itself
+    # (no copy at the end; with grad = logits each chunk is read before it is overwritten).
+    direct = grad is not None and grad.dtype == acc and entropy is None
+    if chunk_bytes is None and direct:
+        # No [rows, V] temporaries to bound: one chunk, the fewest passes and parallel regions
+        # (on CPU `exp` bounds the pass, not the cache; docs/PERFORMANCE.md, "CPU").
+        rows = max(1, m)
+    else:  # at most two float32 [rows, V] buffers per chunk
+        rows = max(1, (DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (8 * v))
     inv_t = 1.0 / temperature
     # Per-token masks for all rows at once: the chunks below only slice them.
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < v)
     keep = in_range & ~ignored
     safe = torch.where(in_range, labels, 0).long()[:, None]
-    # For float32 logits without entropy the working buffer is the chunk of the gradient itself
-    # (no copy at the end; with grad = logits each chunk is read before it is overwritten).
-    direct = grad is not None and grad.dtype == acc and entropy is None
     for start in range(0, m, rows):
         sl = slice(start, min(start + rows, m))
-        # One [r, V] working buffer, transformed in place: x -> (x - max) / T -> exp -> grad,
-        # four passes over a chunk that stays in cache (three at T = 1).
+        # One [r, V] working buffer, transformed in place: x -> (x - max) / T -> exp -> grad.
         x = logits[sl]
         mx = x.amax(dim=-1, keepdim=True).to(acc)
         # Subtract the raw max before scaling: (x - m) is exact for |x| ~ 1e4, x / T is not.

@@ -29,9 +29,9 @@ from .options import OPTIONS_DOC, TERMS, GRAOOptions
 # vocabulary in bf16: each GEMM of a chunk is still ~1 TFLOP at H = 3,584 (full speed on a
 # GPU), and the chunk is small beside a 7B model's activations.
 DEFAULT_CHUNK_BYTES = 256 << 20
-# On CPU the GEMMs run at the same speed from 32 MiB chunks up (256 tokens of a 32k vocabulary,
-# docs/PERFORMANCE.md "CPU"), and smaller chunks cut the peak memory.
-CPU_CHUNK_BYTES = 32 << 20
+# On CPU the chunk loop runs at the same speed from 32 MiB chunks up (256 tokens of a 32k
+# vocabulary; docs/PERFORMANCE.md, "CPU"), and smaller chunks cut the peak memory.
+CPU_CHUNK_BYTES = 64 << 20
 
 
 def default_chunk_bytes(device: torch.device) -> int:
@@ -286,7 +286,7 @@ def grao_loss_linear(
             to the weight's dtype at the end) instead of the weight's dtype (a rounding per
             chunk). Costs a float32 [V, H] accumulator; on CUDA the GEMMs stay bf16/fp16.
         chunk_bytes: bound on the one chunk of logits held at a time (default: 256 MiB; on
-            CPU 32 MiB, where larger chunks are no faster).
+            CPU 64 MiB, where larger chunks are no faster).
         vocab_group, vocab_start: the lm_head split by vocabulary across a process group
             (tensor parallelism): ``weight`` (and ``bias``) is this process's rows
             ``[vocab_start, vocab_start + V_local)``, as :func:`grao_loss` takes its logits; a

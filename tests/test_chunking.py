@@ -3,7 +3,7 @@
 import torch
 from tolerances import assert_close
 
-from grao_fast import _torch_ops, grao_loss, grao_loss_linear, linear
+from grao_fast import _torch_ops, grao_loss_linear, linear
 
 
 def _linear_inputs(v=37, h=8, seed=0):
@@ -17,8 +17,6 @@ def _linear_inputs(v=37, h=8, seed=0):
 def test_default_chunk_bytes_per_device():
     assert linear.default_chunk_bytes(torch.device("cpu")) == linear.CPU_CHUNK_BYTES
     assert linear.default_chunk_bytes(torch.device("cuda")) == linear.DEFAULT_CHUNK_BYTES
-    assert _torch_ops.chunk_budget(torch.device("cpu")) == _torch_ops.CPU_CHUNK_BYTES
-    assert _torch_ops.chunk_budget(torch.device("cuda")) == _torch_ops.DEFAULT_CHUNK_BYTES
 
 
 def test_linear_default_chunks_on_cpu(monkeypatch):
@@ -48,12 +46,15 @@ def test_linear_default_chunks_on_cpu(monkeypatch):
     assert_close(grads[1], weight.grad, torch.float32, "gemm")
 
 
-def test_row_pass_default_budget_on_cpu(monkeypatch):
+def test_row_pass_default_chunks(monkeypatch):
+    """float32 gradient written in place: one chunk (no temporaries to bound); bf16 logits:
+    chunks of ``DEFAULT_CHUNK_BYTES`` of float32 buffers. Same results as explicit chunks."""
     gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(3, 5, 29, generator=gen)
-    labels = torch.randint(0, 29, (3, 5), generator=gen)
-    rewards = torch.rand(1, 3, generator=gen)
-    monkeypatch.setattr(_torch_ops, "CPU_CHUNK_BYTES", 2 * 8 * 29)  # 2 rows per chunk
+    logits = torch.randn(15, 29, generator=gen)
+    labels = torch.randint(0, 29, (15,), generator=gen)
+    labels[3] = -100
+    coef = torch.randn(15, generator=gen)
+    monkeypatch.setattr(_torch_ops, "DEFAULT_CHUNK_BYTES", 2 * 8 * 29)  # 2 rows per chunk
     seen = []
     token_scale = _torch_ops.token_scale
 
@@ -62,14 +63,17 @@ def test_row_pass_default_budget_on_cpu(monkeypatch):
         return token_scale(logp, *args, **kwargs)
 
     monkeypatch.setattr(_torch_ops, "token_scale", spy)
-    x = logits.clone().requires_grad_()
-    out = grao_loss(x, labels, rewards, group_size=2, backend="torch", temperature=0.7)
-    out.loss.backward()
+    opts = {"temperature": 0.7, "is_cap": 2.0, "clip_low": 0.2, "clip_high": 0.2}
+    grad = torch.empty_like(logits)
+    logp, _ = _torch_ops.row_pass(logits, labels, coef, grad=grad, **opts)
+    assert seen == [15]
+    chunked = torch.empty_like(logits)
+    logp_chunked, _ = _torch_ops.row_pass(logits, labels, coef, grad=chunked,
+                                          chunk_bytes=2 * 8 * 29, **opts)  # fmt: skip
+    assert seen[1:] == [2] * 7 + [1]
+    assert_close(logp, logp_chunked, torch.float32, "kernel")
+    assert_close(grad, chunked, torch.float32, "grad")
+    seen.clear()
+    low = logits.to(torch.bfloat16)
+    _torch_ops.row_pass(low, labels, coef, grad=torch.empty_like(low), **opts)
     assert seen == [2] * 7 + [1]
-    y = logits.clone().requires_grad_()
-    monkeypatch.setattr(_torch_ops, "CPU_CHUNK_BYTES", 1 << 30)
-    whole = grao_loss(y, labels, rewards, group_size=2, backend="torch", temperature=0.7)
-    whole.loss.backward()
-    assert seen[8:] == [15]
-    assert_close(out.loss, whole.loss, torch.float32, "value")
-    assert_close(x.grad, y.grad, torch.float32, "grad")
