@@ -111,49 +111,55 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
     logp = torch.empty(m, dtype=acc, device=logits.device)
     entropy = torch.empty_like(logp) if compute_entropy else None
     ent_coef = token_inputs.pop("ent_coef", None)
-    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    rows = max(1, budget // (8 * v))  # at most two float32 [rows, V] buffers per chunk
+    # For float32 logits without entropy the working buffer is the chunk of the gradient itself
+    # (no copy at the end; with grad = logits each chunk is read before it is overwritten).
+    direct = grad is not None and grad.dtype == acc and entropy is None
+    if chunk_bytes is None and direct:
+        # No [rows, V] temporaries to bound: one chunk, the fewest passes and parallel regions
+        # (on CPU `exp` bounds the pass, not the cache; docs/PERFORMANCE.md, "CPU").
+        rows = max(1, m)
+    else:  # at most two float32 [rows, V] buffers per chunk
+        rows = max(1, (DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (8 * v))
     inv_t = 1.0 / temperature
+    # Per-token masks for all rows at once: the chunks below only slice them.
+    ignored = labels == ignore_index
+    in_range = (labels >= 0) & (labels < v)
+    keep = in_range & ~ignored
+    safe = torch.where(in_range, labels, 0).long()[:, None]
     for start in range(0, m, rows):
         sl = slice(start, min(start + rows, m))
-        lab = labels[sl]
-        ignored = lab == ignore_index
-        in_range = (lab >= 0) & (lab < v)
-        safe = torch.where(in_range, lab, torch.zeros_like(lab)).long()[:, None]
         # One [r, V] working buffer, transformed in place: x -> (x - max) / T -> exp -> grad.
-        # For float32 logits without entropy it is the chunk of the gradient itself (no copy at
-        # the end; with grad = logits each chunk is read here before it is overwritten).
-        direct = grad is not None and grad.dtype == acc and entropy is None
         x = logits[sl]
         mx = x.amax(dim=-1, keepdim=True).to(acc)
         # Subtract the raw max before scaling: (x - m) is exact for |x| ~ 1e4, x / T is not.
-        z = torch.sub(x, mx, out=grad[sl]) if direct else x.to(acc) - mx
-        z.mul_(inv_t)
-        picked = z.gather(1, safe).squeeze(1)
+        # bf16/fp16 logits are upcast inside the subtraction (mx is float32): one pass.
+        z = torch.sub(x, mx, out=grad[sl]) if direct else torch.sub(x, mx)
+        if temperature != 1.0:
+            z.mul_(inv_t)
+        picked = z.gather(1, safe[sl]).squeeze(1)
         e = z.exp() if entropy is not None else z.exp_()
         total = e.sum(dim=-1)
         log_total = torch.log(total)
-        lp = torch.where(in_range, picked - log_total, float("nan"))
-        logp[sl] = torch.where(ignored, 0.0, lp)
+        lp = torch.where(in_range[sl], picked - log_total, float("nan"))
+        logp[sl] = torch.where(ignored[sl], 0.0, lp)
         if entropy is not None:  # H = log S - sum e z / S; a -inf logit (e = 0) contributes 0
             ent = log_total - torch.where(e > 0, e * z, 0.0).sum(dim=-1) / total
-            entropy[sl] = torch.where(ignored, 0.0, ent)
+            entropy[sl] = torch.where(ignored[sl], 0.0, ent)
         if grad is None:
             continue
         rows_in = {k: val[sl] if isinstance(val, torch.Tensor) else val
                    for k, val in token_inputs.items()}  # fmt: skip
         g = token_scale(lp, coef[sl], **rows_in).to(acc)
-        keep = in_range & ~ignored
-        g = torch.where(keep, g * inv_t, 0.0)
-        p = e.div_(total[:, None])
+        g = torch.where(keep[sl], g * inv_t, 0.0)
         if ent_coef is not None and entropy is not None:
-            ec = torch.where(keep, ent_coef[sl] * inv_t, 0.0)[:, None]
+            p = e.div_(total[:, None])
+            ec = torch.where(keep[sl], ent_coef[sl] * inv_t, 0.0)[:, None]
             # d(e H)/dx = -e p (log p + H) / T, 0 where p = 0 (a masked word).
             logp_v = z.sub_(log_total[:, None]).add_(ent[:, None])
             d = torch.where(p > 0, p * logp_v, 0.0).mul_(-ec).sub_(p * g[:, None])
         else:
-            d = p.mul_(-g[:, None])  # -g * softmax
-        d.scatter_add_(1, safe, g[:, None])
+            d = e.mul_((-g / total)[:, None])  # -g * softmax, in one pass
+        d.scatter_add_(1, safe[sl], g[:, None])
         if not direct:
             grad[sl] = d
     return logp, entropy

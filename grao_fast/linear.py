@@ -29,6 +29,15 @@ from .options import OPTIONS_DOC, SAPO_TAU, TERMS, GRAOOptions
 # vocabulary in bf16: each GEMM of a chunk is still ~1 TFLOP at H = 3,584 (full speed on a
 # GPU), and the chunk is small beside a 7B model's activations.
 DEFAULT_CHUNK_BYTES = 256 << 20
+# On CPU the chunk loop runs at the same speed from 32 MiB chunks up (256 tokens of a 32k
+# vocabulary; docs/PERFORMANCE.md, "CPU"), and smaller chunks cut the peak memory.
+CPU_CHUNK_BYTES = 64 << 20
+
+
+def default_chunk_bytes(device: torch.device) -> int:
+    """``chunk_bytes`` when the caller gives none: ``CPU_CHUNK_BYTES`` on CPU, else
+    ``DEFAULT_CHUNK_BYTES``."""
+    return CPU_CHUNK_BYTES if device.type == "cpu" else DEFAULT_CHUNK_BYTES
 
 
 # torch.addmm(..., out_dtype=) (bf16/fp16 operands, float32 output) exists on CUDA from 2.8.
@@ -112,11 +121,17 @@ def _linear_pass(
     logp = torch.empty(m, dtype=acc, device=hidden.device)
     ent = torch.empty(m if compute_entropy else 0, dtype=acc, device=hidden.device)
     step = chunk_tokens(v, compute, chunk_bytes)
+    # [c, V] logits of a chunk: the only vocabulary-sized buffer, written by the GEMM of every
+    # chunk in turn (allocated once).
+    buffer = torch.empty(min(step, m), w.shape[0], dtype=compute, device=hidden.device)
     for start in range(0, m, step):
         sl = slice(start, min(start + step, m))
         xc = hidden[sl].to(compute)
-        # [c, V] logits of this chunk: the only vocabulary-sized buffer.
-        logits = torch.addmm(b, xc, w.t()) if b is not None else xc @ w.t()
+        logits = buffer[: xc.shape[0]]
+        if b is not None:
+            torch.addmm(b, xc, w.t(), out=logits)
+        else:
+            torch.mm(xc, w.t(), out=logits)
         rows = {k: None if x is None else x[sl] for k, x in inputs._asdict().items()}
         # the gradient replaces the logits in place
         grad = logits if inputs.coef is not None else None
@@ -255,7 +270,7 @@ def grao_loss_linear(
     return_entropy: bool = False,
     lm_head_fp32: bool = False,
     grad_weight_fp32: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     vocab_group: object | None = None,
     vocab_start: int | None = None,
 ) -> GRAOOutput:
@@ -280,7 +295,8 @@ def grao_loss_linear(
         grad_weight_fp32: accumulate ``grad_weight`` over the chunks in float32 (one rounding
             to the weight's dtype at the end) instead of the weight's dtype (a rounding per
             chunk). Costs a float32 [V, H] accumulator; on CUDA the GEMMs stay bf16/fp16.
-        chunk_bytes: bound on the one chunk of logits held at a time (default 256 MiB).
+        chunk_bytes: bound on the one chunk of logits held at a time (default: 256 MiB; on
+            CPU 64 MiB, where larger chunks are no faster).
         vocab_group, vocab_start: the lm_head split by vocabulary across a process group
             (tensor parallelism): ``weight`` (and ``bias``) is this process's rows
             ``[vocab_start, vocab_start + V_local)``, as :func:`grao_loss` takes its logits; a
@@ -324,8 +340,10 @@ def grao_loss_linear(
         not isinstance(bias, torch.Tensor) or bias.shape != (v,) or bias.device != weight.device
     ):
         raise ValueError(f"bias must be a [V] = [{v}] tensor on {weight.device}")
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    if chunk_bytes is None:
+        chunk_bytes = default_chunk_bytes(hidden.device)
+    elif isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
     compute = compute_dtype(hidden, weight, bool(lm_head_fp32))
     if shard is not None and backend == "reference":
         raise ValueError("backend='reference' does not take a vocabulary split; use 'auto', "
