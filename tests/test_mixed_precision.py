@@ -153,20 +153,9 @@ def test_trl_bf16_with_and_without_fused_linear(tmp_path, tiny_model_dir, monkey
 
 def _loop_micro_batches(cfg, model):
     """One step's micro-batches of made-up rollouts of unequal lengths (tiny vocabulary)."""
-    from grao_fast.train.loop import micro_batches
-    from grao_fast.train.rollout import Rollout
+    from test_train import _micro_batches
 
-    gen = torch.Generator().manual_seed(0)
-    ids = lambda n: torch.randint(3, 40, (n,), generator=gen).tolist()  # noqa: E731
-    rollouts, refs = [], []
-    for b in range(cfg.batch_prompts):
-        lengths = [1 + (b + i) % cfg.max_new_tokens for i in range(cfg.group_size)]
-        logps = [(-torch.rand(n, generator=gen)).tolist() for n in lengths]
-        rollouts.append(Rollout(ids(3 + b), [ids(n) for n in lengths], [""] * len(lengths), logps))
-        refs.append(ids(2 + b))
-    rewards = torch.rand(cfg.batch_prompts, cfg.group_size + 1, generator=gen)
-    return micro_batches(cfg, model, None, rollouts=rollouts, refs=refs, rewards=rewards,
-                         pad_id=0, packed=False, device=torch.device("cpu"))  # fmt: skip
+    return _micro_batches(cfg, model, packed=False)
 
 
 def test_training_loop_fused_linear_under_its_autocast(tiny_model_dir, monkeypatch):

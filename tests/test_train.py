@@ -439,15 +439,7 @@ def _micro_batches(cfg, model, packed, ref_model=None):
     """The micro-batches of one step of made-up rollouts of unequal lengths (tiny vocabulary)."""
     from grao_fast.train.loop import micro_batches
 
-    gen = torch.Generator().manual_seed(0)
-    ids = lambda n: torch.randint(3, 40, (n,), generator=gen).tolist()  # noqa: E731
-    rollouts, refs = [], []
-    for b in range(cfg.batch_prompts):
-        lengths = [1 + (b + i) % cfg.max_new_tokens for i in range(cfg.group_size)]
-        logps = [(-torch.rand(n, generator=gen)).tolist() for n in lengths]
-        rollouts.append(Rollout(ids(3 + b), [ids(n) for n in lengths], [""] * len(lengths), logps))
-        refs.append(ids(2 + b))
-    rewards = torch.rand(cfg.batch_prompts, cfg.group_size + 1, generator=gen)
+    rollouts, refs, rewards = _made_up_step(cfg)
     return micro_batches(cfg, model, ref_model, rollouts=rollouts, refs=refs, rewards=rewards,
                          pad_id=0, packed=packed, device=torch.device("cpu"))  # fmt: skip
 
