@@ -14,6 +14,18 @@ def _linear_inputs(v=37, h=8, seed=0):
     return hidden, weight, labels, torch.rand(1, 3, generator=gen)
 
 
+def _rows_seen(monkeypatch, name: str) -> list[int]:
+    """The rows (first dimension) of each call of ``_torch_ops.<name>``, recorded as it runs."""
+    seen, fn = [], getattr(_torch_ops, name)
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return fn(x, *args, **kwargs)
+
+    monkeypatch.setattr(_torch_ops, name, spy)
+    return seen
+
+
 def test_default_chunk_bytes_per_device():
     assert linear.default_chunk_bytes(torch.device("cpu")) == linear.CPU_CHUNK_BYTES
     assert linear.default_chunk_bytes(torch.device("cuda")) == linear.DEFAULT_CHUNK_BYTES
@@ -23,14 +35,7 @@ def test_linear_default_chunks_on_cpu(monkeypatch):
     hidden, weight, labels, rewards = _linear_inputs()
     v = weight.shape[0]
     monkeypatch.setattr(linear, "CPU_CHUNK_BYTES", 4 * v * 4)  # 4 float32 tokens per chunk
-    seen = []
-    row_pass = _torch_ops.row_pass
-
-    def spy(logits, *args, **kwargs):
-        seen.append(logits.shape[0])
-        return row_pass(logits, *args, **kwargs)
-
-    monkeypatch.setattr(_torch_ops, "row_pass", spy)
+    seen = _rows_seen(monkeypatch, "row_pass")
     out = grao_loss_linear(hidden, weight, labels, rewards, group_size=2, backend="torch")
     out.loss.backward()
     assert seen == [4, 4, 4, 3]
@@ -55,14 +60,7 @@ def test_row_pass_default_chunks(monkeypatch):
     labels[3] = -100
     coef = torch.randn(15, generator=gen)
     monkeypatch.setattr(_torch_ops, "DEFAULT_CHUNK_BYTES", 2 * 8 * 29)  # 2 rows per chunk
-    seen = []
-    token_scale = _torch_ops.token_scale
-
-    def spy(logp, *args, **kwargs):
-        seen.append(logp.shape[0])
-        return token_scale(logp, *args, **kwargs)
-
-    monkeypatch.setattr(_torch_ops, "token_scale", spy)
+    seen = _rows_seen(monkeypatch, "token_scale")
     opts = {"temperature": 0.7, "is_cap": 2.0, "clip_low": 0.2, "clip_high": 0.2}
     grad = torch.empty_like(logits)
     logp, _ = _torch_ops.row_pass(logits, labels, coef, grad=grad, **opts)
