@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -134,19 +135,34 @@ def test_paper_study_joins_two_phases_and_counts_rows_and_references(compare, tm
 
 def test_paper_study_tunes_then_evaluates_the_chosen_settings(compare, tmp_path):
     """The learning rate with the best held-out score is chosen per method; GRAO's grid runs at
-    its mode's chosen rate; the evaluation takes the best grid point as "GRAO tuned"."""
+    its mode's chosen rate; the evaluation takes the best grid point as "GRAO tuned". Choices
+    are read from the recorded curves, so a fresh clone without the run directories continues
+    where the committed results stop."""
+    from types import SimpleNamespace
+
     from study.definitions import PaperStudy
-    from study.paper_results import selection
-    from study.running import Setting, grid_settings, run_dir, tuning_settings
+    from study.paper_report import Hooks
+    from study.running import Setting, grid_settings, run_dir, run_paths, tuning_settings
 
     study = PaperStudy(steps=2, eval_every=2, lrs=(1e-4, 1e-3), betas=(0.0, 0.5), lams=(0.6,),
                        tune_seeds=(100,))  # fmt: skip
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    hooks = Hooks(study, SimpleNamespace(runs=runs, out=results, rerun=False))
+
+    def finish(setting: Setting, exact: float) -> None:
+        out = run_dir(runs, "T1", "tune", setting, 100)
+        for i, (path, steps) in enumerate(run_paths(study, out, setting)):
+            _paper_run(path, steps, 8, {steps: exact}, first=i == 0)
+        assert not hooks.recorded("T1", "tune", setting, 100)
+        hooks.done("T1", "tune", setting, 100, out)
+        assert hooks.recorded("T1", "tune", setting, 100)
+
     settings = tuning_settings(study)
     assert len(settings) == len(study.methods) * 2
     for s in settings:  # the larger rate wins, except for SFT
-        good = (s.lr == 1e-3) != (s.method == "SFT")
-        _paper_run(run_dir(tmp_path, "T1", "tune", s, 100), 2, 8, {2: 0.5 if good else 0.2})
-    chosen = selection(study, tmp_path, "T1")
+        finish(s, 0.5 if (s.lr == 1e-3) != (s.method == "SFT") else 0.2)
+    shutil.rmtree(runs)  # a fresh clone: only the curves remain
+    chosen = hooks.select("T1")
     assert chosen["lr"]["SFT"] == 1e-4 and chosen["lr"]["GRPO"] == 1e-3
     grid = grid_settings(study, chosen["lr"])
     assert {(s.mode, s.beta, s.lam, s.lr) for s in grid} == {
@@ -155,9 +171,7 @@ def test_paper_study_tunes_then_evaluates_the_chosen_settings(compare, tmp_path)
     tuned = Setting("GRAO relative", 1e-3, 0.0, 0.6, "relative")
     for s in grid:
         if s.beta == 0.0:
-            _paper_run(
-                run_dir(tmp_path, "T1", "tune", s, 100), 2, 8, {2: 0.9 if s == tuned else 0.1}
-            )
-    chosen = selection(study, tmp_path, "T1")
+            finish(s, 0.9 if s == tuned else 0.1)
+    chosen = hooks.select("T1")
     assert chosen["eval"]["GRAO tuned"] == tuned
     assert chosen["eval"]["GRAO absolute"] == Setting("GRAO absolute", 1e-3, 0.5, 0.6, "absolute")

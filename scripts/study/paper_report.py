@@ -1,6 +1,7 @@
 """The paper study's bookkeeping while it runs: each finished run's curves written to
 ``results/<study>/curves/`` (what the summary is built from, and what is committed), the tuning
-choices read back between stages, and the summary rebuilt after each stage."""
+choices read back from them between stages, and the summary rebuilt after each stage. A run whose
+curves are recorded is not run again, so the study continues from a fresh clone."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .definitions import PaperStudy
-from .paper_results import read_run, selection
+from .paper_results import read_run
 from .running import Setting
 
 
@@ -25,14 +26,23 @@ class Hooks:
         self.study, self.args = study, args
 
     def select(self, task: str) -> dict:
-        return selection(self.study, self.args.runs, task)
+        """The choices of tuning so far, from the recorded tuning runs of ``task``."""
+        from .paper_summary import choices, load
+
+        best_lr, tuning, chosen = choices(self.study, load(self.args.out), task)
+        return {"lr": best_lr, "grid": tuning["grid"], "eval": chosen}
+
+    def recorded(self, task: str, stage: str, setting: Setting, seed: int) -> bool:
+        """Whether the run's curves are in ``results/`` (a run finished in an earlier checkout
+        counts: the curves are what is committed)."""
+        return result_path(self.args.out, task, stage, setting, seed).exists()
 
     def done(self, task: str, stage: str, setting: Setting, seed: int, run_dir: Path) -> None:
+        path = result_path(self.args.out, task, stage, setting, seed)
+        if path.exists() and not self.args.rerun:
+            return
         run = read_run(self.study, run_dir, setting)
         if run is None:
-            return
-        path = result_path(self.args.out, task, stage, setting, seed)
-        if path.exists():
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"task": task, "stage": stage, "seed": seed, "setting": asdict(setting), **run}

@@ -3,13 +3,12 @@ tuning makes (best learning rate per method, GRAO's best beta, lambda and reward
 
 from __future__ import annotations
 
-import itertools
 import json
 import statistics
 from pathlib import Path
 
 from .definitions import Method, PaperStudy
-from .running import Setting, grid_settings, phases, run_dir, run_paths, tuning_settings
+from .running import Setting, grid_settings, phases, run_paths, tuning_settings
 
 EVAL_METHODS = ("GRPO", "SFT", "SFT, equal rows", "SFT then GRPO", "GRAO absolute",
                 "GRAO relative", "GRAO tuned")  # fmt: skip
@@ -57,21 +56,6 @@ def tuning_score(run: dict) -> tuple[float, float]:
     return statistics.fmean(exact), statistics.fmean(score)
 
 
-def tuning_runs(study: PaperStudy, runs: Path, task: str, settings: list[Setting]) -> dict:
-    """``{setting: {seed: run}}`` of the finished tuning runs of ``settings``."""
-    found = {}
-    for setting, seed in itertools.product(settings, study.tune_seeds):
-        run = read_run(study, run_dir(runs, task, "tune", setting, seed), setting)
-        if run is not None:
-            found.setdefault(setting, {})[seed] = run
-    return found
-
-
-def mean_score(runs: dict) -> tuple[float, float]:
-    scores = [tuning_score(r) for r in runs.values()]
-    return tuple(statistics.fmean(s[i] for s in scores) for i in range(2))
-
-
 def choose(study: PaperStudy, scores: dict) -> tuple[dict, dict, dict]:
     """The rule of tuning, from ``{setting: mean tuning score}``: per method the best learning
     rate (GRAO at the paper's point; the middle rate while none has finished), GRAO's grid at
@@ -96,15 +80,3 @@ def choose(study: PaperStudy, scores: dict) -> tuple[dict, dict, dict]:
     if grid:
         chosen["GRAO tuned"] = max(grid, key=grid.get)  # the first of equal maxima
     return best_lr, grid, chosen
-
-
-def selection(study: PaperStudy, runs: Path, task: str) -> dict:
-    """The choices of tuning so far (``choose``) from the finished tuning runs in ``runs``."""
-    settings = tuning_settings(study)
-    lr_runs = tuning_runs(study, runs, task, settings)
-    scores = {s: mean_score(r) for s, r in lr_runs.items()}
-    best_lr, _, _ = choose(study, scores)
-    grid_runs = tuning_runs(study, runs, task, grid_settings(study, best_lr))
-    scores.update({s: mean_score(r) for s, r in grid_runs.items()})
-    best_lr, grid, chosen = choose(study, scores)
-    return {"lr": best_lr, "grid": grid, "eval": chosen}

@@ -165,8 +165,9 @@ def grid_settings(study: PaperStudy, best_lr: dict[str, float]) -> list[Setting]
 def run_paper(study: PaperStudy, tasks: dict, args, hooks) -> None:
     """Tuning (learning rates, then GRAO's grid) on the tuning seeds, then the evaluation runs,
     tuning first for every task. ``hooks`` (``paper_report.Hooks``): ``select(task)`` returns
-    the choices of the finished tuning runs, ``done(task, stage, setting, seed, dir)`` is called
-    for every finished run, ``stage_done()`` after each stage of each task."""
+    the choices of the finished tuning runs, ``recorded(task, stage, setting, seed)`` whether a
+    run's curves are already kept, ``done(task, stage, setting, seed, dir)`` is called for every
+    finished run, ``stage_done()`` after each stage of each task."""
     from tqdm.auto import tqdm
 
     starts = {}
@@ -176,7 +177,8 @@ def run_paper(study: PaperStudy, tasks: dict, args, hooks) -> None:
         for setting, seed in tqdm(jobs, desc=f"{task} {stage}", unit="run"):
             where = "tune" if stage != "eval" else "eval"
             out = run_dir(args.runs, task, where, setting, seed)
-            if run_done(study, out, setting) and not args.rerun:
+            if not args.rerun and (hooks.recorded(task, where, setting, seed)
+                                   or run_done(study, out, setting)):  # fmt: skip
                 hooks.done(task, where, setting, seed, out)
                 continue
             if task not in starts:
