@@ -153,9 +153,9 @@ def test_trl_bf16_with_and_without_fused_linear(tmp_path, tiny_model_dir, monkey
 
 def _loop_micro_batches(cfg, model):
     """One step's micro-batches of made-up rollouts of unequal lengths (tiny vocabulary)."""
-    from test_train import _micro_batches
+    from train_helpers import made_up_micro_batches
 
-    return _micro_batches(cfg, model, packed=False)
+    return made_up_micro_batches(cfg, model, packed=False)
 
 
 def test_training_loop_fused_linear_under_its_autocast(tiny_model_dir, monkeypatch):

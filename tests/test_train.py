@@ -9,26 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 from tolerances import assert_close
+from train_helpers import short_cfg
 
 import grao_fast
-from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, train
+from grao_fast.train import IGNORE, build_batch, check_config, train
 from grao_fast.train.batch import build_packed, model_inputs
 from grao_fast.train.rollout import Rollout
-
-
-def _cfg(tmp_path, **kw) -> TrainConfig:
-    """A short run of the toy task on the transformers backend."""
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        rollout="hf",
-        steps=2,
-        batch_prompts=2,
-        group_size=3,
-        max_new_tokens=4,
-        checkpoint_every=0,
-        plot=False,
-    )
-    return TrainConfig(**{**base, **kw})
 
 
 def test_build_batch_layout():
@@ -132,7 +118,7 @@ def test_build_packed_layout():
     ],
 )
 def test_bad_config_is_rejected_before_anything_is_written(tmp_path, change, error, message):
-    cfg = _cfg(tmp_path, **change)
+    cfg = short_cfg(tmp_path, **change)
     with pytest.raises(error, match=message):
         check_config(cfg)
     with pytest.raises(error, match=message):
@@ -151,7 +137,7 @@ def test_bad_data_is_rejected_before_anything_is_written(tmp_path):
         tmp_path, ['{"prompt": "reverse 12", "reference": "21"}', '{"prompt": "reverse 3"}']
     )
     with pytest.raises(ValueError, match=r"data\.jsonl:2: missing field 'reference'"):
-        train(_cfg(tmp_path, data=bad))
+        train(short_cfg(tmp_path, data=bad))
     long = _jsonl(
         tmp_path,
         [
@@ -162,7 +148,7 @@ def test_bad_data_is_rejected_before_anything_is_written(tmp_path):
     with pytest.raises(
         ValueError, match=r"example 1 is too long: prompt 63 \+ answer 4 tokens > max_length 64"
     ):
-        train(_cfg(tmp_path, data=long, max_length=64))
+        train(short_cfg(tmp_path, data=long, max_length=64))
     # The tiny tokenizer has no '+' and no capitals: training on "what is 34?" would be silent
     # corruption, so the run is refused, naming the example and the characters.
     lossy = _jsonl(
@@ -175,21 +161,21 @@ def test_bad_data_is_rejected_before_anything_is_written(tmp_path):
     with pytest.raises(
         ValueError, match=r"example 1 has characters the tokenizer cannot encode: '\+'"
     ):
-        train(_cfg(tmp_path, data=lossy))
+        train(short_cfg(tmp_path, data=lossy))
     hh = _jsonl(tmp_path, [json.dumps({"prompt": "Human: Hi", "reference": "hello"})] * 2)
     with pytest.raises(ValueError, match=r"example 0 has characters .*: 'H' .*pass --model"):
-        train(_cfg(tmp_path, data=hh))
+        train(short_cfg(tmp_path, data=hh))
     few = _jsonl(tmp_path, ['{"prompt": "reverse 12", "reference": "21"}'])
     with pytest.raises(
         ValueError, match=r"batch_prompts \(2\) exceeds the number of examples \(1\)"
     ):
-        train(_cfg(tmp_path, data=few))
+        train(short_cfg(tmp_path, data=few))
     assert not (tmp_path / "run").exists()
 
 
 def test_settings_beyond_the_model_are_rejected_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="max_length: 200 exceeds the model's 128 positions"):
-        train(_cfg(tmp_path, max_length=200))
+        train(short_cfg(tmp_path, max_length=200))
     assert not (tmp_path / "run").exists()
 
 
@@ -201,13 +187,13 @@ def test_failed_start_up_removes_the_new_run_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "make_engine", broken_engine)
     with pytest.raises(RuntimeError, match="engine failed"):
-        train(_cfg(tmp_path))
+        train(short_cfg(tmp_path))
     assert not (tmp_path / "run").exists()  # a retry starts cleanly, no --overwrite needed
     monkeypatch.undo()
-    train(_cfg(tmp_path, steps=1))
+    train(short_cfg(tmp_path, steps=1))
     monkeypatch.setattr(loop, "make_engine", broken_engine)
     with pytest.raises(RuntimeError, match="engine failed"):
-        train(_cfg(tmp_path, resume=True))
+        train(short_cfg(tmp_path, resume=True))
     assert (tmp_path / "run" / "checkpoints").is_dir()  # a resumed run keeps its directory
 
 
@@ -220,7 +206,7 @@ def test_library_output_goes_to_the_log_file(tmp_path, capfd):
         os.write(1, b"stdout noise\n")
         os.write(2, b"stderr noise\n")
 
-    train(_cfg(tmp_path, steps=1), on_step=native_noise)
+    train(short_cfg(tmp_path, steps=1), on_step=native_noise)
     out, err = capfd.readouterr()
     log = (tmp_path / "run" / "train.log").read_text()
     assert out == "" and "toy-reverse" in err  # the run's own progress bar
@@ -272,11 +258,11 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="pass --resume or --overwrite"):
-        train(_cfg(tmp_path))
+        train(short_cfg(tmp_path))
 
 
 def test_short_run_writes_metrics_plot_and_checkpoint(tmp_path, tiny_model_dir):
-    cfg = _cfg(
+    cfg = short_cfg(
         tmp_path,
         model=str(tiny_model_dir),
         data=_jsonl(
@@ -308,7 +294,7 @@ def test_short_run_writes_metrics_plot_and_checkpoint(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("loss", ["grpo", "sft"])
 def test_baselines_run_in_the_same_loop(tmp_path, loss):
-    records = train(_cfg(tmp_path, loss=loss, steps=1))
+    records = train(short_cfg(tmp_path, loss=loss, steps=1))
     r = records[0]
     assert torch.isfinite(torch.tensor(r["loss"]))
     if loss == "grpo":
@@ -325,9 +311,9 @@ def test_importance_weights_and_kl_are_neutral_on_policy(tmp_path):
     """At step 1 the sampler is the policy and the policy is the initial one: importance weights
     are 1 (if the sampler log-probs line up with the labels) and the KL is 0, so the loss and
     terms equal the plain run's."""
-    plain = train(_cfg(tmp_path, steps=1, output_dir=str(tmp_path / "plain")))[0]
-    capped = train(_cfg(tmp_path, steps=1, is_cap=2.0, output_dir=str(tmp_path / "is")))[0]
-    kl_run = train(_cfg(tmp_path, steps=2, kl_coef=0.5, output_dir=str(tmp_path / "kl")))
+    plain = train(short_cfg(tmp_path, steps=1, output_dir=str(tmp_path / "plain")))[0]
+    capped = train(short_cfg(tmp_path, steps=1, is_cap=2.0, output_dir=str(tmp_path / "is")))[0]
+    kl_run = train(short_cfg(tmp_path, steps=2, kl_coef=0.5, output_dir=str(tmp_path / "kl")))
     kl = kl_run[0]
     for key in ("loss", "exploration", "imitation", "alignment"):  # float32 values
         assert_close(torch.tensor(capped[key]), torch.tensor(plain[key]), torch.float32, "value")
@@ -360,7 +346,7 @@ def _capture_gradients(monkeypatch) -> list[list[torch.Tensor]]:
 
 def test_gradient_accumulation_matches_one_batch(tmp_path, monkeypatch):
     seen = _capture_gradients(monkeypatch)
-    one = _cfg(tmp_path, steps=1, batch_prompts=4, output_dir=str(tmp_path / "one"))
+    one = short_cfg(tmp_path, steps=1, batch_prompts=4, output_dir=str(tmp_path / "one"))
     r1 = train(one)[0]
     r2 = train(replace(one, grad_accum=2, output_dir=str(tmp_path / "two")))[0]
     # What accumulation must preserve is the gradient the optimizer sees, not the weights after
@@ -385,7 +371,7 @@ class _Interrupt(Exception):
 
 
 def test_resume_continues_exactly(tmp_path):
-    full = _cfg(tmp_path, steps=5, checkpoint_every=2, output_dir=str(tmp_path / "full"))
+    full = short_cfg(tmp_path, steps=5, checkpoint_every=2, output_dir=str(tmp_path / "full"))
     expected = train(full)
 
     def stop_at_step_3(record):
@@ -413,7 +399,7 @@ def test_resume_continues_exactly(tmp_path):
     not hasattr(grao_fast, "grao_loss_linear"), reason="grao_loss_linear not in this version"
 )
 def test_fused_linear_matches_logits_path(tmp_path):
-    plain = _cfg(tmp_path, steps=1, output_dir=str(tmp_path / "plain"))
+    plain = short_cfg(tmp_path, steps=1, output_dir=str(tmp_path / "plain"))
     fused = replace(plain, fused_linear=True, output_dir=str(tmp_path / "fused"))
     a, b = train(plain)[0], train(fused)[0]  # step 1: no optimizer step in between
     for key in ("loss", "exploration", "imitation", "alignment", "reward"):
@@ -423,7 +409,7 @@ def test_fused_linear_matches_logits_path(tmp_path):
 @pytest.mark.slow
 def test_short_run_with_vllm_rollouts(tmp_path, capfd):
     pytest.importorskip("vllm")
-    records = train(_cfg(tmp_path, rollout="vllm", steps=3, checkpoint_every=2))
+    records = train(short_cfg(tmp_path, rollout="vllm", steps=3, checkpoint_every=2))
     out, err = capfd.readouterr()
     assert out == "" and "WARNING" not in err  # vLLM's start-up lines go to train.log
     assert "Loading safetensors checkpoint shards" in (tmp_path / "run" / "train.log").read_text()
@@ -435,184 +421,9 @@ def test_short_run_with_vllm_rollouts(tmp_path, capfd):
     ]
 
 
-def _micro_batches(cfg, model, packed, ref_model=None):
-    """The micro-batches of one step of made-up rollouts of unequal lengths (tiny vocabulary)."""
-    from grao_fast.train.loop import micro_batches
-
-    rollouts, refs, rewards = _made_up_step(cfg)
-    return micro_batches(cfg, model, ref_model, rollouts=rollouts, refs=refs, rewards=rewards,
-                         pad_id=0, packed=packed, device=torch.device("cpu"))  # fmt: skip
-
-
-def _loss_and_grads(cfg, model, batches):
-    from grao_fast.train.loop import accumulate_gradients
-
-    model.zero_grad(set_to_none=True)
-    parts = accumulate_gradients(cfg, model, batches)
-    return parts, {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        dict(),
-        dict(max_length=32),
-        dict(grad_accum=2, fused_linear=True),
-        dict(length_norm="token", max_length=32),
-        dict(length_norm="constant", entropy_coef=0.01),
-        dict(is_cap=2.0, kl_coef=0.1),
-        dict(num_iterations=2, importance_level="sequence", max_length=32),
-        dict(loss="sft"),
-    ],
-    ids=["grao", "grao_bins", "fused_linear", "token_norm_bins", "constant_norm", "is_cap_kl",
-         "gspo_bins", "sft"],
-)  # fmt: skip
-def test_packed_micro_batches_match_padded(tiny_model_dir, change):
-    """Packed rows (sequences of whole rows, a block-diagonal mask, per-row positions) give the
-    padded loss, terms and parameter gradients to float32 rounding. The clip against the
-    pre-update log-probs is neutral on the first update: its gradient is the on-policy one."""
-    from transformers import AutoModelForCausalLM
-
-    load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
-        tiny_model_dir, attn_implementation="sdpa"
-    )
-    model, ref_model = load(), load().eval()
-    with torch.no_grad():  # a reference policy away from the policy: a nonzero KL
-        for p in ref_model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    cfg = TrainConfig(batch_prompts=4, group_size=3, max_new_tokens=5, **change)
-    padded = _micro_batches(cfg, model, packed=False, ref_model=ref_model)
-    packed = _micro_batches(cfg, model, packed=True, ref_model=ref_model)
-    for p, q in zip(packed, padded, strict=True):
-        assert p.tokens < q.tokens and p.rows == q.rows
-    assert packed[0].batch["labels"].dim() == 1  # [S*L]: the logits are never [N, T, V]
-    sequences = packed[0].batch["input_ids"].shape[0]  # of at most max_length tokens
-    assert sequences > 1 if cfg.max_length == 32 else sequences == 1
-    (a, grads_a), (b, grads_b) = (_loss_and_grads(cfg, model, x) for x in (padded, packed))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
-    # Sums over the step's tokens in another order: n u of the largest entry (as in
-    # test_gradient_accumulation_matches_one_batch), n the padded positions.
-    tol = sum(mb.tokens for mb in padded) * torch.finfo(torch.float32).eps / 2
-    for name in grads_a:
-        close = dict(rtol=tol, atol=tol * float(grads_a[name].abs().max()))
-        torch.testing.assert_close(grads_b[name], grads_a[name], **close)
-    if cfg.num_iterations > 1:
-        assert a["clip_fraction"] == 0.0
-        plain = replace(cfg, num_iterations=1, importance_level="token")
-        on_policy = _micro_batches(plain, model, packed=False, ref_model=ref_model)
-        _, grads = _loss_and_grads(plain, model, on_policy)
-        for name in grads:
-            close = dict(rtol=tol, atol=tol * float(grads[name].abs().max()))
-            torch.testing.assert_close(grads_a[name], grads[name], **close)
-
-
-def _count_backpropagated(monkeypatch):
-    """Count what goes through the policy with gradient (rows, positions), the optimizer
-    updates and the engine syncs, per step, by hooks on the objects themselves."""
-    from grao_fast.train import loop
-
-    seen = {"rows": 0, "tokens": 0, "updates": 0, "syncs": 0}
-    load_policy, make_engine = loop.load_policy, loop.make_engine
-
-    def count_forward(module, args, kwargs):
-        if torch.is_grad_enabled():
-            ids, positions = kwargs["input_ids"], kwargs.get("position_ids")  # packed: positions
-            seen["rows"] += ids.shape[0] if positions is None else int((positions == 0).sum())
-            seen["tokens"] += ids.numel()
-
-    def counted_policy(*args, **kwargs):
-        model, ref_model, optimizer, scheduler, start = load_policy(*args, **kwargs)
-        model.get_decoder().register_forward_pre_hook(count_forward, with_kwargs=True)
-        optimizer.register_step_post_hook(lambda *_: seen.update(updates=seen["updates"] + 1))
-        return model, ref_model, optimizer, scheduler, start
-
-    def counted_engine(*args, **kwargs):
-        engine = make_engine(*args, **kwargs)
-        sync = engine.sync_weights
-        engine.sync_weights = lambda model: (seen.update(syncs=seen["syncs"] + 1), sync(model))
-        return engine
-
-    monkeypatch.setattr(loop, "load_policy", counted_policy)
-    monkeypatch.setattr(loop, "make_engine", counted_engine)
-    return seen
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        dict(),
-        dict(packed=True, grad_accum=2),
-        dict(num_iterations=3, clip_eps_high=0.28),
-        dict(num_iterations=2, packed=True, fused_linear=True, kl_coef=0.1),
-        dict(loss="sft"),
-        dict(loss="sft", packed=True),
-    ],
-    ids=["padded", "packed", "three_updates", "packed_fused_kl", "sft", "sft_packed"],
-)
-def test_backpropagated_rows_tokens_and_updates_are_exact(tmp_path, monkeypatch, change):
-    """The logged counts equal what the policy's decoder saw with gradient enabled (the
-    rollouts, the old and reference log-probs run without it); K updates per step, one engine
-    sync after them."""
-    seen = _count_backpropagated(monkeypatch)
-    counted = []
-
-    def check(record):
-        counted.append(dict(seen))
-        seen.update(rows=0, tokens=0, updates=0, syncs=0)
-
-    cfg = _cfg(tmp_path, **change)
-    records = train(cfg, on_step=check)
-    k, rows_per_update = (
-        cfg.num_iterations,
-        cfg.batch_prompts * (1 if cfg.loss == "sft" else cfg.group_size + 1),
-    )
-    for r, c in zip(records, counted, strict=True):
-        assert r["updates"] == c["updates"] == k and c["syncs"] == 1
-        assert r["rows_backpropagated"] == c["rows"] == k * rows_per_update
-        assert r["tokens_backpropagated"] == c["tokens"]
-        assert (r["clip_fraction"] is None) == (k == 1)
-        if k > 1:
-            assert 0.0 <= r["clip_fraction"] <= 1.0
-
-
-def test_packed_step_matches_padded_step_and_saves_tokens(tmp_path):
-    """The whole step, packed: the same loss, terms and gradient norm (the parameter gradients
-    themselves are compared in test_packed_micro_batches_match_padded; the weights after Adam's
-    first step are not, as its g / (|g| + eps) magnifies rounding in near-zero gradients)."""
-    padded = _cfg(tmp_path, steps=1, batch_prompts=4, output_dir=str(tmp_path / "padded"))
-    a = train(padded)[0]
-    b = train(replace(padded, packed=True, output_dir=str(tmp_path / "packed")))[0]
-    for key in ("grad_norm", "loss", "exploration", "imitation", "alignment", "reward"):
-        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6)
-    assert b["rows_backpropagated"] == a["rows_backpropagated"]
-    assert b["tokens_backpropagated"] < a["tokens_backpropagated"]
-
-
-def test_packing_falls_back_to_padding_with_a_message(tmp_path, monkeypatch, capfd):
-    """An attention that cannot keep packed rows apart (eager) trains padded, and says so once,
-    on the terminal and in train.log."""
-    from grao_fast.train import loop
-
-    # One step: a second one would compare rollouts resampled after an AdamW step, whose
-    # g / (|g| + eps) turns rounding (SDPA against eager attention) into changes of up to lr.
-    padded = train(_cfg(tmp_path, steps=1, output_dir=str(tmp_path / "padded")))
-    capfd.readouterr()
-    monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
-    records = train(_cfg(tmp_path, steps=1, packed=True, output_dir=str(tmp_path / "eager")))
-    _, err = capfd.readouterr()
-    message = "--packed: the eager attention cannot keep packed rows apart"
-    assert err.count(message) == 1
-    assert (tmp_path / "eager" / "train.log").read_text().count(message) == 1
-    for a, b in zip(padded, records, strict=True):
-        assert b["tokens_backpropagated"] == a["tokens_backpropagated"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
-
-
 def test_resume_of_a_run_saved_before_a_setting_existed(tmp_path):
     """A setting missing from a run's config.json had its default there: resume goes on."""
-    cfg = _cfg(tmp_path, steps=1)
+    cfg = short_cfg(tmp_path, steps=1)
     train(cfg)
     saved = tmp_path / "run" / "config.json"
     values = json.loads(saved.read_text())
@@ -622,157 +433,6 @@ def test_resume_of_a_run_saved_before_a_setting_existed(tmp_path):
     assert [r["step"] for r in train(replace(cfg, steps=2, resume=True))] == [1, 2]
     with pytest.raises(ValueError, match=r"resume: settings differ .*\['packed'\]"):
         train(replace(cfg, steps=3, resume=True, packed=True))
-
-
-def _made_up_step(cfg, seed=0):
-    """Made-up rollouts of unequal lengths (tiny vocabulary), references and rewards [B, G+1]."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(3, 40, (n,), generator=gen).tolist()  # noqa: E731
-    rollouts, refs = [], []
-    for b in range(cfg.batch_prompts):
-        lengths = [1 + (b + i) % cfg.max_new_tokens for i in range(cfg.group_size)]
-        logps = [(-torch.rand(n, generator=gen)).tolist() for n in lengths]
-        rollouts.append(Rollout(ids(3 + b), [ids(n) for n in lengths], [""] * len(lengths), logps))
-        refs.append(ids(2 + b))
-    rewards = torch.rand(cfg.batch_prompts, cfg.group_size + 1, generator=gen)
-    return rollouts, refs, rewards
-
-
-def _step_loss_and_grads(cfg, model, rollouts, refs, rewards, packed):
-    from grao_fast.train.loop import micro_batches
-
-    batches = micro_batches(cfg, model, None, rollouts=rollouts, refs=refs, rewards=rewards,
-                            pad_id=0, packed=packed, device=torch.device("cpu"))  # fmt: skip
-    return _loss_and_grads(cfg, model, batches)
-
-
-def _sdpa_model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
-
-
-@pytest.mark.parametrize("length_norm", ["sequence", "token"])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_grpo_loss_is_the_objective_of_the_sample_rows_alone(tiny_model_dir, length_norm, packed):
-    """--loss grpo: -mean over groups of mean_i A_i nu_i sum_t logp, A from the G sample rewards
-    (the reference's left out), nu = 1/|s| or 1/(mean |s| over the sample rows): computed here
-    from a forward of the sample rows alone, against the loop's loss and parameter gradients."""
-    model = _sdpa_model(tiny_model_dir)
-    cfg = TrainConfig(batch_prompts=3, group_size=3, max_new_tokens=5, loss="grpo",
-                      length_norm=length_norm)  # fmt: skip
-    rollouts, refs, rewards = _made_up_step(cfg)
-    parts, grads = _step_loss_and_grads(cfg, model, rollouts, refs, rewards, packed)
-
-    batch = build_batch(rollouts, refs, pad_id=0, reference_rows=False)
-    assert len(batch["input_ids"]) == cfg.batch_prompts * cfg.group_size
-    model.zero_grad(set_to_none=True)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    mask = batch["labels"] != IGNORE
-    logp = torch.log_softmax(logits.float() / cfg.temperature, -1)
-    logp = logp.gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0] * mask
-    lengths = mask.sum(-1).float()
-    nu = 1 / lengths if length_norm == "sequence" else 1 / lengths.mean()
-    adv = grao_fast.group_advantages(rewards, reference_in_group=False)[:, :-1]
-    loss = -(adv * (nu * logp.sum(-1)).view_as(adv)).mean(dim=1).mean()
-    loss.backward()
-    assert parts["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
-
-
-def test_grpo_reward_statistics_leave_out_the_reference(tiny_model_dir):
-    """A reward only the reference gets changes nothing in --loss grpo (its advantages pool the
-    G sample rewards alone); a sample's reward does."""
-    model = _sdpa_model(tiny_model_dir)
-    cfg = TrainConfig(batch_prompts=2, group_size=3, max_new_tokens=4, loss="grpo")
-    rollouts, refs, rewards = _made_up_step(cfg)
-    base = _step_loss_and_grads(cfg, model, rollouts, refs, rewards, packed=False)
-    reference = rewards.clone()
-    reference[:, -1] = torch.tensor([5.0, -3.0])
-    moved = _step_loss_and_grads(cfg, model, rollouts, refs, reference, packed=False)
-    assert moved[0] == base[0]
-    assert all(torch.equal(moved[1][n], base[1][n]) for n in base[1])
-    sample = rewards.clone()
-    sample[:, 0] += 1.0
-    changed = _step_loss_and_grads(cfg, model, rollouts, refs, sample, packed=False)
-    assert changed[0]["loss"] != base[0]["loss"]
-
-
-@pytest.mark.parametrize(
-    "change",
-    [dict(), dict(packed=True, grad_accum=2), dict(num_iterations=2, packed=True, kl_coef=0.1)],
-    ids=["padded", "packed", "two_updates_kl"],
-)
-def test_grpo_forwards_and_backpropagates_the_sample_rows_alone(tmp_path, monkeypatch, change):
-    """--loss grpo: B*G rows a step through the policy with gradient (no reference rows, which
-    carry no gradient in GRPO), counted by a hook on the policy and logged."""
-    seen = _count_backpropagated(monkeypatch)
-    counted = []
-
-    def check(record):
-        counted.append(dict(seen))
-        seen.update(rows=0, tokens=0, updates=0, syncs=0)
-
-    cfg = _cfg(tmp_path, loss="grpo", **change)
-    records = train(cfg, on_step=check)
-    rows = cfg.num_iterations * cfg.batch_prompts * cfg.group_size
-    for r, c in zip(records, counted, strict=True):
-        assert r["rows_backpropagated"] == c["rows"] == rows
-        assert r["tokens_backpropagated"] == c["tokens"]
-        assert r["imitation"] == r["alignment"] == 0.0
-
-
-@pytest.mark.parametrize(
-    "change",
-    [dict(), dict(packed=True), dict(loss="grpo", packed=True),
-     dict(grad_accum=2, fused_linear=True)],
-    ids=["padded", "packed", "grpo_packed", "fused_linear"],
-)  # fmt: skip
-def test_entropy_and_importance_ratios_are_logged(tiny_model_dir, change):
-    """With --entropy-coef the mean token entropy (at the sampling temperature, over the answer
-    tokens of every row the policy reads), with --is-cap the min/mean/max over the sample rows of
-    exp(mean_t (policy - sampler log-prob)): both recomputed here from the policy's logits."""
-    model = _sdpa_model(tiny_model_dir)
-    cfg = TrainConfig(batch_prompts=4, group_size=3, max_new_tokens=5, entropy_coef=0.01,
-                      is_cap=2.0, **{k: v for k, v in change.items() if k != "packed"})  # fmt: skip
-    rollouts, refs, rewards = _made_up_step(cfg)
-    parts, _ = _step_loss_and_grads(cfg, model, rollouts, refs, rewards, change.get("packed"))
-
-    grpo = cfg.loss == "grpo"
-    batch = build_batch(rollouts, refs, pad_id=0, reference_rows=not grpo)
-    micro = len(batch["input_ids"]) // cfg.grad_accum
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logp_all = torch.log_softmax(logits.float() / cfg.temperature, -1)
-    mask = batch["labels"] != IGNORE
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    # One mean per micro-batch, averaged (the loop logs the mean over micro-batches).
-    per_micro = [(entropy[i : i + micro] * mask[i : i + micro]).sum() / mask[i : i + micro].sum()
-                 for i in range(0, len(mask), micro)]  # fmt: skip
-    assert parts["entropy"] == pytest.approx(float(sum(per_micro) / len(per_micro)), rel=1e-5)
-    logp = logp_all.gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]
-    log_ratio = ((logp - batch["sampler_logps"]) * mask).sum(-1) / mask.sum(-1)
-    sample = torch.ones(len(mask), dtype=torch.bool)
-    if not grpo:
-        sample[cfg.group_size :: cfg.group_size + 1] = False
-    ratios = log_ratio[sample].exp()
-    assert len(ratios) == cfg.batch_prompts * cfg.group_size and ratios.std() > 0
-    for stat in ("min", "mean", "max"):
-        expected = float(getattr(ratios, stat)())
-        assert parts[f"is_ratio_{stat}"] == pytest.approx(expected, rel=1e-5), stat
-
-
-def test_entropy_and_importance_ratio_keys_in_the_metrics(tmp_path):
-    plain = train(_cfg(tmp_path, steps=1, output_dir=str(tmp_path / "plain")))[0]
-    keys = ("entropy", "is_ratio_min", "is_ratio_mean", "is_ratio_max")
-    assert all(plain[k] is None for k in keys)
-    r = train(_cfg(tmp_path, steps=1, entropy_coef=0.01, is_cap=2.0))[0]
-    vocab = json.loads((tmp_path / "run" / "init-model" / "config.json").read_text())["vocab_size"]
-    assert 0.0 < r["entropy"] <= float(torch.log(torch.tensor(float(vocab))))
-    assert 0.0 < r["is_ratio_min"] <= r["is_ratio_mean"] <= r["is_ratio_max"]
-    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
-    assert all(logged[k] == r[k] for k in keys)
 
 
 def test_short_run_plots_each_step_without_a_one_step_mean():

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 from test_loss import old_in_every_band
-from test_train import _cfg, _micro_batches
 from tolerances import assert_close
+from train_helpers import made_up_micro_batches, short_cfg
 
 from grao_fast import grao_loss
 from grao_fast.train import IGNORE, TrainConfig, train
@@ -69,7 +69,7 @@ def test_policy_loss_passes_every_setting(tiny_model_dir, name):
         for p in ref_model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     cfg = TrainConfig(batch_prompts=3, group_size=3, max_new_tokens=5, **SETTINGS[name])
-    (mb,) = _micro_batches(cfg, model, packed=False, ref_model=ref_model)
+    (mb,) = made_up_micro_batches(cfg, model, packed=False, ref_model=ref_model)
     if cfg.num_iterations > 1:  # as if the policy had moved: ratios in every band of the clip
         with torch.no_grad():
             logits = model(**mb.inputs).logits
@@ -96,7 +96,7 @@ def test_sft_loss_is_the_nll_of_the_references(tiny_model_dir):
     model = _model(tiny_model_dir)
     cfg = TrainConfig(batch_prompts=3, group_size=3, max_new_tokens=5, loss="sft",
                       temperature=0.8)  # fmt: skip
-    (mb,) = _micro_batches(cfg, model, packed=False)
+    (mb,) = made_up_micro_batches(cfg, model, packed=False)
     with torch.no_grad():
         loss = policy_loss(cfg, model, mb)["loss"]
         logits = model(**mb.inputs).logits.double() / cfg.temperature
@@ -114,7 +114,7 @@ def test_sft_run_logs_the_nll(tmp_path, monkeypatch):
     seen = []
     original = loop.policy_loss
     monkeypatch.setattr(loop, "policy_loss", lambda *a: seen.append(original(*a)) or seen[-1])
-    record = train(_cfg(tmp_path, loss="sft", steps=1, grad_accum=2))[0]
+    record = train(short_cfg(tmp_path, loss="sft", steps=1, grad_accum=2))[0]
     assert len(seen) == 2
     expected = sum(float(s["loss"].detach()) for s in seen) / 2
     assert record["loss"] == pytest.approx(expected, rel=1e-6)
@@ -127,7 +127,7 @@ def test_resume_with_vllm_rollouts_resyncs_the_engine(tmp_path):
     the initial model and must be given the resumed weights. With importance weights on (the
     sampler's log-probs enter the loss) a stale engine changes the resumed step's loss."""
     pytest.importorskip("vllm")
-    full = _cfg(tmp_path, rollout="vllm", steps=3, checkpoint_every=2, is_cap=1.5, lr=3e-2,
+    full = short_cfg(tmp_path, rollout="vllm", steps=3, checkpoint_every=2, is_cap=1.5, lr=3e-2,
                 output_dir=str(tmp_path / "full"))  # fmt: skip
     expected = train(full)
     # A run that stopped after its step-2 checkpoint, continued for one more step.
