@@ -140,14 +140,26 @@ def test_paper_study_tunes_then_evaluates_the_chosen_settings(compare, tmp_path)
     where the committed results stop."""
     from types import SimpleNamespace
 
-    from study.definitions import PaperStudy
+    from study.definitions import TASKS, PaperStudy
     from study.paper_report import Hooks
-    from study.running import Setting, grid_settings, run_dir, run_paths, tuning_settings
+    from study.running import (
+        Setting,
+        grid_settings,
+        kept_dir,
+        run_dir,
+        run_paths,
+        start_id,
+        tuning_settings,
+    )
 
     study = PaperStudy(steps=2, eval_every=2, lrs=(1e-4, 1e-3), betas=(0.0, 0.5), lams=(0.6,),
                        tune_seeds=(100,))  # fmt: skip
     runs, results = tmp_path / "runs", tmp_path / "results"
     hooks = Hooks(study, SimpleNamespace(runs=runs, out=results, rerun=False))
+    kept = kept_dir(TASKS["T1"], results / "warm-start")
+    kept.mkdir(parents=True)
+    (kept / "model.safetensors").write_bytes(b"start policy")
+    hooks.starts = {"T1": start_id(["--model", str(kept)])}
 
     def finish(setting: Setting, exact: float) -> None:
         out = run_dir(runs, "T1", "tune", setting, 100)
@@ -174,4 +186,9 @@ def test_paper_study_tunes_then_evaluates_the_chosen_settings(compare, tmp_path)
             finish(s, 0.9 if s == tuned else 0.1)
     chosen = hooks.select("T1")
     assert chosen["eval"]["GRAO tuned"] == tuned
+    # A new start policy: no record counts until its run is made again from that start.
+    (kept / "model.safetensors").write_bytes(b"another start policy")
+    hooks.starts = {"T1": start_id(["--model", str(kept)])}
+    assert not hooks.recorded("T1", "tune", tuned, 100)
+    assert hooks.select("T1")["grid"] == {}
     assert chosen["eval"]["GRAO absolute"] == Setting("GRAO absolute", 1e-3, 0.5, 0.6, "absolute")

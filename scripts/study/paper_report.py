@@ -24,6 +24,7 @@ class Hooks:
 
     def __init__(self, study: PaperStudy, args) -> None:
         self.study, self.args = study, args
+        self.starts: dict[str, str] = {}  # task -> start_id of its warm start (set by the run)
 
     def select(self, task: str) -> dict:
         """The choices of tuning so far, from the recorded tuning runs of ``task``."""
@@ -33,19 +34,21 @@ class Hooks:
         return {"lr": best_lr, "grid": tuning["grid"], "eval": chosen}
 
     def recorded(self, task: str, stage: str, setting: Setting, seed: int) -> bool:
-        """Whether the run's curves are in ``results/`` (a run finished in an earlier checkout
-        counts: the curves are what is committed)."""
-        return result_path(self.args.out, task, stage, setting, seed).exists()
+        """Whether the run's curves are in ``results/`` from the task's current start (a run
+        finished in an earlier checkout counts: the curves are what is committed)."""
+        path = result_path(self.args.out, task, stage, setting, seed)
+        return path.exists() and json.loads(path.read_text()).get("start") == self.starts[task]
 
     def done(self, task: str, stage: str, setting: Setting, seed: int, run_dir: Path) -> None:
-        path = result_path(self.args.out, task, stage, setting, seed)
-        if path.exists() and not self.args.rerun:
+        if self.recorded(task, stage, setting, seed) and not self.args.rerun:
             return
         run = read_run(self.study, run_dir, setting)
         if run is None:
             return
+        path = result_path(self.args.out, task, stage, setting, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"task": task, "stage": stage, "seed": seed, "setting": asdict(setting), **run}
+        record = {"task": task, "stage": stage, "seed": seed, "start": self.starts[task],
+                  "setting": asdict(setting), **run}  # fmt: skip
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record) + "\n")
         tmp.replace(path)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .definitions import PaperStudy
+from .definitions import TASKS, PaperStudy
 from .paper_results import EVAL_METHODS, choose, tuning_score
-from .running import Setting
+from .running import Setting, kept_dir, start_id
 from .stats import mean_std, paired_test
 
 BASELINES = ("GRPO", "SFT", "SFT, equal rows", "SFT then GRPO")
@@ -21,7 +21,15 @@ GRAOS = ("GRAO absolute", "GRAO relative", "GRAO tuned")
 
 
 def load(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "curves").glob("*/*/*.json"))]
+    """The recorded runs that started from their task's kept warm start (a record from another
+    start, e.g. one trained before the start was kept, is left out until run again)."""
+    starts = {}
+    for name, task in TASKS.items():
+        kept = kept_dir(task, out / "warm-start")
+        if (kept / "model.safetensors").exists():
+            starts[name] = start_id(["--model", str(kept)])
+    runs = [json.loads(p.read_text()) for p in sorted((out / "curves").glob("*/*/*.json"))]
+    return [r for r in runs if r.get("start") is not None and r["start"] == starts.get(r["task"])]
 
 
 def at(run: dict, x_key: str, x: float) -> float:

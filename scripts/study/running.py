@@ -6,7 +6,9 @@ again from scratch (``--overwrite``). Runs go one after another, each on ``--thr
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -53,6 +55,33 @@ def warm_start(task: Task, runs: Path, warm_args, threads: int, per_task: bool =
                "--keep-checkpoints", "1", *warm_args], threads)  # fmt: skip
     checkpoint = out / "checkpoints" / f"step-{task.warm_steps:06d}"
     return ["--data", str(data), "--model", str(checkpoint)]
+
+
+def kept_dir(task: Task, keep: Path) -> Path:
+    return keep / f"{task.op}-{task.easy[0]}-{task.easy[1]}"
+
+
+def kept_start(task: Task, runs: Path, keep: Path, warm_args, threads: int) -> list:
+    """:func:`warm_start` shared by the tasks of one operation and easy lengths, its model kept
+    under ``keep`` (committed with the results; the optimizer state left out): every run of a
+    study starts from the same policy on any machine. A warm start trained again elsewhere
+    differs in its last bits, and 450 SFT steps turn those into a different policy."""
+    kept = kept_dir(task, keep)
+    if not (kept / "model.safetensors").exists():
+        flags = warm_start(task, runs, warm_args, threads, per_task=False)
+        trained = Path(flags[flags.index("--model") + 1])
+        tmp = kept.with_name(kept.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(trained, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+        tmp.replace(kept)
+    data = task.write(runs / task.name / "rl.jsonl", task.rl)
+    return ["--data", str(data), "--model", str(kept)]
+
+
+def start_id(start: list) -> str:
+    """A short hash of the start policy's weights: each run's record names its start."""
+    model = Path(start[start.index("--model") + 1]) / "model.safetensors"
+    return hashlib.sha256(model.read_bytes()).hexdigest()[:16]
 
 
 def run_all(study: Study, tasks, args) -> None:
@@ -164,13 +193,17 @@ def grid_settings(study: PaperStudy, best_lr: dict[str, float]) -> list[Setting]
 
 def run_paper(study: PaperStudy, tasks: dict, args, hooks) -> None:
     """Tuning (learning rates, then GRAO's grid) on the tuning seeds, then the evaluation runs,
-    tuning first for every task. ``hooks`` (``paper_report.Hooks``): ``select(task)`` returns
+    tuning first for every task, every run from the task's kept warm start (:func:`kept_start`;
+    ``hooks.starts`` names it). ``hooks`` (``paper_report.Hooks``): ``select(task)`` returns
     the choices of the finished tuning runs, ``recorded(task, stage, setting, seed)`` whether a
     run's curves are already kept, ``done(task, stage, setting, seed, dir)`` is called for every
     finished run, ``stage_done()`` after each stage of each task."""
     from tqdm.auto import tqdm
 
-    starts = {}
+    keep = args.out / "warm-start"
+    starts = {t: kept_start(tasks[t], args.runs, keep, study.warm_args, args.threads)
+              for t in args.tasks}  # fmt: skip
+    hooks.starts = {t: start_id(s) for t, s in starts.items()}
 
     def go(task: str, stage: str, settings: list[Setting], seeds) -> None:
         jobs = [(s, seed) for seed in seeds for s in settings]
@@ -181,9 +214,6 @@ def run_paper(study: PaperStudy, tasks: dict, args, hooks) -> None:
                                    or run_done(study, out, setting)):  # fmt: skip
                 hooks.done(task, where, setting, seed, out)
                 continue
-            if task not in starts:
-                starts[task] = warm_start(tasks[task], args.runs, study.warm_args, args.threads,
-                                          per_task=False)  # fmt: skip
             try:
                 run_setting(study, tasks[task], starts[task], out, setting, seed, args.threads)
             except RuntimeError as err:  # the study goes on; the summary counts what is missing
