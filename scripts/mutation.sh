@@ -6,7 +6,7 @@
 #
 # core   grao_fast/*.py (the loss library: reference, options, validation, plan, torch ops,
 #        linear, loss, ops)
-# loop   grao_fast/train/loop.py (the training loop's wiring)
+# loop   grao_fast/train/loop.py and step.py (the training loop's wiring)
 # trl    grao_fast/integrations/trl.py (GRAOTrainer)
 #
 # mutmut (the [dev] extra) copies the package into mutants/, records which of the selected
@@ -30,7 +30,7 @@ for group in "${@:-core}"; do
         core) for m in reference options _validation _plan _torch_ops _ops linear loss; do
                   patterns+=("grao_fast.$m.*")
               done ;;
-        loop) patterns+=("grao_fast.train.loop.*") ;;
+        loop) patterns+=("grao_fast.train.loop.*" "grao_fast.train.step.*") ;;
         trl) patterns+=("grao_fast.integrations.trl.*") ;;
         *) [[ -f "grao_fast/$group.py" ]] || {
                echo "unknown group '$group' (expected: core loop trl or a module)" >&2; exit 2; }

@@ -164,7 +164,7 @@ def test_training_loop_fused_linear_under_its_autocast(tiny_model_dir, monkeypat
     bf16 tolerance, and the autocast changes them (beyond float32 rounding)."""
     from transformers import AutoModelForCausalLM
 
-    from grao_fast.train import TrainConfig, loop
+    from grao_fast.train import TrainConfig, step
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert model.lm_head.weight.dtype == torch.float32
@@ -172,11 +172,11 @@ def test_training_loop_fused_linear_under_its_autocast(tiny_model_dir, monkeypat
     def gradients(**change):
         cfg = TrainConfig(batch_prompts=2, group_size=3, max_new_tokens=5, **change)
         model.zero_grad(set_to_none=True)
-        loop.accumulate_gradients(cfg, model, _loop_micro_batches(cfg, model))
+        step.accumulate_gradients(cfg, model, _loop_micro_batches(cfg, model))
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain = gradients()
-    monkeypatch.setattr(loop, "AUTOCAST_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(step, "AUTOCAST_DEVICES", ("cuda", "cpu"))
     fused, logits = gradients(fused_linear=True), gradients()
     _assert_bf16_close(fused, logits)
     assert _max_relative_gap(logits, plain) > 1e-4

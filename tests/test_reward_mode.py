@@ -11,7 +11,7 @@ import torch
 from tolerances import TOL
 
 from grao_fast.reference import group_advantages, token_logprobs
-from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, loop, train
+from grao_fast.train import IGNORE, TrainConfig, build_batch, check_config, loop, step, train
 from grao_fast.train.data import Example, PromptSampler
 from grao_fast.train.evaluate import evaluate, split_held_out
 from grao_fast.train.rewards import relative_to_reference
@@ -53,10 +53,10 @@ def test_the_loss_sees_the_rewards_of_the_mode(tmp_path, monkeypatch, mode):
         seen.append(mb.rewards.clone())
         return policy_loss(cfg, model, mb)
 
-    policy_loss = loop.policy_loss
+    policy_loss = step.policy_loss
     monkeypatch.setattr(loop, "get_reward", lambda spec: _length_reward)
     monkeypatch.setattr(loop, "score_groups", keep_scores)
-    monkeypatch.setattr(loop, "policy_loss", keep_rewards)
+    monkeypatch.setattr(step, "policy_loss", keep_rewards)
     records = train(_cfg(tmp_path, reward_mode=mode, batch_prompts=4, group_size=4))
     assert len(seen) == len(scored) == 2
     for scores, rewards, record in zip(scored, seen, records, strict=True):
@@ -196,7 +196,7 @@ def _micro_batch(model, g=3):
     batch = build_batch(rollouts, refs, pad_id=0)
     rewards = torch.tensor([[0.1, 0.7, 0.4, 1.0], [0.0, 0.3, 0.9, 1.0]], dtype=torch.float64)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    return loop.MicroBatch(batch, inputs, rewards, None, None)
+    return step.MicroBatch(batch, inputs, rewards, None, None)
 
 
 def _expected_term_grads(model, mb, beta, lam, temperature, g=3):
@@ -230,7 +230,7 @@ def test_term_gradients_match_the_terms_of_eq3(terms):
     mb = _micro_batch(model)
     cfg = TrainConfig(batch_prompts=2, group_size=3, beta=0.3, lam=0.6, terms=terms,
                       temperature=0.7, log_term_grads=True)  # fmt: skip
-    logged = loop.term_gradients(cfg, model, [mb])
+    logged = step.term_gradients(cfg, model, [mb])
     grads = _expected_term_grads(model, mb, cfg.beta, cfg.lam, cfg.temperature)
     kept = terms.split(",")
     grads = {k: grads[k] for k in kept}

@@ -14,7 +14,7 @@ from train_helpers import made_up_micro_batches, short_cfg
 
 from grao_fast import grao_loss
 from grao_fast.train import IGNORE, TrainConfig, train
-from grao_fast.train.loop import policy_loss
+from grao_fast.train.step import policy_loss
 
 SETTINGS = {
     "grao": dict(beta=0.3, lam=0.9, terms="imitation,alignment", temperature=0.9, kl_coef=0.2,
@@ -109,11 +109,11 @@ def test_sft_loss_is_the_nll_of_the_references(tiny_model_dir):
 
 def test_sft_run_logs_the_nll(tmp_path, monkeypatch):
     """The logged loss of a --loss sft step is the loss of its micro-batches (not, say, 0)."""
-    from grao_fast.train import loop
+    from grao_fast.train import step
 
     seen = []
-    original = loop.policy_loss
-    monkeypatch.setattr(loop, "policy_loss", lambda *a: seen.append(original(*a)) or seen[-1])
+    original = step.policy_loss
+    monkeypatch.setattr(step, "policy_loss", lambda *a: seen.append(original(*a)) or seen[-1])
     record = train(short_cfg(tmp_path, loss="sft", steps=1, grad_accum=2))[0]
     assert len(seen) == 2
     expected = sum(float(s["loss"].detach()) for s in seen) / 2

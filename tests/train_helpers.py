@@ -26,7 +26,7 @@ def short_cfg(tmp_path, **kw) -> TrainConfig:
 
 def made_up_micro_batches(cfg, model, packed, ref_model=None):
     """The micro-batches of one step of made-up rollouts of unequal lengths (tiny vocabulary)."""
-    from grao_fast.train.loop import micro_batches
+    from grao_fast.train.step import micro_batches
 
     rollouts, refs, rewards = made_up_step(cfg)
     return micro_batches(cfg, model, ref_model, rollouts=rollouts, refs=refs, rewards=rewards,
@@ -34,7 +34,7 @@ def made_up_micro_batches(cfg, model, packed, ref_model=None):
 
 
 def loss_and_grads(cfg, model, batches):
-    from grao_fast.train.loop import accumulate_gradients
+    from grao_fast.train.step import accumulate_gradients
 
     model.zero_grad(set_to_none=True)
     parts = accumulate_gradients(cfg, model, batches)
@@ -87,7 +87,7 @@ def made_up_step(cfg, seed=0):
 
 
 def step_loss_and_grads(cfg, model, rollouts, refs, rewards, packed):
-    from grao_fast.train.loop import micro_batches
+    from grao_fast.train.step import micro_batches
 
     batches = micro_batches(cfg, model, None, rollouts=rollouts, refs=refs, rewards=rewards,
                             pad_id=0, packed=packed, device=torch.device("cpu"))  # fmt: skip
