@@ -118,32 +118,43 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
         # No [rows, V] temporaries to bound: one chunk, the fewest passes and parallel regions
         # (on CPU `exp` bounds the pass, not the cache; docs/PERFORMANCE.md, "CPU").
         rows = max(1, m)
-    else:  # at most two float32 [rows, V] buffers per chunk
-        rows = max(1, (DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (8 * v))
+    else:  # at most two float32 [rows, V] buffers per chunk (three with the entropy)
+        budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        rows = max(1, budget // ((12 if compute_entropy else 8) * v))
     inv_t = 1.0 / temperature
     # Per-token masks for all rows at once: the chunks below only slice them.
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < v)
     keep = in_range & ~ignored
     safe = torch.where(in_range, labels, 0).long()[:, None]
+    # The chunks' working buffers, allocated once: a fresh [r, V] buffer per chunk would be
+    # fresh pages from the OS each time (on CPU the page faults cost as much as a pass).
+    work = None if direct else torch.empty(min(rows, m), v, dtype=acc, device=logits.device)
+    work_e, work_ez = (
+        (torch.empty_like(work), torch.empty_like(work)) if compute_entropy else (None, None)
+    )
     for start in range(0, m, rows):
         sl = slice(start, min(start + rows, m))
+        r = sl.stop - sl.start
         # One [r, V] working buffer, transformed in place: x -> (x - max) / T -> exp -> grad.
         x = logits[sl]
         mx = x.amax(dim=-1, keepdim=True).to(acc)
         # Subtract the raw max before scaling: (x - m) is exact for |x| ~ 1e4, x / T is not.
         # bf16/fp16 logits are upcast inside the subtraction (mx is float32): one pass.
-        z = torch.sub(x, mx, out=grad[sl]) if direct else torch.sub(x, mx)
+        z = torch.sub(x, mx, out=grad[sl] if direct else work[:r])
         if temperature != 1.0:
             z.mul_(inv_t)
         picked = z.gather(1, safe[sl]).squeeze(1)
-        e = z.exp() if entropy is not None else z.exp_()
+        e = torch.exp(z, out=work_e[:r]) if entropy is not None else z.exp_()
         total = e.sum(dim=-1)
         log_total = torch.log(total)
         lp = torch.where(in_range[sl], picked - log_total, float("nan"))
         logp[sl] = torch.where(ignored[sl], 0.0, lp)
         if entropy is not None:  # H = log S - sum e z / S; a -inf logit (e = 0) contributes 0
-            ent = log_total - torch.where(e > 0, e * z, 0.0).sum(dim=-1) / total
+            # z made finite where e is 0 (exp(-1e4) = 0 in float32 and float64), so e z is 0
+            # there, not 0 * -inf; nothing else changes: e > 0 needs z > -746.
+            z.clamp_(min=-1e4)
+            ent = log_total - torch.mul(e, z, out=work_ez[:r]).sum(dim=-1) / total
             entropy[sl] = torch.where(ignored[sl], 0.0, ent)
         if grad is None:
             continue
@@ -154,9 +165,9 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
         if ent_coef is not None and entropy is not None:
             p = e.div_(total[:, None])
             ec = torch.where(keep[sl], ent_coef[sl] * inv_t, 0.0)[:, None]
-            # d(e H)/dx = -e p (log p + H) / T, 0 where p = 0 (a masked word).
-            logp_v = z.sub_(log_total[:, None]).add_(ent[:, None])
-            d = torch.where(p > 0, p * logp_v, 0.0).mul_(-ec).sub_(p * g[:, None])
+            # d(e H)/dx = -e p (log p + H) / T, in place: 0 where p = 0 (z is finite there).
+            d = z.sub_(log_total[:, None]).add_(ent[:, None]).mul_(p).mul_(-ec)
+            d.sub_(p.mul_(g[:, None]))
         else:
             d = e.mul_((-g / total)[:, None])  # -g * softmax, in one pass
         d.scatter_add_(1, safe[sl], g[:, None])

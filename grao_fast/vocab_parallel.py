@@ -79,19 +79,21 @@ def vocab_shard(
     return VocabShard(group, spans[rank][0], size, edge, max(n for _, n in spans))
 
 
-def _local_stats(x, labels, shard, inv_t, opts, acc, compute_entropy):
-    """[6, r] statistics of one chunk of rows ``x`` [r, size] of this shard."""
+def _local_stats(x, labels, shard, inv_t, opts, work, work_e):
+    """[6, r] statistics of one chunk of rows ``x`` [r, size] of this shard, computed in the
+    working buffers ``work`` (and ``work_e`` for the entropy; None without), each at least
+    [r, size] in the accumulation dtype."""
+    r, acc = x.shape[0], work.dtype
     mx = x.amax(dim=-1).to(acc)
     safe_mx = torch.where(torch.isfinite(mx), mx, 0.0)  # a shard row of -inf: sum 0, no NaN
-    # One [r, size] working buffer, transformed in place (a second one for the entropy).
-    z = torch.sub(x, safe_mx[:, None]) if x.dtype == acc else x.to(acc).sub_(safe_mx[:, None])
-    z.mul_(inv_t)
+    # bf16/fp16 logits are upcast inside the subtraction (safe_mx is float32): one pass.
+    z = torch.sub(x, safe_mx[:, None], out=work[:r]).mul_(inv_t)
     local = labels - shard.start
     held = (labels != opts.ignore_index) & (local >= 0) & (local < shard.size)
     picked = z.gather(1, torch.where(held, local, 0).long()[:, None]).squeeze(1)
-    if compute_entropy:
-        e = z.exp()
-        ent = torch.where(e > 0, z.mul_(e), 0.0).sum(dim=-1)
+    if work_e is not None:  # z made finite where e is 0, so e z is 0 there (not 0 * -inf)
+        e = torch.exp(z, out=work_e[:r])
+        ent = z.clamp_(min=-1e4).mul_(e).sum(dim=-1)
     else:
         e, ent = z.exp_(), torch.zeros_like(mx)
     return torch.stack([safe_mx, e.sum(dim=-1), ent, torch.where(held, picked, 0.0),
@@ -167,21 +169,25 @@ def row_pass(
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     rows = max(1, budget // (8 * max(v, 1)))  # two float32 [rows, size] buffers per chunk
+    # Allocated once for all the chunks of both passes (fresh pages per chunk cost a pass).
+    work = torch.empty(min(rows, m), v, dtype=acc, device=labels.device)
+    work_e = torch.empty_like(work) if opts.compute_entropy else None
     stats = torch.empty(6, m, dtype=acc, device=labels.device)
     for start in range(0, m, rows):
         sl = slice(start, min(start + rows, m))
-        stats[:, sl] = _local_stats(x[sl], labels[sl], shard, inv_t, opts, acc,
-                                    opts.compute_entropy)  # fmt: skip
+        stats[:, sl] = _local_stats(x[sl], labels[sl], shard, inv_t, opts, work, work_e)
     values = _combine(_gather(stats, shard.group), labels, shard, inv_t, opts, check)
     if grad is not None and inputs.coef is not None:
-        _gradient(x, g_out, labels, shard, inputs, opts, rows, values)
+        _gradient(x, g_out, labels, shard, inputs, opts, rows, values, work, work_e)
         if copy_back:
             grad.copy_(g_out.view(grad.shape))
     return values[2], (values[3] if opts.compute_entropy else values[3].new_empty(0))
 
 
-def _gradient(x, grad, labels, shard, inputs: TokenInputs, opts, rows, global_values) -> None:
-    """Writes ``d loss / d logits`` of this shard, chunk by chunk (a second read of ``x``)."""
+def _gradient(x, grad, labels, shard, inputs: TokenInputs, opts, rows, global_values, work,
+              work_e) -> None:  # fmt: skip
+    """Writes ``d loss / d logits`` of this shard, chunk by chunk (a second read of ``x``), in
+    :func:`_local_stats`'s working buffers."""
     top, log_total, logp, entropy = global_values
     acc = logp.dtype
     inv_t = 1.0 / opts.temperature
@@ -203,17 +209,14 @@ def _gradient(x, grad, labels, shard, inputs: TokenInputs, opts, rows, global_va
         # chunk of the gradient itself (each chunk is read before it is overwritten).
         direct = grad.dtype == acc and not entropy_bonus
         xs = x[sl]
-        if direct:
-            z = torch.sub(xs, top[sl, None], out=grad[sl])
-        else:
-            z = torch.sub(xs, top[sl, None]) if xs.dtype == acc else xs.to(acc).sub_(top[sl, None])
+        z = torch.sub(xs, top[sl, None], out=grad[sl] if direct else work[: xs.shape[0]])
         z.mul_(inv_t).sub_(log_total[sl, None])  # log p
         if entropy_bonus:
             ec = torch.where(keep, ent_coef[sl] * inv_t, 0.0)[:, None]
-            p = z.exp()
-            # d(e H)/dx = -e p (log p + H) / T, 0 where p = 0 (a masked word).
-            d = torch.where(p > 0, p * z.add_(entropy[sl, None]), 0.0)
-            d = d.mul_(-ec).sub_(p.mul_(g[:, None]))
+            p = torch.exp(z, out=work_e[: xs.shape[0]])
+            # d(e H)/dx = -e p (log p + H) / T, in place: 0 where p = 0 (z made finite there).
+            d = z.clamp_(min=-1e4).add_(entropy[sl, None]).mul_(p).mul_(-ec)
+            d = d.sub_(p.mul_(g[:, None]))
         else:
             d = z.exp_().mul_(-g[:, None])
         local = lab - shard.start
