@@ -47,7 +47,9 @@ def environment(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+        # The vector ISA PyTorch's kernels use (AVX2, AVX512): CPUs of one name differ in it.
+        isa = torch.backends.cpu.get_cpu_capability()
+        name = f"{_cpu_name()}, {isa} ({torch.get_num_threads()} threads)"
     plain = re.sub(r"\((r|tm)\)", "", name.lower())
     slug = re.sub(r"[^a-z0-9]+", "-", plain).strip("-")
     slug = slug if device.type == "cuda" else f"cpu-{slug}"
