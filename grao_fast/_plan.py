@@ -36,6 +36,9 @@ class GRAOOutput(NamedTuple):
     # ratio_policy="clip", token level: the shares clipped below (c_s < 0) and above (c_s > 0).
     clip_low_fraction: Optional[torch.Tensor] = None
     clip_high_fraction: Optional[torch.Tensor] = None
+    # scalar: mean token entropy over the sample rows' tokens, the ones the bonus acts on
+    # (return_entropy); adaptive entropy controllers measure it.
+    sample_entropy: Optional[torch.Tensor] = None
 
 
 class Plan(NamedTuple):
@@ -214,15 +217,15 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
         kl = (k3 * pl.is_sample).sum() / pl.is_sample.sum()
         if o.kl_coef != 0.0:
             loss = loss + o.kl_coef * kl
-    entropy = None
+    entropy = bonus = None
     if o.wants_entropy:
         entropy = ent.sum() / mask.sum().clamp(min=1).to(ent.dtype)
+        sample_tok = _sample_tokens(pl, b)
+        bonus = torch.where(sample_tok, ent, 0.0).sum() / sample_tok.sum().clamp(min=1)
         if o.entropy_coef != 0.0:
-            sample_tok = _sample_tokens(pl, b)
-            bonus = torch.where(sample_tok, ent, 0.0).sum() / sample_tok.sum().clamp(min=1)
             loss = loss - o.entropy_coef * bonus
     extras = (parts["exploration"], parts["imitation"], parts["alignment"], pl.adv, seq)
-    return loss, extras, (kl, entropy, clip_fraction, clip_low, clip_high)
+    return loss, extras, (kl, entropy, clip_fraction, clip_low, clip_high, bonus)
 
 
 def _share(tokens: torch.Tensor, counted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

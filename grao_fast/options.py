@@ -60,7 +60,8 @@ OPTIONS_DOC = """
         check_labels: check on the host that labels are in range, rewards finite and the
             per-token inputs legal (one device sync; off in the sync-free fast path, where an
             out-of-range label is still never read: its log-prob is NaN).
-        return_entropy: also report the mean token entropy over all loss tokens.
+        return_entropy: also report the mean token entropy over all loss tokens (``entropy``)
+            and over the sample rows' loss tokens (``sample_entropy``, the bonus's tokens).
     The reported exploration/imitation/alignment are Eq. 3's terms with J_s = nu_s sum_t w logp
     (the call's length normaliser and token weights): without old_logps, loss = -(their sum)
     + kl_coef * kl - entropy_coef * bonus.

@@ -32,6 +32,7 @@ class ReferenceTerms(NamedTuple):
     clip_fraction: Optional[torch.Tensor]  # share of clipped loss tokens (with old_logps)
     clip_low_fraction: Optional[torch.Tensor] = None  # "clip", token level: clipped, c_s < 0
     clip_high_fraction: Optional[torch.Tensor] = None  # and clipped, c_s > 0
+    sample_entropy: Optional[torch.Tensor] = None  # mean token entropy over the sample rows
 
 
 def token_logprobs(
@@ -254,12 +255,14 @@ def grao_terms(
             k3 = k3 * torch.exp(torch.where(mask, logp - old, torch.zeros_like(logp)))
         kl = sequence_means(k3, mask)[is_sample].mean()
         loss = loss + kl_coef * kl
-    entropy = None
+    entropy = sample_entropy = None
     if return_entropy or entropy_coef != 0.0:
         ent = token_entropy(logits, temperature)
         token_mean = lambda m: torch.where(m, ent, 0.0).sum() / m.sum().clamp(min=1)  # noqa: E731
         entropy = token_mean(mask).detach()
-        loss = loss - entropy_coef * token_mean(mask & is_sample[:, None])  # the bonus
+        bonus = token_mean(mask & is_sample[:, None])
+        sample_entropy = bonus.detach()
+        loss = loss - entropy_coef * bonus
     return ReferenceTerms(
         loss=loss,
         **parts,
@@ -270,4 +273,5 @@ def grao_terms(
         clip_fraction=clip_fraction,
         clip_low_fraction=clip_low,
         clip_high_fraction=clip_high,
+        sample_entropy=sample_entropy,
     )

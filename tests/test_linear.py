@@ -71,6 +71,10 @@ def _check(
     value_dtype = torch.float32 if lm_head_fp32 else dtype
     for field in ("loss", "exploration", "imitation", "alignment", "seq_logps"):
         assert_close(getattr(out, field), getattr(ref, field), value_dtype, "value")
+    for field in ("entropy", "sample_entropy"):
+        assert (getattr(out, field) is None) == (getattr(ref, field) is None), field
+        if getattr(ref, field) is not None:
+            assert_close(getattr(out, field), getattr(ref, field), value_dtype, "value")
     for p, expected in zip(params, ref_grads, strict=False):
         assert p.grad.dtype == dtype
         assert_close(p.grad, expected, dtype, "gemm")

@@ -338,7 +338,6 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
         ({"entropy_coef": -0.1}, "entropy_coef"),
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
         ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
-        ({"use_adaptive_entropy": True}, "use_adaptive_entropy"),
         (
             {"beta": 0.1, "use_bias_correction_kl": True, "importance_sampling_level": "sequence"},
             "use_bias_correction_kl",

@@ -43,7 +43,9 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
     row); the reference rows, not sampled, weigh 1, and are left out of the logged
     ``sampling/importance_sampling_ratio/*``. These weights replace the loss's own
     ``sampler_logps``/``is_cap`` path, which computes ``token_truncate`` alone.
-  - ``entropy_coef`` -> ``entropy_coef`` (the bonus over the sample rows' tokens).
+  - ``entropy_coef`` -> ``entropy_coef`` (the bonus over the sample rows' tokens);
+    ``use_adaptive_entropy``: TRL's controller sets it for each accumulation window from the
+    loss's ``sample_entropy`` (:meth:`GRAOTrainer._adapt_entropy_coef`).
   - ``use_bias_correction_kl`` (with ``beta > 0``) -> ``kl_bias_correction`` (each token's k3
     weighted by its ratio; token level only).
   - ``delta`` -> ``delta``; ``loss_type="cispo"`` -> ``ratio_policy="cispo"`` with
@@ -362,6 +364,7 @@ class GRAOTrainer(GRPOTrainer):
                 logits = model(**forward).logits
             result = grao_fast.grao_loss(logits, labels, inputs["rewards"], **options)
         self._log_loss_terms(result)
+        self._adapt_entropy_coef(result, inputs["completion_mask"])
         # As in TRL's own losses: the Trainer does not rescale, so divide by accumulation here.
         accumulation = self.current_gradient_accumulation_steps if self.model.training else 1
         return result.loss / accumulation
@@ -424,9 +427,47 @@ class GRAOTrainer(GRPOTrainer):
             "clip_eps": (self.epsilon_low, self.epsilon_high),
             "importance_level": level,
             **self._ratio_policy(old_logps is not None),
-            "entropy_coef": self.entropy_coef,
+            "entropy_coef": self._entropy_coef_now(),
             "return_entropy": True,
         }
+
+    def _entropy_coef_now(self) -> float:
+        """The entropy bonus's coefficient in this accumulation window: ``entropy_coef``, or
+        with ``use_adaptive_entropy`` TRL's controller's, applied only while the entropy it
+        measured at the last optimizer step is at most ``entropy_target`` (none before the
+        first measurement)."""
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            return 0.0
+        return self.entropy_coef
+
+    def _adapt_entropy_coef(self, result: Any, completion_mask: torch.Tensor) -> None:
+        """TRL's adaptive entropy control (Skywork-OR1), training only: the sample rows' token
+        entropy (the tokens the bonus acts on) summed with its token count over the micro-batches
+        of the accumulation window and over processes; at the optimizer step the coefficient
+        moves by ``entropy_coef_delta``, up where that mean is at most ``entropy_target``, down
+        otherwise, within ``[entropy_coef_min, entropy_coef_max]``. TRL's state names, so TRL's
+        checkpointing saves and restores it; ``entropy_coef`` is logged at each optimizer step
+        whenever the bonus is on, as TRL does."""
+        if not self.model.training:
+            return
+        args, sync = self.args, self.accelerator.sync_gradients
+        if self.use_adaptive_entropy:
+            sample = is_sample_row(completion_mask.size(0), self._group(), completion_mask.device)
+            count = (completion_mask * sample[:, None]).sum().float()
+            stats = torch.stack([result.sample_entropy.detach().float() * count, count])
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if sync:
+                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                entropy = (total[0] / total[1].clamp(min=1.0)).item()
+                coef, step = self.entropy_coef, args.entropy_coef_delta
+                if entropy <= args.entropy_target:
+                    self.entropy_coef = min(coef + step, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(coef - step, args.entropy_coef_min)
+                self._last_world_entropy, self._entropy_window_stats = entropy, None
+        if self._entropy_bonus_enabled and sync:
+            self._metrics["train"]["entropy_coef"].append(self.entropy_coef)
 
     def _ratio_policy(self, off_policy: bool) -> dict[str, Any]:
         """TRL's ``delta``, ``"cispo"`` (cap ``epsilon_high``) and ``"sapo"`` (its two

@@ -45,8 +45,6 @@ REFUSED = {
     "before its gradient (a second read) and is not implemented yet",
     "top_entropy_quantile": "the top-entropy token mask needs the batch's entropy quantile "
     "before any gradient (a second read) and is not implemented yet",
-    "use_adaptive_entropy": "the adaptive entropy coefficient is not implemented in "
-    "GRAOTrainer yet",
     "use_bias_correction_kl": "with importance_sampling_level='sequence' the ratio-weighted k3 "
     "KL takes each row's ratio, whose gradient reaches every token of the row; GRAO's loss "
     "weights the KL by token ratios only",
@@ -164,12 +162,19 @@ class GRAOConfig(GRPOConfig):
             raise ValueError(f"epsilon must be in (0, 1) and epsilon_high >= 0, got {low}, {high}")
         if not self.entropy_coef >= 0:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+        if self.use_adaptive_entropy:
+            least, most = self.entropy_coef_min, self.entropy_coef_max
+            step = self.entropy_coef_delta
+            if not (0 <= least <= most and step >= 0):
+                raise ValueError(
+                    "use_adaptive_entropy needs 0 <= entropy_coef_min <= entropy_coef_max and "
+                    f"entropy_coef_delta >= 0, got {least}, {most} and {step}"
+                )
         self._check_ratio_policy()
         row_ratio_kl = self.beta != 0.0 and self.importance_sampling_level == "sequence"
         unsupported = {
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
             "top_entropy_quantile": self.top_entropy_quantile != 1.0,
-            "use_adaptive_entropy": self.use_adaptive_entropy,
             "use_bias_correction_kl": self.use_bias_correction_kl and row_ratio_kl,
         }
         for name, set_ in unsupported.items():

@@ -1,0 +1,80 @@
+"""TRL's trainer-side loss settings in GRAOTrainer against TRL's GRPOTrainer on the same batch.
+
+The exploration-only pair of ``tests/test_trl_objective.py`` (GRAO's gradient is TRL's GRPO
+gradient there): the adaptive entropy controller, the off-policy sequence mask, LUSPO and the
+logged clip statistics, each run through both trainers' own code.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+import test_trl  # noqa: E402
+from test_trl import _assert_same_gradients, _config, _fixed_batch  # noqa: E402
+from test_trl_objective import G, _pair  # noqa: E402
+from trl.trainer.utils import split_tensor_dict  # noqa: E402
+
+from grao_fast.integrations.trl import GRAOConfig  # noqa: E402
+
+model_dir, fixed_generation = test_trl.model_dir, test_trl.fixed_generation  # the fixtures
+
+
+def _window(trainer, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+    """One accumulation window: the gradient of ``micro_batches``, the last one closing the
+    window (``sync_gradients``, where TRL's controller updates) as in the Trainer's loop."""
+    trainer.model.zero_grad()
+    trainer.current_gradient_accumulation_steps = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        trainer.accelerator.gradient_state._set_sync_gradients(i == len(micro_batches) - 1)
+        trainer._compute_loss(trainer.model, batch).backward()
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_adaptive_entropy_matches_trl(model_dir, tmp_path, fixed_generation):
+    """``use_adaptive_entropy``: over windows of two micro-batches (one group each, of different
+    token counts) and targets above and below the measured entropy, GRAOTrainer's coefficient,
+    its measurement, its gating of the bonus (the gradient) and the logged ``entropy_coef``
+    follow TRL's own controller, through both bounds."""
+    settings = {"loss_type": "grpo", "use_adaptive_entropy": True, "entropy_coef": 0.02,
+                "entropy_coef_delta": 0.01, "entropy_coef_min": 0.001,
+                "entropy_coef_max": 0.035}  # fmt: skip
+    grao, grpo = _pair(model_dir, tmp_path, **settings)
+    batches = split_tensor_dict(_fixed_batch(grao, G + 1), 2)
+    trl_batches = split_tensor_dict(_fixed_batch(grpo, G), 2)
+    assert grao._loss_options(batches[0])["entropy_coef"] == 0.0  # nothing measured yet
+    _window(grao, batches), _window(grpo, trl_batches)  # target 0.2: above it, coef down
+    measured = grpo._last_world_entropy
+    assert grao._last_world_entropy == pytest.approx(measured, rel=1e-6)
+    micro = grpo._metrics["train"]["entropy"][-2:]  # TRL's per-micro-batch token means
+    assert abs(measured - sum(micro) / 2) > 1e-4  # the window mean weighs tokens, not batches
+    coefs, applied = [grao.entropy_coef], []
+    for offset in (1, 1, 1, -1, -1, -1, -1, 1):
+        for trainer in (grao, grpo):
+            trainer.args.entropy_target = measured + offset
+        applied.append(grao._loss_options(batches[0])["entropy_coef"])
+        grads, trl_grads = _window(grao, batches), _window(grpo, trl_batches)
+        _assert_same_gradients(grads, trl_grads)
+        assert grao.entropy_coef == pytest.approx(grpo.entropy_coef, abs=1e-12)
+        coefs.append(grao.entropy_coef)
+    assert coefs == pytest.approx([0.01, 0.02, 0.03, 0.035, 0.025, 0.015, 0.005, 0.001, 0.011])
+    assert applied == pytest.approx([0.01, 0.02, 0.03, 0.0, 0.0, 0.0, 0.0, 0.001])
+    logged = grao._metrics["train"]["entropy_coef"]
+    assert logged == pytest.approx(grpo._metrics["train"]["entropy_coef"], abs=1e-12)
+    assert logged == pytest.approx(coefs)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"entropy_coef_min": -0.1}, {"entropy_coef_min": 0.5, "entropy_coef_max": 0.4},
+     {"entropy_coef_delta": -0.01}],
+)  # fmt: skip
+def test_config_rejects_bad_adaptive_entropy_bounds(tmp_path, overrides):
+    with pytest.raises(ValueError, match="use_adaptive_entropy needs"):
+        _config(GRAOConfig, tmp_path, num_generations=3, per_device_train_batch_size=3,
+                use_adaptive_entropy=True, **overrides)  # fmt: skip
