@@ -336,7 +336,10 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
         ({"epsilon": 1.5}, "epsilon"),
         ({"epsilon_high": -0.1}, "epsilon_high"),
         ({"entropy_coef": -0.1}, "entropy_coef"),
-        ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
+        (
+            {"off_policy_mask_threshold": 0.5, "importance_sampling_level": "sequence"},
+            "off_policy_mask_threshold",
+        ),
         ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
         (
             {"beta": 0.1, "use_bias_correction_kl": True, "importance_sampling_level": "sequence"},

@@ -16,13 +16,16 @@ import torch
 
 pytest.importorskip("trl")
 import test_trl  # noqa: E402
+import test_trl_objective  # noqa: E402
 from test_trl import _assert_same_gradients, _config, _fixed_batch  # noqa: E402
-from test_trl_objective import G, _pair  # noqa: E402
+from test_trl_objective import G, _pair, _take_a_step  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
 from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
 from grao_fast.integrations.trl import GRAOConfig  # noqa: E402
 
 model_dir, fixed_generation = test_trl.model_dir, test_trl.fixed_generation  # the fixtures
+fixed_vllm_generation = test_trl_objective.fixed_vllm_generation
 
 
 def _window(trainer, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
@@ -78,3 +81,72 @@ def test_config_rejects_bad_adaptive_entropy_bounds(tmp_path, overrides):
     with pytest.raises(ValueError, match="use_adaptive_entropy needs"):
         _config(GRAOConfig, tmp_path, num_generations=3, per_device_train_batch_size=3,
                 use_adaptive_entropy=True, **overrides)  # fmt: skip
+
+
+def _current_logps(trainer, batch: dict) -> torch.Tensor:
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad():
+        return trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, mask, batch["completion_ids"].size(1)
+        )[0]
+
+
+def _set_threshold(threshold: float | None, *trainers) -> None:
+    for trainer in trainers:
+        trainer.off_policy_mask_threshold = trainer.args.off_policy_mask_threshold = threshold
+
+
+@pytest.mark.parametrize("sampler", ["vllm", "old-policy"])
+def test_off_policy_mask_matches_trl(model_dir, tmp_path, request, sampler):
+    """``off_policy_mask_threshold`` on a second iteration (the policy moved since the batch):
+    the drift from the sampler's log-probs (vLLM's, with its importance weights; else the old
+    policy's) drops the same negative-advantage rows as TRL's mask, the reference rows are kept,
+    and the gradient is TRL's (and not the unmasked one)."""
+    vllm = sampler == "vllm"
+    request.getfixturevalue("fixed_vllm_generation" if vllm else "fixed_generation")
+    grao, grpo = _pair(model_dir, tmp_path, loss_type="grpo", num_iterations=2,
+                       epsilon_high=0.28, off_policy_mask_threshold=0.0,
+                       vllm_importance_sampling_mode="token_truncate")  # fmt: skip
+    for trainer in (grao, grpo):
+        trainer.use_vllm = vllm  # the vLLM correction (on by default) without vLLM
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    assert ("sampling_per_token_logps" in trl_batch) == vllm
+    _take_a_step(grao.model)
+    _take_a_step(grpo.model)
+    # A threshold between the drifts of TRL's negative-advantage rows: some dropped, some kept.
+    mask = trl_batch["completion_mask"]
+    sampler_logps = trl_batch.get("sampling_per_token_logps", trl_batch.get("old_per_token_logps"))
+    drift = torch.nan_to_num(sampler_logps - _current_logps(grpo, trl_batch)) * mask
+    drift = drift.sum(1) / mask.sum(1)
+    negative = drift[trl_batch["advantages"] < 0].sort().values
+    assert len(negative) >= 2
+    threshold = negative[len(negative) // 2 - 1 : len(negative) // 2 + 1].mean().item()
+    _set_threshold(threshold, grao, grpo)
+    advantages = trl_batch["advantages"][:, None]
+    keep = GRPOTrainer.get_off_policy_mask(advantages, _current_logps(grpo, trl_batch),
+                                           sampler_logps, mask, threshold)[:, 0].bool()  # fmt: skip
+    assert not keep.all() and keep[trl_batch["advantages"] < 0].any()
+    mine = grao._off_policy_keep(batch).view(-1, G + 1)
+    assert mine[:, G].all()  # the reference rows
+    assert torch.equal(mine[:, :G].flatten(), keep)
+    grads = _window(grao, [batch])
+    _assert_same_gradients(grads, _window(grpo, [trl_batch]))
+    _set_threshold(None, grao)
+    unmasked = _window(grao, [batch])
+    assert any(not torch.allclose(unmasked[k], grads[k], rtol=1e-3, atol=0) for k in grads)
+
+
+def test_off_policy_mask_on_policy_needs_no_forward(model_dir, tmp_path, fixed_generation,
+                                                    monkeypatch):  # fmt: skip
+    """On-policy (no old or sampler log-probs) the drift is 0: a negative threshold drops every
+    negative-advantage sample row, as TRL's mask does, without a forward pass for the drift."""
+    grao, grpo = _pair(model_dir, tmp_path, loss_type="grpo", off_policy_mask_threshold=-0.01)
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    assert "old_per_token_logps" not in batch and "sampling_per_token_logps" not in batch
+    trl_grads = _window(grpo, [trl_batch])
+    monkeypatch.setattr(grao, "_get_per_token_logps_and_entropies", None)  # never called
+    keep = grao._off_policy_keep(batch).view(-1, G + 1)
+    assert torch.equal(keep[:, :G].flatten(), trl_batch["advantages"] >= 0)
+    assert keep[:, G].all() and not keep.all()
+    _assert_same_gradients(_window(grao, [batch]), trl_grads)

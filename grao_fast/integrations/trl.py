@@ -46,6 +46,8 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   - ``entropy_coef`` -> ``entropy_coef`` (the bonus over the sample rows' tokens);
     ``use_adaptive_entropy``: TRL's controller sets it for each accumulation window from the
     loss's ``sample_entropy`` (:meth:`GRAOTrainer._adapt_entropy_coef`).
+  - ``off_policy_mask_threshold`` -> ``token_weights`` 0 on the sample rows TRL's off-policy
+    sequence mask drops (:meth:`GRAOTrainer._off_policy_keep`; token level only).
   - ``use_bias_correction_kl`` (with ``beta > 0``) -> ``kl_bias_correction`` (each token's k3
     weighted by its ratio; token level only).
   - ``delta`` -> ``delta``; ``loss_type="cispo"`` -> ``ratio_policy="cispo"`` with
@@ -59,12 +61,14 @@ that GRAOTrainer does not implement are rejected by :class:`GRAOConfig` with the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import split_tensor_dict
 
 import grao_fast
@@ -75,6 +79,7 @@ from grao_fast.integrations.trl_metrics import (
     is_sample_row,
     reward_metrics,
 )
+from grao_fast.integrations.trl_rows import off_policy_keep
 from grao_fast.train.rewards import relative_to_reference
 
 IGNORE_INDEX = -100
@@ -422,7 +427,7 @@ class GRAOTrainer(GRPOTrainer):
             "ref_logps": inputs.get("ref_per_token_logps"),
             "length_norm": LENGTH_NORMS[args.loss_type],
             "max_tokens": self.max_completion_length if args.loss_type == "dr_grpo" else None,
-            "token_weights": self._importance_weights(inputs),
+            "token_weights": self._token_weights(inputs),
             "old_logps": old_logps,
             "clip_eps": (self.epsilon_low, self.epsilon_high),
             "importance_level": level,
@@ -473,7 +478,7 @@ class GRAOTrainer(GRPOTrainer):
         """TRL's ``delta``, ``"cispo"`` (cap ``epsilon_high``) and ``"sapo"`` (its two
         temperatures) as grao_loss's ratio policy; on-policy (no old log-probs, every ratio 1)
         none applies: their gradient is the plain one (CISPO's times ``min(1, cap)``, see
-        :meth:`_importance_weights`)."""
+        :meth:`_token_weights`)."""
         args = self.args
         if not off_policy:
             return {}
@@ -484,17 +489,48 @@ class GRAOTrainer(GRPOTrainer):
             return {"ratio_policy": "sapo", "sapo_tau": temperatures}
         return {} if args.delta is None else {"delta": args.delta}
 
-    def _importance_weights(self, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """[N, C] TRL's vLLM importance-sampling ratio of this micro-batch as token weights
-        (None without the correction); 1 on the reference rows, which were not sampled. On-policy
-        CISPO with a cap below 1 weighs every token by the cap (TRL's ``min(1, epsilon_high)``)."""
-        cap = 1.0
-        if self.args.loss_type == "cispo" and inputs.get("old_per_token_logps") is None:
-            cap = min(1.0, self.epsilon_high)
-        if not (self.use_vllm and self.vllm_importance_sampling_correction):
-            mask = inputs["completion_mask"]
-            return None if cap == 1.0 else torch.full(mask.shape, cap, device=mask.device)
+    def _token_weights(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """[N, C] the constant per-token factors of TRL's policy loss for this micro-batch, as
+        grao_loss's ``token_weights`` (None where there are none): TRL's vLLM importance-sampling
+        ratio (1 on the reference rows, which were not sampled); on-policy CISPO's cap below 1
+        (TRL's ``min(1, epsilon_high)`` on every token); the off-policy sequence mask (0 on a
+        dropped row, :meth:`_off_policy_keep`)."""
+        mask, args = inputs["completion_mask"], self.args
+        factors = []
+        on_policy = inputs.get("old_per_token_logps") is None
+        if args.loss_type == "cispo" and on_policy and self.epsilon_high < 1.0:
+            factors.append(torch.full(mask.shape, self.epsilon_high, device=mask.device))
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = inputs["importance_sampling_ratio"].expand_as(mask)  # [N, C] or [N, 1]
+            sample = is_sample_row(mask.size(0), self._group(), mask.device)[:, None]
+            factors.append(torch.where(sample, ratio, torch.ones_like(ratio)))
+        if self.off_policy_mask_threshold is not None:
+            factors.append(self._off_policy_keep(inputs)[:, None].float().expand_as(mask))
+        return functools.reduce(torch.mul, factors) if factors else None
+
+    def _off_policy_keep(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """[N] bool: TRL's off-policy sequence mask, False on a dropped row (:func:`trl_rows.
+        off_policy_keep`). The drift is the sampler's log-probs (vLLM's, else the old policy's)
+        minus the policy's now, which one forward of the policy without gradient gives before
+        the loss runs; with neither (on-policy, TRL's ratio exactly 1) the drift is 0 and no
+        forward runs."""
         mask = inputs["completion_mask"]
-        ratio = inputs["importance_sampling_ratio"].expand_as(mask)  # [N, C] or [N, 1] (sequence_*)
-        sample = is_sample_row(mask.size(0), self._group(), mask.device)[:, None]
-        return cap * torch.where(sample, ratio, torch.ones_like(ratio))
+        sampler = inputs.get("sampling_per_token_logps", inputs.get("old_per_token_logps"))
+        current = sampler
+        if sampler is not None:
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            attention = torch.cat([inputs["prompt_mask"], mask], dim=1)
+            checkpointing = self.args.gradient_checkpointing_kwargs
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, checkpointing):
+                current = self._get_per_token_logps_and_entropies(
+                    self.model, ids, attention, mask.size(1)
+                )[0]
+        else:
+            sampler = current = torch.zeros(mask.shape, device=mask.device)
+        group = self._group()
+        advantages = grao_fast.group_advantages(
+            inputs["rewards"].view(-1, group).float(), eps=self.args.grao_eps,
+            reference_in_group=self.args.reference_in_group,
+        ).flatten()  # fmt: skip
+        threshold = self.off_policy_mask_threshold  # TRL's attribute, from the config
+        return off_policy_keep(advantages, current, sampler, mask, threshold, group)

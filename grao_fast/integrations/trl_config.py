@@ -41,8 +41,9 @@ REFUSED = {
     "sequence-level path does not implement yet",
     "vespo": "VESPO's Gamma weight of the sequence ratio needs a second read of the logits that "
     "GRAO's loss does not implement yet",
-    "off_policy_mask_threshold": "the off-policy sequence mask needs each row's mean drift "
-    "before its gradient (a second read) and is not implemented yet",
+    "off_policy_mask_threshold": "with importance_sampling_level='sequence': GRAOTrainer applies "
+    "the off-policy sequence mask as token weights, which GRAO's sequence-level ratio does not "
+    "take",
     "top_entropy_quantile": "the top-entropy token mask needs the batch's entropy quantile "
     "before any gradient (a second read) and is not implemented yet",
     "use_bias_correction_kl": "with importance_sampling_level='sequence' the ratio-weighted k3 "
@@ -173,7 +174,8 @@ class GRAOConfig(GRPOConfig):
         self._check_ratio_policy()
         row_ratio_kl = self.beta != 0.0 and self.importance_sampling_level == "sequence"
         unsupported = {
-            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None
+            and self.importance_sampling_level == "sequence",
             "top_entropy_quantile": self.top_entropy_quantile != 1.0,
             "use_bias_correction_kl": self.use_bias_correction_kl and row_ratio_kl,
         }
