@@ -47,7 +47,9 @@ OPTIONS_DOC = """
         token_weights: per-token constant multipliers (no gradient), >= 0.
         old_logps, clip_eps, importance_level: PPO-style clipped ratios against the policy the
             batch was prepared with (``clip_eps = (low, high)``); ``importance_level="sequence"``
-            uses one length-normalised ratio per row (GSPO: two reads of the logits).
+            uses one length-normalised ratio per row (GSPO: two reads of the logits), each row's
+            clipped term times ``|s| / length normaliser`` (1 for ``"sequence"``; LUSPO is
+            ``"constant"`` with ``max_tokens=1``).
         ratio_policy, delta, ratio_cap, sapo_tau: what ``old_logps``' ratio does to each token
             (docs/OBJECTIVES.md, ratio policies; token level only): ``"clip"`` (PPO, with
             ``delta`` also a zero gradient where the row coefficient is negative and the ratio

@@ -222,7 +222,8 @@ def grao_terms(
             delta = torch.where(mask, logp - old, torch.zeros_like(logp))
             ratio = torch.exp(delta.sum(dim=1) / lengths.clamp(min=1))
             value, clipped = _pessimistic(ratio, c[:, 0], clip_eps)
-            per_row = torch.where(lengths > 0, value, torch.zeros_like(value))
+            # nu_s |s|: 1 for length_norm="sequence" (GSPO), |s| / L for "constant" (LUSPO: L=1)
+            per_row = torch.where(lengths > 0, value * nu[:, 0] * lengths, torch.zeros_like(value))
             clipped = clipped[:, None].expand(n, t)
         else:
             ratio = torch.exp(torch.where(mask, logp - old, torch.zeros_like(logp)))

@@ -49,7 +49,7 @@ def _check(
 ):  # fmt: skip
     hidden, weight, bias_t, labels, rewards = _inputs(b, g, t, h, v, dtype, bias=bias, seed=seed)
     # Seeded, far from 1 (a skipped rescale shows) and from 0.5 (the rescale rounds).
-    grad_out = (0.55 + 0.25 * torch.rand((), generator=torch.Generator().manual_seed(seed)))
+    grad_out = 0.55 + 0.25 * torch.rand((), generator=torch.Generator().manual_seed(seed))
     grad_out = grad_out.to(DEVICE)
     ref_kw = {k: x for k, x in kw.items() if k != "grad_weight_fp32"}  # (not a loss option)
     ref, ref_grads = _reference(hidden, weight, bias_t, labels, rewards, g, grad_out,

@@ -42,7 +42,10 @@ OPTIONS = {
     "entropy-bonus": {"entropy_coef": 0.05, "temperature": 0.8},
     "clip-asymmetric": {"clip_eps": (0.1, 0.28)},
     "gspo": {"importance_level": "sequence", "clip_eps": 0.05},
-}
+    "luspo": {"importance_level": "sequence", "clip_eps": 0.05, "length_norm": "constant",
+              "max_tokens": 1},
+    "gspo-token-norm": {"importance_level": "sequence", "clip_eps": 0.05, "length_norm": "token"},
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -179,6 +179,29 @@ def test_clip_sides_by_hand(level):
     assert out.clip_fraction.item() == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("max_tokens", [1, 3])
+def test_sequence_ratio_length_norm_by_hand(max_tokens):
+    """At the sequence level, ``length_norm="constant"`` multiplies each row's clipped GSPO term
+    by ``|s| / max_tokens`` (LUSPO: ``max_tokens=1``); ``"sequence"`` leaves it as GSPO's."""
+    logits, labels, rewards, *_ = _two_token_case()  # row lengths 2, 1, 2
+    logp = token_logprobs(logits, labels, backend="reference")
+    log_ratio = torch.tensor([[0.3, -0.1], [-0.2, 0.0], [0.05, 0.05]], dtype=torch.float64)
+    old = torch.where(labels != -100, logp - log_ratio, 0.0)
+    common = dict(group_size=2, beta=0.5, lam=0.0, old_logps=old, clip_eps=(0.1, 0.1),
+                  importance_level="sequence", eps=0.0)  # fmt: skip
+    gspo = reference.grao_terms(logits, labels, rewards, **common)
+    out = reference.grao_terms(logits, labels, rewards, length_norm="constant",
+                               max_tokens=max_tokens, **common)  # fmt: skip
+    adv = group_advantages(rewards, eps=0.0)[0]
+    c = torch.cat([adv[:2] / 2, 0.5 * adv[2:]])  # exploration and imitation (beta 0.5)
+    ratio = torch.tensor([0.1, -0.2, 0.05], dtype=torch.float64).exp()  # row means
+    value = torch.minimum(ratio * c, ratio.clamp(0.9, 1.1) * c)
+    lengths = torch.tensor([2.0, 1.0, 2.0], dtype=torch.float64)
+    assert gspo.loss.item() == pytest.approx(-value.sum().item(), rel=1e-12)
+    expected = -(lengths / max_tokens * value).sum()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
 def test_reference_advantages_edge_cases():
     """The reference backend's own group statistics (reference.group_advantages, not the
     package's): population std, the reference outside the pool, flat pools."""

@@ -150,3 +150,25 @@ def test_off_policy_mask_on_policy_needs_no_forward(model_dir, tmp_path, fixed_g
     assert torch.equal(keep[:, :G].flatten(), trl_batch["advantages"] >= 0)
     assert keep[:, G].all() and not keep.all()
     _assert_same_gradients(_window(grao, [batch]), trl_grads)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_luspo_matches_trl(model_dir, tmp_path, fixed_generation, level):
+    """``loss_type="luspo"`` on a second iteration: each row's clipped term (GSPO's row ratio,
+    or TRL's token ratios at the token level) times the row's length, TRL's gradient; GSPO's
+    (``"grpo"``) differs."""
+    low, high = (0.02, 0.1) if level == "sequence" else (0.2, 0.5)
+    settings = {"importance_sampling_level": level, "num_iterations": 2, "epsilon": low,
+                "epsilon_high": high}  # fmt: skip
+    grao, grpo = _pair(model_dir, tmp_path, loss_type="luspo", **settings)
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    _take_a_step(grao.model)
+    _take_a_step(grpo.model)
+    options = grao._loss_options(batch)
+    assert (options["length_norm"], options["max_tokens"]) == ("constant", 1)
+    grads = _window(grao, [batch])
+    _assert_same_gradients(grads, _window(grpo, [trl_batch]))
+    assert 0 < grpo._metrics["train"]["clip_ratio/region_mean"][-1] < 0.9
+    grao.args.loss_type = "grpo"
+    gspo = _window(grao, [batch])
+    assert any(not torch.allclose(gspo[k], grads[k], rtol=1e-2, atol=0) for k in grads)

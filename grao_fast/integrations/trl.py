@@ -30,13 +30,15 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   - ``loss_type``: ``"grpo"`` -> ``length_norm="sequence"``; ``"bnpo"`` and ``"dapo"`` ->
     ``"token"`` (the micro-batch's mean row length; TRL's ``"dapo"`` divides by the generation
     batch's token count per micro-batch instead, the same with one micro-batch per generation);
-    ``"dr_grpo"`` -> ``"constant"`` with ``max_tokens=max_completion_length``.
+    ``"dr_grpo"`` -> ``"constant"`` with ``max_tokens=max_completion_length``; ``"luspo"`` ->
+    ``"constant"`` with ``max_tokens=1`` (each row's term times its length; ``beta=0``).
   - ``old_per_token_logps``, which TRL computes when the batch may be off-policy
     (``num_iterations > 1`` or ``gradient_accumulation_steps`` not a multiple of
     ``steps_per_generation x num_iterations``) or for the vLLM correction, -> ``old_logps``, with
     ``clip_eps=(epsilon, epsilon_high)``. Where TRL leaves it out (its ratio is exactly 1), the
     on-policy loss runs: the same gradient, and nothing is clipped.
-  - ``importance_sampling_level`` -> ``importance_level`` (``"sequence"``: ``loss_type="grpo"``).
+  - ``importance_sampling_level`` -> ``importance_level`` (``"sequence"``: ``loss_type`` ``"grpo"``
+    or ``"luspo"``).
   - ``vllm_importance_sampling_correction``: TRL's ``importance_sampling_ratio`` (any
     ``vllm_importance_sampling_mode``, clipped or masked by ``vllm_importance_sampling_clip_min``
     and ``_max`` as TRL does) -> ``token_weights`` (a sequence mode's ratio on every token of its
@@ -426,7 +428,7 @@ class GRAOTrainer(GRPOTrainer):
             "kl_bias_correction": bool(args.use_bias_correction_kl) and self.beta != 0.0,
             "ref_logps": inputs.get("ref_per_token_logps"),
             "length_norm": LENGTH_NORMS[args.loss_type],
-            "max_tokens": self.max_completion_length if args.loss_type == "dr_grpo" else None,
+            "max_tokens": {"dr_grpo": self.max_completion_length, "luspo": 1}.get(args.loss_type),
             "token_weights": self._token_weights(inputs),
             "old_logps": old_logps,
             "clip_eps": (self.epsilon_low, self.epsilon_high),

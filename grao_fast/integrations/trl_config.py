@@ -28,17 +28,18 @@ from grao_fast.reference import TERMS
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 REWARD_MODES = ("absolute", "relative")
-# TRL's loss_type -> grao_loss's length_norm (dr_grpo: max_tokens = max_completion_length);
-# cispo and sapo also select their ratio_policy (RATIO_POLICIES).
+# TRL's loss_type -> grao_loss's length_norm (dr_grpo: max_tokens = max_completion_length;
+# luspo: max_tokens = 1, each row's term times its length); cispo and sapo also select their
+# ratio_policy (RATIO_POLICIES).
 LENGTH_NORMS = {
     "grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "constant",
-    "cispo": "token", "sapo": "sequence",
+    "cispo": "token", "sapo": "sequence", "luspo": "constant",
 }  # fmt: skip
 RATIO_POLICIES = {"cispo": "cispo", "sapo": "sapo"}  # the rest: "clip"
 # TRL's loss settings GRAOTrainer refuses, and why (docs/OBJECTIVES.md).
 REFUSED = {
-    "luspo": "LUSPO scales GSPO's row loss by the row's length, a row statistic GRAO's "
-    "sequence-level path does not implement yet",
+    "luspo": "with beta != 0: TRL's LUSPO sums each row's KL over its tokens, GRAO's KL is each "
+    "row's mean",
     "vespo": "VESPO's Gamma weight of the sequence ratio needs a second read of the logits that "
     "GRAO's loss does not implement yet",
     "off_policy_mask_threshold": "with importance_sampling_level='sequence': GRAOTrainer applies "
@@ -81,7 +82,8 @@ class GRAOConfig(GRPOConfig):
     loss_type: str = _option(
         "grpo",
         "Length normalisation: grpo (1/|s|, the paper), bnpo/dapo (tokens), dr_grpo; cispo "
-        "(tokens, CISPO's capped ratio) and sapo (1/|s|, SAPO's gate).",
+        "(tokens, CISPO's capped ratio), sapo (1/|s|, SAPO's gate), luspo (each row's term times "
+        "its length, beta = 0).",
     )
     vllm_importance_sampling_mode: str = _option(
         "token_truncate", "Weights of the sample tokens: TRL's ratio pi / pi_vllm in this mode."
@@ -127,7 +129,7 @@ class GRAOConfig(GRPOConfig):
     def _check_objective(self) -> None:
         """TRL's settings of the clipped surrogate that GRAO's objective family has (the trainer
         module's docstring maps each); the others are rejected here, before a model loads."""
-        if self.loss_type in REFUSED:
+        if self.loss_type in REFUSED and (self.loss_type != "luspo" or self.beta != 0.0):
             raise ValueError(
                 f"loss_type={self.loss_type!r} is not supported by GRAOTrainer: "
                 f"{REFUSED[self.loss_type]}"
@@ -148,10 +150,10 @@ class GRAOConfig(GRPOConfig):
                 f"got {self.vllm_importance_sampling_mode!r}"
             )
         if self.importance_sampling_level == "sequence":
-            if self.loss_type != "grpo":
+            if self.loss_type not in ("grpo", "luspo"):
                 raise ValueError(
-                    "importance_sampling_level='sequence' needs loss_type='grpo' (the ratio is "
-                    f"already length-normalised), got loss_type={self.loss_type!r}"
+                    "importance_sampling_level='sequence' needs loss_type='grpo' or 'luspo' (the "
+                    f"ratio is already length-normalised), got loss_type={self.loss_type!r}"
                 )
             if self.use_vllm and self.vllm_importance_sampling_correction:
                 raise ValueError(
