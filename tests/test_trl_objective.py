@@ -101,6 +101,8 @@ def _last(trainer, key: str) -> float:
         ("bnpo", "token", 0.0),
         ("dapo", "token", 0.0),
         ("dr_grpo", "token", 0.05),
+        ("bnpo", "sequence", 0.0),
+        ("dr_grpo", "sequence", 0.05),
     ],
 )
 def test_second_iteration_matches_trl(model_dir, tmp_path, fixed_generation, loss_type, level,
@@ -325,12 +327,12 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
     [
         ({"loss_type": "luspo", "beta": 0.1}, "LUSPO sums each row's KL"),
         ({"loss_type": "vespo"}, "VESPO"),
-        ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, "needs loss_type='grpo'"),
+        ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, "cispo' needs"),
+        ({"loss_type": "sapo", "importance_sampling_level": "sequence"}, "sapo' needs"),
         ({"loss_type": "sapo", "delta": 2.0}, "delta applies only"),
         ({"delta": 1.1, "epsilon_high": 0.28}, "delta must be >= 1 \\+ epsilon_high"),
         ({"delta": 2.0, "importance_sampling_level": "sequence"}, "delta needs"),
         ({"loss_type": "sapo", "sapo_temperature_neg": 0.0}, "sapo_temperature"),
-        ({"importance_sampling_level": "sequence", "loss_type": "dapo"}, "loss_type='grpo' or"),
         ({"importance_sampling_level": "sequence", "use_vllm": True}, "vllm_importance_sampling"),
         ({"vllm_importance_sampling_mode": "token_clip"}, "vllm_importance_sampling_mode"),
         ({"epsilon": 1.5}, "epsilon"),

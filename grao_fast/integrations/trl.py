@@ -37,8 +37,8 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
     ``steps_per_generation x num_iterations``) or for the vLLM correction, -> ``old_logps``, with
     ``clip_eps=(epsilon, epsilon_high)``. Where TRL leaves it out (its ratio is exactly 1), the
     on-policy loss runs: the same gradient, and nothing is clipped.
-  - ``importance_sampling_level`` -> ``importance_level`` (``"sequence"``: ``loss_type`` ``"grpo"``
-    or ``"luspo"``).
+  - ``importance_sampling_level`` -> ``importance_level`` (``"sequence"``: not with ``"cispo"``
+    or ``"sapo"``; the length normaliser scales each row's term by ``nu_s |s|``).
   - ``vllm_importance_sampling_correction``: TRL's ``importance_sampling_ratio`` (any
     ``vllm_importance_sampling_mode``, clipped or masked by ``vllm_importance_sampling_clip_min``
     and ``_max`` as TRL does) -> ``token_weights`` (a sequence mode's ratio on every token of its

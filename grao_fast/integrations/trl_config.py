@@ -149,17 +149,13 @@ class GRAOConfig(GRPOConfig):
                 f"vllm_importance_sampling_mode must be one of {VLLM_IS_MODES}, "
                 f"got {self.vllm_importance_sampling_mode!r}"
             )
-        if self.importance_sampling_level == "sequence":
-            if self.loss_type not in ("grpo", "luspo"):
-                raise ValueError(
-                    "importance_sampling_level='sequence' needs loss_type='grpo' or 'luspo' (the "
-                    f"ratio is already length-normalised), got loss_type={self.loss_type!r}"
-                )
-            if self.use_vllm and self.vllm_importance_sampling_correction:
-                raise ValueError(
-                    "importance_sampling_level='sequence' takes no per-token weights: set "
-                    "vllm_importance_sampling_correction=False"
-                )
+        if self.importance_sampling_level == "sequence" and (
+            self.use_vllm and self.vllm_importance_sampling_correction
+        ):
+            raise ValueError(
+                "importance_sampling_level='sequence' takes no per-token weights: set "
+                "vllm_importance_sampling_correction=False"
+            )
         low, high = self.epsilon, self.epsilon_high
         if not 0 < low < 1 or (high is not None and not high >= 0):
             raise ValueError(f"epsilon must be in (0, 1) and epsilon_high >= 0, got {low}, {high}")
