@@ -39,6 +39,10 @@ class GRAOOutput(NamedTuple):
     # scalar: mean token entropy over the sample rows' tokens, the ones the bonus acts on
     # (return_entropy); adaptive entropy controllers measure it.
     sample_entropy: Optional[torch.Tensor] = None
+    # [N, 2] per row, its loss tokens (whatever their weight) clipped below (c_s < 0) and above
+    # (c_s > 0): the PPO clip's sides, CISPO's capped tokens (above), a clipped row ratio's
+    # every token (sequence level); None where clip_fraction is.
+    clip_counts: Optional[torch.Tensor] = None
 
 
 class Plan(NamedTuple):
@@ -190,7 +194,7 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
     weighted = logp if w is None else w * logp
     parts = _terms(pl, pl.nu * rows.sum(weighted), o)  # the objective with u = logp
     loss = -(parts["exploration"] + parts["imitation"] + parts["alignment"])
-    clip_fraction = clip_low = clip_high = None
+    clip_fraction = clip_low = clip_high = clip_counts = None
     if b.old_logps is not None:
         counted = mask if w is None else mask & (w > 0)
         if o.importance_level == "sequence":
@@ -209,6 +213,9 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
                 )
         if clipped is not None:
             clip_fraction = _share(clipped, counted, logp.dtype)
+            dj = rows.expand(pl.dj)  # -c_s / B
+            sides = (clipped & mask & (dj > 0), clipped & mask & (dj < 0))
+            clip_counts = torch.stack([rows.sum(x.to(logp.dtype)) for x in sides], dim=1)
     kl = None
     if b.ref_logps is not None:
         delta = torch.where(mask, b.ref_logps - logp, 0.0)
@@ -227,7 +234,7 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
         if o.entropy_coef != 0.0:
             loss = loss - o.entropy_coef * bonus
     extras = (parts["exploration"], parts["imitation"], parts["alignment"], pl.adv, seq)
-    return loss, extras, (kl, entropy, clip_fraction, clip_low, clip_high, bonus)
+    return loss, extras, (kl, entropy, clip_fraction, clip_low, clip_high, bonus, clip_counts)
 
 
 def _share(tokens: torch.Tensor, counted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

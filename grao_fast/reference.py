@@ -33,6 +33,7 @@ class ReferenceTerms(NamedTuple):
     clip_low_fraction: Optional[torch.Tensor] = None  # "clip", token level: clipped, c_s < 0
     clip_high_fraction: Optional[torch.Tensor] = None  # and clipped, c_s > 0
     sample_entropy: Optional[torch.Tensor] = None  # mean token entropy over the sample rows
+    clip_counts: Optional[torch.Tensor] = None  # [N, 2] loss tokens clipped below, above
 
 
 def token_logprobs(
@@ -212,7 +213,7 @@ def grao_terms(
     w = torch.where(mask, w, torch.zeros_like(w))
 
     # The objective, summed over rows (then averaged over groups): u = logp, or PPO-clipped.
-    clip_fraction = clip_low = clip_high = None
+    clip_fraction = clip_low = clip_high = clip_counts = None
     if old_logps is None:
         per_row = c[:, 0] * nu[:, 0] * (w * logp).sum(dim=1)
     else:
@@ -235,6 +236,8 @@ def grao_terms(
                 clip_low, clip_high = share(clipped & (c < 0)), share(clipped & (c > 0))
         if clipped is not None:
             clip_fraction = (clipped & counted).sum() / counted.sum().clamp(min=1)
+            sides = (clipped & mask & (c < 0), clipped & mask & (c > 0))  # any token weight
+            clip_counts = torch.stack([x.sum(dim=1) for x in sides], dim=1).to(logp.dtype)
     loss = -per_row.reshape(b, g + 1).sum(dim=1).mean()
 
     # Reported terms: Eq. 3 with J replaced by nu_s sum_t w logp (the paper's J by default).
@@ -275,4 +278,5 @@ def grao_terms(
         clip_low_fraction=clip_low,
         clip_high_fraction=clip_high,
         sample_entropy=sample_entropy,
+        clip_counts=clip_counts,
     )

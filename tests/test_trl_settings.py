@@ -172,3 +172,41 @@ def test_luspo_matches_trl(model_dir, tmp_path, fixed_generation, level):
     grao.args.loss_type = "grpo"
     gspo = _window(grao, [batch])
     assert any(not torch.allclose(gspo[k], grads[k], rtol=1e-2, atol=0) for k in grads)
+
+
+CLIP_CASES = {
+    "clip-token": ("grpo", {"num_iterations": 2, "epsilon": 0.1, "epsilon_high": 0.05}),
+    "clip-sequence": ("grpo", {"num_iterations": 2, "importance_sampling_level": "sequence",
+                               "epsilon": 0.02, "epsilon_high": 0.1}),
+    "cispo": ("cispo", {"num_iterations": 2, "epsilon_high": 1.2}),
+    "cispo-on-policy-cap-below-1": ("cispo", {"epsilon_high": 0.5}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CLIP_CASES))
+def test_clip_statistics_match_trl(model_dir, tmp_path, fixed_generation, case):
+    """TRL's clip statistics of the loss type, logged by both trainers on the same batch: the
+    means count GRAO's reference rows too (exploration only: never clipped), so each times its
+    count of tokens (rows at the sequence level) is TRL's; the per-row extremes are TRL's."""
+    loss_type, settings = CLIP_CASES[case]
+    grao, grpo = _pair(model_dir, tmp_path, loss_type=loss_type, **settings)
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    _take_a_step(grao.model)
+    _take_a_step(grpo.model)
+    _window(grao, [batch]), _window(grpo, [trl_batch])
+    sequence = settings.get("importance_sampling_level") == "sequence"
+    count = (lambda b: len(b["completion_mask"])) if sequence else (
+        lambda b: b["completion_mask"].sum().item())  # fmt: skip
+    mine, theirs = grao._metrics["train"], grpo._metrics["train"]
+    keys = [k for k in theirs if k.startswith(("clip_ratio/", "cispo_clip_ratio"))]
+    assert keys == [k for k in mine if k.startswith(("clip_ratio/", "cispo_clip_ratio"))]
+    assert len(keys) == (1 if loss_type == "cispo" else 5)
+    for key in keys:
+        if key.endswith(("_min", "_max")):
+            assert mine[key][-1] == pytest.approx(theirs[key][-1], abs=1e-6), key
+        else:
+            assert 0 < theirs[key][-1] < 1, key
+            expected = theirs[key][-1] * count(trl_batch) / count(batch)
+            assert mine[key][-1] == pytest.approx(expected, rel=1e-6), key
+    if loss_type == "grpo":
+        assert theirs["clip_ratio/high_max"][-1] > 0

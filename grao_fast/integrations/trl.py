@@ -22,8 +22,9 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   lm_head's forward, where DDP, FSDP and ZeRO-3 present the full weight. The result is divided
   by the accumulation steps like TRL's own loss. TRL's ``beta`` stays the KL coefficient (k3 to
   the reference model, sample rows). Logged: ``grao/<term>``, ``kl`` (with ``beta > 0``),
-  ``entropy`` and TRL's clip statistics of the loss type (``clip_ratio/region_mean``,
-  ``/low_mean``, ``/high_mean``; ``cispo_clip_ratio``; none for ``"sapo"``).
+  ``entropy`` and TRL's clip statistics of the loss type with TRL's definitions
+  (``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean``, ``/low_min``, ``/high_max``;
+  ``cispo_clip_ratio``; none for ``"sapo"``), from the loss's per-row ``clip_counts``.
 * **TRL's objective settings** map onto GRAO's objective family (GRAO_SPEC.md, v2), the
   coefficient of every row being GRAO's instead of TRL's advantage:
 
@@ -74,14 +75,17 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import split_tensor_dict
 
 import grao_fast
+from grao_fast._torch_ops import group_coefficients
 from grao_fast.integrations.trl_config import LENGTH_NORMS, RATIO_POLICIES, GRAOConfig
 from grao_fast.integrations.trl_metrics import (
+    clip_metrics,
     completion_metrics,
     importance_sampling_stats,
     is_sample_row,
     reward_metrics,
 )
 from grao_fast.integrations.trl_rows import off_policy_keep
+from grao_fast.reference import TERMS
 from grao_fast.train.rewards import relative_to_reference
 
 IGNORE_INDEX = -100
@@ -90,14 +94,6 @@ LOGGED = {
     "exploration": "grao/exploration", "imitation": "grao/imitation",
     "alignment": "grao/alignment", "kl": "kl", "entropy": "entropy",
 }  # fmt: skip
-# The clip statistics TRL logs per loss type (0 where the batch is on-policy, as TRL's).
-CLIP_LOGGED = {
-    "clip": {"clip_fraction": "clip_ratio/region_mean", "clip_low_fraction": "clip_ratio/low_mean",
-             "clip_high_fraction": "clip_ratio/high_mean"},
-    "cispo": {"clip_fraction": "cispo_clip_ratio"},
-    "sapo": {},
-}  # fmt: skip
-
 __all__ = ["GRAOConfig", "GRAOTrainer", "shuffle_groups"]
 
 
@@ -370,7 +366,7 @@ class GRAOTrainer(GRPOTrainer):
             with self.accelerator.autocast():  # mixed precision, as TRL runs its own forward
                 logits = model(**forward).logits
             result = grao_fast.grao_loss(logits, labels, inputs["rewards"], **options)
-        self._log_loss_terms(result)
+        self._log_loss_terms(result, inputs)
         self._adapt_entropy_coef(result, inputs["completion_mask"])
         # As in TRL's own losses: the Trainer does not rescale, so divide by accumulation here.
         accumulation = self.current_gradient_accumulation_steps if self.model.training else 1
@@ -395,19 +391,49 @@ class GRAOTrainer(GRPOTrainer):
             )
         return box["result"]
 
-    def _log_loss_terms(self, result: Any) -> None:
-        """GRAO's terms as ``grao/<term>``, ``kl``, ``entropy`` and TRL's
-        ``clip_ratio/region_mean`` (0 where the batch is on-policy, as TRL logs it): means over
-        processes."""
+    def _log_loss_terms(self, result: Any, inputs: dict[str, Any]) -> None:
+        """GRAO's terms as ``grao/<term>``, ``kl`` and ``entropy`` (means over processes), and
+        TRL's clip statistics of the loss type with TRL's meaning (:meth:`_log_clip`)."""
         mode = "train" if self.model.training else "eval"
-        policy = RATIO_POLICIES.get(self.args.loss_type, "clip")
-        for name, key in {**LOGGED, **CLIP_LOGGED[policy]}.items():
+        for name, key in LOGGED.items():
             value = getattr(result, name)
-            if value is None and name.startswith("clip_") and result.clip_fraction is None:
-                value = result.loss.new_zeros(())  # on-policy: nothing clipped
             if value is not None:
                 gathered = self.accelerator.gather(value.detach().float())
                 self._metrics[mode][key].append(gathered.mean().item())
+        self._log_clip(result, inputs, mode)
+
+    def _log_clip(self, result: Any, inputs: dict[str, Any], mode: str) -> None:
+        """TRL's ``clip_ratio/*`` (``low_mean``, ``high_mean``, ``region_mean``, ``low_min``,
+        ``high_max``) or ``cispo_clip_ratio`` from the loss's per-row ``clip_counts`` of every
+        process, over all loss tokens (the reference rows' too, whose ratio GRAO's loss clips
+        like any row's), whatever their token weight, as TRL counts them. On-policy nothing is
+        clipped (0, as TRL), except CISPO's cap below 1, which caps every token of a row with a
+        positive coefficient (TRL: positive advantage)."""
+        policy = RATIO_POLICIES.get(self.args.loss_type, "clip")
+        if policy == "sapo":
+            return
+        mask = inputs["completion_mask"]
+        tokens = mask.sum(dim=1).float()
+        counts = result.clip_counts
+        if counts is None:
+            counts = torch.zeros(len(tokens), 2, device=mask.device)
+            if policy == "cispo" and self.epsilon_high < 1.0:
+                counts[:, 1] = torch.where(self._row_coefficients(inputs) > 0, tokens, 0.0)
+        rows = self.accelerator.gather(torch.cat([counts.float(), tokens[:, None]], dim=1))
+        sequence = self.importance_sampling_level == "sequence" and result.clip_counts is not None
+        for key, value in clip_metrics(rows, policy, sequence).items():
+            self._metrics[mode][key].append(value)
+
+    def _row_coefficients(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """[N] GRAO's row coefficients ``c_s`` of this micro-batch (their sign is what TRL's
+        advantage sign decides)."""
+        args, group = self.args, self._group()
+        _, dj = group_coefficients(
+            inputs["rewards"].view(-1, group).float(), eps=args.grao_eps, beta=args.grao_beta,
+            lam=args.grao_lambda, reference_in_group=args.reference_in_group,
+            **{term: term in args.grao_terms for term in TERMS},
+        )  # fmt: skip
+        return -dj  # dj = -c_s / B
 
     def _loss_options(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of grao_loss / grao_loss_linear for this micro-batch (the module
@@ -529,10 +555,6 @@ class GRAOTrainer(GRPOTrainer):
                 )[0]
         else:
             sampler = current = torch.zeros(mask.shape, device=mask.device)
-        group = self._group()
-        advantages = grao_fast.group_advantages(
-            inputs["rewards"].view(-1, group).float(), eps=self.args.grao_eps,
-            reference_in_group=self.args.reference_in_group,
-        ).flatten()  # fmt: skip
         threshold = self.off_policy_mask_threshold  # TRL's attribute, from the config
-        return off_policy_keep(advantages, current, sampler, mask, threshold, group)
+        coefficients = self._row_coefficients(inputs)
+        return off_policy_keep(coefficients, current, sampler, mask, threshold, self._group())
