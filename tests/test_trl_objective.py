@@ -342,7 +342,10 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
             {"off_policy_mask_threshold": 0.5, "importance_sampling_level": "sequence"},
             "off_policy_mask_threshold",
         ),
-        ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+        ({"top_entropy_quantile": 0.2, "entropy_coef": 0.01}, "restricts the bonus"),
+        ({"top_entropy_quantile": 0.2, "use_adaptive_entropy": True}, "restricts the bonus"),
+        ({"top_entropy_quantile": 0.2, "importance_sampling_level": "sequence"}, "top_entropy"),
+        ({"top_entropy_quantile": 1.5}, "top_entropy_quantile must be in"),
         (
             {"beta": 0.1, "use_bias_correction_kl": True, "importance_sampling_level": "sequence"},
             "use_bias_correction_kl",

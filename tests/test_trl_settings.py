@@ -210,3 +210,37 @@ def test_clip_statistics_match_trl(model_dir, tmp_path, fixed_generation, case):
             assert mine[key][-1] == pytest.approx(expected, rel=1e-6), key
     if loss_type == "grpo":
         assert theirs["clip_ratio/high_max"][-1] > 0
+
+
+@pytest.mark.parametrize("iterations", [1, 2], ids=["on-policy", "second-iteration"])
+def test_top_entropy_quantile_matches_trl(model_dir, tmp_path, fixed_generation, iterations):
+    """``top_entropy_quantile``: the policy gradient of the sample tokens below the quantile of
+    the sample tokens' entropies is dropped (TRL's mask, token for token), the reference rows keep
+    every token, and the gradient is TRL's (and not the unmasked one)."""
+    grao, grpo = _pair(model_dir, tmp_path, loss_type="grpo", num_iterations=iterations,
+                       top_entropy_quantile=0.3)  # fmt: skip
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    if iterations > 1:
+        _take_a_step(grao.model)
+        _take_a_step(grpo.model)
+    ids = torch.cat([trl_batch["prompt_ids"], trl_batch["completion_ids"]], dim=1)
+    attention = torch.cat([trl_batch["prompt_mask"], trl_batch["completion_mask"]], dim=1)
+    width = trl_batch["completion_ids"].size(1)
+    with torch.no_grad():
+        entropies = grpo._get_per_token_logps_and_entropies(
+            grpo.model, ids, attention, width, compute_entropy=True
+        )[1]
+    mask = trl_batch["completion_mask"]
+    expected = grpo.get_high_entropy_mask(entropies, mask, 0.7)
+    assert 0 < expected.sum() < mask.sum()
+    keep = grao._top_entropy_keep(batch)
+    rows = keep.view(-1, G + 1, keep.size(1))
+    samples = rows[:, :G].reshape(-1, keep.size(1))
+    assert torch.equal(samples[:, :width], expected) and not samples[:, width:].any()
+    references = batch["completion_mask"].view(-1, G + 1, keep.size(1))[:, G].bool()
+    assert torch.equal(rows[:, G], references)
+    grads = _window(grao, [batch])
+    _assert_same_gradients(grads, _window(grpo, [trl_batch]))
+    grao.top_entropy_quantile = 1.0
+    unmasked = _window(grao, [batch])
+    assert any(not torch.allclose(unmasked[k], grads[k], rtol=1e-3, atol=0) for k in grads)

@@ -50,7 +50,8 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
     ``use_adaptive_entropy``: TRL's controller sets it for each accumulation window from the
     loss's ``sample_entropy`` (:meth:`GRAOTrainer._adapt_entropy_coef`).
   - ``off_policy_mask_threshold`` -> ``token_weights`` 0 on the sample rows TRL's off-policy
-    sequence mask drops (:meth:`GRAOTrainer._off_policy_keep`; token level only).
+    sequence mask drops; ``top_entropy_quantile`` -> 0 on the sample tokens below TRL's entropy
+    quantile (``trl_rows.TokenWeights``; token level only).
   - ``use_bias_correction_kl`` (with ``beta > 0``) -> ``kl_bias_correction`` (each token's k3
     weighted by its ratio; token level only).
   - ``delta`` -> ``delta``; ``loss_type="cispo"`` -> ``ratio_policy="cispo"`` with
@@ -64,18 +65,15 @@ that GRAOTrainer does not implement are rejected by :class:`GRAOConfig` with the
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from trl import GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import split_tensor_dict
 
 import grao_fast
-from grao_fast._torch_ops import group_coefficients
 from grao_fast.integrations.trl_config import LENGTH_NORMS, RATIO_POLICIES, GRAOConfig
 from grao_fast.integrations.trl_metrics import (
     clip_metrics,
@@ -84,8 +82,7 @@ from grao_fast.integrations.trl_metrics import (
     is_sample_row,
     reward_metrics,
 )
-from grao_fast.integrations.trl_rows import off_policy_keep
-from grao_fast.reference import TERMS
+from grao_fast.integrations.trl_rows import TokenWeights
 from grao_fast.train.rewards import relative_to_reference
 
 IGNORE_INDEX = -100
@@ -173,7 +170,7 @@ def lm_head_as_loss(head: torch.nn.Module, loss: Callable[..., Any]) -> Iterator
             head.forward = own_forward
 
 
-class GRAOTrainer(GRPOTrainer):
+class GRAOTrainer(TokenWeights, GRPOTrainer):
     """``trl.GRPOTrainer`` that trains with the GRAO loss. Same arguments; ``args`` is a
     :class:`GRAOConfig`. Tools, ``rollout_func``, environments and images are not supported.
 
@@ -424,17 +421,6 @@ class GRAOTrainer(GRPOTrainer):
         for key, value in clip_metrics(rows, policy, sequence).items():
             self._metrics[mode][key].append(value)
 
-    def _row_coefficients(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """[N] GRAO's row coefficients ``c_s`` of this micro-batch (their sign is what TRL's
-        advantage sign decides)."""
-        args, group = self.args, self._group()
-        _, dj = group_coefficients(
-            inputs["rewards"].view(-1, group).float(), eps=args.grao_eps, beta=args.grao_beta,
-            lam=args.grao_lambda, reference_in_group=args.reference_in_group,
-            **{term: term in args.grao_terms for term in TERMS},
-        )  # fmt: skip
-        return -dj  # dj = -c_s / B
-
     def _loss_options(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of grao_loss / grao_loss_linear for this micro-batch (the module
         docstring maps TRL's settings onto them)."""
@@ -516,45 +502,3 @@ class GRAOTrainer(GRPOTrainer):
             temperatures = (args.sapo_temperature_pos, args.sapo_temperature_neg)
             return {"ratio_policy": "sapo", "sapo_tau": temperatures}
         return {} if args.delta is None else {"delta": args.delta}
-
-    def _token_weights(self, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """[N, C] the constant per-token factors of TRL's policy loss for this micro-batch, as
-        grao_loss's ``token_weights`` (None where there are none): TRL's vLLM importance-sampling
-        ratio (1 on the reference rows, which were not sampled); on-policy CISPO's cap below 1
-        (TRL's ``min(1, epsilon_high)`` on every token); the off-policy sequence mask (0 on a
-        dropped row, :meth:`_off_policy_keep`)."""
-        mask, args = inputs["completion_mask"], self.args
-        factors = []
-        on_policy = inputs.get("old_per_token_logps") is None
-        if args.loss_type == "cispo" and on_policy and self.epsilon_high < 1.0:
-            factors.append(torch.full(mask.shape, self.epsilon_high, device=mask.device))
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            ratio = inputs["importance_sampling_ratio"].expand_as(mask)  # [N, C] or [N, 1]
-            sample = is_sample_row(mask.size(0), self._group(), mask.device)[:, None]
-            factors.append(torch.where(sample, ratio, torch.ones_like(ratio)))
-        if self.off_policy_mask_threshold is not None:
-            factors.append(self._off_policy_keep(inputs)[:, None].float().expand_as(mask))
-        return functools.reduce(torch.mul, factors) if factors else None
-
-    def _off_policy_keep(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """[N] bool: TRL's off-policy sequence mask, False on a dropped row (:func:`trl_rows.
-        off_policy_keep`). The drift is the sampler's log-probs (vLLM's, else the old policy's)
-        minus the policy's now, which one forward of the policy without gradient gives before
-        the loss runs; with neither (on-policy, TRL's ratio exactly 1) the drift is 0 and no
-        forward runs."""
-        mask = inputs["completion_mask"]
-        sampler = inputs.get("sampling_per_token_logps", inputs.get("old_per_token_logps"))
-        current = sampler
-        if sampler is not None:
-            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-            attention = torch.cat([inputs["prompt_mask"], mask], dim=1)
-            checkpointing = self.args.gradient_checkpointing_kwargs
-            with torch.no_grad(), disable_gradient_checkpointing(self.model, checkpointing):
-                current = self._get_per_token_logps_and_entropies(
-                    self.model, ids, attention, mask.size(1)
-                )[0]
-        else:
-            sampler = current = torch.zeros(mask.shape, device=mask.device)
-        threshold = self.off_policy_mask_threshold  # TRL's attribute, from the config
-        coefficients = self._row_coefficients(inputs)
-        return off_policy_keep(coefficients, current, sampler, mask, threshold, self._group())

@@ -45,8 +45,10 @@ REFUSED = {
     "off_policy_mask_threshold": "with importance_sampling_level='sequence': GRAOTrainer applies "
     "the off-policy sequence mask as token weights, which GRAO's sequence-level ratio does not "
     "take",
-    "top_entropy_quantile": "the top-entropy token mask needs the batch's entropy quantile "
-    "before any gradient (a second read) and is not implemented yet",
+    "top_entropy_quantile": "with importance_sampling_level='sequence' (GRAOTrainer applies the "
+    "top-entropy mask as token weights, which GRAO's sequence-level ratio does not take) or with "
+    "the entropy bonus (entropy_coef > 0 or use_adaptive_entropy: TRL then restricts the bonus "
+    "to the selected tokens, GRAO's covers every sample token)",
     "use_bias_correction_kl": "with importance_sampling_level='sequence' the ratio-weighted k3 "
     "KL takes each row's ratio, whose gradient reaches every token of the row; GRAO's loss "
     "weights the KL by token ratios only",
@@ -161,6 +163,10 @@ class GRAOConfig(GRPOConfig):
             raise ValueError(f"epsilon must be in (0, 1) and epsilon_high >= 0, got {low}, {high}")
         if not self.entropy_coef >= 0:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(
+                f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}"
+            )
         if self.use_adaptive_entropy:
             least, most = self.entropy_coef_min, self.entropy_coef_max
             step = self.entropy_coef_delta
@@ -174,7 +180,12 @@ class GRAOConfig(GRPOConfig):
         unsupported = {
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None
             and self.importance_sampling_level == "sequence",
-            "top_entropy_quantile": self.top_entropy_quantile != 1.0,
+            "top_entropy_quantile": self.top_entropy_quantile != 1.0
+            and (
+                self.importance_sampling_level == "sequence"
+                or self.entropy_coef != 0.0
+                or self.use_adaptive_entropy
+            ),
             "use_bias_correction_kl": self.use_bias_correction_kl and row_ratio_kl,
         }
         for name, set_ in unsupported.items():

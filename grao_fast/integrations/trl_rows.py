@@ -1,16 +1,26 @@
-"""Per-row factors of TRL's loss settings that GRAOTrainer computes before the loss runs.
+"""Per-token and per-row factors of TRL's policy loss that GRAOTrainer computes before the loss.
 
-Each is a constant of the row (no gradient), applied through ``grao_loss``'s ``token_weights``,
-which multiply the policy term only (not the KL, not the entropy bonus), as TRL's factors do.
+Each is a constant (no gradient), passed to ``grao_loss`` as ``token_weights``, which multiply
+the policy term only (not the KL, not the entropy bonus), as TRL's factors do: the vLLM
+importance-sampling ratio, on-policy CISPO's cap below 1, the off-policy sequence mask and the
+top-entropy token mask. The two masks need the policy's log-probs or entropies at the time the
+micro-batch is trained; they come from one forward of the policy without gradient (TRL takes
+them from its loss's own forward; GRAO's loss would need a second read of the logits).
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
+from trl.models.utils import disable_gradient_checkpointing
 
+from grao_fast._torch_ops import group_coefficients
 from grao_fast.integrations.trl_metrics import is_sample_row
+from grao_fast.reference import TERMS
 
-__all__ = ["off_policy_keep"]
+__all__ = ["TokenWeights", "off_policy_keep"]
 
 
 def off_policy_keep(
@@ -36,3 +46,96 @@ def off_policy_keep(
     mean = drift.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     sample = is_sample_row(mask.size(0), group, mask.device)
     return ~sample | (coefficients >= 0) | (mean <= threshold)
+
+
+class TokenWeights:
+    """GRAOTrainer's ``token_weights``: a mixin over ``trl.GRPOTrainer`` (its attributes and
+    ``_get_per_token_logps_and_entropies``, ``get_high_entropy_mask``)."""
+
+    def _token_weights(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """[N, C] the constant per-token factors of TRL's policy loss for this micro-batch (None
+        where there are none): TRL's vLLM importance-sampling ratio (1 on the reference rows,
+        which were not sampled); on-policy CISPO's cap below 1 (TRL's ``min(1, epsilon_high)``
+        on every token); the off-policy sequence mask (0 on a dropped row); the top-entropy
+        token mask (0 on a sample token below the entropy quantile)."""
+        mask, args = inputs["completion_mask"], self.args
+        factors = []
+        on_policy = inputs.get("old_per_token_logps") is None
+        if args.loss_type == "cispo" and on_policy and self.epsilon_high < 1.0:
+            factors.append(torch.full(mask.shape, self.epsilon_high, device=mask.device))
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = inputs["importance_sampling_ratio"].expand_as(mask)  # [N, C] or [N, 1]
+            sample = is_sample_row(mask.size(0), self._group(), mask.device)[:, None]
+            factors.append(torch.where(sample, ratio, torch.ones_like(ratio)))
+        policy = _PolicyNow(self, inputs)
+        if self.off_policy_mask_threshold is not None:
+            factors.append(self._off_policy_keep(inputs, policy)[:, None].float().expand_as(mask))
+        if self.top_entropy_quantile < 1.0:
+            factors.append(self._top_entropy_keep(inputs, policy).float())
+        return functools.reduce(torch.mul, factors) if factors else None
+
+    def _off_policy_keep(self, inputs: dict[str, Any], policy: _PolicyNow | None = None):
+        """[N] bool: TRL's off-policy sequence mask, False on a dropped row
+        (:func:`off_policy_keep`). The drift is the sampler's log-probs (vLLM's, else the old
+        policy's) minus the policy's now; with neither (on-policy, TRL's ratio exactly 1) the
+        drift is 0 and no forward runs."""
+        mask = inputs["completion_mask"]
+        sampler = inputs.get("sampling_per_token_logps", inputs.get("old_per_token_logps"))
+        if sampler is None:
+            sampler = current = torch.zeros(mask.shape, device=mask.device)
+        else:
+            current = (policy or _PolicyNow(self, inputs)).logps()
+        threshold = self.off_policy_mask_threshold  # TRL's attribute, from the config
+        coefficients = self._row_coefficients(inputs)
+        return off_policy_keep(coefficients, current, sampler, mask, threshold, self._group())
+
+    def _top_entropy_keep(self, inputs: dict[str, Any], policy: _PolicyNow | None = None):
+        """[N, C] bool: TRL's top-entropy token mask on the sample rows, True on the loss tokens
+        whose entropy under the policy now is at least the ``1 - top_entropy_quantile`` quantile
+        of the sample tokens' entropies over all processes (TRL's ``get_high_entropy_mask``);
+        the reference rows, not sampled, keep every token."""
+        mask = inputs["completion_mask"]
+        entropies = (policy or _PolicyNow(self, inputs)).entropies()
+        sample = is_sample_row(mask.size(0), self._group(), mask.device)[:, None]
+        quantile = 1 - self.top_entropy_quantile
+        high = self.get_high_entropy_mask(entropies, mask * sample, quantile)
+        return torch.where(sample, high, mask.bool())
+
+    def _row_coefficients(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """[N] GRAO's row coefficients ``c_s`` of this micro-batch (their sign is what TRL's
+        advantage sign decides)."""
+        args, group = self.args, self._group()
+        _, dj = group_coefficients(
+            inputs["rewards"].view(-1, group).float(), eps=args.grao_eps, beta=args.grao_beta,
+            lam=args.grao_lambda, reference_in_group=args.reference_in_group,
+            **{term: term in args.grao_terms for term in TERMS},
+        )  # fmt: skip
+        return -dj  # dj = -c_s / B
+
+
+class _PolicyNow:
+    """The policy's per-token log-probs and entropies of a micro-batch, from one forward without
+    gradient, run the first time either is asked for."""
+
+    def __init__(self, trainer: Any, inputs: dict[str, Any]) -> None:
+        self._trainer, self._inputs, self._result = trainer, inputs, None
+
+    def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._result is None:
+            trainer, inputs = self._trainer, self._inputs
+            mask = inputs["completion_mask"]
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            attention = torch.cat([inputs["prompt_mask"], mask], dim=1)
+            checkpointing = trainer.args.gradient_checkpointing_kwargs
+            with torch.no_grad(), disable_gradient_checkpointing(trainer.model, checkpointing):
+                logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+                    trainer.model, ids, attention, mask.size(1), compute_entropy=True
+                )
+            self._result = logps, entropies
+        return self._result
+
+    def logps(self) -> torch.Tensor:
+        return self._run()[0]
+
+    def entropies(self) -> torch.Tensor:
+        return self._run()[1]
