@@ -244,3 +244,38 @@ def test_top_entropy_quantile_matches_trl(model_dir, tmp_path, fixed_generation,
     grao.top_entropy_quantile = 1.0
     unmasked = _window(grao, [batch])
     assert any(not torch.allclose(unmasked[k], grads[k], rtol=1e-3, atol=0) for k in grads)
+
+
+@pytest.mark.parametrize("sampler", ["old-policy", "vllm"])
+def test_vespo_matches_trl(model_dir, tmp_path, request, sampler):
+    """``loss_type="vespo"`` on a second iteration: each row's Gamma weight of its summed
+    log-ratio (and, with vLLM, of TRL's importance-sampling ratio) on the plain gradient with
+    token normalisation: TRL's weights on the sample rows, TRL's gradient up to the token
+    normalisation's count (as ``"dapo"``), ``vespo/phi_seq_mean`` over GRAO's rows."""
+    vllm = sampler == "vllm"
+    request.getfixturevalue("fixed_vllm_generation" if vllm else "fixed_generation")
+    grao, grpo = _pair(model_dir, tmp_path, loss_type="vespo", num_iterations=2,
+                       vllm_importance_sampling_mode="token_truncate")  # fmt: skip
+    for trainer in (grao, grpo):
+        trainer.use_vllm = vllm
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    _take_a_step(grao.model)
+    _take_a_step(grpo.model)
+    log_ratio = _current_logps(grpo, trl_batch) - trl_batch["old_per_token_logps"]
+    expected = GRPOTrainer.get_gamma_weights(
+        trl_batch["advantages"][:, None], log_ratio, trl_batch["completion_mask"],
+        trl_batch.get("importance_sampling_ratio"),
+    )[:, 0]  # fmt: skip
+    assert (expected - 1).abs().max() > 0.1 and expected.min() > 0
+    phi = grao._vespo_weights(batch).view(-1, G + 1)
+    torch.testing.assert_close(phi[:, :G].flatten(), expected, rtol=1e-5, atol=1e-7)
+    grads, trl_grads = _window(grao, [batch]), _window(grpo, [trl_batch])
+    tokens = lambda b: b["completion_mask"].sum().item()  # noqa: E731
+    scale = (G + 1) / G * tokens(trl_batch) / tokens(batch)
+    _assert_same_gradients(grads, {name: scale * grad for name, grad in trl_grads.items()})
+    logged = grao._metrics["train"]["vespo/phi_seq_mean"][-1]
+    assert logged == pytest.approx(phi.mean().item(), rel=1e-6)
+    assert not any(k.startswith("clip_ratio") for k in grao._metrics["train"])
+    grao.args.loss_type = "dapo"
+    plain = _window(grao, [batch])
+    assert any(not torch.allclose(plain[k], grads[k], rtol=1e-3, atol=0) for k in grads)

@@ -51,7 +51,8 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
     loss's ``sample_entropy`` (:meth:`GRAOTrainer._adapt_entropy_coef`).
   - ``off_policy_mask_threshold`` -> ``token_weights`` 0 on the sample rows TRL's off-policy
     sequence mask drops; ``top_entropy_quantile`` -> 0 on the sample tokens below TRL's entropy
-    quantile (``trl_rows.TokenWeights``; token level only).
+    quantile (``trl_rows.TokenWeights``; token level only); ``loss_type="vespo"`` -> each
+    row's Gamma weight as ``token_weights`` on the plain objective, ``length_norm="token"``.
   - ``use_bias_correction_kl`` (with ``beta > 0``) -> ``kl_bias_correction`` (each token's k3
     weighted by its ratio; token level only).
   - ``delta`` -> ``delta``; ``loss_type="cispo"`` -> ``ratio_policy="cispo"`` with
@@ -407,6 +408,10 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
         clipped (0, as TRL), except CISPO's cap below 1, which caps every token of a row with a
         positive coefficient (TRL: positive advantage)."""
         policy = RATIO_POLICIES.get(self.args.loss_type, "clip")
+        if self.args.loss_type == "vespo":  # TRL logs VESPO's mean row weight instead
+            phi = self.accelerator.gather(self._vespo_phi)
+            self._metrics[mode]["vespo/phi_seq_mean"].append(phi.float().mean().item())
+            return
         if policy == "sapo":
             return
         mask = inputs["completion_mask"]
@@ -426,6 +431,8 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
         docstring maps TRL's settings onto them)."""
         args = self.args
         old_logps = inputs.get("old_per_token_logps")  # [N, C]; None: on-policy
+        if args.loss_type == "vespo":  # no ratio in the loss: VESPO's row weights carry it
+            old_logps = None
         level = self.importance_sampling_level if old_logps is not None else "token"
         return {
             "group_size": self._group() - 1,

@@ -33,15 +33,15 @@ REWARD_MODES = ("absolute", "relative")
 # ratio_policy (RATIO_POLICIES).
 LENGTH_NORMS = {
     "grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "constant",
-    "cispo": "token", "sapo": "sequence", "luspo": "constant",
+    "cispo": "token", "sapo": "sequence", "luspo": "constant", "vespo": "token",
 }  # fmt: skip
 RATIO_POLICIES = {"cispo": "cispo", "sapo": "sapo"}  # the rest: "clip"
 # TRL's loss settings GRAOTrainer refuses, and why (docs/OBJECTIVES.md).
 REFUSED = {
     "luspo": "with beta != 0: TRL's LUSPO sums each row's KL over its tokens, GRAO's KL is each "
     "row's mean",
-    "vespo": "VESPO's Gamma weight of the sequence ratio needs a second read of the logits that "
-    "GRAO's loss does not implement yet",
+    "vespo": "with delta (it applies only to the clipped losses) or with use_bias_correction_kl "
+    "(TRL weights VESPO's KL by the token ratio, which GRAO's VESPO loss does not take)",
     "off_policy_mask_threshold": "with importance_sampling_level='sequence': GRAOTrainer applies "
     "the off-policy sequence mask as token weights, which GRAO's sequence-level ratio does not "
     "take",
@@ -85,7 +85,7 @@ class GRAOConfig(GRPOConfig):
         "grpo",
         "Length normalisation: grpo (1/|s|, the paper), bnpo/dapo (tokens), dr_grpo; cispo "
         "(tokens, CISPO's capped ratio), sapo (1/|s|, SAPO's gate), luspo (each row's term times "
-        "its length, beta = 0).",
+        "its length, beta = 0), vespo (tokens, VESPO's row weights).",
     )
     vllm_importance_sampling_mode: str = _option(
         "token_truncate", "Weights of the sample tokens: TRL's ratio pi / pi_vllm in this mode."
@@ -131,7 +131,9 @@ class GRAOConfig(GRPOConfig):
     def _check_objective(self) -> None:
         """TRL's settings of the clipped surrogate that GRAO's objective family has (the trainer
         module's docstring maps each); the others are rejected here, before a model loads."""
-        if self.loss_type in REFUSED and (self.loss_type != "luspo" or self.beta != 0.0):
+        vespo_refused = self.delta is not None or (self.use_bias_correction_kl and self.beta != 0.0)
+        refused = {"luspo": self.beta != 0.0, "vespo": vespo_refused}
+        if refused.get(self.loss_type, False):
             raise ValueError(
                 f"loss_type={self.loss_type!r} is not supported by GRAOTrainer: "
                 f"{REFUSED[self.loss_type]}"

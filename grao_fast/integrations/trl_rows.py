@@ -2,10 +2,11 @@
 
 Each is a constant (no gradient), passed to ``grao_loss`` as ``token_weights``, which multiply
 the policy term only (not the KL, not the entropy bonus), as TRL's factors do: the vLLM
-importance-sampling ratio, on-policy CISPO's cap below 1, the off-policy sequence mask and the
-top-entropy token mask. The two masks need the policy's log-probs or entropies at the time the
-micro-batch is trained; they come from one forward of the policy without gradient (TRL takes
-them from its loss's own forward; GRAO's loss would need a second read of the logits).
+importance-sampling ratio, on-policy CISPO's cap below 1, the off-policy sequence mask, the
+top-entropy token mask and VESPO's row weights. The masks and VESPO's weights need the policy's
+log-probs or entropies at the time the micro-batch is trained; they come from one forward of the
+policy without gradient (TRL takes them from its loss's own forward; GRAO's loss would need a
+second read of the logits).
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ class TokenWeights:
         where there are none): TRL's vLLM importance-sampling ratio (1 on the reference rows,
         which were not sampled); on-policy CISPO's cap below 1 (TRL's ``min(1, epsilon_high)``
         on every token); the off-policy sequence mask (0 on a dropped row); the top-entropy
-        token mask (0 on a sample token below the entropy quantile)."""
+        token mask (0 on a sample token below the entropy quantile); VESPO's row weights."""
         mask, args = inputs["completion_mask"], self.args
         factors = []
         on_policy = inputs.get("old_per_token_logps") is None
         if args.loss_type == "cispo" and on_policy and self.epsilon_high < 1.0:
             factors.append(torch.full(mask.shape, self.epsilon_high, device=mask.device))
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        vespo = args.loss_type == "vespo"  # its row weight takes the vLLM ratio in
+        if self.use_vllm and self.vllm_importance_sampling_correction and not vespo:
             ratio = inputs["importance_sampling_ratio"].expand_as(mask)  # [N, C] or [N, 1]
             sample = is_sample_row(mask.size(0), self._group(), mask.device)[:, None]
             factors.append(torch.where(sample, ratio, torch.ones_like(ratio)))
@@ -72,6 +74,8 @@ class TokenWeights:
             factors.append(self._off_policy_keep(inputs, policy)[:, None].float().expand_as(mask))
         if self.top_entropy_quantile < 1.0:
             factors.append(self._top_entropy_keep(inputs, policy).float())
+        if vespo:
+            factors.append(self._vespo_weights(inputs, policy).expand_as(mask))
         return functools.reduce(torch.mul, factors) if factors else None
 
     def _off_policy_keep(self, inputs: dict[str, Any], policy: _PolicyNow | None = None):
@@ -100,6 +104,28 @@ class TokenWeights:
         quantile = 1 - self.top_entropy_quantile
         high = self.get_high_entropy_mask(entropies, mask * sample, quantile)
         return torch.where(sample, high, mask.bool())
+
+    def _vespo_weights(self, inputs: dict[str, Any], policy: _PolicyNow | None = None):
+        """[N, 1] VESPO's row weights ``phi_s`` (TRL's ``get_gamma_weights``, with its
+        ``vespo_k_*`` and ``vespo_lambda_*`` chosen by the sign of the row coefficient ``c_s``)
+        from the log-ratio of the policy now to the old policy (0 without old log-probs: TRL's
+        ratio is then exactly 1) and, with the vLLM correction, TRL's importance-sampling ratio
+        (1 on the reference rows, which were not sampled). Kept as ``_vespo_phi`` for the log."""
+        mask, args = inputs["completion_mask"], self.args
+        old = inputs.get("old_per_token_logps")
+        log_ratio = torch.zeros(mask.shape, device=mask.device)
+        if old is not None:
+            log_ratio = (policy or _PolicyNow(self, inputs)).logps() - old
+        sampler_ratio = inputs.get("importance_sampling_ratio")
+        if sampler_ratio is not None:
+            sample = is_sample_row(mask.size(0), self._group(), mask.device)[:, None]
+            sampler_ratio = torch.where(sample, sampler_ratio, torch.ones_like(sampler_ratio))
+        self._vespo_phi = self.get_gamma_weights(
+            self._row_coefficients(inputs)[:, None], log_ratio, mask, sampler_ratio,
+            k_pos=args.vespo_k_pos, lambda_pos=args.vespo_lambda_pos, k_neg=args.vespo_k_neg,
+            lambda_neg=args.vespo_lambda_neg,
+        )  # fmt: skip
+        return self._vespo_phi
 
     def _row_coefficients(self, inputs: dict[str, Any]) -> torch.Tensor:
         """[N] GRAO's row coefficients ``c_s`` of this micro-batch (their sign is what TRL's
