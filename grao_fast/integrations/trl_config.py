@@ -153,9 +153,9 @@ class GRAOConfig(GRPOConfig):
                 f"vllm_importance_sampling_mode must be one of {VLLM_IS_MODES}, "
                 f"got {self.vllm_importance_sampling_mode!r}"
             )
-        if self.importance_sampling_level == "sequence" and (
-            self.use_vllm and self.vllm_importance_sampling_correction
-        ):
+        # GRAO's sequence-level ratio (VESPO runs the loss without a ratio at either level)
+        row_ratio = self.importance_sampling_level == "sequence" and self.loss_type != "vespo"
+        if row_ratio and self.use_vllm and self.vllm_importance_sampling_correction:
             raise ValueError(
                 "importance_sampling_level='sequence' takes no per-token weights: set "
                 "vllm_importance_sampling_correction=False"
@@ -178,16 +178,11 @@ class GRAOConfig(GRPOConfig):
                     f"entropy_coef_delta >= 0, got {least}, {most} and {step}"
                 )
         self._check_ratio_policy()
-        row_ratio_kl = self.beta != 0.0 and self.importance_sampling_level == "sequence"
+        bonus = self.entropy_coef != 0.0 or self.use_adaptive_entropy
+        row_ratio_kl = self.beta != 0.0 and row_ratio
         unsupported = {
-            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None
-            and self.importance_sampling_level == "sequence",
-            "top_entropy_quantile": self.top_entropy_quantile != 1.0
-            and (
-                self.importance_sampling_level == "sequence"
-                or self.entropy_coef != 0.0
-                or self.use_adaptive_entropy
-            ),
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None and row_ratio,
+            "top_entropy_quantile": self.top_entropy_quantile != 1.0 and (row_ratio or bonus),
             "use_bias_correction_kl": self.use_bias_correction_kl and row_ratio_kl,
         }
         for name, set_ in unsupported.items():
