@@ -105,9 +105,8 @@ def token_inputs(pl: Plan, b: Batch, o: GRAOOptions, coef: Optional[torch.Tensor
     kl = ref = None
     if o.kl_coef != 0.0:
         n_samples = pl.is_sample.sum()
-        per_row = torch.where(
-            pl.is_sample & (pl.lengths > 0), o.kl_coef / (n_samples * pl.lengths.clamp(min=1)), 0.0
-        )
+        norm = pl.nu if o.kl_length_norm else 1.0 / pl.lengths.clamp(min=1)
+        per_row = torch.where(pl.is_sample & (pl.lengths > 0), o.kl_coef * norm / n_samples, 0.0)
         kl, ref = rows.expand(per_row.to(b.acc)), b.ref_logps
     sampler = None
     if b.sampler_logps is not None and b.old_logps is None:  # weight depends on logp: in-pass
@@ -222,7 +221,7 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
         k3 = torch.exp(delta) - delta - 1
         if o.kl_bias_correction and b.old_logps is not None:  # weighted by the ratio
             k3 = k3 * torch.exp(torch.where(mask, logp - b.old_logps, 0.0))
-        k3 = rows.sum(k3) * inv_len
+        k3 = rows.sum(k3) * (pl.nu if o.kl_length_norm else inv_len)
         kl = (k3 * pl.is_sample).sum() / pl.is_sample.sum()
         if o.kl_coef != 0.0:
             loss = loss + o.kl_coef * kl

@@ -38,6 +38,10 @@ OPTIONS_DOC = """
         kl_bias_correction: each token's k3 weighted by its ratio ``exp(logp - old_logps)``
             (differentiable; 1 without old_logps, whose gradient still changes: TRL's
             ``use_bias_correction_kl``); needs kl_coef > 0 and importance_level="token".
+        kl_length_norm: the KL as the mean over sample rows of ``nu_s * sum_t k3`` (the policy
+            term's length normaliser) instead of each row's mean k3 (GRAO_SPEC.md): the KL of
+            trainers that add it to every token's loss before normalising (TRL's loss types
+            other than grpo/sapo); needs kl_coef > 0 and length_norm other than "sequence".
         sampler_logps, is_cap: weight each sample token by ``min(exp(l - sampler_logps), is_cap)``
             (held constant; ``l`` = old_logps if given, else logp); NaN means "not scored": 1.
             is_cap needs sampler_logps.
@@ -116,6 +120,7 @@ class GRAOOptions:
     backend: str = "auto"
     kl_coef: float = 0.0
     kl_bias_correction: bool = False
+    kl_length_norm: bool = False
     is_cap: float = math.inf
     length_norm: str = "sequence"
     max_tokens: int | None = None
@@ -180,8 +185,14 @@ class GRAOOptions:
                 f'importance_level="token", got kl_coef={self.kl_coef}, '
                 f"importance_level={self.importance_level!r}"
             )
-        for name in ("reference_in_group", "kl_bias_correction", "check_labels", "return_entropy",
-                     "inplace"):  # fmt: skip
+        if self.kl_length_norm and not (self.kl_coef > 0 and self.length_norm != "sequence"):
+            raise ValueError(
+                "kl_length_norm (the KL normalised like the policy term) needs kl_coef > 0 and a "
+                f'length_norm other than "sequence" (where it changes nothing), got '
+                f"kl_coef={self.kl_coef}, length_norm={self.length_norm!r}"
+            )
+        for name in ("reference_in_group", "kl_bias_correction", "kl_length_norm", "check_labels",
+                     "return_entropy", "inplace"):  # fmt: skip
             set_(name, bool(getattr(self, name)))
 
     def _check_ratio_policy(self) -> None:

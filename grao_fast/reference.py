@@ -142,6 +142,7 @@ def grao_terms(
     terms: tuple[str, ...] = TERMS,
     kl_coef: float = 0.0,
     kl_bias_correction: bool = False,
+    kl_length_norm: bool = False,
     ref_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     is_cap: float | None = None,
@@ -257,7 +258,11 @@ def grao_terms(
         if kl_bias_correction:  # TRL's use_bias_correction_kl: times the (differentiable) ratio
             old = logp.detach() if old_logps is None else old_logps.to(logp.dtype)
             k3 = k3 * torch.exp(torch.where(mask, logp - old, torch.zeros_like(logp)))
-        kl = sequence_means(k3, mask)[is_sample].mean()
+        if kl_length_norm:  # normalised like the policy term: nu_s sum_t k3
+            per_row = nu[:, 0] * torch.where(mask, k3, torch.zeros_like(k3)).sum(dim=1)
+        else:
+            per_row = sequence_means(k3, mask)
+        kl = per_row[is_sample].mean()
         loss = loss + kl_coef * kl
     entropy = sample_entropy = None
     if return_entropy or entropy_coef != 0.0:

@@ -325,7 +325,6 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"loss_type": "luspo", "beta": 0.1}, "LUSPO sums each row's KL"),
         ({"loss_type": "vespo", "delta": 2.0}, "'vespo' is not supported"),
         ({"loss_type": "vespo", "beta": 0.1, "use_bias_correction_kl": True}, "VESPO's KL"),
         ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, "cispo' needs"),

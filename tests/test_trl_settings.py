@@ -279,3 +279,30 @@ def test_vespo_matches_trl(model_dir, tmp_path, request, sampler):
     grao.args.loss_type = "dapo"
     plain = _window(grao, [batch])
     assert any(not torch.allclose(plain[k], grads[k], rtol=1e-3, atol=0) for k in grads)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "settings"),
+    [("dr_grpo", {}), ("dr_grpo", {"use_bias_correction_kl": True}), ("bnpo", {}),
+     ("cispo", {"epsilon_high": 1.2}), ("vespo", {}),
+     ("luspo", {"importance_sampling_level": "sequence", "epsilon": 0.02, "epsilon_high": 0.1})],
+    ids=["dr_grpo", "dr_grpo-bias-corrected", "bnpo", "cispo", "vespo", "luspo"],
+)  # fmt: skip
+def test_kl_normalised_like_the_loss_type(model_dir, tmp_path, fixed_generation, loss_type,
+                                          settings):  # fmt: skip
+    """``beta > 0`` with a loss type other than grpo/sapo: TRL adds the KL to every token's loss
+    before normalising, and GRAOTrainer's ``kl_length_norm`` does the same: TRL's gradient (up to
+    the token normalisation's count for bnpo, cispo and vespo, as without the KL)."""
+    settings = {"use_bias_correction_kl": False, **settings}  # TRL's default is True
+    grao, grpo = _pair(model_dir, tmp_path, loss_type=loss_type, num_iterations=2, beta=0.5,
+                       **settings)  # fmt: skip
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    _take_a_step(grao.model)  # the policy leaves the reference model (and the old policy)
+    _take_a_step(grpo.model)
+    assert grao._loss_options(batch)["kl_length_norm"]
+    grads, trl_grads = _window(grao, [batch]), _window(grpo, [trl_batch])
+    scale = 1.0
+    if loss_type in ("bnpo", "cispo", "vespo"):
+        tokens = lambda b: b["completion_mask"].sum().item()  # noqa: E731
+        scale = (G + 1) / G * tokens(trl_batch) / tokens(batch)
+    _assert_same_gradients(grads, {name: scale * grad for name, grad in trl_grads.items()})

@@ -32,7 +32,9 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
     ``"token"`` (the micro-batch's mean row length; TRL's ``"dapo"`` divides by the generation
     batch's token count per micro-batch instead, the same with one micro-batch per generation);
     ``"dr_grpo"`` -> ``"constant"`` with ``max_tokens=max_completion_length``; ``"luspo"`` ->
-    ``"constant"`` with ``max_tokens=1`` (each row's term times its length; ``beta=0``).
+    ``"constant"`` with ``max_tokens=1`` (each row's term times its length). With ``beta > 0``
+    the KL is normalised like the policy term (``kl_length_norm``), as TRL adds it to every
+    token's loss before the loss type's normalisation.
   - ``old_per_token_logps``, which TRL computes when the batch may be off-policy
     (``num_iterations > 1`` or ``gradient_accumulation_steps`` not a multiple of
     ``steps_per_generation x num_iterations``) or for the vLLM correction, -> ``old_logps``, with
@@ -445,6 +447,8 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
             "backend": args.grao_backend,
             "kl_coef": self.beta,
             "kl_bias_correction": bool(args.use_bias_correction_kl) and self.beta != 0.0,
+            # TRL adds the KL to every token's loss before the loss type's normalisation
+            "kl_length_norm": self.beta != 0.0 and LENGTH_NORMS[args.loss_type] != "sequence",
             "ref_logps": inputs.get("ref_per_token_logps"),
             "length_norm": LENGTH_NORMS[args.loss_type],
             "max_tokens": {"dr_grpo": self.max_completion_length, "luspo": 1}.get(args.loss_type),

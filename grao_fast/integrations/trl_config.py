@@ -38,8 +38,6 @@ LENGTH_NORMS = {
 RATIO_POLICIES = {"cispo": "cispo", "sapo": "sapo"}  # the rest: "clip"
 # TRL's loss settings GRAOTrainer refuses, and why (docs/OBJECTIVES.md).
 REFUSED = {
-    "luspo": "with beta != 0: TRL's LUSPO sums each row's KL over its tokens, GRAO's KL is each "
-    "row's mean",
     "vespo": "with delta (it applies only to the clipped losses) or with use_bias_correction_kl "
     "(TRL weights VESPO's KL by the token ratio, which GRAO's VESPO loss does not take)",
     "off_policy_mask_threshold": "with importance_sampling_level='sequence': GRAOTrainer applies "
@@ -85,7 +83,7 @@ class GRAOConfig(GRPOConfig):
         "grpo",
         "Length normalisation: grpo (1/|s|, the paper), bnpo/dapo (tokens), dr_grpo; cispo "
         "(tokens, CISPO's capped ratio), sapo (1/|s|, SAPO's gate), luspo (each row's term times "
-        "its length, beta = 0), vespo (tokens, VESPO's row weights).",
+        "its length), vespo (tokens, VESPO's row weights).",
     )
     vllm_importance_sampling_mode: str = _option(
         "token_truncate", "Weights of the sample tokens: TRL's ratio pi / pi_vllm in this mode."
@@ -132,8 +130,7 @@ class GRAOConfig(GRPOConfig):
         """TRL's settings of the clipped surrogate that GRAO's objective family has (the trainer
         module's docstring maps each); the others are rejected here, before a model loads."""
         vespo_refused = self.delta is not None or (self.use_bias_correction_kl and self.beta != 0.0)
-        refused = {"luspo": self.beta != 0.0, "vespo": vespo_refused}
-        if refused.get(self.loss_type, False):
+        if self.loss_type == "vespo" and vespo_refused:
             raise ValueError(
                 f"loss_type={self.loss_type!r} is not supported by GRAOTrainer: "
                 f"{REFUSED[self.loss_type]}"
