@@ -24,7 +24,8 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   the reference model, sample rows). Logged: ``grao/<term>``, ``kl`` (with ``beta > 0``),
   ``entropy`` and TRL's clip statistics of the loss type with TRL's definitions
   (``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean``, ``/low_min``, ``/high_max``;
-  ``cispo_clip_ratio``; none for ``"sapo"``), from the loss's per-row ``clip_counts``.
+  ``cispo_clip_ratio``; ``vespo/phi_seq_mean``; none for ``"sapo"``), from the loss's per-row
+  ``clip_counts``, and ``entropy_coef`` at each optimizer step while the bonus is on.
 * **TRL's objective settings** map onto GRAO's objective family (GRAO_SPEC.md, v2), the
   coefficient of every row being GRAO's instead of TRL's advantage:
 
