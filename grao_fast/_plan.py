@@ -157,11 +157,12 @@ def _policy(ratio: torch.Tensor, dj: torch.Tensor, logp: torch.Tensor, o: GRAOOp
 
 def sequence_coef(pl: Plan, b: Batch, logp: torch.Tensor, o: GRAOOptions) -> torch.Tensor:
     """Per-token d loss / d logp of the sequence-level ratio, from a first pass's log-probs: the
-    row's term ``nu_s |s| max(ratio dj, clip(ratio) dj)`` with ``d ratio / d logp = ratio / |s|``
-    (``nu_s`` is 0 on an empty row)."""
+    row's term ``max(ratio dj, clip(ratio) dj)`` (times ``nu_s |s|`` with
+    ``sequence_length_norm``) with ``d ratio / d logp = ratio / |s|``."""
     ratio = _row_ratio(pl, b, logp)
     _, clipped = _clipped(ratio, pl.dj, o)
-    per_row = torch.where(clipped, 0.0, pl.dj * ratio * pl.nu)
+    scale = pl.nu if o.sequence_length_norm else 1.0 / pl.lengths.clamp(min=1)
+    per_row = torch.where(clipped | (pl.lengths == 0), 0.0, pl.dj * ratio * scale)
     return torch.where(pl.mask, b.rows.expand(per_row), 0.0)
 
 
@@ -198,7 +199,8 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
         counted = mask if w is None else mask & (w > 0)
         if o.importance_level == "sequence":
             value, clipped = _clipped(_row_ratio(pl, b, logp), pl.dj, o)
-            loss = (value * pl.nu * pl.lengths).sum()  # nu_s |s| (0 on an empty row)
+            scale = pl.nu * pl.lengths if o.sequence_length_norm else 1.0
+            loss = torch.where(pl.lengths > 0, value * scale, 0.0).sum()
             clipped = rows.expand(clipped)
         else:
             ratio = torch.exp(torch.where(mask, logp - b.old_logps, 0.0))

@@ -51,9 +51,12 @@ OPTIONS_DOC = """
         token_weights: per-token constant multipliers (no gradient), >= 0.
         old_logps, clip_eps, importance_level: PPO-style clipped ratios against the policy the
             batch was prepared with (``clip_eps = (low, high)``); ``importance_level="sequence"``
-            uses one length-normalised ratio per row (GSPO: two reads of the logits), each row's
-            clipped term times ``|s| / length normaliser`` (1 for ``"sequence"``; LUSPO is
-            ``"constant"`` with ``max_tokens=1``).
+            uses one length-normalised ratio per row (GSPO: two reads of the logits), where
+            length_norm and token_weights do not apply to the clipped term (GRAO_SPEC.md).
+        sequence_length_norm: at the sequence level, each row's clipped term times ``nu_s |s|``
+            (its length_norm relative to GSPO's ``1/|s|``): LUSPO is ``"constant"`` with
+            ``max_tokens=1``, TRL's bnpo/dapo/dr_grpo at the sequence level the others; needs
+            importance_level="sequence" and a length_norm other than "sequence".
         ratio_policy, delta, ratio_cap, sapo_tau: what ``old_logps``' ratio does to each token
             (docs/OBJECTIVES.md, ratio policies; token level only): ``"clip"`` (PPO, with
             ``delta`` also a zero gradient where the row coefficient is negative and the ratio
@@ -121,6 +124,7 @@ class GRAOOptions:
     kl_coef: float = 0.0
     kl_bias_correction: bool = False
     kl_length_norm: bool = False
+    sequence_length_norm: bool = False
     is_cap: float = math.inf
     length_norm: str = "sequence"
     max_tokens: int | None = None
@@ -191,7 +195,17 @@ class GRAOOptions:
                 f'length_norm other than "sequence" (where it changes nothing), got '
                 f"kl_coef={self.kl_coef}, length_norm={self.length_norm!r}"
             )
-        for name in ("reference_in_group", "kl_bias_correction", "kl_length_norm", "check_labels",
+        if self.sequence_length_norm and not (
+            self.importance_level == "sequence" and self.length_norm != "sequence"
+        ):
+            raise ValueError(
+                "sequence_length_norm (the length normaliser on each row's clipped term) needs "
+                'importance_level="sequence" and a length_norm other than "sequence" (where it '
+                f"changes nothing), got importance_level={self.importance_level!r}, "
+                f"length_norm={self.length_norm!r}"
+            )
+        for name in ("reference_in_group", "kl_bias_correction", "kl_length_norm",
+                     "sequence_length_norm", "check_labels",
                      "return_entropy", "inplace"):  # fmt: skip
             set_(name, bool(getattr(self, name)))
 

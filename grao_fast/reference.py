@@ -143,6 +143,7 @@ def grao_terms(
     kl_coef: float = 0.0,
     kl_bias_correction: bool = False,
     kl_length_norm: bool = False,
+    sequence_length_norm: bool = False,
     ref_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     is_cap: float | None = None,
@@ -224,8 +225,9 @@ def grao_terms(
             delta = torch.where(mask, logp - old, torch.zeros_like(logp))
             ratio = torch.exp(delta.sum(dim=1) / lengths.clamp(min=1))
             value, clipped = _pessimistic(ratio, c[:, 0], clip_eps)
-            # nu_s |s|: 1 for length_norm="sequence" (GSPO), |s| / L for "constant" (LUSPO: L=1)
-            per_row = torch.where(lengths > 0, value * nu[:, 0] * lengths, torch.zeros_like(value))
+            if sequence_length_norm:  # times nu_s |s|: |s| / L for "constant" (LUSPO: L = 1)
+                value = value * nu[:, 0] * lengths
+            per_row = torch.where(lengths > 0, value, torch.zeros_like(value))
             clipped = clipped[:, None].expand(n, t)
         else:
             ratio = torch.exp(torch.where(mask, logp - old, torch.zeros_like(logp)))

@@ -43,8 +43,9 @@ OPTIONS = {
     "clip-asymmetric": {"clip_eps": (0.1, 0.28)},
     "gspo": {"importance_level": "sequence", "clip_eps": 0.05},
     "luspo": {"importance_level": "sequence", "clip_eps": 0.05, "length_norm": "constant",
-              "max_tokens": 1},
-    "gspo-token-norm": {"importance_level": "sequence", "clip_eps": 0.05, "length_norm": "token"},
+              "max_tokens": 1, "sequence_length_norm": True},
+    "gspo-token-norm": {"importance_level": "sequence", "clip_eps": 0.05, "length_norm": "token",
+                        "sequence_length_norm": True},
 }  # fmt: skip
 
 
@@ -362,6 +363,10 @@ N, T = G + 1, 3
         ({"kl_length_norm": True, "length_norm": "token"}, ValueError, "kl_length_norm .* needs"),
         ({"kl_length_norm": True, "kl_coef": 0.1, "ref_logps": torch.zeros(N, T)}, ValueError,
          "changes nothing"),
+        ({"sequence_length_norm": True, "length_norm": "token", "old_logps": torch.zeros(N, T)},
+         ValueError, 'sequence_length_norm .* needs importance_level="sequence"'),
+        ({"sequence_length_norm": True, "importance_level": "sequence",
+          "old_logps": torch.zeros(N, T)}, ValueError, "changes nothing"),
     ],
 )  # fmt: skip
 def test_bad_objective_input(over, exc, match):

@@ -457,6 +457,9 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
             "old_logps": old_logps,
             "clip_eps": (self.epsilon_low, self.epsilon_high),
             "importance_level": level,
+            # bnpo/dapo/dr_grpo/luspo at the sequence level: TRL normalises each row's term
+            "sequence_length_norm": level == "sequence"
+            and LENGTH_NORMS[args.loss_type] != "sequence",
             **self._ratio_policy(old_logps is not None),
             "entropy_coef": self._entropy_coef_now(),
             "return_entropy": True,
