@@ -36,6 +36,13 @@ class GRAOOutput(NamedTuple):
     # ratio_policy="clip", token level: the shares clipped below (c_s < 0) and above (c_s > 0).
     clip_low_fraction: Optional[torch.Tensor] = None
     clip_high_fraction: Optional[torch.Tensor] = None
+    # scalar: mean token entropy over the sample rows' tokens, the ones the bonus acts on
+    # (return_entropy); adaptive entropy controllers measure it.
+    sample_entropy: Optional[torch.Tensor] = None
+    # [N, 2] per row, its loss tokens (whatever their weight) clipped below (c_s < 0) and above
+    # (c_s > 0): the PPO clip's sides, CISPO's capped tokens (above), a clipped row ratio's
+    # every token (sequence level); None where clip_fraction is.
+    clip_counts: Optional[torch.Tensor] = None
 
 
 class Plan(NamedTuple):
@@ -98,9 +105,8 @@ def token_inputs(pl: Plan, b: Batch, o: GRAOOptions, coef: Optional[torch.Tensor
     kl = ref = None
     if o.kl_coef != 0.0:
         n_samples = pl.is_sample.sum()
-        per_row = torch.where(
-            pl.is_sample & (pl.lengths > 0), o.kl_coef / (n_samples * pl.lengths.clamp(min=1)), 0.0
-        )
+        norm = pl.nu if o.kl_length_norm else 1.0 / pl.lengths.clamp(min=1)
+        per_row = torch.where(pl.is_sample & (pl.lengths > 0), o.kl_coef * norm / n_samples, 0.0)
         kl, ref = rows.expand(per_row.to(b.acc)), b.ref_logps
     sampler = None
     if b.sampler_logps is not None and b.old_logps is None:  # weight depends on logp: in-pass
@@ -150,10 +156,13 @@ def _policy(ratio: torch.Tensor, dj: torch.Tensor, logp: torch.Tensor, o: GRAOOp
 
 
 def sequence_coef(pl: Plan, b: Batch, logp: torch.Tensor, o: GRAOOptions) -> torch.Tensor:
-    """Per-token d loss / d logp of the sequence-level ratio, from a first pass's log-probs."""
+    """Per-token d loss / d logp of the sequence-level ratio, from a first pass's log-probs: the
+    row's term ``max(ratio dj, clip(ratio) dj)`` (times ``nu_s |s|`` with
+    ``sequence_length_norm``) with ``d ratio / d logp = ratio / |s|``."""
     ratio = _row_ratio(pl, b, logp)
     _, clipped = _clipped(ratio, pl.dj, o)
-    per_row = torch.where(clipped | (pl.lengths == 0), 0.0, pl.dj * ratio / pl.lengths.clamp(min=1))
+    scale = pl.nu if o.sequence_length_norm else 1.0 / pl.lengths.clamp(min=1)
+    per_row = torch.where(clipped | (pl.lengths == 0), 0.0, pl.dj * ratio * scale)
     return torch.where(pl.mask, b.rows.expand(per_row), 0.0)
 
 
@@ -185,12 +194,13 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
     weighted = logp if w is None else w * logp
     parts = _terms(pl, pl.nu * rows.sum(weighted), o)  # the objective with u = logp
     loss = -(parts["exploration"] + parts["imitation"] + parts["alignment"])
-    clip_fraction = clip_low = clip_high = None
+    clip_fraction = clip_low = clip_high = clip_counts = None
     if b.old_logps is not None:
         counted = mask if w is None else mask & (w > 0)
         if o.importance_level == "sequence":
             value, clipped = _clipped(_row_ratio(pl, b, logp), pl.dj, o)
-            loss = torch.where(pl.lengths > 0, value, 0.0).sum()
+            scale = pl.nu * pl.lengths if o.sequence_length_norm else 1.0
+            loss = torch.where(pl.lengths > 0, value * scale, 0.0).sum()
             clipped = rows.expand(clipped)
         else:
             ratio = torch.exp(torch.where(mask, logp - b.old_logps, 0.0))
@@ -204,25 +214,28 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
                 )
         if clipped is not None:
             clip_fraction = _share(clipped, counted, logp.dtype)
+            dj = rows.expand(pl.dj)  # -c_s / B
+            sides = (clipped & mask & (dj > 0), clipped & mask & (dj < 0))
+            clip_counts = torch.stack([rows.sum(x.to(logp.dtype)) for x in sides], dim=1)
     kl = None
     if b.ref_logps is not None:
         delta = torch.where(mask, b.ref_logps - logp, 0.0)
         k3 = torch.exp(delta) - delta - 1
         if o.kl_bias_correction and b.old_logps is not None:  # weighted by the ratio
             k3 = k3 * torch.exp(torch.where(mask, logp - b.old_logps, 0.0))
-        k3 = rows.sum(k3) * inv_len
+        k3 = rows.sum(k3) * (pl.nu if o.kl_length_norm else inv_len)
         kl = (k3 * pl.is_sample).sum() / pl.is_sample.sum()
         if o.kl_coef != 0.0:
             loss = loss + o.kl_coef * kl
-    entropy = None
+    entropy = bonus = None
     if o.wants_entropy:
         entropy = ent.sum() / mask.sum().clamp(min=1).to(ent.dtype)
+        sample_tok = _sample_tokens(pl, b)
+        bonus = torch.where(sample_tok, ent, 0.0).sum() / sample_tok.sum().clamp(min=1)
         if o.entropy_coef != 0.0:
-            sample_tok = _sample_tokens(pl, b)
-            bonus = torch.where(sample_tok, ent, 0.0).sum() / sample_tok.sum().clamp(min=1)
             loss = loss - o.entropy_coef * bonus
     extras = (parts["exploration"], parts["imitation"], parts["alignment"], pl.adv, seq)
-    return loss, extras, (kl, entropy, clip_fraction, clip_low, clip_high)
+    return loss, extras, (kl, entropy, clip_fraction, clip_low, clip_high, bonus, clip_counts)
 
 
 def _share(tokens: torch.Tensor, counted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

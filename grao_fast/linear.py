@@ -251,6 +251,8 @@ def grao_loss_linear(
     backend: str = "auto",
     kl_coef: float = 0.0,
     kl_bias_correction: bool = False,
+    kl_length_norm: bool = False,
+    sequence_length_norm: bool = False,
     ref_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     is_cap: float | None = None,

@@ -38,6 +38,10 @@ OPTIONS_DOC = """
         kl_bias_correction: each token's k3 weighted by its ratio ``exp(logp - old_logps)``
             (differentiable; 1 without old_logps, whose gradient still changes: TRL's
             ``use_bias_correction_kl``); needs kl_coef > 0 and importance_level="token".
+        kl_length_norm: the KL as the mean over sample rows of ``nu_s * sum_t k3`` (the policy
+            term's length normaliser) instead of each row's mean k3 (GRAO_SPEC.md): the KL of
+            trainers that add it to every token's loss before normalising (TRL's loss types
+            other than grpo/sapo); needs kl_coef > 0 and length_norm other than "sequence".
         sampler_logps, is_cap: weight each sample token by ``min(exp(l - sampler_logps), is_cap)``
             (held constant; ``l`` = old_logps if given, else logp); NaN means "not scored": 1.
             is_cap needs sampler_logps.
@@ -47,7 +51,12 @@ OPTIONS_DOC = """
         token_weights: per-token constant multipliers (no gradient), >= 0.
         old_logps, clip_eps, importance_level: PPO-style clipped ratios against the policy the
             batch was prepared with (``clip_eps = (low, high)``); ``importance_level="sequence"``
-            uses one length-normalised ratio per row (GSPO: two reads of the logits).
+            uses one length-normalised ratio per row (GSPO: two reads of the logits), where
+            length_norm and token_weights do not apply to the clipped term (GRAO_SPEC.md).
+        sequence_length_norm: at the sequence level, each row's clipped term times ``nu_s |s|``
+            (its length_norm relative to GSPO's ``1/|s|``): LUSPO is ``"constant"`` with
+            ``max_tokens=1``, TRL's bnpo/dapo/dr_grpo at the sequence level the others; needs
+            importance_level="sequence" and a length_norm other than "sequence".
         ratio_policy, delta, ratio_cap, sapo_tau: what ``old_logps``' ratio does to each token
             (docs/OBJECTIVES.md, ratio policies; token level only): ``"clip"`` (PPO, with
             ``delta`` also a zero gradient where the row coefficient is negative and the ratio
@@ -60,7 +69,8 @@ OPTIONS_DOC = """
         check_labels: check on the host that labels are in range, rewards finite and the
             per-token inputs legal (one device sync; off in the sync-free fast path, where an
             out-of-range label is still never read: its log-prob is NaN).
-        return_entropy: also report the mean token entropy over all loss tokens.
+        return_entropy: also report the mean token entropy over all loss tokens (``entropy``)
+            and over the sample rows' loss tokens (``sample_entropy``, the bonus's tokens).
     The reported exploration/imitation/alignment are Eq. 3's terms with J_s = nu_s sum_t w logp
     (the call's length normaliser and token weights): without old_logps, loss = -(their sum)
     + kl_coef * kl - entropy_coef * bonus.
@@ -113,6 +123,8 @@ class GRAOOptions:
     backend: str = "auto"
     kl_coef: float = 0.0
     kl_bias_correction: bool = False
+    kl_length_norm: bool = False
+    sequence_length_norm: bool = False
     is_cap: float = math.inf
     length_norm: str = "sequence"
     max_tokens: int | None = None
@@ -177,8 +189,24 @@ class GRAOOptions:
                 f'importance_level="token", got kl_coef={self.kl_coef}, '
                 f"importance_level={self.importance_level!r}"
             )
-        for name in ("reference_in_group", "kl_bias_correction", "check_labels", "return_entropy",
-                     "inplace"):  # fmt: skip
+        if self.kl_length_norm and not (self.kl_coef > 0 and self.length_norm != "sequence"):
+            raise ValueError(
+                "kl_length_norm (the KL normalised like the policy term) needs kl_coef > 0 and a "
+                f'length_norm other than "sequence" (where it changes nothing), got '
+                f"kl_coef={self.kl_coef}, length_norm={self.length_norm!r}"
+            )
+        if self.sequence_length_norm and not (
+            self.importance_level == "sequence" and self.length_norm != "sequence"
+        ):
+            raise ValueError(
+                "sequence_length_norm (the length normaliser on each row's clipped term) needs "
+                'importance_level="sequence" and a length_norm other than "sequence" (where it '
+                f"changes nothing), got importance_level={self.importance_level!r}, "
+                f"length_norm={self.length_norm!r}"
+            )
+        for name in ("reference_in_group", "kl_bias_correction", "kl_length_norm",
+                     "sequence_length_norm", "check_labels",
+                     "return_entropy", "inplace"):  # fmt: skip
             set_(name, bool(getattr(self, name)))
 
     def _check_ratio_policy(self) -> None:

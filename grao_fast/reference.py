@@ -32,6 +32,8 @@ class ReferenceTerms(NamedTuple):
     clip_fraction: Optional[torch.Tensor]  # share of clipped loss tokens (with old_logps)
     clip_low_fraction: Optional[torch.Tensor] = None  # "clip", token level: clipped, c_s < 0
     clip_high_fraction: Optional[torch.Tensor] = None  # and clipped, c_s > 0
+    sample_entropy: Optional[torch.Tensor] = None  # mean token entropy over the sample rows
+    clip_counts: Optional[torch.Tensor] = None  # [N, 2] loss tokens clipped below, above
 
 
 def token_logprobs(
@@ -140,6 +142,8 @@ def grao_terms(
     terms: tuple[str, ...] = TERMS,
     kl_coef: float = 0.0,
     kl_bias_correction: bool = False,
+    kl_length_norm: bool = False,
+    sequence_length_norm: bool = False,
     ref_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     is_cap: float | None = None,
@@ -211,7 +215,7 @@ def grao_terms(
     w = torch.where(mask, w, torch.zeros_like(w))
 
     # The objective, summed over rows (then averaged over groups): u = logp, or PPO-clipped.
-    clip_fraction = clip_low = clip_high = None
+    clip_fraction = clip_low = clip_high = clip_counts = None
     if old_logps is None:
         per_row = c[:, 0] * nu[:, 0] * (w * logp).sum(dim=1)
     else:
@@ -221,6 +225,8 @@ def grao_terms(
             delta = torch.where(mask, logp - old, torch.zeros_like(logp))
             ratio = torch.exp(delta.sum(dim=1) / lengths.clamp(min=1))
             value, clipped = _pessimistic(ratio, c[:, 0], clip_eps)
+            if sequence_length_norm:  # times nu_s |s|: |s| / L for "constant" (LUSPO: L = 1)
+                value = value * nu[:, 0] * lengths
             per_row = torch.where(lengths > 0, value, torch.zeros_like(value))
             clipped = clipped[:, None].expand(n, t)
         else:
@@ -233,6 +239,8 @@ def grao_terms(
                 clip_low, clip_high = share(clipped & (c < 0)), share(clipped & (c > 0))
         if clipped is not None:
             clip_fraction = (clipped & counted).sum() / counted.sum().clamp(min=1)
+            sides = (clipped & mask & (c < 0), clipped & mask & (c > 0))  # any token weight
+            clip_counts = torch.stack([x.sum(dim=1) for x in sides], dim=1).to(logp.dtype)
     loss = -per_row.reshape(b, g + 1).sum(dim=1).mean()
 
     # Reported terms: Eq. 3 with J replaced by nu_s sum_t w logp (the paper's J by default).
@@ -252,14 +260,20 @@ def grao_terms(
         if kl_bias_correction:  # TRL's use_bias_correction_kl: times the (differentiable) ratio
             old = logp.detach() if old_logps is None else old_logps.to(logp.dtype)
             k3 = k3 * torch.exp(torch.where(mask, logp - old, torch.zeros_like(logp)))
-        kl = sequence_means(k3, mask)[is_sample].mean()
+        if kl_length_norm:  # normalised like the policy term: nu_s sum_t k3
+            per_row = nu[:, 0] * torch.where(mask, k3, torch.zeros_like(k3)).sum(dim=1)
+        else:
+            per_row = sequence_means(k3, mask)
+        kl = per_row[is_sample].mean()
         loss = loss + kl_coef * kl
-    entropy = None
+    entropy = sample_entropy = None
     if return_entropy or entropy_coef != 0.0:
         ent = token_entropy(logits, temperature)
         token_mean = lambda m: torch.where(m, ent, 0.0).sum() / m.sum().clamp(min=1)  # noqa: E731
         entropy = token_mean(mask).detach()
-        loss = loss - entropy_coef * token_mean(mask & is_sample[:, None])  # the bonus
+        bonus = token_mean(mask & is_sample[:, None])
+        sample_entropy = bonus.detach()
+        loss = loss - entropy_coef * bonus
     return ReferenceTerms(
         loss=loss,
         **parts,
@@ -270,4 +284,6 @@ def grao_terms(
         clip_fraction=clip_fraction,
         clip_low_fraction=clip_low,
         clip_high_fraction=clip_high,
+        sample_entropy=sample_entropy,
+        clip_counts=clip_counts,
     )

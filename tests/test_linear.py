@@ -49,7 +49,7 @@ def _check(
 ):  # fmt: skip
     hidden, weight, bias_t, labels, rewards = _inputs(b, g, t, h, v, dtype, bias=bias, seed=seed)
     # Seeded, far from 1 (a skipped rescale shows) and from 0.5 (the rescale rounds).
-    grad_out = (0.55 + 0.25 * torch.rand((), generator=torch.Generator().manual_seed(seed)))
+    grad_out = 0.55 + 0.25 * torch.rand((), generator=torch.Generator().manual_seed(seed))
     grad_out = grad_out.to(DEVICE)
     ref_kw = {k: x for k, x in kw.items() if k != "grad_weight_fp32"}  # (not a loss option)
     ref, ref_grads = _reference(hidden, weight, bias_t, labels, rewards, g, grad_out,
@@ -71,6 +71,10 @@ def _check(
     value_dtype = torch.float32 if lm_head_fp32 else dtype
     for field in ("loss", "exploration", "imitation", "alignment", "seq_logps"):
         assert_close(getattr(out, field), getattr(ref, field), value_dtype, "value")
+    for field in ("entropy", "sample_entropy"):
+        assert (getattr(out, field) is None) == (getattr(ref, field) is None), field
+        if getattr(ref, field) is not None:
+            assert_close(getattr(out, field), getattr(ref, field), value_dtype, "value")
     for p, expected in zip(params, ref_grads, strict=False):
         assert p.grad.dtype == dtype
         assert_close(p.grad, expected, dtype, "gemm")

@@ -63,7 +63,9 @@ def _compare(backend, logits, labels, rewards, g, **kw):
     (out.loss * grad_out).backward()
     for field in ("loss", "exploration", "imitation", "alignment", "seq_logps", "advantages"):
         assert_close(getattr(out, field), getattr(ref, field), dtype, "value")
-    for field in ("kl", "entropy", "clip_fraction", "clip_low_fraction", "clip_high_fraction"):
+    optional = ("kl", "entropy", "sample_entropy", "clip_fraction", "clip_low_fraction",
+                "clip_high_fraction", "clip_counts")  # fmt: skip
+    for field in optional:
         assert (getattr(out, field) is None) == (getattr(ref, field) is None), field
         if getattr(ref, field) is not None:
             assert_close(getattr(out, field), getattr(ref, field), dtype, "value")
@@ -98,8 +100,11 @@ def test_options(backend, kw):
         logits, labels, _ = _batch(2, 2, 4, 29, torch.float32, seed=1)
         logp = torch.log_softmax(logits.double(), -1)
         mask = labels != -100
-        ent = (-(logp.exp() * logp).sum(-1))[mask].mean()
-        assert_close(out.entropy, ent, torch.float32, "value")
+        ent = -(logp.exp() * logp).sum(-1)
+        assert_close(out.entropy, ent[mask].mean(), torch.float32, "value")
+        sample = mask & (torch.arange(len(mask)) % 3 != 2)[:, None]  # the groups' last rows out
+        assert_close(out.sample_entropy, ent[sample].mean(), torch.float32, "value")
+        assert not torch.isclose(out.sample_entropy, out.entropy)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

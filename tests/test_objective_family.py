@@ -8,7 +8,7 @@ from backends import BACKENDS, DEVICE
 from test_loss import RATIOS, _batch, _compare, old_in_every_band
 from tolerances import assert_close
 
-from grao_fast import grao_loss, grao_loss_linear
+from grao_fast import grao_loss, grao_loss_linear, token_logprobs
 
 G = 2
 
@@ -42,7 +42,11 @@ OPTIONS = {
     "entropy-bonus": {"entropy_coef": 0.05, "temperature": 0.8},
     "clip-asymmetric": {"clip_eps": (0.1, 0.28)},
     "gspo": {"importance_level": "sequence", "clip_eps": 0.05},
-}
+    "luspo": {"importance_level": "sequence", "clip_eps": 0.05, "length_norm": "constant",
+              "max_tokens": 1, "sequence_length_norm": True},
+    "gspo-token-norm": {"importance_level": "sequence", "clip_eps": 0.05, "length_norm": "token",
+                        "sequence_length_norm": True},
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,6 +170,33 @@ def test_kl_bias_correction_matches_reference(backend, dtype, off_policy):
         assert abs(plain.loss - out.loss) > 1e-4 * abs(out.loss)
     else:  # ratio 1: the same values
         assert_close(out.kl, plain.kl.double(), dtype, "value")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "norm", [{"length_norm": "token"}, {"length_norm": "constant", "max_tokens": 1}], ids=str
+)
+def test_kl_length_norm_matches_reference(backend, norm):
+    """``kl_length_norm``: the KL is the mean over the sample rows of ``nu_s * sum_t k3``
+    (checked by hand on the reference), the same for every backend, and it changes the reported
+    KL and the gradient."""
+    logits, labels, rewards = _batch(2, G, 7, 29, torch.float32, seed=13)
+    ref = _old_near(logits, labels, 0.5, seed=4)
+    kw = {"kl_coef": 0.3, "ref_logps": ref, **norm}
+    out, grad = _check(backend, torch.float32, {**kw, "kl_length_norm": True}, seed=13, t=7)
+    logp = token_logprobs(logits.double(), labels, backend="reference")
+    mask = labels != -100
+    delta = torch.where(mask, ref.double() - logp, 0.0)
+    k3 = (delta.exp() - delta - 1).sum(dim=1)
+    lengths = mask.sum(dim=1).double()
+    nu = 1 / lengths.mean() if norm["length_norm"] == "token" else 1.0
+    sample = torch.arange(len(labels), device=labels.device) % (G + 1) != G
+    assert_close(out.kl, (nu * k3)[sample].mean(), torch.float32, "value")
+    x = logits.clone().requires_grad_()
+    plain = grao_loss(x, labels, rewards, group_size=G, backend=backend, **kw)
+    plain.loss.backward()
+    assert abs(plain.kl - out.kl) > 1e-2 * abs(out.kl)
+    assert (x.grad.float() - grad.float()).abs().max() > 1e-2 * grad.float().abs().max()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -329,6 +360,13 @@ N, T = G + 1, 3
         ({"kl_bias_correction": True, "kl_coef": 0.1, "importance_level": "sequence",
           "ref_logps": torch.zeros(N, T), "old_logps": torch.zeros(N, T)}, ValueError,
          "kl_bias_correction"),
+        ({"kl_length_norm": True, "length_norm": "token"}, ValueError, "kl_length_norm .* needs"),
+        ({"kl_length_norm": True, "kl_coef": 0.1, "ref_logps": torch.zeros(N, T)}, ValueError,
+         "changes nothing"),
+        ({"sequence_length_norm": True, "length_norm": "token", "old_logps": torch.zeros(N, T)},
+         ValueError, 'sequence_length_norm .* needs importance_level="sequence"'),
+        ({"sequence_length_norm": True, "importance_level": "sequence",
+          "old_logps": torch.zeros(N, T)}, ValueError, "changes nothing"),
     ],
 )  # fmt: skip
 def test_bad_objective_input(over, exc, match):

@@ -177,6 +177,39 @@ def test_clip_sides_by_hand(level):
     expected = -(1.2 * c[0] + 0.9 * c[1])  # swapped sides: 1.1 and 0.85
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-12)
     assert out.clip_fraction.item() == pytest.approx(1 / 3)
+    assert out.clip_counts.tolist() == [[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]  # row 2, below
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3])
+def test_sequence_ratio_length_norm_by_hand(max_tokens):
+    """At the sequence level, ``sequence_length_norm`` with ``length_norm="constant"`` multiplies
+    each row's clipped GSPO term by ``|s| / max_tokens`` (LUSPO: ``max_tokens=1``); without it
+    the length normaliser does not apply to the clipped term (GRAO_SPEC.md), only to the
+    reported terms."""
+    logits, labels, rewards, *_ = _two_token_case()  # row lengths 2, 1, 2
+    logp = token_logprobs(logits, labels, backend="reference")
+    log_ratio = torch.tensor([[0.3, -0.1], [-0.2, 0.0], [0.1, 0.2]], dtype=torch.float64)
+    old = torch.where(labels != -100, logp - log_ratio, 0.0)
+    common = dict(group_size=2, beta=0.5, lam=0.0, old_logps=old, clip_eps=(0.1, 0.1),
+                  importance_level="sequence", eps=0.0)  # fmt: skip
+    gspo = reference.grao_terms(logits, labels, rewards, **common)
+    out = reference.grao_terms(logits, labels, rewards, length_norm="constant",
+                               max_tokens=max_tokens, sequence_length_norm=True,
+                               **common)  # fmt: skip
+    spec = reference.grao_terms(logits, labels, rewards, length_norm="constant",
+                                max_tokens=max_tokens, **common)  # fmt: skip
+    assert spec.loss.item() == pytest.approx(gspo.loss.item(), rel=1e-12)
+    assert spec.imitation.item() != pytest.approx(gspo.imitation.item(), rel=1e-6)  # J_s
+    adv = group_advantages(rewards, eps=0.0)[0]
+    c = torch.cat([adv[:2] / 2, 0.5 * adv[2:]])  # exploration and imitation (beta 0.5)
+    ratio = torch.tensor([0.1, -0.2, 0.15], dtype=torch.float64).exp()  # row means
+    value = torch.minimum(ratio * c, ratio.clamp(0.9, 1.1) * c)
+    lengths = torch.tensor([2.0, 1.0, 2.0], dtype=torch.float64)
+    assert gspo.loss.item() == pytest.approx(-value.sum().item(), rel=1e-12)
+    expected = -(lengths / max_tokens * value).sum()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    # Row 2 (c < 0) clipped below, row 3 (c > 0, ratio e^0.15 > 1.1) above: all its 2 tokens.
+    assert out.clip_counts.tolist() == [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
 
 
 def test_reference_advantages_edge_cases():

@@ -22,28 +22,40 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   lm_head's forward, where DDP, FSDP and ZeRO-3 present the full weight. The result is divided
   by the accumulation steps like TRL's own loss. TRL's ``beta`` stays the KL coefficient (k3 to
   the reference model, sample rows). Logged: ``grao/<term>``, ``kl`` (with ``beta > 0``),
-  ``entropy`` and TRL's clip statistics of the loss type (``clip_ratio/region_mean``,
-  ``/low_mean``, ``/high_mean``; ``cispo_clip_ratio``; none for ``"sapo"``).
+  ``entropy`` and TRL's clip statistics of the loss type with TRL's definitions
+  (``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean``, ``/low_min``, ``/high_max``;
+  ``cispo_clip_ratio``; ``vespo/phi_seq_mean``; none for ``"sapo"``), from the loss's per-row
+  ``clip_counts``, and ``entropy_coef`` at each optimizer step while the bonus is on.
 * **TRL's objective settings** map onto GRAO's objective family (GRAO_SPEC.md, v2), the
   coefficient of every row being GRAO's instead of TRL's advantage:
 
   - ``loss_type``: ``"grpo"`` -> ``length_norm="sequence"``; ``"bnpo"`` and ``"dapo"`` ->
     ``"token"`` (the micro-batch's mean row length; TRL's ``"dapo"`` divides by the generation
     batch's token count per micro-batch instead, the same with one micro-batch per generation);
-    ``"dr_grpo"`` -> ``"constant"`` with ``max_tokens=max_completion_length``.
+    ``"dr_grpo"`` -> ``"constant"`` with ``max_tokens=max_completion_length``; ``"luspo"`` ->
+    ``"constant"`` with ``max_tokens=1`` (each row's term times its length). With ``beta > 0``
+    the KL is normalised like the policy term (``kl_length_norm``), as TRL adds it to every
+    token's loss before the loss type's normalisation.
   - ``old_per_token_logps``, which TRL computes when the batch may be off-policy
     (``num_iterations > 1`` or ``gradient_accumulation_steps`` not a multiple of
     ``steps_per_generation x num_iterations``) or for the vLLM correction, -> ``old_logps``, with
     ``clip_eps=(epsilon, epsilon_high)``. Where TRL leaves it out (its ratio is exactly 1), the
     on-policy loss runs: the same gradient, and nothing is clipped.
-  - ``importance_sampling_level`` -> ``importance_level`` (``"sequence"``: ``loss_type="grpo"``).
+  - ``importance_sampling_level`` -> ``importance_level`` (``"sequence"``: not with ``"cispo"``
+    or ``"sapo"``; the length normaliser scales each row's term by ``nu_s |s|``).
   - ``vllm_importance_sampling_correction``: TRL's ``importance_sampling_ratio`` (any
     ``vllm_importance_sampling_mode``, clipped or masked by ``vllm_importance_sampling_clip_min``
     and ``_max`` as TRL does) -> ``token_weights`` (a sequence mode's ratio on every token of its
     row); the reference rows, not sampled, weigh 1, and are left out of the logged
     ``sampling/importance_sampling_ratio/*``. These weights replace the loss's own
     ``sampler_logps``/``is_cap`` path, which computes ``token_truncate`` alone.
-  - ``entropy_coef`` -> ``entropy_coef`` (the bonus over the sample rows' tokens).
+  - ``entropy_coef`` -> ``entropy_coef`` (the bonus over the sample rows' tokens);
+    ``use_adaptive_entropy``: TRL's controller sets it for each accumulation window from the
+    loss's ``sample_entropy`` (:meth:`GRAOTrainer._adapt_entropy_coef`).
+  - ``off_policy_mask_threshold`` -> ``token_weights`` 0 on the sample rows TRL's off-policy
+    sequence mask drops; ``top_entropy_quantile`` -> 0 on the sample tokens below TRL's entropy
+    quantile (``trl_rows.TokenWeights``; token level only); ``loss_type="vespo"`` -> each
+    row's Gamma weight as ``token_weights`` on the plain objective, ``length_norm="token"``.
   - ``use_bias_correction_kl`` (with ``beta > 0``) -> ``kl_bias_correction`` (each token's k3
     weighted by its ratio; token level only).
   - ``delta`` -> ``delta``; ``loss_type="cispo"`` -> ``ratio_policy="cispo"`` with
@@ -68,11 +80,13 @@ from trl.trainer.utils import split_tensor_dict
 import grao_fast
 from grao_fast.integrations.trl_config import LENGTH_NORMS, RATIO_POLICIES, GRAOConfig
 from grao_fast.integrations.trl_metrics import (
+    clip_metrics,
     completion_metrics,
     importance_sampling_stats,
     is_sample_row,
     reward_metrics,
 )
+from grao_fast.integrations.trl_rows import TokenWeights
 from grao_fast.train.rewards import relative_to_reference
 
 IGNORE_INDEX = -100
@@ -81,14 +95,6 @@ LOGGED = {
     "exploration": "grao/exploration", "imitation": "grao/imitation",
     "alignment": "grao/alignment", "kl": "kl", "entropy": "entropy",
 }  # fmt: skip
-# The clip statistics TRL logs per loss type (0 where the batch is on-policy, as TRL's).
-CLIP_LOGGED = {
-    "clip": {"clip_fraction": "clip_ratio/region_mean", "clip_low_fraction": "clip_ratio/low_mean",
-             "clip_high_fraction": "clip_ratio/high_mean"},
-    "cispo": {"clip_fraction": "cispo_clip_ratio"},
-    "sapo": {},
-}  # fmt: skip
-
 __all__ = ["GRAOConfig", "GRAOTrainer", "shuffle_groups"]
 
 
@@ -168,7 +174,7 @@ def lm_head_as_loss(head: torch.nn.Module, loss: Callable[..., Any]) -> Iterator
             head.forward = own_forward
 
 
-class GRAOTrainer(GRPOTrainer):
+class GRAOTrainer(TokenWeights, GRPOTrainer):
     """``trl.GRPOTrainer`` that trains with the GRAO loss. Same arguments; ``args`` is a
     :class:`GRAOConfig`. Tools, ``rollout_func``, environments and images are not supported.
 
@@ -361,7 +367,8 @@ class GRAOTrainer(GRPOTrainer):
             with self.accelerator.autocast():  # mixed precision, as TRL runs its own forward
                 logits = model(**forward).logits
             result = grao_fast.grao_loss(logits, labels, inputs["rewards"], **options)
-        self._log_loss_terms(result)
+        self._log_loss_terms(result, inputs)
+        self._adapt_entropy_coef(result, inputs["completion_mask"])
         # As in TRL's own losses: the Trainer does not rescale, so divide by accumulation here.
         accumulation = self.current_gradient_accumulation_steps if self.model.training else 1
         return result.loss / accumulation
@@ -385,25 +392,50 @@ class GRAOTrainer(GRPOTrainer):
             )
         return box["result"]
 
-    def _log_loss_terms(self, result: Any) -> None:
-        """GRAO's terms as ``grao/<term>``, ``kl``, ``entropy`` and TRL's
-        ``clip_ratio/region_mean`` (0 where the batch is on-policy, as TRL logs it): means over
-        processes."""
+    def _log_loss_terms(self, result: Any, inputs: dict[str, Any]) -> None:
+        """GRAO's terms as ``grao/<term>``, ``kl`` and ``entropy`` (means over processes), and
+        TRL's clip statistics of the loss type with TRL's meaning (:meth:`_log_clip`)."""
         mode = "train" if self.model.training else "eval"
-        policy = RATIO_POLICIES.get(self.args.loss_type, "clip")
-        for name, key in {**LOGGED, **CLIP_LOGGED[policy]}.items():
+        for name, key in LOGGED.items():
             value = getattr(result, name)
-            if value is None and name.startswith("clip_") and result.clip_fraction is None:
-                value = result.loss.new_zeros(())  # on-policy: nothing clipped
             if value is not None:
                 gathered = self.accelerator.gather(value.detach().float())
                 self._metrics[mode][key].append(gathered.mean().item())
+        self._log_clip(result, inputs, mode)
+
+    def _log_clip(self, result: Any, inputs: dict[str, Any], mode: str) -> None:
+        """TRL's ``clip_ratio/*`` (``low_mean``, ``high_mean``, ``region_mean``, ``low_min``,
+        ``high_max``) or ``cispo_clip_ratio`` from the loss's per-row ``clip_counts`` of every
+        process, over all loss tokens (the reference rows' too, whose ratio GRAO's loss clips
+        like any row's), whatever their token weight, as TRL counts them. On-policy nothing is
+        clipped (0, as TRL), except CISPO's cap below 1, which caps every token of a row with a
+        positive coefficient (TRL: positive advantage)."""
+        policy = RATIO_POLICIES.get(self.args.loss_type, "clip")
+        if self.args.loss_type == "vespo":  # TRL logs VESPO's mean row weight instead
+            phi = self.accelerator.gather(self._vespo_phi)
+            self._metrics[mode]["vespo/phi_seq_mean"].append(phi.float().mean().item())
+            return
+        if policy == "sapo":
+            return
+        mask = inputs["completion_mask"]
+        tokens = mask.sum(dim=1).float()
+        counts = result.clip_counts
+        if counts is None:
+            counts = torch.zeros(len(tokens), 2, device=mask.device)
+            if policy == "cispo" and self.epsilon_high < 1.0:
+                counts[:, 1] = torch.where(self._row_coefficients(inputs) > 0, tokens, 0.0)
+        rows = self.accelerator.gather(torch.cat([counts.float(), tokens[:, None]], dim=1))
+        sequence = self.importance_sampling_level == "sequence" and result.clip_counts is not None
+        for key, value in clip_metrics(rows, policy, sequence).items():
+            self._metrics[mode][key].append(value)
 
     def _loss_options(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of grao_loss / grao_loss_linear for this micro-batch (the module
         docstring maps TRL's settings onto them)."""
         args = self.args
         old_logps = inputs.get("old_per_token_logps")  # [N, C]; None: on-policy
+        if args.loss_type == "vespo":  # no ratio in the loss: VESPO's row weights carry it
+            old_logps = None
         level = self.importance_sampling_level if old_logps is not None else "token"
         return {
             "group_size": self._group() - 1,
@@ -416,23 +448,66 @@ class GRAOTrainer(GRPOTrainer):
             "backend": args.grao_backend,
             "kl_coef": self.beta,
             "kl_bias_correction": bool(args.use_bias_correction_kl) and self.beta != 0.0,
+            # TRL adds the KL to every token's loss before the loss type's normalisation
+            "kl_length_norm": self.beta != 0.0 and LENGTH_NORMS[args.loss_type] != "sequence",
             "ref_logps": inputs.get("ref_per_token_logps"),
             "length_norm": LENGTH_NORMS[args.loss_type],
-            "max_tokens": self.max_completion_length if args.loss_type == "dr_grpo" else None,
-            "token_weights": self._importance_weights(inputs),
+            "max_tokens": {"dr_grpo": self.max_completion_length, "luspo": 1}.get(args.loss_type),
+            "token_weights": self._token_weights(inputs),
             "old_logps": old_logps,
             "clip_eps": (self.epsilon_low, self.epsilon_high),
             "importance_level": level,
+            # bnpo/dapo/dr_grpo/luspo at the sequence level: TRL normalises each row's term
+            "sequence_length_norm": level == "sequence"
+            and LENGTH_NORMS[args.loss_type] != "sequence",
             **self._ratio_policy(old_logps is not None),
-            "entropy_coef": self.entropy_coef,
+            "entropy_coef": self._entropy_coef_now(),
             "return_entropy": True,
         }
+
+    def _entropy_coef_now(self) -> float:
+        """The entropy bonus's coefficient in this accumulation window: ``entropy_coef``, or
+        with ``use_adaptive_entropy`` TRL's controller's, applied only while the entropy it
+        measured at the last optimizer step is at most ``entropy_target`` (none before the
+        first measurement)."""
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            return 0.0
+        return self.entropy_coef
+
+    def _adapt_entropy_coef(self, result: Any, completion_mask: torch.Tensor) -> None:
+        """TRL's adaptive entropy control (Skywork-OR1), training only: the sample rows' token
+        entropy (the tokens the bonus acts on) summed with its token count over the micro-batches
+        of the accumulation window and over processes; at the optimizer step the coefficient
+        moves by ``entropy_coef_delta``, up where that mean is at most ``entropy_target``, down
+        otherwise, within ``[entropy_coef_min, entropy_coef_max]``. TRL's state names, so TRL's
+        checkpointing saves and restores it; ``entropy_coef`` is logged at each optimizer step
+        whenever the bonus is on, as TRL does."""
+        if not self.model.training:
+            return
+        args, sync = self.args, self.accelerator.sync_gradients
+        if self.use_adaptive_entropy:
+            sample = is_sample_row(completion_mask.size(0), self._group(), completion_mask.device)
+            count = (completion_mask * sample[:, None]).sum().float()
+            stats = torch.stack([result.sample_entropy.detach().float() * count, count])
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if sync:
+                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                entropy = (total[0] / total[1].clamp(min=1.0)).item()
+                coef, step = self.entropy_coef, args.entropy_coef_delta
+                if entropy <= args.entropy_target:
+                    self.entropy_coef = min(coef + step, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(coef - step, args.entropy_coef_min)
+                self._last_world_entropy, self._entropy_window_stats = entropy, None
+        if self._entropy_bonus_enabled and sync:
+            self._metrics["train"]["entropy_coef"].append(self.entropy_coef)
 
     def _ratio_policy(self, off_policy: bool) -> dict[str, Any]:
         """TRL's ``delta``, ``"cispo"`` (cap ``epsilon_high``) and ``"sapo"`` (its two
         temperatures) as grao_loss's ratio policy; on-policy (no old log-probs, every ratio 1)
         none applies: their gradient is the plain one (CISPO's times ``min(1, cap)``, see
-        :meth:`_importance_weights`)."""
+        :meth:`_token_weights`)."""
         args = self.args
         if not off_policy:
             return {}
@@ -442,18 +517,3 @@ class GRAOTrainer(GRPOTrainer):
             temperatures = (args.sapo_temperature_pos, args.sapo_temperature_neg)
             return {"ratio_policy": "sapo", "sapo_tau": temperatures}
         return {} if args.delta is None else {"delta": args.delta}
-
-    def _importance_weights(self, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """[N, C] TRL's vLLM importance-sampling ratio of this micro-batch as token weights
-        (None without the correction); 1 on the reference rows, which were not sampled. On-policy
-        CISPO with a cap below 1 weighs every token by the cap (TRL's ``min(1, epsilon_high)``)."""
-        cap = 1.0
-        if self.args.loss_type == "cispo" and inputs.get("old_per_token_logps") is None:
-            cap = min(1.0, self.epsilon_high)
-        if not (self.use_vllm and self.vllm_importance_sampling_correction):
-            mask = inputs["completion_mask"]
-            return None if cap == 1.0 else torch.full(mask.shape, cap, device=mask.device)
-        mask = inputs["completion_mask"]
-        ratio = inputs["importance_sampling_ratio"].expand_as(mask)  # [N, C] or [N, 1] (sequence_*)
-        sample = is_sample_row(mask.size(0), self._group(), mask.device)[:, None]
-        return cap * torch.where(sample, ratio, torch.ones_like(ratio))

@@ -28,25 +28,25 @@ from grao_fast.reference import TERMS
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 REWARD_MODES = ("absolute", "relative")
-# TRL's loss_type -> grao_loss's length_norm (dr_grpo: max_tokens = max_completion_length);
-# cispo and sapo also select their ratio_policy (RATIO_POLICIES).
+# TRL's loss_type -> grao_loss's length_norm (dr_grpo: max_tokens = max_completion_length;
+# luspo: max_tokens = 1, each row's term times its length); cispo and sapo also select their
+# ratio_policy (RATIO_POLICIES).
 LENGTH_NORMS = {
     "grpo": "sequence", "bnpo": "token", "dapo": "token", "dr_grpo": "constant",
-    "cispo": "token", "sapo": "sequence",
+    "cispo": "token", "sapo": "sequence", "luspo": "constant", "vespo": "token",
 }  # fmt: skip
 RATIO_POLICIES = {"cispo": "cispo", "sapo": "sapo"}  # the rest: "clip"
 # TRL's loss settings GRAOTrainer refuses, and why (docs/OBJECTIVES.md).
 REFUSED = {
-    "luspo": "LUSPO scales GSPO's row loss by the row's length, a row statistic GRAO's "
-    "sequence-level path does not implement yet",
-    "vespo": "VESPO's Gamma weight of the sequence ratio needs a second read of the logits that "
-    "GRAO's loss does not implement yet",
-    "off_policy_mask_threshold": "the off-policy sequence mask needs each row's mean drift "
-    "before its gradient (a second read) and is not implemented yet",
-    "top_entropy_quantile": "the top-entropy token mask needs the batch's entropy quantile "
-    "before any gradient (a second read) and is not implemented yet",
-    "use_adaptive_entropy": "the adaptive entropy coefficient is not implemented in "
-    "GRAOTrainer yet",
+    "vespo": "with delta (it applies only to the clipped losses) or with use_bias_correction_kl "
+    "(TRL weights VESPO's KL by the token ratio, which GRAO's VESPO loss does not take)",
+    "off_policy_mask_threshold": "with importance_sampling_level='sequence': GRAOTrainer applies "
+    "the off-policy sequence mask as token weights, which GRAO's sequence-level ratio does not "
+    "take",
+    "top_entropy_quantile": "with importance_sampling_level='sequence' (GRAOTrainer applies the "
+    "top-entropy mask as token weights, which GRAO's sequence-level ratio does not take) or with "
+    "the entropy bonus (entropy_coef > 0 or use_adaptive_entropy: TRL then restricts the bonus "
+    "to the selected tokens, GRAO's covers every sample token)",
     "use_bias_correction_kl": "with importance_sampling_level='sequence' the ratio-weighted k3 "
     "KL takes each row's ratio, whose gradient reaches every token of the row; GRAO's loss "
     "weights the KL by token ratios only",
@@ -82,7 +82,8 @@ class GRAOConfig(GRPOConfig):
     loss_type: str = _option(
         "grpo",
         "Length normalisation: grpo (1/|s|, the paper), bnpo/dapo (tokens), dr_grpo; cispo "
-        "(tokens, CISPO's capped ratio) and sapo (1/|s|, SAPO's gate).",
+        "(tokens, CISPO's capped ratio), sapo (1/|s|, SAPO's gate), luspo (each row's term times "
+        "its length), vespo (tokens, VESPO's row weights).",
     )
     vllm_importance_sampling_mode: str = _option(
         "token_truncate", "Weights of the sample tokens: TRL's ratio pi / pi_vllm in this mode."
@@ -128,7 +129,8 @@ class GRAOConfig(GRPOConfig):
     def _check_objective(self) -> None:
         """TRL's settings of the clipped surrogate that GRAO's objective family has (the trainer
         module's docstring maps each); the others are rejected here, before a model loads."""
-        if self.loss_type in REFUSED:
+        vespo_refused = self.delta is not None or (self.use_bias_correction_kl and self.beta != 0.0)
+        if self.loss_type == "vespo" and vespo_refused:
             raise ValueError(
                 f"loss_type={self.loss_type!r} is not supported by GRAOTrainer: "
                 f"{REFUSED[self.loss_type]}"
@@ -148,28 +150,36 @@ class GRAOConfig(GRPOConfig):
                 f"vllm_importance_sampling_mode must be one of {VLLM_IS_MODES}, "
                 f"got {self.vllm_importance_sampling_mode!r}"
             )
-        if self.importance_sampling_level == "sequence":
-            if self.loss_type != "grpo":
-                raise ValueError(
-                    "importance_sampling_level='sequence' needs loss_type='grpo' (the ratio is "
-                    f"already length-normalised), got loss_type={self.loss_type!r}"
-                )
-            if self.use_vllm and self.vllm_importance_sampling_correction:
-                raise ValueError(
-                    "importance_sampling_level='sequence' takes no per-token weights: set "
-                    "vllm_importance_sampling_correction=False"
-                )
+        # GRAO's sequence-level ratio (VESPO runs the loss without a ratio at either level)
+        row_ratio = self.importance_sampling_level == "sequence" and self.loss_type != "vespo"
+        if row_ratio and self.use_vllm and self.vllm_importance_sampling_correction:
+            raise ValueError(
+                "importance_sampling_level='sequence' takes no per-token weights: set "
+                "vllm_importance_sampling_correction=False"
+            )
         low, high = self.epsilon, self.epsilon_high
         if not 0 < low < 1 or (high is not None and not high >= 0):
             raise ValueError(f"epsilon must be in (0, 1) and epsilon_high >= 0, got {low}, {high}")
         if not self.entropy_coef >= 0:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(
+                f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}"
+            )
+        if self.use_adaptive_entropy:
+            least, most = self.entropy_coef_min, self.entropy_coef_max
+            step = self.entropy_coef_delta
+            if not (0 <= least <= most and step >= 0):
+                raise ValueError(
+                    "use_adaptive_entropy needs 0 <= entropy_coef_min <= entropy_coef_max and "
+                    f"entropy_coef_delta >= 0, got {least}, {most} and {step}"
+                )
         self._check_ratio_policy()
-        row_ratio_kl = self.beta != 0.0 and self.importance_sampling_level == "sequence"
+        bonus = self.entropy_coef != 0.0 or self.use_adaptive_entropy
+        row_ratio_kl = self.beta != 0.0 and row_ratio
         unsupported = {
-            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-            "top_entropy_quantile": self.top_entropy_quantile != 1.0,
-            "use_adaptive_entropy": self.use_adaptive_entropy,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None and row_ratio,
+            "top_entropy_quantile": self.top_entropy_quantile != 1.0 and (row_ratio or bonus),
             "use_bias_correction_kl": self.use_bias_correction_kl and row_ratio_kl,
         }
         for name, set_ in unsupported.items():

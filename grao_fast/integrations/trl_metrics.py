@@ -9,10 +9,22 @@ plus ``reward/reference``, from the rows of all processes (groups whole and in o
 
 from __future__ import annotations
 
+from math import nan
+
 import torch
 from trl.trainer.utils import nanstd
 
-__all__ = ["completion_metrics", "importance_sampling_stats", "is_sample_row", "reward_metrics"]
+__all__ = [
+    "clip_metrics", "completion_metrics", "importance_sampling_stats", "is_sample_row",
+    "reward_metrics",
+]  # fmt: skip
+# The clip statistics TRL logs per ratio policy (none for SAPO).
+CLIP_KEYS = {
+    "clip": ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+             "clip_ratio/low_min", "clip_ratio/high_max"),
+    "cispo": ("cispo_clip_ratio",),
+    "sapo": (),
+}  # fmt: skip
 
 
 def is_sample_row(rows: int, group: int, device: torch.device | None = None) -> torch.Tensor:
@@ -89,3 +101,31 @@ def importance_sampling_stats(ratio: torch.Tensor, mask: torch.Tensor, group: in
     if values.numel() == 0:
         return ratio.new_zeros(3)
     return torch.stack([values.min(), values.mean(), values.max()])
+
+
+def clip_metrics(rows: torch.Tensor, policy: str, sequence: bool) -> dict[str, float]:
+    """TRL's clip statistics of ``policy`` (:data:`CLIP_KEYS`) from every process's rows.
+
+    rows: [N, 3] per row its loss tokens clipped below, clipped above (CISPO: capped) and its
+    loss-token count. As TRL: the means are over all loss tokens (over rows at the sequence
+    level, one ratio per row), ``low_min`` and ``high_max`` the extremes of each row's share
+    (rows without loss tokens left out at the token level).
+    """
+    low, high, tokens = rows.double().unbind(dim=1)
+    if sequence:  # one ratio per row: each row counts once, clipped (1) or not (0)
+        low, high = low / tokens.clamp(min=1), high / tokens.clamp(min=1)
+        tokens = torch.ones_like(tokens)
+    mean = lambda x: (x.sum() / tokens.sum().clamp(min=1)).item()  # noqa: E731
+    if policy == "cispo":
+        return {"cispo_clip_ratio": mean(high)}
+    if policy != "clip":
+        return {}
+    scored = tokens > 0
+    share = lambda x: x[scored] / tokens[scored]  # noqa: E731  (each row's)
+    return {
+        "clip_ratio/low_mean": mean(low),
+        "clip_ratio/high_mean": mean(high),
+        "clip_ratio/region_mean": mean(low + high),
+        "clip_ratio/low_min": share(low).min().item() if scored.any() else nan,
+        "clip_ratio/high_max": share(high).max().item() if scored.any() else nan,
+    }
