@@ -107,7 +107,8 @@ class Case:
 def build(row: Row, inputs: Inputs, options: GRAOOptions | None = None) -> Case:
     """``row`` built on ``inputs`` with ``options`` (default: the paper's, the problem's G).
 
-    A clip row gets ``importance_level=row.clip`` and the inputs with ``old_logps``. The row
+    A clip row gets ``importance_level=row.clip`` (and its ``policy`` options) and the inputs
+    with ``old_logps``. The row
     must be runnable on the inputs' device (``row.skip_reason(device) is None``).
     """
     if inputs.path != row.path:
@@ -117,7 +118,7 @@ def build(row: Row, inputs: Inputs, options: GRAOOptions | None = None) -> Case:
     if options.group_size != g:
         raise ValueError(f"options.group_size={options.group_size} but the problem has G={g}")
     if row.clip is not None:
-        options = options.replace(importance_level=row.clip)
+        options = options.replace(importance_level=row.clip, **dict(row.policy))
         inputs = inputs.with_old_logps(options.temperature)
     return Case(row, inputs, row.build(inputs, options))
 

@@ -43,6 +43,8 @@ class Row:
     clip: str | None = (
         None  # "token"/"sequence": clipped ratio against old_logps (importance_level)
     )
+    # Other options of the ratio (a ratio policy: delta, CISPO, SAPO), as (keyword, value) pairs.
+    policy: tuple[tuple[str, object], ...] = ()
 
 
 def loss_kwargs(inputs: Inputs, options: GRAOOptions) -> dict[str, object]:
@@ -272,6 +274,20 @@ ROWS: tuple[Row, ...] = (
         for backend, skip in (("torch", _always), ("triton", _needs_cuda))
         for level, name, label in (
             ("token", "clip", "token clip"), ("sequence", "sequence", "sequence clip (2 reads)")
+        )
+    ),
+    # TRL's other ratio policies on the same old log-probs, token level (one read): the two-sided
+    # clip (delta), CISPO's capped ratio, SAPO's gate. torch_delta, ..., triton_sapo.
+    *(
+        Row(
+            f"{backend}_{name}", f"grao-fast {backend}, {label}", "logits", f"GRAO, {label}",
+            skip, _grao_backend(backend), clip="token", policy=policy,
+        )
+        for backend, skip in (("torch", _always), ("triton", _needs_cuda))
+        for name, label, policy in (
+            ("delta", "two-sided clip", (("delta", 1.5),)),
+            ("cispo", "CISPO", (("ratio_policy", "cispo"), ("ratio_cap", 5.0))),
+            ("sapo", "SAPO", (("ratio_policy", "sapo"),)),
         )
     ),
     Row(
