@@ -18,6 +18,7 @@ continues where it stopped. Writes to ``results/<study>/``: ``summary.md``, ``su
 and the plots (paper: also ``curves/``, each finished run's curves, written as it finishes).
 
     python scripts/compare.py                                   # the whole paper study
+    python scripts/compare.py --jobs 2                          # two runs at a time (2 cores)
     python scripts/compare.py --study warm --task sort --method GRAO --seed 3  # one run
     python scripts/compare.py --summarize-only                  # rebuild the outputs
 """
@@ -63,10 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of each run (default 1: one core)"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="paper: runs at a time within a stage (default 1; each on --threads threads)",
+    )  # fmt: skip
     parser.add_argument("--rerun", action="store_true", help="run again a run that has finished")
     parser.add_argument("--summarize-only", action="store_true",
                         help="only rebuild the summary from the finished runs")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     study = STUDIES.get(args.study) or PAPER_STUDIES[args.study]
     if args.method and args.study not in STUDIES:
         parser.error("--method: the paper study runs its stages in order; use --task, --seed")

@@ -192,3 +192,59 @@ def test_paper_study_tunes_then_evaluates_the_chosen_settings(compare, tmp_path)
     assert not hooks.recorded("T1", "tune", tuned, 100)
     assert hooks.select("T1")["grid"] == {}
     assert chosen["eval"]["GRAO absolute"] == Setting("GRAO absolute", 1e-3, 0.5, 0.6, "absolute")
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_paper_study_runs_jobs_at_a_time_and_finishes_each_stage_first(
+    compare, tmp_path, monkeypatch, jobs
+):
+    """``--jobs``: up to that many runs at once within a stage; a stage's runs have all
+    finished before the next stage reads the choices they make."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from study import running
+    from study.definitions import PaperStudy
+    from study.running import Setting
+
+    study = PaperStudy(tasks=("T1",), steps=2, eval_every=2, lrs=(1e-4, 1e-3), betas=(0.0,),
+                       lams=(0.6,), tune_seeds=(100, 101), seeds=(0, 1))  # fmt: skip
+    monkeypatch.setattr(running, "kept_start", lambda *a: ["--data", "d", "--model", "m"])
+    monkeypatch.setattr(running, "start_id", lambda start: "start")
+    lock, active, peak, events = threading.Lock(), [0], [0], []
+
+    def fake_run(study_, task, start, out, setting, seed, threads):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)
+        with lock:
+            active[0] -= 1
+            events.append(out.parent.name)
+
+    class Hooks:
+        starts: dict = {}
+
+        def recorded(self, *args):
+            return False
+
+        def done(self, *args):
+            pass
+
+        def select(self, task):
+            events.append("select")
+            return {"lr": dict.fromkeys(study.methods, 1e-4),
+                    "eval": {"GRPO": Setting("GRPO", 1e-4)}}  # fmt: skip
+
+        def stage_done(self):
+            events.append("stage done")
+
+    monkeypatch.setattr(running, "run_setting", fake_run)
+    args = SimpleNamespace(runs=tmp_path / "runs", out=tmp_path / "results", tasks=["T1"],
+                           seeds=[0, 1], threads=1, jobs=jobs, rerun=False)  # fmt: skip
+    running.run_paper(study, compare.TASKS, args, Hooks())
+    assert peak[0] == jobs
+    lr, grid, evals = len(study.methods) * 2 * 2, 2 * 2, 2  # settings x tuning seeds, seeds
+    assert events == (["tune"] * lr + ["stage done", "select"] + ["tune"] * grid
+                      + ["stage done", "select"] + ["eval"] * evals + ["stage done"])  # fmt: skip

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,21 +206,28 @@ def run_paper(study: PaperStudy, tasks: dict, args, hooks) -> None:
               for t in args.tasks}  # fmt: skip
     hooks.starts = {t: start_id(s) for t, s in starts.items()}
 
-    def go(task: str, stage: str, settings: list[Setting], seeds) -> None:
-        jobs = [(s, seed) for seed in seeds for s in settings]
-        for setting, seed in tqdm(jobs, desc=f"{task} {stage}", unit="run"):
-            where = "tune" if stage != "eval" else "eval"
-            out = run_dir(args.runs, task, where, setting, seed)
-            if not args.rerun and (hooks.recorded(task, where, setting, seed)
-                                   or run_done(study, out, setting)):  # fmt: skip
-                hooks.done(task, where, setting, seed, out)
-                continue
-            try:
-                run_setting(study, tasks[task], starts[task], out, setting, seed, args.threads)
-            except RuntimeError as err:  # the study goes on; the summary counts what is missing
-                print(err, file=sys.stderr, flush=True)
-                continue
+    def one(task: str, where: str, setting: Setting, seed: int) -> None:
+        out = run_dir(args.runs, task, where, setting, seed)
+        if not args.rerun and (hooks.recorded(task, where, setting, seed)
+                               or run_done(study, out, setting)):  # fmt: skip
             hooks.done(task, where, setting, seed, out)
+            return
+        try:
+            run_setting(study, tasks[task], starts[task], out, setting, seed, args.threads)
+        except RuntimeError as err:  # the study goes on; the summary counts what is missing
+            print(err, file=sys.stderr, flush=True)
+            return
+        hooks.done(task, where, setting, seed, out)
+
+    def go(task: str, stage: str, settings: list[Setting], seeds) -> None:
+        """One stage of one task: its runs, ``args.jobs`` at a time, all finished before the
+        next stage reads their results."""
+        where = "tune" if stage != "eval" else "eval"
+        jobs = [(task, where, s, seed) for seed in seeds for s in settings]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            runs = pool.map(lambda job: one(*job), jobs)
+            for _ in tqdm(runs, total=len(jobs), desc=f"{task} {stage}", unit="run"):
+                pass
         hooks.stage_done()
 
     for task in args.tasks:
