@@ -193,8 +193,8 @@ def grid_settings(study: PaperStudy, best_lr: dict[str, float]) -> list[Setting]
 
 
 def run_paper(study: PaperStudy, tasks: dict, args, hooks) -> None:
-    """Tuning (learning rates, then GRAO's grid) on the tuning seeds, then the evaluation runs,
-    tuning first for every task, every run from the task's kept warm start (:func:`kept_start`;
+    """Per task, in turn: tuning (learning rates, then GRAO's grid) on the tuning seeds, then
+    the evaluation runs; every run from the task's kept warm start (:func:`kept_start`;
     ``hooks.starts`` names it). ``hooks`` (``paper_report.Hooks``): ``select(task)`` returns
     the choices of the finished tuning runs, ``recorded(task, stage, setting, seed)`` whether a
     run's curves are already kept, ``done(task, stage, setting, seed, dir)`` is called for every
@@ -230,10 +230,8 @@ def run_paper(study: PaperStudy, tasks: dict, args, hooks) -> None:
                 pass
         hooks.stage_done()
 
-    for task in args.tasks:
+    for task in args.tasks:  # one task to its end first: its results come before the next's
         go(task, "learning rate", tuning_settings(study), study.tune_seeds)
-    for task in args.tasks:
         go(task, "grid", grid_settings(study, hooks.select(task)["lr"]), study.tune_seeds)
-    for task in args.tasks:
         chosen = hooks.select(task)["eval"]
         go(task, "eval", list(dict.fromkeys(chosen.values())), args.seeds)
