@@ -1,8 +1,11 @@
 """Settings that would be silently ignored or misread are errors naming the argument and what
 was expected, on every backend and entry point (docs/GUARANTEES.md, "Errors")."""
 
+import importlib.util
+
 import pytest
 import torch
+import torch.distributed as dist
 from backends import BACKENDS
 from test_loss import _batch
 
@@ -90,3 +93,40 @@ def test_lm_head_weight_without_rows(backend):
     with pytest.raises(ValueError, match=r"weight must have at least one row \(V = 0\)"):
         grao_loss_linear(hidden, torch.randn(0, 8), labels, torch.rand(3), group_size=G,
                          backend=backend)  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_refuses_float64_logits(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton may run here; the dtype is refused first
+    logits, labels, rewards = _data()
+    message = r"backend='triton' takes float32/bfloat16/float16 logits, got float64"
+    with pytest.raises(TypeError, match=message):
+        grao_loss(logits.double(), labels, rewards, group_size=G, backend="triton")
+    with pytest.raises(TypeError, match=message):
+        token_logprobs(logits.double(), labels, backend="triton")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_reference_backend_refuses_a_vocabulary_split(tmp_path):
+    logits, labels, rewards = _data()
+    message = (
+        "backend='reference' does not take a vocabulary split (vocab_group or a DTensor); "
+        "use 'auto', 'torch' or 'triton'"
+    )
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        split = dict(vocab_group=dist.group.WORLD)
+        with pytest.raises(ValueError) as err:
+            grao_loss(logits, labels, rewards, group_size=G, backend="reference", **split)
+        assert str(err.value) == message
+        with pytest.raises(ValueError) as err:
+            token_logprobs(logits, labels, backend="reference", **split)
+        assert str(err.value) == message
+        with pytest.raises(ValueError, match="must tile the vocabulary"):  # it reads vocab_start
+            token_logprobs(logits, labels, backend="torch", vocab_start=3, **split)
+        # the other backends take it: a group of one process is the unsplit call
+        whole = grao_loss(logits, labels, rewards, group_size=G, backend="torch")
+        one = grao_loss(logits, labels, rewards, group_size=G, backend="torch", **split)
+        torch.testing.assert_close(one.loss, whole.loss)
+    finally:
+        dist.destroy_process_group()

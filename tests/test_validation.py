@@ -100,6 +100,8 @@ def test_unchecked_out_of_range_label_is_nan_not_a_crash():
 def test_other_entry_points_validate():
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), temperature=0)
+    with pytest.raises(ValueError, match=r"labels\[0, 1\] = 3 is outside \[0, 3\)"):  # by default
+        token_logprobs(torch.randn(1, 2, 3), torch.tensor([[0, 3]]))
     with pytest.raises(ValueError, match="need group_size"):
         group_advantages(torch.randn(6))
     with pytest.raises(ValueError, match="group_size=3"):
@@ -122,3 +124,7 @@ def test_edge_cases_are_legal():
     mod = GRAOLoss(G, backend="torch")
     assert torch.isfinite(mod(logits, labels, torch.randn(N)).loss)
     assert "group_size=2" in repr(mod)
+    # every held option, by name, comma-separated, in grao_loss's keyword order
+    held = repr(GRAOLoss(G, beta=0.25, terms=("imitation",)))
+    assert held.startswith("GRAOLoss(group_size=2, beta=0.25, lam=0.6, temperature=1.0, ")
+    assert "terms=('imitation',), backend='auto', " in held
