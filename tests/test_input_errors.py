@@ -128,5 +128,8 @@ def test_reference_backend_refuses_a_vocabulary_split(tmp_path):
         whole = grao_loss(logits, labels, rewards, group_size=G, backend="torch")
         one = grao_loss(logits, labels, rewards, group_size=G, backend="torch", **split)
         torch.testing.assert_close(one.loss, whole.loss)
+        torch.testing.assert_close(
+            token_logprobs(logits, labels, backend="torch", **split), token_logprobs(logits, labels)
+        )
     finally:
         dist.destroy_process_group()

@@ -13,7 +13,7 @@ import torch
 from backends import BACKENDS, DEVICE, DTYPES
 from tolerances import assert_close
 
-from grao_fast import _torch_ops, grao_loss, token_logprobs
+from grao_fast import _torch_ops, grao_loss, reference, token_logprobs
 
 
 def _batch(b, g, t, v, dtype, *, scale=2.0, ignore_frac=0.3, seed=0):
@@ -230,6 +230,21 @@ def test_token_logprobs_strided_vocabulary_and_ignore_index(backend):
     lp = token_logprobs(logits, other, ignore_index=-1, backend=backend)
     torch.testing.assert_close(lp, want.detach(), rtol=0, atol=0)
     assert torch.equal(lp[other == -1], torch.zeros_like(lp[other == -1]))
+
+
+def test_token_logprobs_reference_backend_is_the_reference(monkeypatch):
+    logits, labels, _ = _batch(2, 1, 5, 41, torch.bfloat16, seed=10)
+    other = torch.where(labels == -100, -1, labels)
+    lp = token_logprobs(logits, other, temperature=0.8, ignore_index=-1, backend="reference")
+    want = reference.token_logprobs(logits.float(), other, temperature=0.8, ignore_index=-1)
+    assert lp.dtype == torch.float32 and torch.equal(lp, want)  # in float32, not bfloat16
+
+    def materialised(*args, **kw):
+        raise AssertionError("the fused backends do not run the reference's log-softmax")
+
+    monkeypatch.setattr(reference, "token_logprobs", materialised)
+    assert_close(token_logprobs(logits, other, temperature=0.8, ignore_index=-1, backend="torch"),
+                 want, torch.bfloat16, "value")  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the argument; legal edge cases are not errors."""
 
+import math
+
 import pytest
 import torch
 
@@ -95,6 +97,8 @@ def test_unchecked_out_of_range_label_is_nan_not_a_crash():
     labels[2, 1] = V + 1000
     out = _call(labels=labels, check_labels=False)
     assert torch.isnan(out.loss)
+    lp = token_logprobs(torch.randn(N, T, V), labels, check_labels=False)
+    assert torch.isnan(lp[2, 1]) and torch.isfinite(lp[:2]).all()
 
 
 def test_other_entry_points_validate():
@@ -102,10 +106,20 @@ def test_other_entry_points_validate():
         token_logprobs(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), temperature=0)
     with pytest.raises(ValueError, match=r"labels\[0, 1\] = 3 is outside \[0, 3\)"):  # by default
         token_logprobs(torch.randn(1, 2, 3), torch.tensor([[0, 3]]))
-    with pytest.raises(ValueError, match="need group_size"):
-        group_advantages(torch.randn(6))
-    with pytest.raises(ValueError, match="group_size=3"):
-        group_advantages(torch.randn(2, 3), group_size=3)
+    for rewards, over, exc, message in [
+        ([0.0, 1.0], {}, TypeError, "rewards must be a torch.Tensor, got list"),
+        (torch.randn(6), {}, ValueError, "rewards of shape [N] need group_size"),
+        (torch.randn(2, 1), {}, ValueError, "rewards [B, G+1] needs G >= 1, got shape (2, 1)"),
+        (torch.randn(2, 3), {"group_size": 3}, ValueError,
+         "rewards has G+1=3 columns but group_size=3"),
+        (torch.randn(1, 2, 3), {}, ValueError,
+         "rewards must be [B, G+1] or [N], got shape (1, 2, 3)"),
+        (torch.tensor([[0.0, math.nan, 1.0]]), {}, ValueError,
+         "rewards must be finite; row 1 (group 0) is nan"),
+    ]:  # fmt: skip
+        with pytest.raises(exc) as err:
+            group_advantages(rewards, **over)
+        assert str(err.value) == message
     with pytest.raises(ValueError, match="unknown term"):
         GRAOLoss(2, terms=("nope",))
     with pytest.raises(ValueError, match="backend"):
@@ -118,6 +132,7 @@ def test_edge_cases_are_legal():
     rewards = torch.ones(N)  # every group flat
     out = _call(labels=labels, rewards=rewards)
     assert out.loss.item() == 0.0
+    assert out.entropy is None  # reported only with return_entropy=True
     assert torch.equal(out.advantages, torch.zeros(2, 3))
     single = grao_loss(logits[:3], labels[:3], torch.randn(3), group_size=2, backend="torch")
     assert torch.isfinite(single.loss)
