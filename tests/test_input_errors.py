@@ -122,8 +122,10 @@ def test_reference_backend_refuses_a_vocabulary_split(tmp_path):
         with pytest.raises(ValueError) as err:
             token_logprobs(logits, labels, backend="reference", **split)
         assert str(err.value) == message
-        with pytest.raises(ValueError, match="must tile the vocabulary"):  # it reads vocab_start
+        with pytest.raises(ValueError, match="must tile the vocabulary"):  # vocab_start is read
             token_logprobs(logits, labels, backend="torch", vocab_start=3, **split)
+        with pytest.raises(ValueError, match="must tile the vocabulary"):
+            grao_loss(logits, labels, rewards, group_size=G, vocab_start=3, **split)
         # the other backends take it: a group of one process is the unsplit call
         whole = grao_loss(logits, labels, rewards, group_size=G, backend="torch")
         one = grao_loss(logits, labels, rewards, group_size=G, backend="torch", **split)
