@@ -213,17 +213,22 @@ def test_token_logprobs(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_strided_vocabulary_and_ignore_index(backend):
     logits, labels, _ = _batch(2, 1, 5, 41, torch.float32, seed=9)
-    wide = torch.stack([logits, -logits], dim=-1).flatten(-2).requires_grad_()
-    strided = wide[..., ::2]  # the same logits, 2 elements apart along the vocabulary
-    assert strided.stride(-1) == 2 and torch.equal(strided, logits)
     x = logits.clone().requires_grad_()
     w = torch.randn(labels.shape, device=DEVICE)
     want = token_logprobs(x, labels, backend=backend)
-    got = token_logprobs(strided, labels, backend=backend)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
     (want * w).sum().backward()
-    (got * w).sum().backward()
-    torch.testing.assert_close(wide.grad[..., ::2], x.grad, rtol=0, atol=0)
+    # the same logits 2 elements apart along the vocabulary, and transposed (stride(1) == 1)
+    wide = torch.stack([logits, -logits], dim=-1).flatten(-2).requires_grad_()
+    rows = logits.transpose(1, 2).contiguous().requires_grad_()
+    for base, strided, grad_of in [
+        (wide, wide[..., ::2], lambda g: g[..., ::2]),
+        (rows, rows.transpose(1, 2), lambda g: g.transpose(1, 2)),
+    ]:
+        assert strided.stride(-1) != 1 and torch.equal(strided, logits)
+        got = token_logprobs(strided, labels, backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (got * w).sum().backward()
+        torch.testing.assert_close(grad_of(base.grad), x.grad, rtol=0, atol=0)
     assert torch.equal(wide.grad[..., 1::2], torch.zeros_like(x.grad))
     # another ignore_index: its positions are 0, the others unchanged
     other = torch.where(labels == -100, -1, labels)
