@@ -65,12 +65,30 @@ def test_non_finite_old_logps_on_a_loss_token(backend, bad):
 def test_inplace_on_a_leaf_that_requires_grad(backend):
     logits, labels, rewards = _data()
     leaf = logits.clone().requires_grad_()
-    with pytest.raises(ValueError, match=r"inplace=True would overwrite logits, a leaf tensor"):
+    with pytest.raises(ValueError) as err:
         grao_loss(leaf, labels, rewards, group_size=G, backend=backend, inplace=True)
+    assert str(err.value) == (
+        "inplace=True would overwrite logits, a leaf tensor that requires grad (PyTorch refuses "
+        "in-place writes to such a leaf); pass the model's output (a non-leaf) or inplace=False"
+    )
     assert torch.equal(leaf.detach(), logits)  # untouched
     x = leaf * 1.0  # a model's output: not a leaf
     grao_loss(x, labels, rewards, group_size=G, backend=backend, inplace=True).loss.backward()
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_inplace_needs_a_unit_vocabulary_stride(backend):
+    logits, labels, rewards = _data()
+    strided = torch.stack([logits, -logits], dim=-1).flatten(-2)[..., ::2]
+    assert strided.stride(-1) == 2 and torch.equal(strided, logits)
+    with pytest.raises(ValueError) as err:
+        grao_loss(strided, labels, rewards, group_size=G, backend=backend, inplace=True)
+    assert str(err.value) == "inplace=True needs logits with a unit stride along the vocabulary"
+    # out of place it is read as the same logits
+    want = grao_loss(logits, labels, rewards, group_size=G, backend=backend)
+    got = grao_loss(strided, labels, rewards, group_size=G, backend=backend)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ALL)
