@@ -237,12 +237,15 @@ def test_token_logprobs_strided_vocabulary_and_ignore_index(backend):
     assert torch.equal(lp[other == -1], torch.zeros_like(lp[other == -1]))
 
 
-def test_token_logprobs_reference_backend_is_the_reference(monkeypatch):
-    logits, labels, _ = _batch(2, 1, 5, 41, torch.bfloat16, seed=10)
+def test_reference_backend_is_the_reference_in_float32(monkeypatch):
+    logits, labels, rewards = _batch(2, 1, 5, 41, torch.bfloat16, seed=10)
+    out = grao_loss(logits, labels, rewards, group_size=1, backend="reference")
+    want = grao_loss(logits.float(), labels, rewards, group_size=1, backend="reference")
+    assert out.loss.dtype == torch.float32 and torch.equal(out.loss, want.loss)  # not bfloat16
     other = torch.where(labels == -100, -1, labels)
     lp = token_logprobs(logits, other, temperature=0.8, ignore_index=-1, backend="reference")
     want = reference.token_logprobs(logits.float(), other, temperature=0.8, ignore_index=-1)
-    assert lp.dtype == torch.float32 and torch.equal(lp, want)  # in float32, not bfloat16
+    assert lp.dtype == torch.float32 and torch.equal(lp, want)
 
     def materialised(*args, **kw):
         raise AssertionError("the fused backends do not run the reference's log-softmax")
