@@ -247,12 +247,19 @@ def test_reference_backend_is_the_reference_in_float32(monkeypatch):
     want = reference.token_logprobs(logits.float(), other, temperature=0.8, ignore_index=-1)
     assert lp.dtype == torch.float32 and torch.equal(lp, want)
 
-    def materialised(*args, **kw):
-        raise AssertionError("the fused backends do not run the reference's log-softmax")
+    calls = []
+    spec = reference.token_logprobs
 
-    monkeypatch.setattr(reference, "token_logprobs", materialised)
-    assert_close(token_logprobs(logits, other, temperature=0.8, ignore_index=-1, backend="torch"),
-                 want, torch.bfloat16, "value")  # fmt: skip
+    def spy(*args, **kw):
+        calls.append(kw)
+        return spec(*args, **kw)
+
+    monkeypatch.setattr(reference, "token_logprobs", spy)
+    token_logprobs(logits, other, ignore_index=-1, backend="reference")
+    assert calls == [{"temperature": 1.0, "ignore_index": -1}]  # the reference runs the spec
+    lp = token_logprobs(logits, other, temperature=0.8, ignore_index=-1, backend="torch")
+    assert len(calls) == 1  # the fused backends never materialise the log-softmax
+    assert_close(lp, want, torch.bfloat16, "value")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
