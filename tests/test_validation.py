@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grao_fast import GRAOLoss, grao_loss, group_advantages, token_logprobs
+from grao_fast import GRAOLoss, GRAOOptions, grao_loss, group_advantages, token_logprobs
 
 N, T, V, G = 6, 4, 9, 2
 
@@ -143,3 +143,35 @@ def test_edge_cases_are_legal():
     held = repr(GRAOLoss(G, beta=0.25, terms=("imitation",)))
     assert held.startswith("GRAOLoss(group_size=2, beta=0.25, lam=0.6, temperature=1.0, ")
     assert "terms=('imitation',), backend='auto', " in held
+
+
+def test_options_are_normalised_once():
+    """Numbers become floats and pairs tuples, so equal options are equal, hash and print alike."""
+    clip = GRAOOptions(G, delta=2, clip_eps=(0.1, 1))
+    cispo = GRAOOptions(G, ratio_policy="cispo", ratio_cap=3)
+    sapo = GRAOOptions(G, ratio_policy="sapo", sapo_tau=[1, 2])
+    for value, want in [
+        (clip.delta, 2.0), (clip.clip_eps, (0.1, 1.0)), (cispo.ratio_cap, 3.0),
+        (sapo.sapo_tau, (1.0, 2.0)),
+    ]:  # fmt: skip
+        assert value == want and repr(value) == repr(want)
+    assert hash(sapo) == hash(GRAOOptions(G, ratio_policy="sapo", sapo_tau=(1.0, 2.0)))
+    assert GRAOOptions(G, delta=1.2).delta == 1.2  # the bound 1 + clip_eps[1] itself is legal
+
+
+@pytest.mark.parametrize(
+    ("over", "exc", "message"),
+    [
+        ({"delta": "2"}, TypeError, "delta must be a real number, got str"),
+        ({"delta": 1.1}, ValueError, "delta must be >= 1 + clip_eps[1] = 1.2, got 1.1"),
+        ({"delta": 2.0, "ratio_policy": "sapo"}, ValueError,
+         'delta (the two-sided clip) applies only with ratio_policy="clip" and '
+         "importance_level=\"token\", got 'sapo', 'token'"),
+        ({"ratio_cap": "3", "ratio_policy": "cispo"}, TypeError,
+         "ratio_cap must be a real number, got str"),
+    ],
+)  # fmt: skip
+def test_option_errors_word_for_word(over, exc, message):
+    with pytest.raises(exc) as err:
+        GRAOOptions(G, **over)
+    assert str(err.value) == message
