@@ -169,6 +169,14 @@ def test_options_are_normalised_once():
          "importance_level=\"token\", got 'sapo', 'token'"),
         ({"ratio_cap": "3", "ratio_policy": "cispo"}, TypeError,
          "ratio_cap must be a real number, got str"),
+        ({"ratio_policy": "cispo"}, ValueError,
+         'ratio_policy="cispo" needs ratio_cap (the cap of the ratio, > 0)'),
+        ({"ratio_policy": "sapo", "sapo_tau": (1.0, 1.0, 1.0)}, TypeError,
+         "sapo_tau must be a pair (positive, negative), got (1.0, 1.0, 1.0)"),
+        ({"ratio_policy": "sapo", "sapo_tau": ("1", 1.0)}, TypeError,
+         "sapo_tau[0] must be a real number, got str"),
+        ({"ratio_policy": "sapo", "sapo_tau": (1.0, "1")}, TypeError,
+         "sapo_tau[1] must be a real number, got str"),
     ],
 )  # fmt: skip
 def test_option_errors_word_for_word(over, exc, message):
