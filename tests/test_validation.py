@@ -157,6 +157,7 @@ def test_options_are_normalised_once():
         assert value == want and repr(value) == repr(want)
     assert hash(sapo) == hash(GRAOOptions(G, ratio_policy="sapo", sapo_tau=(1.0, 2.0)))
     assert GRAOOptions(G, delta=1.2).delta == 1.2  # the bound 1 + clip_eps[1] itself is legal
+    assert GRAOOptions(G, ratio_policy="sapo", sapo_tau=(2, 0.5)).sapo_tau == (2.0, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -177,6 +178,11 @@ def test_options_are_normalised_once():
          "sapo_tau[0] must be a real number, got str"),
         ({"ratio_policy": "sapo", "sapo_tau": (1.0, "1")}, TypeError,
          "sapo_tau[1] must be a real number, got str"),
+        ({"ratio_policy": "sapo", "sapo_tau": (0.0, 1.0)}, ValueError,
+         "sapo_tau must be > 0, got (0.0, 1.0)"),
+        ({"ratio_policy": "sapo", "sapo_tau": (1.0, 0.0)}, ValueError,
+         "sapo_tau must be > 0, got (1.0, 0.0)"),
+        ({"terms": 5}, TypeError, "terms must be a sequence of term names, got 5"),
     ],
 )  # fmt: skip
 def test_option_errors_word_for_word(over, exc, message):
