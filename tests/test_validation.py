@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the argument; legal edge cases are not errors."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -158,6 +159,8 @@ def test_options_are_normalised_once():
     assert hash(sapo) == hash(GRAOOptions(G, ratio_policy="sapo", sapo_tau=(1.0, 2.0)))
     assert GRAOOptions(G, delta=1.2).delta == 1.2  # the bound 1 + clip_eps[1] itself is legal
     assert GRAOOptions(G, ratio_policy="sapo", sapo_tau=(2, 0.5)).sapo_tau == (2.0, 0.5)
+    assert GRAOOptions(G, is_cap=0.5).is_cap == 0.5
+    assert GRAOOptions(G, beta=sys.float_info.max).beta == sys.float_info.max  # finite
 
 
 @pytest.mark.parametrize(
@@ -183,6 +186,9 @@ def test_options_are_normalised_once():
         ({"ratio_policy": "sapo", "sapo_tau": (1.0, 0.0)}, ValueError,
          "sapo_tau must be > 0, got (1.0, 0.0)"),
         ({"terms": 5}, TypeError, "terms must be a sequence of term names, got 5"),
+        ({"group_size": 2.0}, TypeError, "group_size must be an int, got float"),
+        ({"is_cap": True}, ValueError, "is_cap must be > 0 or None, got True"),
+        ({"is_cap": "2"}, ValueError, "is_cap must be > 0 or None, got '2'"),
     ],
 )  # fmt: skip
 def test_option_errors_word_for_word(over, exc, message):
