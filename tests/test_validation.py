@@ -193,5 +193,5 @@ def test_options_are_normalised_once():
 )  # fmt: skip
 def test_option_errors_word_for_word(over, exc, message):
     with pytest.raises(exc) as err:
-        GRAOOptions(G, **over)
+        GRAOOptions(**{"group_size": G, **over})
     assert str(err.value) == message
