@@ -160,6 +160,7 @@ def test_options_are_normalised_once():
     assert GRAOOptions(G, delta=1.2).delta == 1.2  # the bound 1 + clip_eps[1] itself is legal
     assert GRAOOptions(G, ratio_policy="sapo", sapo_tau=(2, 0.5)).sapo_tau == (2.0, 0.5)
     assert GRAOOptions(G, is_cap=0.5).is_cap == 0.5
+    assert GRAOOptions(G, length_norm="constant", max_tokens=1).max_tokens == 1
     assert GRAOOptions(G, beta=sys.float_info.max).beta == sys.float_info.max  # finite
 
 
@@ -189,6 +190,12 @@ def test_options_are_normalised_once():
         ({"group_size": 2.0}, TypeError, "group_size must be an int, got float"),
         ({"is_cap": True}, ValueError, "is_cap must be > 0 or None, got True"),
         ({"is_cap": "2"}, ValueError, "is_cap must be > 0 or None, got '2'"),
+        ({"ignore_index": True}, TypeError, "ignore_index must be an int, got bool"),
+        ({"ignore_index": -1.0}, TypeError, "ignore_index must be an int, got float"),
+        ({"max_tokens": True, "length_norm": "constant"}, ValueError,
+         "max_tokens must be a positive int or None, got True"),
+        ({"clip_eps": ("0.1", 0.2)}, TypeError, "clip_eps[0] must be a real number, got str"),
+        ({"clip_eps": (0.1, "0.2")}, TypeError, "clip_eps[1] must be a real number, got str"),
     ],
 )  # fmt: skip
 def test_option_errors_word_for_word(over, exc, message):
