@@ -161,6 +161,7 @@ def test_options_are_normalised_once():
     assert GRAOOptions(G, ratio_policy="sapo", sapo_tau=(2, 0.5)).sapo_tau == (2.0, 0.5)
     assert GRAOOptions(G, is_cap=0.5).is_cap == 0.5
     assert GRAOOptions(G, length_norm="constant", max_tokens=1).max_tokens == 1
+    assert GRAOOptions(G, clip_eps=(0.2, 0)).clip_eps == (0.2, 0.0)  # no clip above
     assert GRAOOptions(G, beta=sys.float_info.max).beta == sys.float_info.max  # finite
 
 
@@ -196,6 +197,10 @@ def test_options_are_normalised_once():
          "max_tokens must be a positive int or None, got True"),
         ({"clip_eps": ("0.1", 0.2)}, TypeError, "clip_eps[0] must be a real number, got str"),
         ({"clip_eps": (0.1, "0.2")}, TypeError, "clip_eps[1] must be a real number, got str"),
+        ({"clip_eps": (0.0, 0.2)}, ValueError, "clip_eps: the low side must be in (0, 1), got 0.0"),
+        ({"kl_bias_correction": True}, ValueError,
+         "kl_bias_correction (the ratio-weighted k3 KL) needs kl_coef > 0 and "
+         "importance_level=\"token\", got kl_coef=0.0, importance_level='token'"),
     ],
 )  # fmt: skip
 def test_option_errors_word_for_word(over, exc, message):
