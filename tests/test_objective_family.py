@@ -211,10 +211,12 @@ def _pack(logits, labels, *tokens, keep):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "kw", [{}, {"length_norm": "constant"}, {"length_norm": "token", "entropy_coef": 0.1},
+    "kw", [{}, {"length_norm": "constant"}, {"length_norm": "constant", "max_tokens": 8},
+           {"length_norm": "token", "entropy_coef": 0.1},
            {"importance_level": "sequence"}, {"clip_eps": 0.1}, {"clip_eps": 0.1, "delta": 1.2},
            {"ratio_policy": "cispo", "ratio_cap": 1.1}, {"ratio_policy": "sapo"}],
-    ids=["plain", "constant", "token+entropy", "gspo", "clip", "delta", "cispo", "sapo"],
+    ids=["plain", "constant", "constant-8", "token+entropy", "gspo", "clip", "delta", "cispo",
+         "sapo"],
 )  # fmt: skip
 def test_packed_rows_equal_padded(backend, kw):
     t = 6
@@ -232,7 +234,7 @@ def test_packed_rows_equal_padded(backend, kw):
     p_logits, p_labels, (p_old,), cu = _pack(logits, labels, old, keep=keep)
     y = p_logits.clone().requires_grad_()
     extra = {"old_logps": p_old} if old is not None else {}
-    kw = {**kw, "max_tokens": t} if kw.get("length_norm") == "constant" else kw
+    # "constant" without max_tokens: T of the padded layout, the longest packed row (keep[0])
     packed = grao_loss(y, p_labels, rewards, group_size=G, backend=backend, cu_seqlens=cu,
                        **kw, **extra, return_entropy=True)  # fmt: skip
     packed.loss.backward()
@@ -350,3 +352,23 @@ def test_bad_cu_seqlens(cu, match):
     cu = torch.tensor(cu)
     with pytest.raises(ValueError, match=match):
         grao_loss(logits, labels, torch.rand(3), group_size=G, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize(
+    ("cu", "exc", "message"),
+    [
+        ([0, 3, 6, 9], TypeError, "cu_seqlens must be a torch.Tensor, got list"),
+        (torch.tensor([[0, 3], [6, 9]]), ValueError, "got torch.int64 of shape (2, 2)"),
+        (torch.tensor([0.0, 3.0, 6.0, 9.0]), ValueError, "got torch.float32 of shape (4,)"),
+        (torch.tensor([0]), ValueError, "got torch.int64 of shape (1,)"),
+        (torch.tensor([0, 9]), ValueError,
+         "cu_seqlens holds N=1 rows, not a multiple of group_size + 1 = 3"),
+    ],
+)  # fmt: skip
+def test_bad_cu_seqlens_word_for_word(cu, exc, message):
+    logits, labels = torch.randn(9, 11), torch.randint(0, 11, (9,))
+    with pytest.raises(exc) as err:
+        grao_loss(logits, labels, torch.rand(3), group_size=G, cu_seqlens=cu)
+    if message.startswith("got"):
+        message = "cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, " + message
+    assert str(err.value) == message
