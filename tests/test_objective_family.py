@@ -363,6 +363,12 @@ def test_bad_cu_seqlens(cu, match):
         (torch.tensor([0]), ValueError, "got torch.int64 of shape (1,)"),
         (torch.tensor([0, 9]), ValueError,
          "cu_seqlens holds N=1 rows, not a multiple of group_size + 1 = 3"),
+        (torch.tensor([0, 3, 6, 9], device="meta"), ValueError,
+         "cu_seqlens is on meta but the logits are on cpu"),
+        (torch.tensor([1, 5, 7, 9]), ValueError, "cu_seqlens must start at 0, got 1"),
+        (torch.tensor([0, 6, 4, 9]), ValueError, "cu_seqlens must be non-decreasing"),
+        (torch.tensor([0, 4, 8, 10]), ValueError,
+         "cu_seqlens must end at M = 9 (the tokens), got 10"),
     ],
 )  # fmt: skip
 def test_bad_cu_seqlens_word_for_word(cu, exc, message):
@@ -372,3 +378,19 @@ def test_bad_cu_seqlens_word_for_word(cu, exc, message):
     if message.startswith("got"):
         message = "cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, " + message
     assert str(err.value) == message
+
+
+def test_unchecked_cu_seqlens_are_clamped_never_read_out_of_bounds():
+    logits, labels = torch.randn(9, 11), torch.randint(0, 11, (9,))
+
+    def loss(cu, **kw):
+        cu = torch.tensor(cu)
+        return grao_loss(logits, labels, torch.rand(3, generator=torch.Generator().manual_seed(0)),
+                         group_size=G, backend="torch", cu_seqlens=cu, **kw).loss  # fmt: skip
+
+    # without the checks, boundaries outside [0, M] are read as clamped to it
+    assert torch.equal(loss([-2, 4, 8, 12], check_labels=False), loss([0, 4, 8, 9]))
+    assert torch.equal(loss([0, 3, 3, 12], check_labels=False), loss([0, 3, 3, 9]))
+    # tokens past the last boundary belong to the last row; a decreasing boundary is read as is
+    assert torch.isfinite(loss([0, 3, 6, 7], check_labels=False))
+    assert torch.isfinite(loss([0, 6, 4, 9], check_labels=False))
