@@ -384,9 +384,10 @@ def test_unchecked_cu_seqlens_are_clamped_never_read_out_of_bounds():
     logits, labels = torch.randn(9, 11), torch.randint(0, 11, (9,))
 
     def loss(cu, **kw):
-        cu = torch.tensor(cu)
-        return grao_loss(logits, labels, torch.rand(3, generator=torch.Generator().manual_seed(0)),
-                         group_size=G, backend="torch", cu_seqlens=cu, **kw).loss  # fmt: skip
+        x, cu = logits.clone().requires_grad_(), torch.tensor(cu)  # with the gradient pass
+        rewards = torch.rand(3, generator=torch.Generator().manual_seed(0))
+        out = grao_loss(x, labels, rewards, group_size=G, backend="torch", cu_seqlens=cu, **kw)
+        return out.loss.detach()
 
     # without the checks, boundaries outside [0, M] are read as clamped to it
     assert torch.equal(loss([-2, 4, 8, 12], check_labels=False), loss([0, 4, 8, 9]))
@@ -394,3 +395,21 @@ def test_unchecked_cu_seqlens_are_clamped_never_read_out_of_bounds():
     # tokens past the last boundary belong to the last row; a decreasing boundary is read as is
     assert torch.isfinite(loss([0, 3, 6, 7], check_labels=False))
     assert torch.isfinite(loss([0, 6, 4, 9], check_labels=False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_rows_whose_first_tokens_are_loss_tokens(backend):
+    """No prompt position: each row's first token is a loss token of its own row."""
+    logits, _, rewards = _batch(1, G, 3, 11, torch.float32, seed=12)
+    labels = torch.randint(0, 11, (G + 1, 3), generator=torch.Generator().manual_seed(13))
+    labels = labels.to(DEVICE)
+    x = logits.clone().requires_grad_()
+    padded = grao_loss(x, labels, rewards, group_size=G, backend=backend)
+    padded.loss.backward()
+    y = logits.reshape(-1, 11).clone().requires_grad_()
+    cu = torch.arange(0, 3 * (G + 1) + 1, 3, device=DEVICE)  # rows of 3 tokens
+    packed = grao_loss(y, labels.reshape(-1), rewards, group_size=G, backend=backend,
+                       cu_seqlens=cu)  # fmt: skip
+    packed.loss.backward()
+    assert_close(packed.loss, padded.loss, torch.float32, "value")
+    assert_close(y.grad, x.grad.reshape(-1, 11), torch.float32, "grad")
