@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Mutation testing of the loss core and the wiring, on demand (not part of the test run):
 #
-#   bash scripts/mutation.sh [GROUP ...]     GROUP: core loop trl, or a module of grao_fast/
-#                                            such as reference (default: core)
+#   bash scripts/mutation.sh [GROUP ...] [-- MUTANT ...]
 #
+# GROUP: core loop trl, or a module of grao_fast/ such as reference (default: core); each runs
+# only its own tests. Mutants that have a result are skipped (an interrupted run resumes);
+# MUTANT: mutmut names or patterns, run (again) against the groups' tests.
 # core   grao_fast/*.py (the loss library: reference, options, validation, plan, torch ops,
-#        linear, loss, ops)
-# loop   grao_fast/train/loop.py and step.py (the training loop's wiring)
-# trl    grao_fast/integrations/trl.py (GRAOTrainer)
+#        linear, loss, ops), against the loss tests
+# loop   grao_fast/train/loop.py and step.py (the training loop's wiring), against
+#        test_train_wiring
+# trl    grao_fast/integrations/trl.py (GRAOTrainer), against test_trl
 #
 # mutmut (the [dev] extra) copies the package into mutants/, records which of the selected
 # tests (pyproject.toml, [tool.mutmut]) execute each function, then runs every mutant of the
-# chosen groups against the tests that reach it. The score and each surviving mutant go in
-# docs/MUTATION.md, killed by a new test or explained there as equivalent.
+# chosen groups against those of its group's tests that reach it, fastest first
+# (scripts/mutmut_focus.py). The score and each surviving mutant go in docs/MUTATION.md,
+# killed by a new test or explained there as equivalent.
 # Afterwards: `mutmut results` lists the survivors, `mutmut show NAME` prints one.
-# CPU-heavy: about 20 minutes for `core` on two idle cores.
+# MUTATION_JOBS: mutants run at once (default 1). CPU-heavy: see docs/MUTATION.md, "Cost".
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -22,21 +26,40 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     exit 0
 fi
 cd "$(dirname "$0")/.."
-MUTMUT="${MUTMUT:-$(dirname "$(command -v python)")/mutmut}"
-[[ -x "$MUTMUT" ]] || MUTMUT=.venv/bin/mutmut
+PYTHON="${PYTHON:-$(command -v python || true)}"
+"${PYTHON:-false}" -c "import mutmut" 2>/dev/null || PYTHON=.venv/bin/python
+MUTMUT="$(dirname "$PYTHON")/mutmut"
+core_tests=(reference loss objective_family linear validation hardening input_errors chunking)
+groups=()
+names=()
+while (($#)); do
+    if [[ "$1" == "--" ]]; then shift; names=("$@"); break; fi
+    groups+=("$1"); shift
+done
+((${#groups[@]})) || groups=(core)
 patterns=()
-for group in "${@:-core}"; do
+tests=()
+for group in "${groups[@]}"; do
     case "$group" in
         core) for m in reference options _validation _plan _torch_ops _ops linear loss; do
                   patterns+=("grao_fast.$m.*")
-              done ;;
-        loop) patterns+=("grao_fast.train.loop.*" "grao_fast.train.step.*") ;;
-        trl) patterns+=("grao_fast.integrations.trl.*") ;;
+              done
+              tests+=("${core_tests[@]/#/tests/test_}") ;;
+        loop) patterns+=("grao_fast.train.loop.*" "grao_fast.train.step.*")
+              tests+=(tests/test_train_wiring) ;;
+        trl) patterns+=("grao_fast.integrations.trl.*"); tests+=(tests/test_trl) ;;
         *) [[ -f "grao_fast/$group.py" ]] || {
                echo "unknown group '$group' (expected: core loop trl or a module)" >&2; exit 2; }
-           patterns+=("grao_fast.$group.*") ;;
+           patterns+=("grao_fast.$group.*")
+           tests+=("${core_tests[@]/#/tests/test_}") ;;
     esac
 done
+pending=(--pending)  # a group's mutants that have a result are not run again
+if ((${#names[@]})); then
+    patterns=("${names[@]}") pending=()  # just these mutants (again), with the groups' tests
+fi
+selection="$(printf '%s.py,' "${tests[@]}")"
 unset TRITON_INTERPRET  # the Triton tests under the interpreter would take hours here
-"$MUTMUT" run "${patterns[@]}"
+"$PYTHON" scripts/mutmut_focus.py "${pending[@]}" --max-children "${MUTATION_JOBS:-1}" \
+    "$selection" "${patterns[@]}"
 "$MUTMUT" results

@@ -216,7 +216,8 @@ def check_bash(where: str, args: list[str]) -> None:
             assert arg in stages or arg in ("-h", "--help"), f"{where}: no stage {arg!r}"
     elif script.name == "mutation.sh":  # groups of its `case`, or a module of grao_fast/
         groups = re.findall(r"^ +(\w+)\)", script.read_text(), re.M)
-        for arg in args[1:]:
+        end = args.index("--") if "--" in args else len(args)  # then mutant names
+        for arg in args[1:end]:
             known = arg in groups or (ROOT / "grao_fast" / f"{arg}.py").is_file()
             assert known or arg in ("-h", "--help"), f"{where}: no mutation group {arg!r}"
     else:

@@ -38,6 +38,18 @@ def _inputs(n_groups, t, v=13, h=8):
     return logits, labels, torch.rand(n_groups, G + 1), hidden
 
 
+def test_may_overlap_layouts():
+    """The memory check behind inplace: strides sorted, each beyond the extent of the smaller."""
+    from grao_fast._validation import may_overlap
+
+    flat = torch.zeros(32)
+    assert not may_overlap(flat[:24].view(2, 3, 4))
+    assert may_overlap(flat.as_strided((2, 2, 2), (1, 2, 3)))  # offset 3 twice: (1,1,0), (0,0,1)
+    assert may_overlap(torch.zeros(3, 1, 5).expand(3, 2, 5))  # a stride-0 dimension of 2
+    # a dimension of size 1 has no extent, whatever its stride
+    assert not may_overlap(flat.as_strided((4, 5, 1), (5, 1, 2)))
+
+
 @pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "automatic"])
 @pytest.mark.parametrize("target", ["sliced", "contiguous", "linear", "token_logprobs"])
 def test_compile_changing_shapes_bounded_recompiles(target, dynamic):

@@ -1,8 +1,11 @@
 """Settings that would be silently ignored or misread are errors naming the argument and what
 was expected, on every backend and entry point (docs/GUARANTEES.md, "Errors")."""
 
+import importlib.util
+
 import pytest
 import torch
+import torch.distributed as dist
 from backends import BACKENDS
 from test_loss import _batch
 
@@ -62,12 +65,30 @@ def test_non_finite_old_logps_on_a_loss_token(backend, bad):
 def test_inplace_on_a_leaf_that_requires_grad(backend):
     logits, labels, rewards = _data()
     leaf = logits.clone().requires_grad_()
-    with pytest.raises(ValueError, match=r"inplace=True would overwrite logits, a leaf tensor"):
+    with pytest.raises(ValueError) as err:
         grao_loss(leaf, labels, rewards, group_size=G, backend=backend, inplace=True)
+    assert str(err.value) == (
+        "inplace=True would overwrite logits, a leaf tensor that requires grad (PyTorch refuses "
+        "in-place writes to such a leaf); pass the model's output (a non-leaf) or inplace=False"
+    )
     assert torch.equal(leaf.detach(), logits)  # untouched
     x = leaf * 1.0  # a model's output: not a leaf
     grao_loss(x, labels, rewards, group_size=G, backend=backend, inplace=True).loss.backward()
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_inplace_needs_a_unit_vocabulary_stride(backend):
+    logits, labels, rewards = _data()
+    strided = torch.stack([logits, -logits], dim=-1).flatten(-2)[..., ::2]
+    assert strided.stride(-1) == 2 and torch.equal(strided, logits)
+    with pytest.raises(ValueError) as err:
+        grao_loss(strided, labels, rewards, group_size=G, backend=backend, inplace=True)
+    assert str(err.value) == "inplace=True needs logits with a unit stride along the vocabulary"
+    # out of place it is read as the same logits
+    want = grao_loss(logits, labels, rewards, group_size=G, backend=backend)
+    got = grao_loss(strided, labels, rewards, group_size=G, backend=backend)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -90,3 +111,45 @@ def test_lm_head_weight_without_rows(backend):
     with pytest.raises(ValueError, match=r"weight must have at least one row \(V = 0\)"):
         grao_loss_linear(hidden, torch.randn(0, 8), labels, torch.rand(3), group_size=G,
                          backend=backend)  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_refuses_float64_logits(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton may run here; the dtype is refused first
+    logits, labels, rewards = _data()
+    message = r"backend='triton' takes float32/bfloat16/float16 logits, got float64"
+    with pytest.raises(TypeError, match=message):
+        grao_loss(logits.double(), labels, rewards, group_size=G, backend="triton")
+    with pytest.raises(TypeError, match=message):
+        token_logprobs(logits.double(), labels, backend="triton")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_reference_backend_refuses_a_vocabulary_split(tmp_path):
+    logits, labels, rewards = _data()
+    message = (
+        "backend='reference' does not take a vocabulary split (vocab_group or a DTensor); "
+        "use 'auto', 'torch' or 'triton'"
+    )
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        split = dict(vocab_group=dist.group.WORLD)
+        with pytest.raises(ValueError) as err:
+            grao_loss(logits, labels, rewards, group_size=G, backend="reference", **split)
+        assert str(err.value) == message
+        with pytest.raises(ValueError) as err:
+            token_logprobs(logits, labels, backend="reference", **split)
+        assert str(err.value) == message
+        with pytest.raises(ValueError, match="must tile the vocabulary"):  # vocab_start is read
+            token_logprobs(logits, labels, backend="torch", vocab_start=3, **split)
+        with pytest.raises(ValueError, match="must tile the vocabulary"):
+            grao_loss(logits, labels, rewards, group_size=G, vocab_start=3, **split)
+        # the other backends take it: a group of one process is the unsplit call
+        whole = grao_loss(logits, labels, rewards, group_size=G, backend="torch")
+        one = grao_loss(logits, labels, rewards, group_size=G, backend="torch", **split)
+        torch.testing.assert_close(one.loss, whole.loss)
+        torch.testing.assert_close(
+            token_logprobs(logits, labels, backend="torch", **split), token_logprobs(logits, labels)
+        )
+    finally:
+        dist.destroy_process_group()

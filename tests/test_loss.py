@@ -13,7 +13,7 @@ import torch
 from backends import BACKENDS, DEVICE, DTYPES
 from tolerances import assert_close
 
-from grao_fast import _torch_ops, grao_loss, token_logprobs
+from grao_fast import _torch_ops, grao_loss, reference, token_logprobs
 
 
 def _batch(b, g, t, v, dtype, *, scale=2.0, ignore_frac=0.3, seed=0):
@@ -213,6 +213,58 @@ def test_token_logprobs(backend, dtype):
     (lp * w).sum().backward()
     (ref * w.double()).sum().backward()
     assert_close(x.grad, ref_in.grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_strided_vocabulary_and_ignore_index(backend):
+    logits, labels, _ = _batch(2, 1, 5, 41, torch.float32, seed=9)
+    x = logits.clone().requires_grad_()
+    w = torch.randn(labels.shape, device=DEVICE)
+    want = token_logprobs(x, labels, backend=backend)
+    (want * w).sum().backward()
+    # the same logits 2 elements apart along the vocabulary, and transposed (stride(1) == 1)
+    wide = torch.stack([logits, -logits], dim=-1).flatten(-2).requires_grad_()
+    rows = logits.transpose(1, 2).contiguous().requires_grad_()
+    for base, strided, grad_of in [
+        (wide, wide[..., ::2], lambda g: g[..., ::2]),
+        (rows, rows.transpose(1, 2), lambda g: g.transpose(1, 2)),
+    ]:
+        assert strided.stride(-1) != 1 and torch.equal(strided, logits)
+        got = token_logprobs(strided, labels, backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (got * w).sum().backward()
+        torch.testing.assert_close(grad_of(base.grad), x.grad, rtol=0, atol=0)
+    assert torch.equal(wide.grad[..., 1::2], torch.zeros_like(x.grad))
+    # another ignore_index: its positions are 0, the others unchanged
+    other = torch.where(labels == -100, -1, labels)
+    lp = token_logprobs(logits, other, ignore_index=-1, backend=backend)
+    torch.testing.assert_close(lp, want.detach(), rtol=0, atol=0)
+    assert torch.equal(lp[other == -1], torch.zeros_like(lp[other == -1]))
+
+
+def test_reference_backend_is_the_reference_in_float32(monkeypatch):
+    logits, labels, rewards = _batch(2, 1, 5, 41, torch.bfloat16, seed=10)
+    out = grao_loss(logits, labels, rewards, group_size=1, backend="reference")
+    want = grao_loss(logits.float(), labels, rewards, group_size=1, backend="reference")
+    assert out.loss.dtype == torch.float32 and torch.equal(out.loss, want.loss)  # not bfloat16
+    other = torch.where(labels == -100, -1, labels)
+    lp = token_logprobs(logits, other, temperature=0.8, ignore_index=-1, backend="reference")
+    want = reference.token_logprobs(logits.float(), other, temperature=0.8, ignore_index=-1)
+    assert lp.dtype == torch.float32 and torch.equal(lp, want)
+
+    calls = []
+    spec = reference.token_logprobs
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return spec(*args, **kw)
+
+    monkeypatch.setattr(reference, "token_logprobs", spy)
+    token_logprobs(logits, other, ignore_index=-1, backend="reference")
+    assert calls == [{"temperature": 1.0, "ignore_index": -1}]  # the reference runs the spec
+    lp = token_logprobs(logits, other, temperature=0.8, ignore_index=-1, backend="torch")
+    assert len(calls) == 1  # the fused backends never materialise the log-softmax
+    assert_close(lp, want, torch.bfloat16, "value")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -242,10 +242,12 @@ def _pack(logits, labels, *tokens, keep):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "kw", [{}, {"length_norm": "constant"}, {"length_norm": "token", "entropy_coef": 0.1},
+    "kw", [{}, {"length_norm": "constant"}, {"length_norm": "constant", "max_tokens": 8},
+           {"length_norm": "token", "entropy_coef": 0.1},
            {"importance_level": "sequence"}, {"clip_eps": 0.1}, {"clip_eps": 0.1, "delta": 1.2},
            {"ratio_policy": "cispo", "ratio_cap": 1.1}, {"ratio_policy": "sapo"}],
-    ids=["plain", "constant", "token+entropy", "gspo", "clip", "delta", "cispo", "sapo"],
+    ids=["plain", "constant", "constant-8", "token+entropy", "gspo", "clip", "delta", "cispo",
+         "sapo"],
 )  # fmt: skip
 def test_packed_rows_equal_padded(backend, kw):
     t = 6
@@ -263,7 +265,7 @@ def test_packed_rows_equal_padded(backend, kw):
     p_logits, p_labels, (p_old,), cu = _pack(logits, labels, old, keep=keep)
     y = p_logits.clone().requires_grad_()
     extra = {"old_logps": p_old} if old is not None else {}
-    kw = {**kw, "max_tokens": t} if kw.get("length_norm") == "constant" else kw
+    # "constant" without max_tokens: T of the padded layout, the longest packed row (keep[0])
     packed = grao_loss(y, p_labels, rewards, group_size=G, backend=backend, cu_seqlens=cu,
                        **kw, **extra, return_entropy=True)  # fmt: skip
     packed.loss.backward()
@@ -388,3 +390,64 @@ def test_bad_cu_seqlens(cu, match):
     cu = torch.tensor(cu)
     with pytest.raises(ValueError, match=match):
         grao_loss(logits, labels, torch.rand(3), group_size=G, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize(
+    ("cu", "exc", "message"),
+    [
+        ([0, 3, 6, 9], TypeError, "cu_seqlens must be a torch.Tensor, got list"),
+        (torch.tensor([[0, 3], [6, 9]]), ValueError, "got torch.int64 of shape (2, 2)"),
+        (torch.tensor([0.0, 3.0, 6.0, 9.0]), ValueError, "got torch.float32 of shape (4,)"),
+        (torch.tensor([0]), ValueError, "got torch.int64 of shape (1,)"),
+        (torch.tensor([0, 9]), ValueError,
+         "cu_seqlens holds N=1 rows, not a multiple of group_size + 1 = 3"),
+        (torch.tensor([0, 3, 6, 9], device="meta"), ValueError,
+         "cu_seqlens is on meta but the logits are on cpu"),
+        (torch.tensor([1, 5, 7, 9]), ValueError, "cu_seqlens must start at 0, got 1"),
+        (torch.tensor([0, 6, 4, 9]), ValueError, "cu_seqlens must be non-decreasing"),
+        (torch.tensor([0, 4, 8, 10]), ValueError,
+         "cu_seqlens must end at M = 9 (the tokens), got 10"),
+    ],
+)  # fmt: skip
+def test_bad_cu_seqlens_word_for_word(cu, exc, message):
+    logits, labels = torch.randn(9, 11), torch.randint(0, 11, (9,))
+    with pytest.raises(exc) as err:
+        grao_loss(logits, labels, torch.rand(3), group_size=G, cu_seqlens=cu)
+    if message.startswith("got"):
+        message = "cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, " + message
+    assert str(err.value) == message
+
+
+def test_unchecked_cu_seqlens_are_clamped_never_read_out_of_bounds():
+    logits, labels = torch.randn(9, 11), torch.randint(0, 11, (9,))
+
+    def loss(cu, **kw):
+        x, cu = logits.clone().requires_grad_(), torch.tensor(cu)  # with the gradient pass
+        rewards = torch.rand(3, generator=torch.Generator().manual_seed(0))
+        out = grao_loss(x, labels, rewards, group_size=G, backend="torch", cu_seqlens=cu, **kw)
+        return out.loss.detach()
+
+    # without the checks, boundaries outside [0, M] are read as clamped to it
+    assert torch.equal(loss([-2, 4, 8, 12], check_labels=False), loss([0, 4, 8, 9]))
+    assert torch.equal(loss([0, 3, 3, 12], check_labels=False), loss([0, 3, 3, 9]))
+    # tokens past the last boundary belong to the last row; a decreasing boundary is read as is
+    assert torch.isfinite(loss([0, 3, 6, 7], check_labels=False))
+    assert torch.isfinite(loss([0, 6, 4, 9], check_labels=False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_rows_whose_first_tokens_are_loss_tokens(backend):
+    """No prompt position: each row's first token is a loss token of its own row."""
+    logits, _, rewards = _batch(1, G, 3, 11, torch.float32, seed=12)
+    labels = torch.randint(0, 11, (G + 1, 3), generator=torch.Generator().manual_seed(13))
+    labels = labels.to(DEVICE)
+    x = logits.clone().requires_grad_()
+    padded = grao_loss(x, labels, rewards, group_size=G, backend=backend)
+    padded.loss.backward()
+    y = logits.reshape(-1, 11).clone().requires_grad_()
+    cu = torch.arange(0, 3 * (G + 1) + 1, 3, device=DEVICE)  # rows of 3 tokens
+    packed = grao_loss(y, labels.reshape(-1), rewards, group_size=G, backend=backend,
+                       cu_seqlens=cu)  # fmt: skip
+    packed.loss.backward()
+    assert_close(packed.loss, padded.loss, torch.float32, "value")
+    assert_close(y.grad, x.grad.reshape(-1, 11), torch.float32, "grad")

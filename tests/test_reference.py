@@ -66,6 +66,10 @@ def test_advantages_population_std_and_reference_outside_pool():
     outside = group_advantages(r, eps=0.0, reference_in_group=False)
     mu, sd = r[:, :3].mean(), r[:, :3].std(unbiased=False)
     torch.testing.assert_close(outside, (r - mu) / sd)
+    # the same rewards as [N] with group_size; a group of one sample (G = 1)
+    torch.testing.assert_close(group_advantages(r.reshape(-1), eps=0.0, group_size=3), inside)
+    pair = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(group_advantages(pair, eps=0.0), pair - 2.0)
     flat = torch.full((1, 9), 0.1)
     assert torch.equal(group_advantages(flat), torch.zeros(1, 9))
     # pool of equal samples, reference outside: no signal, no (r_y - mu) / eps blow-up

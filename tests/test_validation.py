@@ -1,9 +1,12 @@
 """Bad input gets a clear error naming the argument; legal edge cases are not errors."""
 
+import math
+import sys
+
 import pytest
 import torch
 
-from grao_fast import GRAOLoss, grao_loss, group_advantages, token_logprobs
+from grao_fast import GRAOLoss, GRAOOptions, grao_loss, group_advantages, token_logprobs
 
 N, T, V, G = 6, 4, 9, 2
 
@@ -95,15 +98,29 @@ def test_unchecked_out_of_range_label_is_nan_not_a_crash():
     labels[2, 1] = V + 1000
     out = _call(labels=labels, check_labels=False)
     assert torch.isnan(out.loss)
+    lp = token_logprobs(torch.randn(N, T, V), labels, check_labels=False)
+    assert torch.isnan(lp[2, 1]) and torch.isfinite(lp[:2]).all()
 
 
 def test_other_entry_points_validate():
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), temperature=0)
-    with pytest.raises(ValueError, match="need group_size"):
-        group_advantages(torch.randn(6))
-    with pytest.raises(ValueError, match="group_size=3"):
-        group_advantages(torch.randn(2, 3), group_size=3)
+    with pytest.raises(ValueError, match=r"labels\[0, 1\] = 3 is outside \[0, 3\)"):  # by default
+        token_logprobs(torch.randn(1, 2, 3), torch.tensor([[0, 3]]))
+    for rewards, over, exc, message in [
+        ([0.0, 1.0], {}, TypeError, "rewards must be a torch.Tensor, got list"),
+        (torch.randn(6), {}, ValueError, "rewards of shape [N] need group_size"),
+        (torch.randn(2, 1), {}, ValueError, "rewards [B, G+1] needs G >= 1, got shape (2, 1)"),
+        (torch.randn(2, 3), {"group_size": 3}, ValueError,
+         "rewards has G+1=3 columns but group_size=3"),
+        (torch.randn(1, 2, 3), {}, ValueError,
+         "rewards must be [B, G+1] or [N], got shape (1, 2, 3)"),
+        (torch.tensor([[0.0, math.nan, 1.0]]), {}, ValueError,
+         "rewards must be finite; row 1 (group 0) is nan"),
+    ]:  # fmt: skip
+        with pytest.raises(exc) as err:
+            group_advantages(rewards, **over)
+        assert str(err.value) == message
     with pytest.raises(ValueError, match="unknown term"):
         GRAOLoss(2, terms=("nope",))
     with pytest.raises(ValueError, match="backend"):
@@ -116,9 +133,77 @@ def test_edge_cases_are_legal():
     rewards = torch.ones(N)  # every group flat
     out = _call(labels=labels, rewards=rewards)
     assert out.loss.item() == 0.0
+    assert out.entropy is None  # reported only with return_entropy=True
     assert torch.equal(out.advantages, torch.zeros(2, 3))
     single = grao_loss(logits[:3], labels[:3], torch.randn(3), group_size=2, backend="torch")
     assert torch.isfinite(single.loss)
     mod = GRAOLoss(G, backend="torch")
     assert torch.isfinite(mod(logits, labels, torch.randn(N)).loss)
     assert "group_size=2" in repr(mod)
+    # every held option, by name, comma-separated, in grao_loss's keyword order
+    held = repr(GRAOLoss(G, beta=0.25, terms=("imitation",)))
+    assert held.startswith("GRAOLoss(group_size=2, beta=0.25, lam=0.6, temperature=1.0, ")
+    assert "terms=('imitation',), backend='auto', " in held
+
+
+def test_options_are_normalised_once():
+    """Numbers become floats and pairs tuples, so equal options are equal, hash and print alike."""
+    clip = GRAOOptions(G, delta=2, clip_eps=(0.1, 1))
+    cispo = GRAOOptions(G, ratio_policy="cispo", ratio_cap=3)
+    sapo = GRAOOptions(G, ratio_policy="sapo", sapo_tau=[1, 2])
+    for value, want in [
+        (clip.delta, 2.0), (clip.clip_eps, (0.1, 1.0)), (cispo.ratio_cap, 3.0),
+        (sapo.sapo_tau, (1.0, 2.0)),
+    ]:  # fmt: skip
+        assert value == want and repr(value) == repr(want)
+    assert hash(sapo) == hash(GRAOOptions(G, ratio_policy="sapo", sapo_tau=(1.0, 2.0)))
+    assert GRAOOptions(G, delta=1.2).delta == 1.2  # the bound 1 + clip_eps[1] itself is legal
+    assert GRAOOptions(G, ratio_policy="sapo", sapo_tau=(2, 0.5)).sapo_tau == (2.0, 0.5)
+    assert GRAOOptions(G, is_cap=0.5).is_cap == 0.5
+    assert GRAOOptions(G, length_norm="constant", max_tokens=1).max_tokens == 1
+    assert GRAOOptions(G, clip_eps=(0.2, 0)).clip_eps == (0.2, 0.0)  # no clip above
+    assert GRAOOptions(G, beta=sys.float_info.max).beta == sys.float_info.max  # finite
+
+
+@pytest.mark.parametrize(
+    ("over", "exc", "message"),
+    [
+        ({"delta": "2"}, TypeError, "delta must be a real number, got str"),
+        ({"delta": 1.1}, ValueError, "delta must be >= 1 + clip_eps[1] = 1.2, got 1.1"),
+        ({"delta": 2.0, "ratio_policy": "sapo"}, ValueError,
+         'delta (the two-sided clip) applies only with ratio_policy="clip" and '
+         "importance_level=\"token\", got 'sapo', 'token'"),
+        ({"ratio_cap": "3", "ratio_policy": "cispo"}, TypeError,
+         "ratio_cap must be a real number, got str"),
+        ({"ratio_policy": "cispo"}, ValueError,
+         'ratio_policy="cispo" needs ratio_cap (the cap of the ratio, > 0)'),
+        ({"ratio_policy": "sapo", "sapo_tau": (1.0, 1.0, 1.0)}, TypeError,
+         "sapo_tau must be a pair (positive, negative), got (1.0, 1.0, 1.0)"),
+        ({"ratio_policy": "sapo", "sapo_tau": ("1", 1.0)}, TypeError,
+         "sapo_tau[0] must be a real number, got str"),
+        ({"ratio_policy": "sapo", "sapo_tau": (1.0, "1")}, TypeError,
+         "sapo_tau[1] must be a real number, got str"),
+        ({"ratio_policy": "sapo", "sapo_tau": (0.0, 1.0)}, ValueError,
+         "sapo_tau must be > 0, got (0.0, 1.0)"),
+        ({"ratio_policy": "sapo", "sapo_tau": (1.0, 0.0)}, ValueError,
+         "sapo_tau must be > 0, got (1.0, 0.0)"),
+        ({"terms": 5}, TypeError, "terms must be a sequence of term names, got 5"),
+        ({"group_size": 2.0}, TypeError, "group_size must be an int, got float"),
+        ({"is_cap": True}, ValueError, "is_cap must be > 0 or None, got True"),
+        ({"is_cap": "2"}, ValueError, "is_cap must be > 0 or None, got '2'"),
+        ({"ignore_index": True}, TypeError, "ignore_index must be an int, got bool"),
+        ({"ignore_index": -1.0}, TypeError, "ignore_index must be an int, got float"),
+        ({"max_tokens": True, "length_norm": "constant"}, ValueError,
+         "max_tokens must be a positive int or None, got True"),
+        ({"clip_eps": ("0.1", 0.2)}, TypeError, "clip_eps[0] must be a real number, got str"),
+        ({"clip_eps": (0.1, "0.2")}, TypeError, "clip_eps[1] must be a real number, got str"),
+        ({"clip_eps": (0.0, 0.2)}, ValueError, "clip_eps: the low side must be in (0, 1), got 0.0"),
+        ({"kl_bias_correction": True}, ValueError,
+         "kl_bias_correction (the ratio-weighted k3 KL) needs kl_coef > 0 and "
+         "importance_level=\"token\", got kl_coef=0.0, importance_level='token'"),
+    ],
+)  # fmt: skip
+def test_option_errors_word_for_word(over, exc, message):
+    with pytest.raises(exc) as err:
+        GRAOOptions(**{"group_size": G, **over})
+    assert str(err.value) == message

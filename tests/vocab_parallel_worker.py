@@ -81,8 +81,9 @@ def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, st
     inplace, sliced = opts.pop("inplace", False), opts.pop("sliced", False)
     backend = opts.pop("backend", "auto")
     ref_x = data["logits"].double().requires_grad_()
+    doubled = {k: t.double() for k, t in tensors.items()}
     ref = grao_loss(ref_x, data["labels"], data["rewards"].double(), group_size=G,
-                    backend="reference", **opts, **{k: t.double() for k, t in tensors.items()})
+                    backend="reference", **opts, **doubled)  # fmt: skip
     grad_out = 0.75
     (ref.loss * grad_out).backward()
     x = data["logits"][..., start:stop].clone().requires_grad_()
@@ -149,6 +150,16 @@ def check_token_logprobs(world, rank, group) -> None:
     (got * w).sum().backward()
     assert_close(got, want, torch.float32, "value")
     assert_close(x.grad, ref_x.grad[..., start:stop], torch.float32, "grad")
+    labels = data["labels"].clone()
+    if rank == 0:
+        labels[0, 1] = (int(labels[0, 1]) + 1) % 37 if labels[0, 1] >= 0 else 3
+    try:
+        token_logprobs(x, labels, vocab_group=group)
+    except ValueError as e:
+        assert "labels differ between the processes" in str(e), e
+    else:
+        raise AssertionError("labels that differ between processes were accepted")
+    token_logprobs(x, labels, vocab_group=group, check_labels=False)  # that check is a host sync
 
 
 def check_dtensor(world, rank) -> None:
@@ -216,6 +227,7 @@ def check_errors(world, rank, group) -> None:
         assert "labels differ between the processes" in str(e), e
     else:
         raise AssertionError("labels that differ between processes were accepted")
+    grao_loss(x, labels, data["rewards"], check_labels=False, **common)  # no host check then
     try:
         grao_loss(x, data["labels"], data["rewards"], backend="reference", **common)
     except ValueError as e:
