@@ -41,9 +41,17 @@ def test_every_dtype_and_feature_set_compiled(reports):
     assert {(r["dtype"], r["features"]) for r in reports} == {
         (d, f)
         for d in ("bf16", "fp16", "fp32")
-        for f in ("forward", "forward+entropy", "grad", "grad+all", "split-stats",
-                  "split-grad+all", "grad+all+delta", "grad+all+cispo",
-                  "grad+all+sapo")  # fmt: skip
+        for f in (
+            "forward",
+            "forward+entropy",
+            "grad",
+            "grad+all",
+            "split-stats",
+            "split-grad+all",
+            "grad+all+delta",
+            "grad+all+cispo",
+            "grad+all+sapo",
+        )  # fmt: skip
     }
 
 
