@@ -1,6 +1,6 @@
 """Fused hidden -> lm_head GRAO loss that never materialises the [N, T, V] logits.
 
-Tokens are processed in chunks. Per chunk: one GEMM makes the chunk's logits (float32
+Tokens are processed in chunks (off CUDA, only the tokens that are not ignored). Per chunk: one GEMM makes the chunk's logits (float32
 accumulation), the single-pass row operation turns them, in place, into ``d loss / d logits``
 while it reads the log-probs, and two more GEMMs fold that into ``grad_hidden`` and
 ``grad_weight`` (and ``grad_bias``). All gradients are complete when forward returns; backward
@@ -109,6 +109,31 @@ def linear_pass(
 def _linear_pass(
     hidden, weight, bias, labels, grad_hidden, grad_weight, grad_bias, inputs, row_opts,
     row_pass, compute, chunk_bytes, chunk_vocab=None,
+):  # fmt: skip
+    """The chunk loop over the tokens that are not ignored: an ignored token's log-prob,
+    entropy and gradient row are 0 whatever its logits, so its GEMMs are skipped (prompt and
+    padding positions are often most of a batch). Finding them is a host sync, so this is done
+    off CUDA only (there the fast path stays free of syncs)."""
+    args = (weight, bias, grad_weight, grad_bias, row_opts, row_pass, compute, chunk_bytes,
+            chunk_vocab)  # fmt: skip
+    if hidden.device.type == "cuda":
+        return _chunks(hidden, labels, grad_hidden, inputs, *args)
+    kept = (labels != row_opts["ignore_index"]).nonzero().squeeze(1)
+    m = hidden.shape[0]
+    if kept.numel() == m:
+        return _chunks(hidden, labels, grad_hidden, inputs, *args)
+    rows = lambda x: None if x is None else x.index_select(0, kept)  # noqa: E731
+    part = None if grad_hidden is None else grad_hidden.new_empty(kept.numel(), hidden.shape[1])
+    lp, ent = _chunks(rows(hidden), rows(labels), part, TokenInputs(*map(rows, inputs)), *args)
+    if grad_hidden is not None:
+        grad_hidden.zero_().index_copy_(0, kept, part)
+    logp = lp.new_zeros(m).index_copy_(0, kept, lp)
+    return logp, (ent.new_zeros(m).index_copy_(0, kept, ent) if ent.numel() else ent)
+
+
+def _chunks(
+    hidden, labels, grad_hidden, inputs, weight, bias, grad_weight, grad_bias, row_opts,
+    row_pass, compute, chunk_bytes, chunk_vocab,
 ):  # fmt: skip
     """The chunk loop; ``row_pass`` is a backend's (``_torch_ops.row_pass``'s signature).
     ``chunk_vocab``: the vocabulary that sizes the chunks (default the weight's rows)."""

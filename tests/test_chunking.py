@@ -75,3 +75,27 @@ def test_row_pass_default_chunks(monkeypatch):
     low = logits.to(torch.bfloat16)
     _torch_ops.row_pass(low, labels, coef, grad=torch.empty_like(low), **opts)
     assert seen == [2] * 7 + [1]
+
+
+def test_linear_skips_ignored_tokens_on_cpu(monkeypatch):
+    """Off CUDA the chunk loop runs only the tokens that are not ignored (their GEMMs are the
+    cost): the row pass sees those rows alone, an ignored token's hidden gradient is exactly 0,
+    and the result equals the reference's on every token."""
+    hidden, weight, labels, rewards = _linear_inputs()
+    labels[0, :3] = labels[2, 1:] = -100  # prompt and padding positions: 8 of 15 left
+    seen = _rows_seen(monkeypatch, "row_pass")
+    out = grao_loss_linear(hidden, weight, labels, rewards, group_size=2, backend="torch",
+                           return_entropy=True, entropy_coef=0.1)  # fmt: skip
+    out.loss.backward()
+    assert seen == [8]
+    assert torch.all(hidden.grad[labels == -100] == 0)
+    assert torch.all(hidden.grad[labels != -100].abs().sum(-1) > 0)
+    x, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = grao_loss_linear(x, w, labels, rewards.double(), group_size=2, backend="reference",
+                           return_entropy=True, entropy_coef=0.1)  # fmt: skip
+    ref.loss.backward()
+    for got, want in ((out.loss, ref.loss), (out.entropy, ref.entropy),
+                      (out.seq_logps, ref.seq_logps)):  # fmt: skip
+        assert_close(got, want, torch.float32, "value")
+    assert_close(hidden.grad, x.grad, torch.float32, "gemm")
+    assert_close(weight.grad, w.grad, torch.float32, "gemm")
