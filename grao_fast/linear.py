@@ -29,9 +29,11 @@ from .options import OPTIONS_DOC, SAPO_TAU, TERMS, GRAOOptions
 # vocabulary in bf16: each GEMM of a chunk is still ~1 TFLOP at H = 3,584 (full speed on a
 # GPU), and the chunk is small beside a 7B model's activations.
 DEFAULT_CHUNK_BYTES = 256 << 20
-# On CPU the chunk loop runs at the same speed from 32 MiB chunks up (256 tokens of a 32k
-# vocabulary; docs/PERFORMANCE.md, "CPU"), and smaller chunks cut the peak memory.
-CPU_CHUNK_BYTES = 64 << 20
+# On CPU: on one thread the chunk loop runs at the same speed from 32 MiB chunks up (256
+# tokens of a 32k vocabulary), on two threads larger GEMMs parallelise better (2,043 tokens:
+# 32 MiB 506 ms, 64 MiB 491, 128 MiB 479, 256 MiB 475; docs/PERFORMANCE.md, "CPU"); 128 MiB
+# keeps the peak memory at half of the materialised logits' at 2k tokens.
+CPU_CHUNK_BYTES = 128 << 20
 
 
 def default_chunk_bytes(device: torch.device) -> int:
@@ -323,7 +325,7 @@ def grao_loss_linear(
             to the weight's dtype at the end) instead of the weight's dtype (a rounding per
             chunk). Costs a float32 [V, H] accumulator; on CUDA the GEMMs stay bf16/fp16.
         chunk_bytes: bound on the one chunk of logits held at a time (default: 256 MiB; on
-            CPU 64 MiB, where larger chunks are no faster).
+            CPU 128 MiB).
         vocab_group, vocab_start: the lm_head split by vocabulary across a process group
             (tensor parallelism): ``weight`` (and ``bias``) is this process's rows
             ``[vocab_start, vocab_start + V_local)``, as :func:`grao_loss` takes its logits; a
