@@ -43,6 +43,9 @@ class GRAOOutput(NamedTuple):
     # (c_s > 0): the PPO clip's sides, CISPO's capped tokens (above), a clipped row ratio's
     # every token (sequence level); None where clip_fraction is.
     clip_counts: Optional[torch.Tensor] = None
+    # scalar: mean token KL (k3, ratio-weighted with kl_bias_correction) over the sample rows'
+    # loss tokens, TRL's logged ``kl`` (with ref_logps).
+    sample_kl: Optional[torch.Tensor] = None
 
 
 class Plan(NamedTuple):
@@ -217,12 +220,16 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
             dj = rows.expand(pl.dj)  # -c_s / B
             sides = (clipped & mask & (dj > 0), clipped & mask & (dj < 0))
             clip_counts = torch.stack([rows.sum(x.to(logp.dtype)) for x in sides], dim=1)
-    kl = None
+    kl = sample_kl = None
     if b.ref_logps is not None:
         delta = torch.where(mask, b.ref_logps - logp, 0.0)
         k3 = torch.exp(delta) - delta - 1
         if o.kl_bias_correction and b.old_logps is not None:  # weighted by the ratio
             k3 = k3 * torch.exp(torch.where(mask, logp - b.old_logps, 0.0))
+        sample_tok = _sample_tokens(pl, b)
+        sample_kl = (
+            torch.where(sample_tok, k3, 0.0).sum() / sample_tok.sum().clamp(min=1)
+        ).detach()
         k3 = rows.sum(k3) * (pl.nu if o.kl_length_norm else inv_len)
         kl = (k3 * pl.is_sample).sum() / pl.is_sample.sum()
         if o.kl_coef != 0.0:
@@ -235,7 +242,8 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
         if o.entropy_coef != 0.0:
             loss = loss - o.entropy_coef * bonus
     extras = (parts["exploration"], parts["imitation"], parts["alignment"], pl.adv, seq)
-    return loss, extras, (kl, entropy, clip_fraction, clip_low, clip_high, bonus, clip_counts)
+    optional = (kl, entropy, clip_fraction, clip_low, clip_high, bonus, clip_counts, sample_kl)
+    return loss, extras, optional
 
 
 def _share(tokens: torch.Tensor, counted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """Fused hidden -> lm_head GRAO loss that never materialises the [N, T, V] logits.
 
-Tokens are processed in chunks (off CUDA, only the tokens that are not ignored). Per chunk: one GEMM makes the chunk's logits (float32
-accumulation), the single-pass row operation turns them, in place, into ``d loss / d logits``
-while it reads the log-probs, and two more GEMMs fold that into ``grad_hidden`` and
-``grad_weight`` (and ``grad_bias``). All gradients are complete when forward returns; backward
-only rescales them by ``grad_output``. Extra memory beyond the inputs and their gradients: one
-chunk of logits, bounded by ``chunk_bytes`` whatever N x T is. The chunk loop is one custom
-operator (:func:`linear_pass`), so ``torch.compile`` sees one node whatever N x T is.
+Tokens are processed in chunks (off CUDA, only the tokens that are not ignored). Per chunk: one
+GEMM makes the chunk's logits (float32 accumulation), the single-pass row operation turns them,
+in place, into ``d loss / d logits`` while it reads the log-probs, and two more GEMMs fold that
+into ``grad_hidden`` and ``grad_weight`` (and ``grad_bias``). All gradients are complete when
+forward returns; backward only rescales them by ``grad_output``. Extra memory beyond the inputs
+and their gradients: one chunk of logits, bounded by ``chunk_bytes`` whatever N x T is. The
+chunk loop is one custom operator (:func:`linear_pass`), so ``torch.compile`` sees one node
+whatever N x T is.
 """
 
 from __future__ import annotations

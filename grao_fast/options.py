@@ -70,7 +70,9 @@ OPTIONS_DOC = """
             per-token inputs legal (one device sync; off in the sync-free fast path, where an
             out-of-range label is still never read: its log-prob is NaN).
         return_entropy: also report the mean token entropy over all loss tokens (``entropy``)
-            and over the sample rows' loss tokens (``sample_entropy``, the bonus's tokens).
+            and over the sample rows' loss tokens (``sample_entropy``, the bonus's tokens). With
+            ref_logps the output also has ``sample_kl``, the mean token k3 over the sample rows'
+            loss tokens (ratio-weighted with kl_bias_correction).
     The reported exploration/imitation/alignment are Eq. 3's terms with J_s = nu_s sum_t w logp
     (the call's length normaliser and token weights): without old_logps, loss = -(their sum)
     + kl_coef * kl - entropy_coef * bonus.

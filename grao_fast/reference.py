@@ -34,6 +34,7 @@ class ReferenceTerms(NamedTuple):
     clip_high_fraction: Optional[torch.Tensor] = None  # and clipped, c_s > 0
     sample_entropy: Optional[torch.Tensor] = None  # mean token entropy over the sample rows
     clip_counts: Optional[torch.Tensor] = None  # [N, 2] loss tokens clipped below, above
+    sample_kl: Optional[torch.Tensor] = None  # mean token KL (k3) over the sample rows' tokens
 
 
 def token_logprobs(
@@ -253,13 +254,15 @@ def grao_terms(
     }
     parts = {k: (v if k in terms else torch.zeros_like(v)).detach() for k, v in parts.items()}
 
-    kl = None
+    kl = sample_kl = None
     if ref_logps is not None:
         delta = ref_logps.to(logp.dtype) - logp
         k3 = torch.exp(delta) - delta - 1
         if kl_bias_correction:  # TRL's use_bias_correction_kl: times the (differentiable) ratio
             old = logp.detach() if old_logps is None else old_logps.to(logp.dtype)
             k3 = k3 * torch.exp(torch.where(mask, logp - old, torch.zeros_like(logp)))
+        sample_tokens = mask & is_sample[:, None]
+        sample_kl = torch.where(sample_tokens, k3, 0.0).sum() / sample_tokens.sum().clamp(min=1)
         if kl_length_norm:  # normalised like the policy term: nu_s sum_t k3
             per_row = nu[:, 0] * torch.where(mask, k3, torch.zeros_like(k3)).sum(dim=1)
         else:
@@ -286,4 +289,5 @@ def grao_terms(
         clip_high_fraction=clip_high,
         sample_entropy=sample_entropy,
         clip_counts=clip_counts,
+        sample_kl=None if sample_kl is None else sample_kl.detach(),
     )

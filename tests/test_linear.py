@@ -71,7 +71,7 @@ def _check(
     value_dtype = torch.float32 if lm_head_fp32 else dtype
     for field in ("loss", "exploration", "imitation", "alignment", "seq_logps"):
         assert_close(getattr(out, field), getattr(ref, field), value_dtype, "value")
-    for field in ("entropy", "sample_entropy"):
+    for field in ("entropy", "sample_entropy", "kl", "sample_kl"):
         assert (getattr(out, field) is None) == (getattr(ref, field) is None), field
         if getattr(ref, field) is not None:
             assert_close(getattr(out, field), getattr(ref, field), value_dtype, "value")

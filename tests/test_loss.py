@@ -64,7 +64,7 @@ def _compare(backend, logits, labels, rewards, g, **kw):
     for field in ("loss", "exploration", "imitation", "alignment", "seq_logps", "advantages"):
         assert_close(getattr(out, field), getattr(ref, field), dtype, "value")
     optional = ("kl", "entropy", "sample_entropy", "clip_fraction", "clip_low_fraction",
-                "clip_high_fraction", "clip_counts")  # fmt: skip
+                "clip_high_fraction", "clip_counts", "sample_kl")  # fmt: skip
     for field in optional:
         assert (getattr(out, field) is None) == (getattr(ref, field) is None), field
         if getattr(ref, field) is not None:

@@ -306,3 +306,8 @@ def test_kl_normalised_like_the_loss_type(model_dir, tmp_path, fixed_generation,
         tokens = lambda b: b["completion_mask"].sum().item()  # noqa: E731
         scale = (G + 1) / G * tokens(trl_batch) / tokens(batch)
     _assert_same_gradients(grads, {name: scale * grad for name, grad in trl_grads.items()})
+    # TRL's logged kl (the token mean of its per-token KL) and entropy: the sample rows' tokens.
+    mine, theirs = grao._metrics["train"], grpo._metrics["train"]
+    assert mine["kl"][-1] > 0 and mine["kl"][-1] != pytest.approx(mine["grao/kl"][-1], rel=1e-3)
+    for key in ("kl", "entropy"):
+        assert mine[key][-1] == pytest.approx(theirs[key][-1], rel=1e-5), key

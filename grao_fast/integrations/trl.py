@@ -94,10 +94,12 @@ from grao_fast.integrations.trl_rows import TokenWeights
 from grao_fast.train.rewards import relative_to_reference
 
 IGNORE_INDEX = -100
-# Fields of the loss's result -> the logged metrics (TRL's names where TRL logs the same thing).
+# Fields of the loss's result -> the logged metrics (means over processes): GRAO's own values;
+# TRL's ``kl`` and ``entropy`` come from the sample rows' tokens (_log_loss_terms).
 LOGGED = {
     "exploration": "grao/exploration", "imitation": "grao/imitation",
-    "alignment": "grao/alignment", "kl": "kl", "entropy": "entropy",
+    "alignment": "grao/alignment", "kl": "grao/kl", "entropy": "grao/entropy",
+    "sample_entropy": "entropy",
 }  # fmt: skip
 __all__ = ["GRAOConfig", "GRAOTrainer", "shuffle_groups"]
 
@@ -321,14 +323,23 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
         return box["result"]
 
     def _log_loss_terms(self, result: Any, inputs: dict[str, Any]) -> None:
-        """GRAO's terms as ``grao/<term>``, ``kl`` and ``entropy`` (means over processes), and
-        TRL's clip statistics of the loss type with TRL's meaning (:meth:`_log_clip`)."""
+        """GRAO's terms, KL and entropy as ``grao/<name>`` (means over processes); TRL's ``kl``
+        (the token mean of k3 over every process's completion tokens: the sample rows') and
+        ``entropy`` (the mean over processes of each one's completion-token mean), and TRL's
+        clip statistics of the loss type (:meth:`_log_clip`), with TRL's meanings."""
         mode = "train" if self.model.training else "eval"
         for name, key in LOGGED.items():
             value = getattr(result, name)
             if value is not None:
                 gathered = self.accelerator.gather(value.detach().float())
                 self._metrics[mode][key].append(gathered.mean().item())
+        if result.sample_kl is not None:
+            mask = inputs["completion_mask"]
+            sample = is_sample_row(mask.size(0), self._group(), mask.device)
+            count = (mask * sample[:, None]).sum().float()
+            stats = torch.stack([result.sample_kl.detach().float() * count, count])
+            total = self.accelerator.reduce(stats, reduction="sum")
+            self._metrics[mode]["kl"].append((total[0] / total[1].clamp(min=1.0)).item())
         self._log_clip(result, inputs, mode)
 
     def _log_clip(self, result: Any, inputs: dict[str, Any], mode: str) -> None:
