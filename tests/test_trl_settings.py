@@ -281,6 +281,23 @@ def test_vespo_matches_trl(model_dir, tmp_path, request, sampler):
     assert any(not torch.allclose(plain[k], grads[k], rtol=1e-3, atol=0) for k in grads)
 
 
+def test_policy_loss_is_logged_while_the_bonus_is_on(model_dir, tmp_path, fixed_generation):
+    """TRL's ``policy_loss``: the loss before the entropy bonus, logged only while the bonus is
+    enabled (GRAO's loss, so its value is GRAO's, not TRL's)."""
+    grao, _ = _pair(model_dir, tmp_path, loss_type="grpo", entropy_coef=0.05)
+    batch = _fixed_batch(grao, G + 1)
+    grao.current_gradient_accumulation_steps = 1
+    loss = grao._compute_loss(grao.model, batch).item()
+    logged = grao._metrics["train"]
+    expected = loss + 0.05 * logged["entropy"][-1]
+    assert logged["policy_loss"][-1] == pytest.approx(expected, rel=1e-6)
+    assert abs(expected - loss) > 1e-4  # the bonus is on
+    plain, _ = _pair(model_dir, tmp_path / "plain", loss_type="grpo")
+    plain.current_gradient_accumulation_steps = 1
+    plain._compute_loss(plain.model, _fixed_batch(plain, G + 1))
+    assert "policy_loss" not in plain._metrics["train"]
+
+
 @pytest.mark.parametrize(
     ("loss_type", "settings"),
     [("dr_grpo", {}), ("dr_grpo", {"use_bias_correction_kl": True}), ("bnpo", {}),

@@ -297,7 +297,7 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
             with self.accelerator.autocast():  # mixed precision, as TRL runs its own forward
                 logits = model(**forward).logits
             result = grao_fast.grao_loss(logits, labels, inputs["rewards"], **options)
-        self._log_loss_terms(result, inputs)
+        self._log_loss_terms(result, inputs, options["entropy_coef"])
         self._adapt_entropy_coef(result, inputs["completion_mask"])
         # As in TRL's own losses: the Trainer does not rescale, so divide by accumulation here.
         accumulation = self.current_gradient_accumulation_steps if self.model.training else 1
@@ -322,11 +322,13 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
             )
         return box["result"]
 
-    def _log_loss_terms(self, result: Any, inputs: dict[str, Any]) -> None:
+    def _log_loss_terms(self, result: Any, inputs: dict[str, Any], entropy_coef: float) -> None:
         """GRAO's terms, KL and entropy as ``grao/<name>`` (means over processes); TRL's ``kl``
         (the token mean of k3 over every process's completion tokens: the sample rows') and
         ``entropy`` (the mean over processes of each one's completion-token mean), and TRL's
-        clip statistics of the loss type (:meth:`_log_clip`), with TRL's meanings."""
+        clip statistics of the loss type (:meth:`_log_clip`), with TRL's meanings; while the
+        entropy bonus is on, ``policy_loss``: the loss before the bonus (``entropy_coef`` the
+        coefficient this micro-batch applied)."""
         mode = "train" if self.model.training else "eval"
         for name, key in LOGGED.items():
             value = getattr(result, name)
@@ -340,6 +342,9 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
             stats = torch.stack([result.sample_kl.detach().float() * count, count])
             total = self.accelerator.reduce(stats, reduction="sum")
             self._metrics[mode]["kl"].append((total[0] / total[1].clamp(min=1.0)).item())
+        if self._entropy_bonus_enabled:
+            policy = result.loss.detach().float() + entropy_coef * result.sample_entropy.float()
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).mean().item())
         self._log_clip(result, inputs, mode)
 
     def _log_clip(self, result: Any, inputs: dict[str, Any], mode: str) -> None:
