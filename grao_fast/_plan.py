@@ -221,12 +221,12 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
             sides = (clipped & mask & (dj > 0), clipped & mask & (dj < 0))
             clip_counts = torch.stack([rows.sum(x.to(logp.dtype)) for x in sides], dim=1)
     kl = sample_kl = None
+    sample_tok = _sample_tokens(pl, b)  # the sample rows' loss tokens (TRL's completion tokens)
     if b.ref_logps is not None:
         delta = torch.where(mask, b.ref_logps - logp, 0.0)
         k3 = torch.exp(delta) - delta - 1
         if o.kl_bias_correction and b.old_logps is not None:  # weighted by the ratio
             k3 = k3 * torch.exp(torch.where(mask, logp - b.old_logps, 0.0))
-        sample_tok = _sample_tokens(pl, b)
         sample_kl = (
             torch.where(sample_tok, k3, 0.0).sum() / sample_tok.sum().clamp(min=1)
         ).detach()
@@ -237,7 +237,6 @@ def objective(pl: Plan, b: Batch, logp: torch.Tensor, ent: torch.Tensor, o: GRAO
     entropy = bonus = None
     if o.wants_entropy:
         entropy = ent.sum() / mask.sum().clamp(min=1).to(ent.dtype)
-        sample_tok = _sample_tokens(pl, b)
         bonus = torch.where(sample_tok, ent, 0.0).sum() / sample_tok.sum().clamp(min=1)
         if o.entropy_coef != 0.0:
             loss = loss - o.entropy_coef * bonus

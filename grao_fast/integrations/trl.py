@@ -336,9 +336,7 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
                 gathered = self.accelerator.gather(value.detach().float())
                 self._metrics[mode][key].append(gathered.mean().item())
         if result.sample_kl is not None:
-            mask = inputs["completion_mask"]
-            sample = is_sample_row(mask.size(0), self._group(), mask.device)
-            count = (mask * sample[:, None]).sum().float()
+            count = self._sample_token_count(inputs["completion_mask"])
             stats = torch.stack([result.sample_kl.detach().float() * count, count])
             total = self.accelerator.reduce(stats, reduction="sum")
             self._metrics[mode]["kl"].append((total[0] / total[1].clamp(min=1.0)).item())
@@ -346,6 +344,11 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
             policy = result.loss.detach().float() + entropy_coef * result.sample_entropy.float()
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).mean().item())
         self._log_clip(result, inputs, mode)
+
+    def _sample_token_count(self, completion_mask: torch.Tensor) -> torch.Tensor:
+        """The completion tokens of the sample rows (TRL's completions; not the references')."""
+        sample = is_sample_row(completion_mask.size(0), self._group(), completion_mask.device)
+        return (completion_mask * sample[:, None]).sum().float()
 
     def _log_clip(self, result: Any, inputs: dict[str, Any], mode: str) -> None:
         """TRL's ``clip_ratio/*`` (``low_mean``, ``high_mean``, ``region_mean``, ``low_min``,
@@ -430,8 +433,7 @@ class GRAOTrainer(TokenWeights, GRPOTrainer):
             return
         args, sync = self.args, self.accelerator.sync_gradients
         if self.use_adaptive_entropy:
-            sample = is_sample_row(completion_mask.size(0), self._group(), completion_mask.device)
-            count = (completion_mask * sample[:, None]).sum().float()
+            count = self._sample_token_count(completion_mask)
             stats = torch.stack([result.sample_entropy.detach().float() * count, count])
             window = self._entropy_window_stats
             self._entropy_window_stats = stats if window is None else window + stats
