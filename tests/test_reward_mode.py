@@ -38,10 +38,15 @@ def _length_reward(prompt: str, completion: str, reference: str) -> float:
     return float(len(completion.strip()) % 3)
 
 
-@pytest.mark.parametrize("mode", ["absolute", "relative"])
-def test_the_loss_sees_the_rewards_of_the_mode(tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize(
+    ("mode", "loss", "seen_as"),
+    [("absolute", "grao", "absolute"), ("relative", "grao", "relative"),
+     ("auto", "grao", "relative"), ("auto", "grpo", "absolute"), ("relative", "grpo", "relative")],
+)  # fmt: skip
+def test_the_loss_sees_the_rewards_of_the_mode(tmp_path, monkeypatch, mode, loss, seen_as):
     """The rewards reaching the loss are the task's scores (absolute) or each sample's sign
-    against its reference, the reference 0 (relative); the logged reward is the task's score."""
+    against its reference, the reference 0 (relative); ``auto``, the default, is relative for
+    GRAO and absolute for GRPO. The logged reward is the task's score."""
     scored, seen = [], []
     score_groups = loop.score_groups
 
@@ -57,18 +62,19 @@ def test_the_loss_sees_the_rewards_of_the_mode(tmp_path, monkeypatch, mode):
     monkeypatch.setattr(loop, "get_reward", lambda spec: _length_reward)
     monkeypatch.setattr(loop, "score_groups", keep_scores)
     monkeypatch.setattr(step, "policy_loss", keep_rewards)
-    records = train(_cfg(tmp_path, reward_mode=mode, batch_prompts=4, group_size=4))
+    assert TrainConfig.reward_mode == "auto"
+    records = train(_cfg(tmp_path, reward_mode=mode, loss=loss, batch_prompts=4, group_size=4))
     assert len(seen) == len(scored) == 2
     for scores, rewards, record in zip(scored, seen, records, strict=True):
-        if mode == "absolute":
+        if seen_as == "absolute":
             assert torch.equal(rewards, scores)
         else:
             sign = torch.sign(scores[:, :4] - scores[:, 4:])
             assert torch.equal(rewards, torch.cat([sign, torch.zeros(4, 1)], dim=1))
             assert record["reward_relative"] == pytest.approx(sign.mean().item())
         assert record["reward"] == pytest.approx(scores[:, :4].mean().item())
-        assert record["reward_mode"] == mode
-    assert any(len(set(r[:, :4].flatten().tolist())) == 3 for r in seen) or mode == "absolute"
+        assert record["reward_mode"] == seen_as
+    assert any(len(set(r[:, :4].flatten().tolist())) == 3 for r in seen) or seen_as == "absolute"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["reward_mode"] == mode
 
 
@@ -77,6 +83,7 @@ def test_the_loss_sees_the_rewards_of_the_mode(tmp_path, monkeypatch, mode):
     [
         (dict(reward_mode="judge"), "reward_mode"),
         (dict(reward_mode="relative", loss="sft"), "reward_mode"),
+        (dict(reward_mode="absolute", loss="sft"), "reward_mode"),
         (dict(eval_every=5), "eval_every"),
         (dict(eval_prompts=5), "eval_every"),
         (dict(eval_every=-1, eval_prompts=5), "eval_every"),
@@ -263,8 +270,8 @@ def test_term_gradients_are_logged_in_a_run(tmp_path):
 
 
 def test_trainer_relative_mode_judges_samples_against_the_reference(tmp_path, monkeypatch):
-    """``GRAOConfig(reward_mode="relative")``: the user's reward scores the reference too, the
-    loss gets each sample's sign against it (reference 0); the gradient equals that of an
+    """Relative rewards, ``GRAOConfig``'s default: the user's reward scores the reference too,
+    the loss gets each sample's sign against it (reference 0); the gradient equals that of an
     absolute run whose reward function returns those signs itself."""
     pytest.importorskip("trl")
     import test_trl
@@ -292,9 +299,11 @@ def test_trainer_relative_mode_judges_samples_against_the_reference(tmp_path, mo
 
     grads, batches, trainers = {}, {}, {}
     for mode, reward, ref in (("relative", scores, 1.0), ("absolute", signs, 0.0)):
+        chosen = {"reward_mode": mode} if mode == "absolute" else {}  # relative: the default
         args = test_trl._config(GRAOConfig, tmp_path / mode, num_generations=5,
                                 per_device_train_batch_size=10, temperature=0.7,
-                                reward_mode=mode, grao_backend="torch")  # fmt: skip
+                                grao_backend="torch", **chosen)  # fmt: skip
+        assert args.reward_mode == mode
         trainers[mode] = trainer = GRAOTrainer(model_dir, table_reward(reward, ref), args=args,
                                                train_dataset=test_trl._dataset())  # fmt: skip
         batches[mode] = test_trl._fixed_batch(trainer, 5)
@@ -310,3 +319,26 @@ def test_trainer_relative_mode_judges_samples_against_the_reference(tmp_path, mo
     with pytest.raises(ValueError, match="reward_mode"):
         test_trl._config(GRAOConfig, tmp_path, num_generations=5,
                          per_device_train_batch_size=10, reward_mode="judge")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("given", "resolved"),
+    [({}, "relative"), (dict(grao_terms=["exploration"]), "relative"),
+     (dict(grao_terms=["exploration"], reference_in_group=False), "absolute"),
+     (dict(reward_mode="absolute"), "absolute"),
+     (dict(grao_terms=["exploration"], reference_in_group=False, reward_mode="relative"),
+      "relative")],
+)  # fmt: skip
+def test_trainer_auto_reward_mode_is_relative_unless_the_reference_takes_no_part(
+    tmp_path, given, resolved
+):
+    """``reward_mode="auto"`` (the default) resolves in the config: relative, or absolute for
+    GRPO's objective (exploration alone, the reference out of the group statistics)."""
+    pytest.importorskip("trl")
+    import test_trl
+
+    from grao_fast.integrations.trl import GRAOConfig
+
+    args = test_trl._config(GRAOConfig, tmp_path, num_generations=5,
+                            per_device_train_batch_size=10, **given)  # fmt: skip
+    assert args.reward_mode == resolved

@@ -189,15 +189,22 @@ def _grao_trainer(model_dir: str, path, **overrides) -> GRAOTrainer:
     return _trainer(GRAOTrainer, model_dir, GRAO_REWARDS, args)
 
 
-def test_full_grao_gradient_matches_reference_backend(model_dir, tmp_path, fixed_generation):
-    """The default GRAO loss (all terms, reference in the group) through the trainer gives the
-    gradient of the plain-PyTorch specification (backend="reference")."""
+@pytest.mark.parametrize("mode", [None, "absolute"])
+def test_full_grao_gradient_matches_reference_backend(model_dir, tmp_path, fixed_generation,
+                                                       mode):  # fmt: skip
+    """The default GRAO loss (all terms, reference in the group, relative rewards; and with
+    absolute rewards) through the trainer gives the gradient of the plain-PyTorch
+    specification (backend="reference")."""
     grads = {}
+    chosen = {} if mode is None else {"reward_mode": mode}
     for backend in ("reference", "torch"):
-        trainer = _grao_trainer(model_dir, tmp_path / backend, grao_backend=backend)
+        trainer = _grao_trainer(model_dir, tmp_path / backend, grao_backend=backend, **chosen)
         batch = _fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)
         grads[backend] = _gradients(trainer, [batch])
-    expected = torch.tensor([*GRAO_REWARDS[0], 1.0, *GRAO_REWARDS[1], 1.0])
+    if mode == "absolute":
+        expected = torch.tensor([*GRAO_REWARDS[0], 1.0, *GRAO_REWARDS[1], 1.0])
+    else:  # every sample scores below its reference's 1
+        expected = torch.tensor([-1.0, -1.0, -1.0, -1.0, 0.0] * 2)
     torch.testing.assert_close(batch["rewards"], expected)
     _assert_same_gradients(grads["torch"], grads["reference"])
 

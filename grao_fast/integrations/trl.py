@@ -11,9 +11,10 @@ How GRAO maps onto TRL 1.x (GRAO_SPEC.md gives the loss):
   computes GRAO's advantages from these rewards; TRL's ``scale_rewards`` is not used. Logged
   ``reward``, ``reward_std``, ``rewards/<fn>/*``, ``frac_reward_zero_std`` and ``completions/*``
   cover the samples only; ``reward/reference`` is the references' mean reward. With
-  ``reward_mode="relative"`` (the paper's judge) the loss sees instead each sample's
-  ``sign(reward - its reference's reward)`` and 0 for the reference, logged as
-  ``reward/relative`` (the samples' mean); the logged rewards stay the functions' own.
+  ``reward_mode="relative"`` (the paper's judge; the default unless the objective is GRPO's)
+  the loss sees each sample's ``sign(reward - its reference's reward)`` and 0 for the
+  reference, logged as ``reward/relative`` (the samples' mean); with ``"absolute"`` the rewards
+  themselves. The logged rewards stay the functions' own.
 * **Batches and processes.** Every micro-batch on every process holds whole groups
   (``trl_config``'s docstring gives the path of the rows); the generation batch is shuffled
   group by group.

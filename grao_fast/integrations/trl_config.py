@@ -27,7 +27,7 @@ from trl import GRPOConfig
 from grao_fast.reference import TERMS
 
 BACKENDS = ("auto", "torch", "triton", "reference")
-REWARD_MODES = ("absolute", "relative")
+REWARD_MODES = ("auto", "absolute", "relative")
 # TRL's loss_type -> grao_loss's length_norm (dr_grpo: max_tokens = max_completion_length;
 # luspo: max_tokens = 1, each row's term times its length); cispo and sapo also select their
 # ratio_policy (RATIO_POLICIES).
@@ -98,10 +98,12 @@ class GRAOConfig(GRPOConfig):
     grao_eps: float = _option(1e-6, "Added to the group's (population) reward std.")
     reference_in_group: bool = _option(True, "Include the reference's reward in the group stats.")
     reward_mode: str = _option(
-        "absolute",
-        "absolute: each row's summed reward as it is (the reference scored like a sample); "
+        "auto",
         "relative: the paper's judge, each sample's sign(reward - its reference's reward) on "
-        "{-1, 0, 1} and the reference 0.",
+        "{-1, 0, 1} and the reference 0; absolute: each row's summed reward as it is (the "
+        "reference scored like a sample); auto (resolved here): relative, or absolute where the "
+        "reference takes no part in the loss (grao_terms=['exploration'] with "
+        "reference_in_group=False: GRPO's objective).",
     )
     grao_backend: str = _option("auto", "Loss backend: auto, torch, triton or reference.")
     use_fused_linear: bool = _option(False, "Fuse the lm_head into the loss: no [N, T, V] logits.")
@@ -123,6 +125,9 @@ class GRAOConfig(GRPOConfig):
             raise ValueError(f"grao_terms must be a non-empty subset of {TERMS}: {self.grao_terms}")
         if self.reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {self.reward_mode!r}")
+        if self.reward_mode == "auto":  # the paper study's choice where the reference takes part
+            grpo = list(self.grao_terms) == ["exploration"] and not self.reference_in_group
+            self.reward_mode = "absolute" if grpo else "relative"
         if self.grao_backend not in BACKENDS:
             raise ValueError(f"grao_backend must be one of {BACKENDS}, got {self.grao_backend!r}")
 

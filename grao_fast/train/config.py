@@ -36,11 +36,12 @@ class TrainConfig:
     split: str = _f("train", "dataset split for hf: data")
     reward: str = _f("position_match", "position_match, exact, token_f1, or rm:<model directory>")
     reward_mode: str = _f(
-        "absolute",
-        "absolute (each row scored alone: the reference gets its own score) or relative (the "
-        "paper's judge: each sample against its group's reference, sign(score - reference "
-        "score) on {-1, 0, 1}, the reference 0); prefer relative when the reference is the best "
-        "answer the reward can give (it keeps imitation from dominating); not with sft",
+        "auto",
+        "relative (the paper's judge: each sample against its group's reference, sign(score - "
+        "reference score) on {-1, 0, 1}, the reference 0), absolute (each row scored alone: the "
+        "reference gets its own score) or auto: relative for --loss grao (better at the default "
+        "--beta, --lam in the paper study), absolute for grpo (the reference takes no part); "
+        "not with sft (no rewards)",
     )
     eval_every: int = _f(
         0, "greedy evaluation on the held-out prompts every K steps and at the end (0: off)"
@@ -133,11 +134,22 @@ NOT_WRITABLE = (Path("/proc"), Path("/sys"))
 # Settings a loss does not use: setting them away from their default is an error, not a no-op.
 UNUSED_BY_LOSS = {
     "grpo": ("terms", "beta", "lam"),
-    "sft": ("terms", "beta", "lam", "kl_coef", "is_cap", "fused_linear", "num_iterations",
-            "clip_eps_low", "clip_eps_high", "importance_level", "length_norm", "entropy_coef"),
+    "sft": ("terms", "beta", "lam", "reward_mode", "kl_coef", "is_cap", "fused_linear",
+            "num_iterations", "clip_eps_low", "clip_eps_high", "importance_level", "length_norm",
+            "entropy_coef"),
 }  # fmt: skip
 # Settings of the clipped ratio: with one update per batch the policy is the one that sampled it.
 NEEDS_ITERATIONS = ("clip_eps_low", "clip_eps_high", "importance_level")
+
+
+def reward_mode_of(cfg: TrainConfig) -> str | None:
+    """The rewards the loss sees: ``--reward-mode``, with ``auto`` resolved (relative when the
+    reference takes part in the loss, absolute for ``--loss grpo``); None for ``--loss sft``."""
+    if cfg.loss == "sft":
+        return None
+    if cfg.reward_mode != "auto":
+        return cfg.reward_mode
+    return "absolute" if cfg.loss == "grpo" else "relative"
 
 
 def terms_of(cfg: TrainConfig) -> tuple[str, ...]:
@@ -295,12 +307,10 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
 
 def check_study_options(cfg: TrainConfig) -> None:
     """The reward mode, the held-out evaluation and the per-term gradient norms."""
-    if cfg.reward_mode not in ("absolute", "relative"):
+    if cfg.reward_mode not in ("auto", "absolute", "relative"):
         raise ValueError(
-            f"reward_mode: expected one of ('absolute', 'relative'), got {cfg.reward_mode!r}"
+            f"reward_mode: expected one of ('auto', 'absolute', 'relative'), got {cfg.reward_mode!r}"
         )
-    if cfg.reward_mode == "relative" and cfg.loss == "sft":
-        raise ValueError("reward_mode: --loss sft uses no rewards; leave it at 'absolute'")
     for name in ("eval_every", "eval_prompts"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name}: must be >= 0, got {getattr(cfg, name)}")

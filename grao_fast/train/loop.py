@@ -45,7 +45,7 @@ from grao_fast.train.batch import (
     attention_implementation,
     packing_of,
 )
-from grao_fast.train.config import TrainConfig, check_config
+from grao_fast.train.config import TrainConfig, check_config, reward_mode_of
 from grao_fast.train.console import output_to_log
 from grao_fast.train.data import PromptSampler
 from grao_fast.train.evaluate import evaluate, split_held_out
@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None) ->
 def loss_rewards(cfg: TrainConfig, scores: torch.Tensor) -> torch.Tensor:
     """The rewards the loss sees: the task's scores (``absolute``), or each sample judged
     against its group's reference (``relative``, the paper's convention)."""
-    return relative_to_reference(scores) if cfg.reward_mode == "relative" else scores
+    return relative_to_reference(scores) if reward_mode_of(cfg) == "relative" else scores
 
 
 def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_step,
@@ -224,8 +224,8 @@ def run_steps(cfg, run: Run, tokenizer, sampler, reward_fn, device, console, on_
             batches = micro_batches(cfg, model, ref_model, rollouts=rollouts, refs=refs,
                                     rewards=loss_rewards(cfg, rewards), pad_id=pad, packed=packed,
                                     device=device)  # fmt: skip
-            extra = {"reward_mode": cfg.reward_mode}
-            if cfg.reward_mode == "relative":  # the share of samples beating minus losing to y
+            extra = {"reward_mode": reward_mode_of(cfg)}
+            if extra["reward_mode"] == "relative":  # the share of samples beating minus losing to y
                 extra["reward_relative"] = batches_mean_relative(batches)
             if held_out and step == 1:  # the starting policy
                 initial = evaluate(model, tokenizer, held_out, reward_fn, cfg.max_new_tokens)

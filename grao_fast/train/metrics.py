@@ -36,7 +36,8 @@ METRICS = {
     "share_exploration": "|exploration| / (|exploration| + |imitation| + |alignment|) (not SFT)",
     "share_imitation": "|imitation| / the same sum (not SFT)",
     "share_alignment": "|alignment| / the same sum (not SFT)",
-    "reward_mode": "--reward-mode: absolute or relative",
+    "reward_mode": "the rewards the loss saw, absolute or relative (--reward-mode, auto resolved; "
+    "not SFT)",
     "reward_relative": "mean relative reward of the samples, sign(score - reference score): the "
     "share beating their reference minus the share losing to it (--reward-mode relative)",
     "grad_norm_<term>": "norm of the gradient of one active term alone, and of their sum "

@@ -53,12 +53,14 @@ TASKS = {
                ("--reward", "exact", "--max-new-tokens", "10")),
 }  # fmt: skip
 
-# The group losses and SFT of the warm and cold studies; each method is a list of flags.
+# The group losses and SFT of the warm and cold studies; each method is a list of flags. Their
+# GRAO runs score each row alone (they predate the paper's reward convention).
+ABSOLUTE = ["--reward-mode", "absolute"]
 GRAO_METHODS: dict[str, list[str]] = {
-    "GRAO": [],
-    "GRAO w/o exploration": ["--terms", "imitation,alignment"],
-    "GRAO w/o imitation": ["--terms", "exploration,alignment"],
-    "GRAO w/o alignment": ["--terms", "exploration,imitation"],
+    "GRAO": ABSOLUTE,
+    "GRAO w/o exploration": ["--terms", "imitation,alignment", *ABSOLUTE],
+    "GRAO w/o imitation": ["--terms", "exploration,alignment", *ABSOLUTE],
+    "GRAO w/o alignment": ["--terms", "exploration,imitation", *ABSOLUTE],
     "GRPO": ["--loss", "grpo"],
     "SFT": ["--loss", "sft"],
 }
@@ -86,8 +88,8 @@ STUDIES = {
         methods={
             **GRAO_METHODS,
             "SFT, equal rows": SFT_EQUAL_ROWS,
-            "GRAO, 2 updates (clip)": ["--num-iterations", "2"],
-            "GRAO, token norm": ["--length-norm", "token"],
+            "GRAO, 2 updates (clip)": ["--num-iterations", "2", *ABSOLUTE],
+            "GRAO, token norm": ["--length-norm", "token", *ABSOLUTE],
         },
         seeds=(0, 1, 2, 3, 4),
         steps=80,
