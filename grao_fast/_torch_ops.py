@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from grao_fast import _memory
+
 # Float32 working set of one chunk (upcast logits + probabilities): 64 MiB is large enough that
 # the per-chunk Python overhead is negligible at vocabulary 32k-152k and small beside any model.
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -129,10 +131,12 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
     safe = torch.where(in_range, labels, 0).long()[:, None]
     # The chunks' working buffers, allocated once: a fresh [r, V] buffer per chunk would be
     # fresh pages from the OS each time (on CPU the page faults cost as much as a pass).
-    work = None if direct else torch.empty(min(rows, m), v, dtype=acc, device=logits.device)
+    shape = (min(rows, m), v)
+    work = None if direct else _memory.empty(*shape, dtype=acc, device=logits.device)
     work_e, work_ez = (
-        (torch.empty_like(work), torch.empty_like(work)) if compute_entropy else (None, None)
-    )
+        [_memory.empty(*shape, dtype=acc, device=logits.device) for _ in range(2)]
+        if compute_entropy else (None, None)
+    )  # fmt: skip
     for start in range(0, m, rows):
         sl = slice(start, min(start + rows, m))
         r = sl.stop - sl.start

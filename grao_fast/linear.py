@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed
 
-from . import reference, vocab_parallel
+from . import _memory, reference, vocab_parallel
 from ._ops import TokenInputs, _impl, resolve_backend
 from ._plan import GRAOOutput, attach, forward
 from ._validation import prepare
@@ -151,7 +151,7 @@ def _chunks(
     step = chunk_tokens(v, compute, chunk_bytes)
     # [c, V] logits of a chunk: the only vocabulary-sized buffer, written by the GEMM of every
     # chunk in turn (allocated once).
-    buffer = torch.empty(min(step, m), w.shape[0], dtype=compute, device=hidden.device)
+    buffer = _memory.empty(min(step, m), w.shape[0], dtype=compute, device=hidden.device)
     for start in range(0, m, step):
         sl = slice(start, min(start + step, m))
         xc = hidden[sl].to(compute)
@@ -254,9 +254,9 @@ def _gradient_buffers(hidden, weight, bias, compute, grad_weight_fp32: bool, acc
     if grad_weight_fp32:
         gw_dtype = torch.promote_types(gw_dtype, torch.float32)
     return leaves, (
-        torch.empty(hidden.numel() // h, h, dtype=hidden.dtype, device=hidden.device)
+        _memory.empty(hidden.numel() // h, h, dtype=hidden.dtype, device=hidden.device)
         if need[0] else None,
-        torch.zeros(v, h, dtype=gw_dtype, device=weight.device) if need[1] else None,
+        _memory.zeros(v, h, dtype=gw_dtype, device=weight.device) if need[1] else None,
         torch.zeros(v, dtype=acc, device=weight.device) if need[2] else None,
     )  # fmt: skip
 

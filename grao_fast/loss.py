@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from . import _torch_ops, reference, vocab_parallel
+from . import _memory, _torch_ops, reference, vocab_parallel
 from ._ops import RowOptions, TokenInputs, resolve_backend, row_pass, triton_available
 from ._plan import GRAOOutput, attach, forward, row_options
 from ._validation import check_label_range, check_logits_labels, check_rewards, prepare
@@ -132,8 +132,8 @@ def grao_loss(
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     grad = None
     if need_grad:
-        contiguous = torch.contiguous_format
-        grad = logits if inplace else torch.empty_like(logits, memory_format=contiguous)
+        shape, dtype = logits.shape, logits.dtype
+        grad = logits if inplace else _memory.empty(*shape, dtype=dtype, device=logits.device)
     if shard is None:
         rows = partial(row_pass, logits, batch.labels)
     else:
@@ -171,7 +171,7 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_logp):
         logits, labels = ctx.saved_tensors
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad = _memory.empty(*logits.shape, dtype=logits.dtype, device=logits.device)
         coef = d_logp.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1)
         ctx.rows(logits, labels, grad, TokenInputs(coef=coef), ctx.opts)
         return grad, None, None, None

@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from . import _memory
 from ._ops import RowOptions, TokenInputs
 from ._torch_ops import DEFAULT_CHUNK_BYTES, _as_matrix, token_scale
 
@@ -164,14 +165,17 @@ def row_pass(
         x = logits.reshape(-1, v)
     copy_back = grad is not None and g_out is None
     if copy_back:
-        g_out = torch.empty(x.shape, dtype=grad.dtype, device=grad.device)
+        g_out = _memory.empty(*x.shape, dtype=grad.dtype, device=grad.device)
     m = labels.numel()
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     rows = max(1, budget // (8 * max(v, 1)))  # two float32 [rows, size] buffers per chunk
     # Allocated once for all the chunks of both passes (fresh pages per chunk cost a pass).
-    work = torch.empty(min(rows, m), v, dtype=acc, device=labels.device)
-    work_e = torch.empty_like(work) if opts.compute_entropy else None
+    shape = (min(rows, m), v)
+    work = _memory.empty(*shape, dtype=acc, device=labels.device)
+    work_e = None
+    if opts.compute_entropy:
+        work_e = _memory.empty(*shape, dtype=acc, device=labels.device)
     stats = torch.empty(6, m, dtype=acc, device=labels.device)
     for start in range(0, m, rows):
         sl = slice(start, min(start + rows, m))

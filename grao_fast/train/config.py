@@ -309,7 +309,8 @@ def check_study_options(cfg: TrainConfig) -> None:
     """The reward mode, the held-out evaluation and the per-term gradient norms."""
     if cfg.reward_mode not in ("auto", "absolute", "relative"):
         raise ValueError(
-            f"reward_mode: expected one of ('auto', 'absolute', 'relative'), got {cfg.reward_mode!r}"
+            "reward_mode: expected one of ('auto', 'absolute', 'relative'), got "
+            f"{cfg.reward_mode!r}"
         )
     for name in ("eval_every", "eval_prompts"):
         if getattr(cfg, name) < 0:
