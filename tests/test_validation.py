@@ -378,3 +378,16 @@ def test_entry_point_errors_word_for_word():
         with pytest.raises(exc) as err:
             call()
         assert str(err.value) == message
+
+
+def test_token_inputs_are_read_in_the_statistics_dtype():
+    """Per-token inputs of another floating dtype are converted once: float64 ones with float32
+    logits give the float32 call's outputs, bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    old = -3 * torch.rand(N, T, generator=gen)
+    inputs = {"old_logps": old, "ref_logps": old - 0.1, "token_weights": torch.rand(N, T)}
+    want = _call(**inputs, kl_coef=0.1)
+    got = _call(**{k: v.double() for k, v in inputs.items()}, kl_coef=0.1)
+    for field in ("loss", "kl", "clip_fraction", "seq_logps"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), field
