@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_loss import old_in_every_band
 from tolerances import assert_close
-from train_helpers import made_up_micro_batches, short_cfg
+from train_helpers import made_up_micro_batches, made_up_step, short_cfg
 
 from grao_fast import grao_loss
-from grao_fast.train import IGNORE, TrainConfig, train
+from grao_fast.train import IGNORE, TrainConfig, build_batch, train
 from grao_fast.train.step import policy_loss
 
 SETTINGS = {
@@ -137,3 +137,179 @@ def test_resume_with_vllm_rollouts_resyncs_the_engine(tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for key in ("reward", "completion_tokens", "loss", "exploration", "imitation", "alignment"):
         assert resumed[2][key] == pytest.approx(expected[2][key], rel=1e-5, abs=1e-6), key
+
+
+# ---- one step: micro-batches, accumulation, updates, per-term gradients ----
+
+
+def _moved(model, scale=0.05, seed=1):
+    """A frozen copy of ``model`` with its weights moved by noise (a reference policy with a
+    nonzero KL)."""
+    import copy
+
+    other = copy.deepcopy(model).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+def _flat_grad(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+
+
+def _ratios_by_hand(cfg, model, rollouts, refs) -> torch.Tensor:
+    """The --is-cap ratios of the sample rows, exp(mean over the row's answer tokens of policy
+    - sampler log-prob), from one padded forward of every row (float64 log-softmax)."""
+    grpo = cfg.loss == "grpo"
+    batch = build_batch(rollouts, refs, pad_id=0, reference_rows=not grpo)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels, mask = batch["labels"], batch["labels"] != IGNORE
+    logp = torch.log_softmax(logits.double() / cfg.temperature, -1)
+    logp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    log_ratio = ((logp - batch["sampler_logps"].double()) * mask).sum(-1) / mask.sum(-1)
+    sample = torch.ones(len(mask), dtype=torch.bool)
+    if not grpo:
+        sample[cfg.group_size :: cfg.group_size + 1] = False
+    return log_ratio[sample].exp()
+
+
+STEP = dict(batch_prompts=4, group_size=3, grad_accum=2, max_new_tokens=5, temperature=0.8,
+            kl_coef=0.2, num_iterations=2, entropy_coef=0.05, is_cap=1.5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change", [dict(), dict(packed=True), dict(loss="grpo", packed=True)],
+    ids=["padded", "packed", "grpo_packed"],
+)  # fmt: skip
+def test_accumulated_gradient_and_parts_weight_each_micro_batch(tiny_model_dir, monkeypatch,
+                                                                change):  # fmt: skip
+    """accumulate_gradients: the gradient of the mean over the B groups (each micro-batch's
+    loss weighted by its share of the groups), every part the loss computed (KL, clipped share,
+    entropy) weighted alike, and the --is-cap ratios over the sample rows of all micro-batches,
+    recomputed here from one padded forward."""
+    from grao_fast.train import step
+
+    model = _model(tiny_model_dir)
+    cfg = TrainConfig(**STEP, loss=change.get("loss", "grao"))
+    rollouts, refs, _ = made_up_step(cfg)
+    batches = made_up_micro_batches(cfg, model, change.get("packed", False), _moved(model))
+    assert len(batches) == 2 and all(mb.ref_logps is not None for mb in batches)
+    results, original = [], step.policy_loss
+    monkeypatch.setattr(step, "policy_loss", lambda *a: results.append(original(*a)) or results[-1])
+    model.zero_grad(set_to_none=True)
+    parts = step.accumulate_gradients(cfg, model, batches)
+    grad = _flat_grad(model)
+    keys = ("loss", "exploration", "imitation", "alignment", "kl", "clip_fraction", "entropy")
+    stats = ("is_ratio_min", "is_ratio_mean", "is_ratio_max")
+    assert list(parts) == [*keys, *stats] and len(results) == 2
+    for key in keys:
+        assert parts[key] == pytest.approx(sum(float(r[key].detach()) for r in results) / 2, rel=1e-12)
+    assert parts["kl"] > 0 and parts["entropy"] > 0
+    # The gradient: each micro-batch's loss times 2/4 (the share of its groups), summed.
+    params = list(model.parameters())
+    expected = 0
+    for mb in batches:
+        g = torch.autograd.grad(original(cfg, model, mb)["loss"] / 2, params)
+        expected = expected + torch.cat([x.flatten() for x in g]).double()
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7 * float(expected.abs().max()))
+    ratios = _ratios_by_hand(cfg, model, rollouts, refs)
+    assert len(ratios) == cfg.batch_prompts * cfg.group_size and ratios.std() > 0
+    for stat in stats:
+        want = float(getattr(ratios, stat.removeprefix("is_ratio_"))())
+        assert parts[stat] == pytest.approx(want, rel=1e-5), stat
+
+
+def test_parts_of_a_loss_without_options_are_the_terms_alone(tiny_model_dir):
+    """Without --kl-coef, --num-iterations, --entropy-coef and --is-cap there is nothing else to
+    log: the loss and its three terms."""
+    from grao_fast.train.step import accumulate_gradients
+
+    model = _model(tiny_model_dir)
+    cfg = TrainConfig(batch_prompts=2, group_size=3, max_new_tokens=5)
+    parts = accumulate_gradients(cfg, model, made_up_micro_batches(cfg, model, packed=False))
+    assert list(parts) == ["loss", "exploration", "imitation", "alignment"]
+    assert parts["loss"] == pytest.approx(-(parts["exploration"] + parts["imitation"]
+                                            + parts["alignment"]), rel=1e-5)  # fmt: skip
+
+
+def test_update_steps_num_iterations_times_and_averages_them(tiny_model_dir, monkeypatch):
+    """update: K = --num-iterations optimizer steps, each on a fresh gradient clipped to
+    --max-grad-norm; the logged parts and gradient norm (before clipping) are means over the K
+    updates, the --is-cap ratios the first update's (the policy of the old log-probs); the rows
+    and positions backpropagated are K times the micro-batches'."""
+    from grao_fast.train import step
+
+    model = _model(tiny_model_dir)
+    cfg = TrainConfig(batch_prompts=4, group_size=3, grad_accum=2, max_new_tokens=5,
+                      num_iterations=3, is_cap=1.5, max_grad_norm=0.05)  # fmt: skip
+    batches = made_up_micro_batches(cfg, model, packed=True)
+    calls, norms, stepped = [], [], []
+    original = step.accumulate_gradients
+
+    def spy(*args):
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+        parts = original(*args)
+        calls.append(dict(parts))
+        norms.append(float(_flat_grad(model).norm()))
+        return parts
+
+    monkeypatch.setattr(step, "accumulate_gradients", spy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer.register_step_pre_hook(lambda *_: stepped.append(float(_flat_grad(model).norm())))
+    record = step.update(cfg, model, optimizer, batches)
+    assert len(calls) == len(stepped) == 3
+    assert min(norms) > cfg.max_grad_norm  # clipped: each step's gradient has the norm's limit
+    assert stepped == pytest.approx([cfg.max_grad_norm] * 3, rel=1e-4)  # eps 1e-6
+    # 16 rows (4 groups of 3 samples and the reference), their positions packed.
+    assert record["updates"] == 3 and record["rows_backpropagated"] == 3 * 16
+    tokens = sum(mb.batch["input_ids"].numel() for mb in batches)
+    assert record["tokens_backpropagated"] == 3 * tokens
+    assert record["grad_norm"] == pytest.approx(sum(norms) / 3, rel=1e-4)  # float32 norms
+    assert calls[0]["is_ratio_mean"] != calls[1]["is_ratio_mean"]  # the policy moved
+    for key, value in calls[0].items():
+        if key.startswith("is_ratio_"):
+            assert record[key] == value, key
+        else:
+            assert record[key] == pytest.approx(sum(c[key] for c in calls) / 3, rel=1e-12), key
+
+
+def test_term_gradients_are_each_terms_alone(tiny_model_dir):
+    """--log-term-grads: each active term's gradient with the KL and entropy bonus off and the
+    reference log-probs dropped (the reference's loss with that term only, by autograd), over
+    the parameters that train (a frozen one left out, one the loss never reaches counted as
+    zero); their norms, the norm of their sum, and the cosine of every pair; no gradient left
+    behind."""
+    from grao_fast.train.step import term_gradients
+
+    model = _model(tiny_model_dir)
+    model.register_parameter("unreached", torch.nn.Parameter(torch.ones(3)))
+    frozen = model.model.norm.weight.requires_grad_(False)
+    cfg = TrainConfig(batch_prompts=2, group_size=3, max_new_tokens=5, kl_coef=0.5,
+                      entropy_coef=0.1, terms="exploration,alignment")  # fmt: skip
+    (mb,) = made_up_micro_batches(cfg, model, packed=False, ref_model=_moved(model))
+    logged = term_gradients(cfg, model, [mb])
+    assert all(p.grad is None for p in model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert frozen is not None and len(params) == len(list(model.parameters())) - 1
+    grads = {}
+    for term in ("exploration", "alignment"):
+        alone = replace(cfg, terms=term, kl_coef=0.0, entropy_coef=0.0)
+        loss = _expected(alone, model, mb).loss
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+        grads[term] = torch.cat([
+            (x if x is not None else torch.zeros_like(p)).flatten().double()
+            for x, p in zip(g, params, strict=True)
+        ])  # fmt: skip
+    grads["total"] = grads["exploration"] + grads["alignment"]
+    pairs = [("exploration", "alignment"), ("exploration", "total"), ("alignment", "total")]
+    assert list(logged) == [f"grad_norm_{k}" for k in grads] + [f"grad_cos_{a}_{b}"
+                                                                for a, b in pairs]  # fmt: skip
+    for name, g in grads.items():
+        assert logged[f"grad_norm_{name}"] == pytest.approx(float(g.norm()), rel=1e-4)
+    cos = torch.nn.functional.cosine_similarity
+    for a, b in pairs:
+        want = float(cos(grads[a], grads[b], dim=0))
+        assert logged[f"grad_cos_{a}_{b}"] == pytest.approx(want, rel=1e-4, abs=1e-6)
