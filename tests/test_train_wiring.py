@@ -313,3 +313,147 @@ def test_term_gradients_are_each_terms_alone(tiny_model_dir):
     for a, b in pairs:
         want = float(cos(grads[a], grads[b], dim=0))
         assert logged[f"grad_cos_{a}_{b}"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+# ---- the loop: what each step passes on and logs ----
+
+
+def _spy_on_the_loop(monkeypatch, loop, names):
+    """Wrap the loop's collaborators ``names``: each call is logged in order in ``calls`` as
+    ``(name, args, kwargs, result)``; the engine's generate and sync_weights too. A step's first
+    sample of its first prompt is made the reference answer (padded with spaces), so that the
+    exact-answer share is not 0."""
+    calls = []
+
+    def spy(name, original):
+        def called(*args, **kwargs):
+            result = original(*args, **kwargs)
+            calls.append((name, args, kwargs, result))
+            return result
+
+        return called
+
+    for name in names:
+        monkeypatch.setattr(loop, name, spy(name, getattr(loop, name)))
+    make_engine = loop.make_engine
+
+    def engine_spy(*args, **kwargs):
+        engine = make_engine(*args, **kwargs)
+        generate, sync = engine.generate, engine.sync_weights
+
+        def generated(prompts, *, seed):
+            rollouts = generate(prompts, seed=seed)
+            sampler = next(c[3] for c in calls if c[0] == "PromptSampler")
+            step = sum(c[0] == "generate" for c in calls)
+            rollouts[0].completions[0] = f" {sampler.batch(step)[0].reference} "
+            calls.append(("generate", (prompts,), {"seed": seed}, rollouts))
+            return rollouts
+
+        engine.generate = generated
+        engine.sync_weights = lambda model: (calls.append(("sync", (model,), {}, None)), sync(model))
+        return engine
+
+    monkeypatch.setattr(loop, "make_engine", engine_spy)
+    return calls
+
+
+def test_run_logs_what_each_step_computed(tmp_path, monkeypatch, capfd):
+    """run_steps: each step's prompts, sampling seed, rewards, micro-batches, evaluation, term
+    gradients, update, weight sync, checkpoints and plot, in this order and with the run's
+    objects; its record is the step's scores, the update's parts, the learning rate of the
+    warm-up, the term shares, the relative rewards and the evaluations, written to
+    metrics.jsonl and handed to on_step; the terminal shows the run's bar."""
+    import json
+
+    from grao_fast.train import loop
+    from grao_fast.train.rewards import relative_to_reference
+    from grao_fast.train.rollout import encode_prompt
+
+    names = ("load_policy", "PromptSampler", "get_reward", "score_groups", "micro_batches",
+             "evaluate", "term_gradients", "update", "save_checkpoint")  # fmt: skip
+    calls = _spy_on_the_loop(monkeypatch, loop, names)
+    monkeypatch.setattr(loop, "plot_metrics", lambda *a: calls.append(("plot", a, {}, None)))
+    cfg = short_cfg(tmp_path, name="wiring", steps=3, grad_accum=2, seed=2, kl_coef=0.1,
+                    is_cap=1.5, entropy_coef=0.01, num_iterations=2, log_term_grads=True,
+                    eval_prompts=2, eval_every=2, warmup_steps=3, checkpoint_every=2,
+                    keep_checkpoints=1, plot=True)  # fmt: skip
+    handed = []
+    records = train(cfg, on_step=lambda r: (handed.append(r), calls.append(("on_step",) * 4)))
+    out = cfg.out
+    order = [c[0] for c in calls]
+    step = ["generate", "score_groups", "micro_batches", "term_gradients", "update", "sync"]
+    assert order == ["PromptSampler", "get_reward", "load_policy",
+                     *step[:3], "evaluate", *step[3:], "on_step",
+                     *step, "evaluate", "save_checkpoint", "on_step",
+                     *step, "evaluate", "save_checkpoint", "on_step", "plot"]  # fmt: skip
+    of = lambda name: [c for c in calls if c[0] == name]  # noqa: E731
+    ((_, _, _, reward_fn),) = of("get_reward")
+    ((_, sampler_args, _, sampler),) = of("PromptSampler")
+    ((_, _, _, (model, ref_model, optimizer, scheduler, start)),) = of("load_policy")
+    assert start == 0 and not ref_model.training and ref_model is not model
+    assert sampler_args[1:] == (cfg.batch_prompts, cfg.seed)
+    tokenizer = of("save_checkpoint")[0][2]["tokenizer"]
+    evals = of("evaluate")
+    held_out = evals[0][1][2]
+    assert len(held_out) == 2 and not {ex.prompt for ex in held_out} & {
+        ex.prompt for ex in sampler_args[0]
+    }
+    assert all(c[1] == (model, tokenizer, held_out, reward_fn, cfg.max_new_tokens) for c in evals)
+    assert [c[1] for c in of("sync")] == [(model,)] * 3
+
+    assert handed == records
+    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == records
+    for s, record in enumerate(records, 1):
+        batch = sampler.batch(s - 1)
+        (_, (prompts,), kw, rollouts) = of("generate")[s - 1]
+        assert prompts == [encode_prompt(tokenizer, ex.prompt) for ex in batch]
+        assert kw == {"seed": (cfg.seed * 1_000_003 + s) * cfg.batch_prompts}
+        texts, answers = [r.completions for r in rollouts], [ex.reference for ex in batch]
+        (_, args, _, scores) = of("score_groups")[s - 1]
+        assert args == (reward_fn, [ex.prompt for ex in batch], texts, answers)
+        (_, args, kw, batches) = of("micro_batches")[s - 1]
+        relative = relative_to_reference(scores)
+        refs = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for a in answers]  # fmt: skip
+        assert args == (cfg, model, ref_model) and torch.equal(kw.pop("rewards"), relative)
+        assert kw == dict(rollouts=rollouts, refs=refs, pad_id=tokenizer.pad_token_id,
+                          packed=False, device=torch.device("cpu"))  # fmt: skip
+        (_, args, _, grads) = of("term_gradients")[s - 1]
+        assert args == (cfg, model, batches) and len(grads) == 10
+        (_, args, _, parts) = of("update")[s - 1]
+        assert args == (cfg, model, optimizer, batches)
+        samples, exact = scores[:, :-1], [t.strip() == a.strip() for ts, a in zip(texts, answers)
+                                          for t in ts]  # fmt: skip
+        lengths = [len(c) for r in rollouts for c in r.completion_ids]
+        total = sum(abs(parts[t]) for t in ("exploration", "imitation", "alignment"))
+        expected = {
+            "step": s, "reward": samples.mean().item(),
+            "reward_reference": scores[:, -1].mean().item(),
+            "solved": (samples >= scores[:, -1:]).float().mean().item(),
+            "exact": sum(exact) / 6, **parts, "lr": cfg.lr * min(1.0, (s + 1) / 3),
+            "completion_tokens": sum(lengths) / 6, "seconds": record["seconds"],
+            **{f"share_{t}": abs(parts[t]) / total for t in ("exploration", "imitation",
+                                                              "alignment")},  # fmt: skip
+            "reward_mode": "relative", "reward_relative": relative[:, :-1].mean().item(), **grads,
+        }  # fmt: skip
+        if s == 1:
+            expected.update({f"{k}_initial": v for k, v in evals[0][3].items()})
+        else:
+            expected.update(evals[s - 1][3])
+        assert record == expected, s
+        assert 0 < record["seconds"] < 600 and 0 < record["exact"] < 1
+        assert None not in (record["kl"], record["clip_fraction"], record["entropy"],
+                            record["is_ratio_mean"])  # fmt: skip
+    assert [(c[1], c[2]) for c in of("save_checkpoint")] == [
+        ((out, s), dict(model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        scheduler=scheduler, keep=1)) for s in (2, 3)
+    ]  # fmt: skip
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
+    assert of("plot")[0][1] == (records, out / "plot.png")
+    err = capfd.readouterr().err
+    last = records[-1]
+    shares = "/".join(f"{last[f'share_{t}']:.2f}" for t in ("exploration", "imitation",
+                                                              "alignment"))  # fmt: skip
+    for shown in ("wiring: 100%", "3/3", f"reward={last['reward']:.3f}",
+                  f"loss={last['loss']:.3f}", f"EIA={shares}"):  # fmt: skip
+        assert shown in err, shown
