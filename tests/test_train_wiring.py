@@ -107,8 +107,9 @@ def test_sft_loss_is_the_nll_of_the_references(tiny_model_dir):
     assert_close(loss, nll, torch.float32, "value")
 
 
-def test_sft_run_logs_the_nll(tmp_path, monkeypatch):
-    """The logged loss of a --loss sft step is the loss of its micro-batches (not, say, 0)."""
+def test_sft_run_logs_the_nll(tmp_path, monkeypatch, capfd):
+    """The logged loss of a --loss sft step is the loss of its micro-batches (not, say, 0); no
+    GRAO terms, term shares or reward mode (the bar shows shares of 0)."""
     from grao_fast.train import step
 
     seen = []
@@ -119,6 +120,10 @@ def test_sft_run_logs_the_nll(tmp_path, monkeypatch):
     expected = sum(float(s["loss"].detach()) for s in seen) / 2
     assert record["loss"] == pytest.approx(expected, rel=1e-6)
     assert record["loss"] > 0
+    assert [record[t] for t in ("exploration", "imitation", "alignment")] == [None] * 3
+    assert record["reward_mode"] is None and "reward_relative" not in record
+    assert not any(key.startswith("share_") for key in record)
+    assert "EIA=0.00/0.00/0.00" in capfd.readouterr().err
 
 
 @pytest.mark.slow
@@ -457,3 +462,149 @@ def test_run_logs_what_each_step_computed(tmp_path, monkeypatch, capfd):
     for shown in ("wiring: 100%", "3/3", f"reward={last['reward']:.3f}",
                   f"loss={last['loss']:.3f}", f"EIA={shares}"):  # fmt: skip
         assert shown in err, shown
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(tmp_path, monkeypatch,
+                                                                      capfd, tiny_model_dir):  # fmt: skip
+    """A run that crashed while saving step 2 (its line logged, then cut) resumes from step 1's
+    checkpoint: the weights, AdamW's moments, the warm-up's learning rate and the logged
+    records continue as if uninterrupted, the bar counts on from step 1, the settings are saved
+    again, and a given model is used where it is (no init-model). A start-up that fails removes
+    a new run's directory, never a resumed one's. The attention cannot keep packed rows apart
+    here: --packed pads, and says so once a run, on the terminal and in train.log."""
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file
+
+    from grao_fast.train import loop
+
+    monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
+    full = short_cfg(tmp_path, model=str(tiny_model_dir), steps=2, checkpoint_every=1, seed=3,
+                     warmup_steps=4, kl_coef=0.1, packed=True, output_dir=str(tmp_path / "full"))
+    expected = train(full)
+    parted = replace(full, output_dir=str(tmp_path / "parted"))
+    save = loop.save_checkpoint
+
+    def crash_at_step_2(out, step, **kwargs):
+        if step == 2:
+            raise _Crash
+        return save(out, step, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_at_step_2)
+    with pytest.raises(_Crash):
+        train(parted)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    metrics = parted.out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    assert len(lines) == 2
+    metrics.write_text(f"{lines[0]}\n{lines[1][:20]}")  # step 2's line cut by the crash
+    capfd.readouterr()
+    resumed_cfg = replace(parted, resume=True)
+    resumed = train(resumed_cfg)
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert drop(resumed) == drop(expected) and resumed[1]["lr"] == full.lr * 3 / 4
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert drop(logged) == drop(expected)
+    weights = [load_file(c.out / "checkpoints" / "step-000002" / "model.safetensors")
+               for c in (full, parted)]  # fmt: skip
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert json.loads((parted.out / "config.json").read_text()) == asdict(resumed_cfg)
+    assert not (parted.out / "init-model").exists()
+    err = capfd.readouterr().err
+    message = "--packed: the eager attention cannot keep packed rows apart"
+    assert "2/2" in err and "0/2" not in err and err.count(message) == 1
+    assert (parted.out / "train.log").read_text().count(message) == 2
+
+    monkeypatch.setattr(loop, "make_engine", lambda *a, **kw: (_ for _ in ()).throw(_Crash()))
+    with pytest.raises(_Crash):
+        train(replace(resumed_cfg, steps=3))
+    assert (parted.out / "checkpoints" / "step-000002").is_dir()
+    with pytest.raises(_Crash):
+        train(replace(full, output_dir=str(tmp_path / "fresh")))
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_output_directory_is_made_refused_or_replaced(tmp_path):
+    """prepare_output: a new directory (its parents too) holding the settings; a directory with
+    files in it refused word for word unless --overwrite empties it; an empty one used as it
+    is; --resume returns the latest checkpoint and saves the settings again; a place that
+    cannot be written is a ValueError."""
+    import json
+    import os
+    from dataclasses import asdict
+
+    from grao_fast.train.loop import prepare_output
+
+    cfg = short_cfg(tmp_path, output_dir=str(tmp_path / "a" / "run"))
+    saved = cfg.out / "config.json"
+    assert prepare_output(cfg) is None
+    assert saved.read_text() == json.dumps(asdict(cfg), indent=2)
+    (cfg.out / "old.txt").write_text("x")
+    with pytest.raises(FileExistsError) as error:
+        prepare_output(cfg)
+    assert str(error.value) == f"output_dir: {cfg.out} is not empty; pass --resume or --overwrite"
+    again = replace(cfg, overwrite=True, seed=4)
+    assert prepare_output(again) is None and os.listdir(cfg.out) == ["config.json"]
+    assert saved.read_text() == json.dumps(asdict(again), indent=2)
+    (tmp_path / "empty").mkdir()
+    assert prepare_output(replace(cfg, output_dir=str(tmp_path / "empty"))) is None
+    for step in (1, 2):
+        (cfg.out / "checkpoints" / f"step-00000{step}").mkdir(parents=True)
+    resumed = replace(cfg, resume=True, steps=5)
+    assert prepare_output(resumed) == cfg.out / "checkpoints" / "step-000002"
+    assert saved.read_text() == json.dumps(asdict(resumed), indent=2)
+    (tmp_path / "file").write_text("x")
+    blocked = replace(cfg, output_dir=str(tmp_path / "file" / "run"))
+    with pytest.raises(ValueError) as error:
+        prepare_output(blocked)
+    assert str(error.value).startswith(f"--output-dir {blocked.out}: cannot write there (")
+
+
+def test_engine_of_each_rollout_setting(tiny_model_dir, tiny_model, tiny_tokenizer, monkeypatch):
+    """make_engine: transformers' generate for --rollout hf, and for auto without vLLM; vLLM
+    for --rollout vllm and auto with it, from the model directory with the sampling settings,
+    the context limit, the seed and the device's dtype, given the resumed weights on --resume."""
+    import importlib.util
+
+    from grao_fast.train import loop
+    from grao_fast.train.rollout import HFRollout, SamplingConfig
+
+    made = []
+
+    class FakeVLLM:
+        def __init__(self, *args, **kwargs):
+            made.append((args, kwargs))
+            self.synced = []
+
+        def sync_weights(self, model):
+            self.synced.append(model)
+
+    installed, find_spec = [False], importlib.util.find_spec
+    monkeypatch.setattr(loop, "VLLMRollout", FakeVLLM)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (object() if installed[0] else None) if name == "vllm" else find_spec(name, *a)))  # fmt: skip
+    cfg = TrainConfig(group_size=3, temperature=0.9, top_p=0.8, max_new_tokens=6, max_length=64,
+                      seed=5)  # fmt: skip
+    sampling = SamplingConfig(3, 0.9, 0.8, 6)
+    for rollout, vllm, kind in (("hf", True, HFRollout), ("auto", False, HFRollout),
+                                ("auto", True, FakeVLLM), ("vllm", False, FakeVLLM)):  # fmt: skip
+        installed[0] = vllm
+        engine = loop.make_engine(replace(cfg, rollout=rollout), tiny_model, tiny_tokenizer,
+                                  tiny_model_dir, resumed=False)  # fmt: skip
+        assert type(engine) is kind, (rollout, vllm)
+        if kind is HFRollout:
+            assert (engine.model, engine.tokenizer) == (tiny_model, tiny_tokenizer)
+            assert engine.sampling == sampling
+        else:
+            assert engine.synced == []
+    args = (str(tiny_model_dir), tiny_tokenizer, sampling)
+    assert made == [(args, dict(max_model_len=64, seed=5, dtype="float32"))] * 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    engine = loop.make_engine(replace(cfg, rollout="vllm"), tiny_model, tiny_tokenizer,
+                              tiny_model_dir, resumed=True)  # fmt: skip
+    assert made[-1][1]["dtype"] == "bfloat16" and engine.synced == [tiny_model]
