@@ -23,6 +23,8 @@ SETTINGS = {
     "gspo": dict(num_iterations=2, importance_level="sequence", clip_eps_low=0.01,
                  clip_eps_high=0.3, length_norm="token"),
     "grpo": dict(loss="grpo"),
+    "grpo_token_packed": dict(loss="grpo", length_norm="token", packed=True),
+    "fused_linear_packed": dict(fused_linear=True, packed=True, kl_coef=0.1, is_cap=1.2),
 }  # fmt: skip
 
 
@@ -42,6 +44,9 @@ def _expected(cfg: TrainConfig, model, mb, **override):
               entropy_coef=cfg.entropy_coef)  # fmt: skip
     if cfg.loss == "grpo":
         kw["terms"] = ("exploration",)
+        if cfg.length_norm == "token":  # the samples' mean length, not counting the empty
+            g = cfg.group_size  # reference rows: G / (G + 1) of the mean over all rows
+            kw["token_weights"] = torch.full_like(sample, g / (g + 1))
     if cfg.length_norm == "constant":
         kw["max_tokens"] = cfg.max_new_tokens
     if cfg.kl_coef:
@@ -69,7 +74,9 @@ def test_policy_loss_passes_every_setting(tiny_model_dir, name):
         for p in ref_model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     cfg = TrainConfig(batch_prompts=3, group_size=3, max_new_tokens=5, **SETTINGS[name])
-    (mb,) = made_up_micro_batches(cfg, model, packed=False, ref_model=ref_model)
+    if cfg.fused_linear:  # an lm_head bias, which the fused path must add too
+        model.lm_head.bias = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.out_features))
+    (mb,) = made_up_micro_batches(cfg, model, packed=cfg.packed, ref_model=ref_model)
     if cfg.num_iterations > 1:  # as if the policy had moved: ratios in every band of the clip
         with torch.no_grad():
             logits = model(**mb.inputs).logits
