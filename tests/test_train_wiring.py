@@ -218,7 +218,9 @@ def test_accumulated_gradient_and_parts_weight_each_micro_batch(tiny_model_dir, 
     stats = ("is_ratio_min", "is_ratio_mean", "is_ratio_max")
     assert list(parts) == [*keys, *stats] and len(results) == 2
     for key in keys:
-        assert parts[key] == pytest.approx(sum(float(r[key].detach()) for r in results) / 2, rel=1e-12)
+        assert parts[key] == pytest.approx(
+            sum(float(r[key].detach()) for r in results) / 2, rel=1e-12
+        )
     assert parts["kl"] > 0 and parts["entropy"] > 0
     # The gradient: each micro-batch's loss times 2/4 (the share of its groups), summed.
     params = list(model.parameters())
@@ -363,7 +365,10 @@ def _spy_on_the_loop(monkeypatch, loop, names):
             return rollouts
 
         engine.generate = generated
-        engine.sync_weights = lambda model: (calls.append(("sync", (model,), {}, None)), sync(model))
+        engine.sync_weights = lambda model: (
+            calls.append(("sync", (model,), {}, None)),
+            sync(model),
+        )
         return engine
 
     monkeypatch.setattr(loop, "make_engine", engine_spy)
@@ -415,7 +420,9 @@ def test_run_logs_what_each_step_computed(tmp_path, monkeypatch, capfd):
     assert [c[1] for c in of("sync")] == [(model,)] * 3
 
     assert handed == records
-    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == records
+    assert [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+    ] == records
     for s, record in enumerate(records, 1):
         batch = sampler.batch(s - 1)
         (_, (prompts,), kw, rollouts) = of("generate")[s - 1]
@@ -435,8 +442,8 @@ def test_run_logs_what_each_step_computed(tmp_path, monkeypatch, capfd):
         assert args == (cfg, model, batches) and len(grads) == 10
         (_, args, _, parts) = of("update")[s - 1]
         assert args == (cfg, model, optimizer, batches)
-        samples, exact = scores[:, :-1], [t.strip() == a.strip() for ts, a in zip(texts, answers)
-                                          for t in ts]  # fmt: skip
+        pairs = zip(texts, answers, strict=True)
+        samples, exact = scores[:, :-1], [t.strip() == a.strip() for ts, a in pairs for t in ts]
         lengths = [len(c) for r in rollouts for c in r.completion_ids]
         total = sum(abs(parts[t]) for t in ("exploration", "imitation", "alignment"))
         expected = {
@@ -476,8 +483,9 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(tmp_path, monkeypatch,
-                                                                      capfd, tiny_model_dir):  # fmt: skip
+def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(
+    tmp_path, monkeypatch, capfd, tiny_model_dir
+):
     """A run that crashed while saving step 2 (its line logged, then cut) resumes from step 1's
     checkpoint: the weights, AdamW's moments, the warm-up's learning rate and the logged
     records continue as if uninterrupted, the bar counts on from step 1, the settings are saved
@@ -492,8 +500,17 @@ def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(tmp_path, 
     from grao_fast.train import loop
 
     monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
-    full = short_cfg(tmp_path, model=str(tiny_model_dir), steps=2, checkpoint_every=1, seed=3,
-                     warmup_steps=4, kl_coef=0.1, packed=True, output_dir=str(tmp_path / "full"))
+    full = short_cfg(
+        tmp_path,
+        model=str(tiny_model_dir),
+        steps=2,
+        checkpoint_every=1,
+        seed=3,
+        warmup_steps=4,
+        kl_coef=0.1,
+        packed=True,
+        output_dir=str(tmp_path / "full"),
+    )
     expected = train(full)
     parted = replace(full, output_dir=str(tmp_path / "parted"))
     save = loop.save_checkpoint
@@ -594,8 +611,13 @@ def test_engine_of_each_rollout_setting(tiny_model_dir, tiny_model, tiny_tokeniz
 
     installed, find_spec = [False], importlib.util.find_spec
     monkeypatch.setattr(loop, "VLLMRollout", FakeVLLM)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
-        (object() if installed[0] else None) if name == "vllm" else find_spec(name, *a)))  # fmt: skip
+
+    def spec(name, *args):
+        if name != "vllm":
+            return find_spec(name, *args)
+        return object() if installed[0] else None
+
+    monkeypatch.setattr(importlib.util, "find_spec", spec)
     cfg = TrainConfig(group_size=3, temperature=0.9, top_p=0.8, max_new_tokens=6, max_length=64,
                       seed=5)  # fmt: skip
     sampling = SamplingConfig(3, 0.9, 0.8, 6)
