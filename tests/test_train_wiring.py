@@ -638,3 +638,33 @@ def test_engine_of_each_rollout_setting(tiny_model_dir, tiny_model, tiny_tokeniz
     engine = loop.make_engine(replace(cfg, rollout="vllm"), tiny_model, tiny_tokenizer,
                               tiny_model_dir, resumed=True)  # fmt: skip
     assert made[-1][1]["dtype"] == "bfloat16" and engine.synced == [tiny_model]
+
+
+def test_policy_is_loaded_in_float32_with_the_run_attention(tmp_path, monkeypatch):
+    """load_policy: float32 master weights whatever the checkpoint's dtype (a bfloat16 one
+    here), with the attention of attention_implementation, in training mode; the frozen initial
+    policy only with --kl-coef; AdamW with the run's learning rate and weight decay, the warm-up
+    starting at 1 / warmup_steps (at least 1 step); a new run starts at step 0."""
+    from grao_fast.train import loop
+    from grao_fast.train.tiny import build_model, build_tokenizer
+
+    build_model(len(build_tokenizer())).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
+    cfg = TrainConfig(lr=2e-3, weight_decay=0.05, warmup_steps=4, kl_coef=0.1)
+    cpu = torch.device("cpu")
+    model, ref_model, optimizer, scheduler, start = loop.load_policy(
+        cfg, tmp_path / "bf16", None, cpu
+    )
+    assert start == 0 and model.training and not ref_model.training
+    for m in (model, ref_model):
+        assert m.config._attn_implementation == "eager"
+        assert {p.dtype for p in m.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in ref_model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    (group,) = optimizer.param_groups
+    assert type(optimizer) is torch.optim.AdamW and group["weight_decay"] == 0.05
+    assert group["params"] == list(model.parameters())
+    assert scheduler.get_last_lr() == [2e-3 / 4]
+    plain = replace(cfg, kl_coef=0.0, warmup_steps=0)
+    _, ref_model, optimizer, scheduler, _ = loop.load_policy(plain, tmp_path / "bf16", None, cpu)
+    assert ref_model is None and scheduler.get_last_lr() == [2e-3]
