@@ -668,3 +668,16 @@ def test_policy_is_loaded_in_float32_with_the_run_attention(tmp_path, monkeypatc
     plain = replace(cfg, kl_coef=0.0, warmup_steps=0)
     _, ref_model, optimizer, scheduler, _ = loop.load_policy(plain, tmp_path / "bf16", None, cpu)
     assert ref_model is None and scheduler.get_last_lr() == [2e-3]
+
+
+def test_loss_sees_the_scores_or_the_relative_rewards_of_the_reward_mode():
+    """loss_rewards: each sample's sign against its group's reference (the reference 0) in the
+    relative mode, GRAO's default; the scores themselves in the absolute mode, GRPO's default."""
+    from grao_fast.train.loop import loss_rewards
+
+    scores = torch.tensor([[0.2, 0.9, 0.5, 0.5], [0.3, 0.3, 0.1, 0.7]])
+    relative = torch.tensor([[-1.0, 1.0, 0.0, 0.0], [-1.0, -1.0, -1.0, 0.0]])
+    for cfg, expected in ((TrainConfig(), relative), (TrainConfig(loss="grpo"), scores),
+                          (TrainConfig(reward_mode="absolute"), scores),
+                          (TrainConfig(loss="grpo", reward_mode="relative"), relative)):  # fmt: skip
+        assert torch.equal(loss_rewards(cfg, scores), expected), cfg
