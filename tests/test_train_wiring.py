@@ -677,7 +677,7 @@ def test_loss_sees_the_scores_or_the_relative_rewards_of_the_reward_mode():
 
     scores = torch.tensor([[0.2, 0.9, 0.5, 0.5], [0.3, 0.3, 0.1, 0.7]])
     relative = torch.tensor([[-1.0, 1.0, 0.0, 0.0], [-1.0, -1.0, -1.0, 0.0]])
-    for cfg, expected in ((TrainConfig(), relative), (TrainConfig(loss="grpo"), scores),
-                          (TrainConfig(reward_mode="absolute"), scores),
-                          (TrainConfig(loss="grpo", reward_mode="relative"), relative)):  # fmt: skip
-        assert torch.equal(loss_rewards(cfg, scores), expected), cfg
+    cases = [({}, relative), ({"loss": "grpo"}, scores), ({"reward_mode": "absolute"}, scores),
+             ({"loss": "grpo", "reward_mode": "relative"}, relative)]  # fmt: skip
+    for settings, expected in cases:
+        assert torch.equal(loss_rewards(TrainConfig(**settings), scores), expected), settings
