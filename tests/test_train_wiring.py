@@ -681,3 +681,17 @@ def test_loss_sees_the_scores_or_the_relative_rewards_of_the_reward_mode():
              ({"loss": "grpo", "reward_mode": "relative"}, relative)]  # fmt: skip
     for settings, expected in cases:
         assert torch.equal(loss_rewards(TrainConfig(**settings), scores), expected), settings
+
+
+def test_forward_runs_under_bfloat16_autocast_on_cuda_only():
+    """_autocast: bfloat16 on CUDA (autocast's own default there is float16), off on CPU."""
+    import warnings
+
+    from grao_fast.train.step import _autocast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without CUDA the context is made, then switched off
+        cuda = _autocast(torch.device("cuda"))
+    assert cuda.device == "cuda" and cuda.fast_dtype == torch.bfloat16
+    assert cuda._enabled == torch.cuda.is_available()
+    assert not _autocast(torch.device("cpu"))._enabled
