@@ -500,17 +500,9 @@ def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(
     from grao_fast.train import loop
 
     monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
-    full = short_cfg(
-        tmp_path,
-        model=str(tiny_model_dir),
-        steps=2,
-        checkpoint_every=1,
-        seed=3,
-        warmup_steps=4,
-        kl_coef=0.1,
-        packed=True,
-        output_dir=str(tmp_path / "full"),
-    )
+    settings = dict(model=str(tiny_model_dir), steps=2, checkpoint_every=1, seed=3,
+                    warmup_steps=4, kl_coef=0.1, packed=True)  # fmt: skip
+    full = short_cfg(tmp_path, output_dir=str(tmp_path / "full"), **settings)
     expected = train(full)
     parted = replace(full, output_dir=str(tmp_path / "parted"))
     save = loop.save_checkpoint
