@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_loss import old_in_every_band
 from tolerances import assert_close
-from train_helpers import made_up_micro_batches, short_cfg
+from train_helpers import made_up_micro_batches, made_up_step, short_cfg
 
 from grao_fast import grao_loss
-from grao_fast.train import IGNORE, TrainConfig, train
+from grao_fast.train import IGNORE, TrainConfig, build_batch, train
 from grao_fast.train.step import policy_loss
 
 SETTINGS = {
@@ -23,6 +23,8 @@ SETTINGS = {
     "gspo": dict(num_iterations=2, importance_level="sequence", clip_eps_low=0.01,
                  clip_eps_high=0.3, length_norm="token"),
     "grpo": dict(loss="grpo"),
+    "grpo_token_packed": dict(loss="grpo", length_norm="token", packed=True),
+    "fused_linear_packed": dict(fused_linear=True, packed=True, kl_coef=0.1, is_cap=1.2),
 }  # fmt: skip
 
 
@@ -42,6 +44,9 @@ def _expected(cfg: TrainConfig, model, mb, **override):
               entropy_coef=cfg.entropy_coef)  # fmt: skip
     if cfg.loss == "grpo":
         kw["terms"] = ("exploration",)
+        if cfg.length_norm == "token":  # the samples' mean length, not counting the empty
+            g = cfg.group_size  # reference rows: G / (G + 1) of the mean over all rows
+            kw["token_weights"] = torch.full_like(sample, g / (g + 1))
     if cfg.length_norm == "constant":
         kw["max_tokens"] = cfg.max_new_tokens
     if cfg.kl_coef:
@@ -69,7 +74,9 @@ def test_policy_loss_passes_every_setting(tiny_model_dir, name):
         for p in ref_model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     cfg = TrainConfig(batch_prompts=3, group_size=3, max_new_tokens=5, **SETTINGS[name])
-    (mb,) = made_up_micro_batches(cfg, model, packed=False, ref_model=ref_model)
+    if cfg.fused_linear:  # an lm_head bias, which the fused path must add too
+        model.lm_head.bias = torch.nn.Parameter(0.5 * torch.randn(model.lm_head.out_features))
+    (mb,) = made_up_micro_batches(cfg, model, packed=cfg.packed, ref_model=ref_model)
     if cfg.num_iterations > 1:  # as if the policy had moved: ratios in every band of the clip
         with torch.no_grad():
             logits = model(**mb.inputs).logits
@@ -107,8 +114,9 @@ def test_sft_loss_is_the_nll_of_the_references(tiny_model_dir):
     assert_close(loss, nll, torch.float32, "value")
 
 
-def test_sft_run_logs_the_nll(tmp_path, monkeypatch):
-    """The logged loss of a --loss sft step is the loss of its micro-batches (not, say, 0)."""
+def test_sft_run_logs_the_nll(tmp_path, monkeypatch, capfd):
+    """The logged loss of a --loss sft step is the loss of its micro-batches (not, say, 0); no
+    GRAO terms, term shares or reward mode (the bar shows shares of 0)."""
     from grao_fast.train import step
 
     seen = []
@@ -119,6 +127,10 @@ def test_sft_run_logs_the_nll(tmp_path, monkeypatch):
     expected = sum(float(s["loss"].detach()) for s in seen) / 2
     assert record["loss"] == pytest.approx(expected, rel=1e-6)
     assert record["loss"] > 0
+    assert [record[t] for t in ("exploration", "imitation", "alignment")] == [None] * 3
+    assert record["reward_mode"] is None and "reward_relative" not in record
+    assert not any(key.startswith("share_") for key in record)
+    assert "EIA=0.00/0.00/0.00" in capfd.readouterr().err
 
 
 @pytest.mark.slow
@@ -137,3 +149,541 @@ def test_resume_with_vllm_rollouts_resyncs_the_engine(tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for key in ("reward", "completion_tokens", "loss", "exploration", "imitation", "alignment"):
         assert resumed[2][key] == pytest.approx(expected[2][key], rel=1e-5, abs=1e-6), key
+
+
+# ---- one step: micro-batches, accumulation, updates, per-term gradients ----
+
+
+def _moved(model, scale=0.05, seed=1):
+    """A frozen copy of ``model`` with its weights moved by noise (a reference policy with a
+    nonzero KL)."""
+    import copy
+
+    other = copy.deepcopy(model).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+def _flat_grad(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+
+
+def _ratios_by_hand(cfg, model, rollouts, refs) -> torch.Tensor:
+    """The --is-cap ratios of the sample rows, exp(mean over the row's answer tokens of policy
+    - sampler log-prob), from one padded forward of every row (float64 log-softmax)."""
+    grpo = cfg.loss == "grpo"
+    batch = build_batch(rollouts, refs, pad_id=0, reference_rows=not grpo)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels, mask = batch["labels"], batch["labels"] != IGNORE
+    logp = torch.log_softmax(logits.double() / cfg.temperature, -1)
+    logp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    log_ratio = ((logp - batch["sampler_logps"].double()) * mask).sum(-1) / mask.sum(-1)
+    sample = torch.ones(len(mask), dtype=torch.bool)
+    if not grpo:
+        sample[cfg.group_size :: cfg.group_size + 1] = False
+    return log_ratio[sample].exp()
+
+
+STEP = dict(batch_prompts=4, group_size=3, grad_accum=2, max_new_tokens=5, temperature=0.8,
+            kl_coef=0.2, num_iterations=2, entropy_coef=0.05, is_cap=1.5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change", [dict(), dict(packed=True), dict(loss="grpo", packed=True)],
+    ids=["padded", "packed", "grpo_packed"],
+)  # fmt: skip
+def test_accumulated_gradient_and_parts_weight_each_micro_batch(tiny_model_dir, monkeypatch,
+                                                                change):  # fmt: skip
+    """accumulate_gradients: the gradient of the mean over the B groups (each micro-batch's
+    loss weighted by its share of the groups), every part the loss computed (KL, clipped share,
+    entropy) weighted alike, and the --is-cap ratios over the sample rows of all micro-batches,
+    recomputed here from one padded forward."""
+    from grao_fast.train import step
+
+    model = _model(tiny_model_dir)
+    cfg = TrainConfig(**STEP, loss=change.get("loss", "grao"))
+    rollouts, refs, _ = made_up_step(cfg)
+    batches = made_up_micro_batches(cfg, model, change.get("packed", False), _moved(model))
+    assert len(batches) == 2 and all(mb.ref_logps is not None for mb in batches)
+    results, original = [], step.policy_loss
+    monkeypatch.setattr(step, "policy_loss", lambda *a: results.append(original(*a)) or results[-1])
+    model.zero_grad(set_to_none=True)
+    parts = step.accumulate_gradients(cfg, model, batches)
+    grad = _flat_grad(model)
+    keys = ("loss", "exploration", "imitation", "alignment", "kl", "clip_fraction", "entropy")
+    stats = ("is_ratio_min", "is_ratio_mean", "is_ratio_max")
+    assert list(parts) == [*keys, *stats] and len(results) == 2
+    for key in keys:
+        assert parts[key] == pytest.approx(
+            sum(float(r[key].detach()) for r in results) / 2, rel=1e-12
+        )
+    assert parts["kl"] > 0 and parts["entropy"] > 0
+    # The gradient: each micro-batch's loss times 2/4 (the share of its groups), summed.
+    params = list(model.parameters())
+    expected = 0
+    for mb in batches:
+        g = torch.autograd.grad(original(cfg, model, mb)["loss"] / 2, params)
+        expected = expected + torch.cat([x.flatten() for x in g]).double()
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7 * float(expected.abs().max()))
+    ratios = _ratios_by_hand(cfg, model, rollouts, refs)
+    assert len(ratios) == cfg.batch_prompts * cfg.group_size and ratios.std() > 0
+    for stat in stats:
+        want = float(getattr(ratios, stat.removeprefix("is_ratio_"))())
+        assert parts[stat] == pytest.approx(want, rel=1e-5), stat
+
+
+def test_parts_of_a_loss_without_options_are_the_terms_alone(tiny_model_dir):
+    """Without --kl-coef, --num-iterations, --entropy-coef and --is-cap there is nothing else to
+    log: the loss and its three terms."""
+    from grao_fast.train.step import accumulate_gradients
+
+    model = _model(tiny_model_dir)
+    cfg = TrainConfig(batch_prompts=2, group_size=3, max_new_tokens=5)
+    parts = accumulate_gradients(cfg, model, made_up_micro_batches(cfg, model, packed=False))
+    assert list(parts) == ["loss", "exploration", "imitation", "alignment"]
+    assert parts["loss"] == pytest.approx(-(parts["exploration"] + parts["imitation"]
+                                            + parts["alignment"]), rel=1e-5)  # fmt: skip
+
+
+def test_update_steps_num_iterations_times_and_averages_them(tiny_model_dir, monkeypatch):
+    """update: K = --num-iterations optimizer steps, each on a fresh gradient clipped to
+    --max-grad-norm; the logged parts and gradient norm (before clipping) are means over the K
+    updates, the --is-cap ratios the first update's (the policy of the old log-probs); the rows
+    and positions backpropagated are K times the micro-batches'."""
+    from grao_fast.train import step
+
+    model = _model(tiny_model_dir)
+    cfg = TrainConfig(batch_prompts=4, group_size=3, grad_accum=2, max_new_tokens=5,
+                      num_iterations=3, is_cap=1.5, max_grad_norm=0.05)  # fmt: skip
+    batches = made_up_micro_batches(cfg, model, packed=True)
+    calls, norms, stepped = [], [], []
+    original = step.accumulate_gradients
+
+    def spy(*args):
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+        parts = original(*args)
+        calls.append(dict(parts))
+        norms.append(float(_flat_grad(model).norm()))
+        return parts
+
+    monkeypatch.setattr(step, "accumulate_gradients", spy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer.register_step_pre_hook(lambda *_: stepped.append(float(_flat_grad(model).norm())))
+    record = step.update(cfg, model, optimizer, batches)
+    assert len(calls) == len(stepped) == 3
+    assert min(norms) > cfg.max_grad_norm  # clipped: each step's gradient has the norm's limit
+    assert stepped == pytest.approx([cfg.max_grad_norm] * 3, rel=1e-4)  # eps 1e-6
+    # 16 rows (4 groups of 3 samples and the reference), their positions packed.
+    assert record["updates"] == 3 and record["rows_backpropagated"] == 3 * 16
+    tokens = sum(mb.batch["input_ids"].numel() for mb in batches)
+    assert record["tokens_backpropagated"] == 3 * tokens
+    assert record["grad_norm"] == pytest.approx(sum(norms) / 3, rel=1e-4)  # float32 norms
+    assert calls[0]["is_ratio_mean"] != calls[1]["is_ratio_mean"]  # the policy moved
+    for key, value in calls[0].items():
+        if key.startswith("is_ratio_"):
+            assert record[key] == value, key
+        else:
+            assert record[key] == pytest.approx(sum(c[key] for c in calls) / 3, rel=1e-12), key
+
+
+def test_term_gradients_are_each_terms_alone(tiny_model_dir):
+    """--log-term-grads: each active term's gradient with the KL and entropy bonus off and the
+    reference log-probs dropped (the reference's loss with that term only, by autograd), over
+    the parameters that train (a frozen one left out, one the loss never reaches counted as
+    zero); their norms, the norm of their sum, and the cosine of every pair; no gradient left
+    behind."""
+    from grao_fast.train.step import term_gradients
+
+    model = _model(tiny_model_dir)
+    model.register_parameter("unreached", torch.nn.Parameter(torch.ones(3)))
+    frozen = model.model.norm.weight.requires_grad_(False)
+    # A tiny imitation weight: cosines of gradients with norms far below 1 stay exact.
+    cfg = TrainConfig(batch_prompts=2, group_size=3, max_new_tokens=5, kl_coef=0.5,
+                      entropy_coef=0.1, terms="imitation,alignment", beta=1e-9)  # fmt: skip
+    (mb,) = made_up_micro_batches(cfg, model, packed=False, ref_model=_moved(model))
+    logged = term_gradients(cfg, model, [mb])
+    assert all(p.grad is None for p in model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert frozen is not None and len(params) == len(list(model.parameters())) - 1
+    grads = {}
+    for term in ("imitation", "alignment"):
+        alone = replace(cfg, terms=term, kl_coef=0.0, entropy_coef=0.0)
+        loss = _expected(alone, model, mb).loss
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+        grads[term] = torch.cat([
+            (x if x is not None else torch.zeros_like(p)).flatten().double()
+            for x, p in zip(g, params, strict=True)
+        ])  # fmt: skip
+    grads["total"] = grads["imitation"] + grads["alignment"]
+    pairs = [("imitation", "alignment"), ("imitation", "total"), ("alignment", "total")]
+    assert list(logged) == [f"grad_norm_{k}" for k in grads] + [f"grad_cos_{a}_{b}"
+                                                                for a, b in pairs]  # fmt: skip
+    for name, g in grads.items():
+        assert logged[f"grad_norm_{name}"] == pytest.approx(float(g.norm()), rel=1e-4)
+    assert logged["grad_norm_imitation"] < 1e-6
+    for a, b in pairs:
+        want = float(grads[a] @ grads[b] / (grads[a].norm() * grads[b].norm()))
+        assert logged[f"grad_cos_{a}_{b}"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+# ---- the loop: what each step passes on and logs ----
+
+
+def _spy_on_the_loop(monkeypatch, loop, names):
+    """Wrap the loop's collaborators ``names``: each call is logged in order in ``calls`` as
+    ``(name, args, kwargs, result)``; the engine's generate and sync_weights too. A step's first
+    sample of its first prompt is made the reference answer (padded with spaces), so that the
+    exact-answer share is not 0."""
+    calls = []
+
+    def spy(name, original):
+        def called(*args, **kwargs):
+            result = original(*args, **kwargs)
+            calls.append((name, args, kwargs, result))
+            return result
+
+        return called
+
+    for name in names:
+        monkeypatch.setattr(loop, name, spy(name, getattr(loop, name)))
+    make_engine = loop.make_engine
+
+    def engine_spy(*args, **kwargs):
+        engine = make_engine(*args, **kwargs)
+        generate, sync = engine.generate, engine.sync_weights
+
+        def generated(prompts, *, seed):
+            rollouts = generate(prompts, seed=seed)
+            sampler = next(c[3] for c in calls if c[0] == "PromptSampler")
+            step = sum(c[0] == "generate" for c in calls)
+            rollouts[0].completions[0] = f" {sampler.batch(step)[0].reference} "
+            calls.append(("generate", (prompts,), {"seed": seed}, rollouts))
+            return rollouts
+
+        engine.generate = generated
+        engine.sync_weights = lambda model: (
+            calls.append(("sync", (model,), {}, None)),
+            sync(model),
+        )
+        return engine
+
+    monkeypatch.setattr(loop, "make_engine", engine_spy)
+    return calls
+
+
+def test_run_logs_what_each_step_computed(tmp_path, monkeypatch, capfd):
+    """run_steps: each step's prompts, sampling seed, rewards, micro-batches, evaluation, term
+    gradients, update, weight sync, checkpoints and plot, in this order and with the run's
+    objects; its record is the step's scores, the update's parts, the learning rate of the
+    warm-up, the term shares, the relative rewards and the evaluations, written to
+    metrics.jsonl and handed to on_step; the terminal shows the run's bar."""
+    import json
+
+    from grao_fast.train import loop
+    from grao_fast.train.rewards import relative_to_reference
+    from grao_fast.train.rollout import encode_prompt
+
+    names = ("load_policy", "PromptSampler", "get_reward", "score_groups", "micro_batches",
+             "evaluate", "term_gradients", "update", "save_checkpoint")  # fmt: skip
+    calls = _spy_on_the_loop(monkeypatch, loop, names)
+    monkeypatch.setattr(loop, "plot_metrics", lambda *a: calls.append(("plot", a, {}, None)))
+    cfg = short_cfg(tmp_path, name="wiring", steps=3, grad_accum=2, seed=2, kl_coef=0.1,
+                    is_cap=1.5, entropy_coef=0.01, num_iterations=2, log_term_grads=True,
+                    eval_prompts=2, eval_every=2, warmup_steps=3, checkpoint_every=2,
+                    keep_checkpoints=1, plot=True)  # fmt: skip
+    handed = []
+    records = train(cfg, on_step=lambda r: (handed.append(r), calls.append(("on_step",) * 4)))
+    out = cfg.out
+    order = [c[0] for c in calls]
+    step = ["generate", "score_groups", "micro_batches", "term_gradients", "update", "sync"]
+    assert order == ["PromptSampler", "get_reward", "load_policy",
+                     *step[:3], "evaluate", *step[3:], "on_step",
+                     *step, "evaluate", "save_checkpoint", "on_step",
+                     *step, "evaluate", "save_checkpoint", "on_step", "plot"]  # fmt: skip
+    of = lambda name: [c for c in calls if c[0] == name]  # noqa: E731
+    ((_, _, _, reward_fn),) = of("get_reward")
+    ((_, sampler_args, _, sampler),) = of("PromptSampler")
+    ((_, _, _, (model, ref_model, optimizer, scheduler, start)),) = of("load_policy")
+    assert start == 0 and not ref_model.training and ref_model is not model
+    assert sampler_args[1:] == (cfg.batch_prompts, cfg.seed)
+    tokenizer = of("save_checkpoint")[0][2]["tokenizer"]
+    evals = of("evaluate")
+    held_out = evals[0][1][2]
+    assert len(held_out) == 2 and not {ex.prompt for ex in held_out} & {
+        ex.prompt for ex in sampler_args[0]
+    }
+    assert all(c[1] == (model, tokenizer, held_out, reward_fn, cfg.max_new_tokens) for c in evals)
+    assert [c[1] for c in of("sync")] == [(model,)] * 3
+
+    assert handed == records
+    assert [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+    ] == records
+    for s, record in enumerate(records, 1):
+        batch = sampler.batch(s - 1)
+        (_, (prompts,), kw, rollouts) = of("generate")[s - 1]
+        assert prompts == [encode_prompt(tokenizer, ex.prompt) for ex in batch]
+        assert kw == {"seed": (cfg.seed * 1_000_003 + s) * cfg.batch_prompts}
+        texts, answers = [r.completions for r in rollouts], [ex.reference for ex in batch]
+        (_, args, _, scores) = of("score_groups")[s - 1]
+        assert args == (reward_fn, [ex.prompt for ex in batch], texts, answers)
+        (_, args, kw, batches) = of("micro_batches")[s - 1]
+        relative = relative_to_reference(scores)
+        refs = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for a in answers]  # fmt: skip
+        assert args == (cfg, model, ref_model) and torch.equal(kw.pop("rewards"), relative)
+        assert kw == dict(rollouts=rollouts, refs=refs, pad_id=tokenizer.pad_token_id,
+                          packed=False, device=torch.device("cpu"))  # fmt: skip
+        (_, args, _, grads) = of("term_gradients")[s - 1]
+        assert args == (cfg, model, batches) and len(grads) == 10
+        (_, args, _, parts) = of("update")[s - 1]
+        assert args == (cfg, model, optimizer, batches)
+        pairs = zip(texts, answers, strict=True)
+        samples, exact = scores[:, :-1], [t.strip() == a.strip() for ts, a in pairs for t in ts]
+        lengths = [len(c) for r in rollouts for c in r.completion_ids]
+        total = sum(abs(parts[t]) for t in ("exploration", "imitation", "alignment"))
+        expected = {
+            "step": s, "reward": samples.mean().item(),
+            "reward_reference": scores[:, -1].mean().item(),
+            "solved": (samples >= scores[:, -1:]).float().mean().item(),
+            "exact": sum(exact) / 6, **parts, "lr": cfg.lr * min(1.0, (s + 1) / 3),
+            "completion_tokens": sum(lengths) / 6, "seconds": record["seconds"],
+            **{f"share_{t}": abs(parts[t]) / total for t in ("exploration", "imitation",
+                                                              "alignment")},  # fmt: skip
+            "reward_mode": "relative", "reward_relative": relative[:, :-1].mean().item(), **grads,
+        }  # fmt: skip
+        if s == 1:
+            expected.update({f"{k}_initial": v for k, v in evals[0][3].items()})
+        else:
+            expected.update(evals[s - 1][3])
+        assert record == expected, s
+        assert 0 < record["seconds"] < 600 and 0 < record["exact"] < 1
+        assert None not in (record["kl"], record["clip_fraction"], record["entropy"],
+                            record["is_ratio_mean"])  # fmt: skip
+    assert [(c[1], c[2]) for c in of("save_checkpoint")] == [
+        ((out, s), dict(model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        scheduler=scheduler, keep=1)) for s in (2, 3)
+    ]  # fmt: skip
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
+    assert of("plot")[0][1] == (records, out / "plot.png")
+    err = capfd.readouterr().err
+    last = records[-1]
+    shares = "/".join(f"{last[f'share_{t}']:.2f}" for t in ("exploration", "imitation",
+                                                              "alignment"))  # fmt: skip
+    for shown in ("wiring: 100%", "3/3", f"reward={last['reward']:.3f}",
+                  f"loss={last['loss']:.3f}", f"EIA={shares}"):  # fmt: skip
+        assert shown in err, shown
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(
+    tmp_path, monkeypatch, capfd, tiny_model_dir
+):
+    """A run that crashed while saving step 2 (its line logged, then cut) resumes from step 1's
+    checkpoint: the weights, AdamW's moments, the warm-up's learning rate and the logged
+    records continue as if uninterrupted, the bar counts on from step 1, the settings are saved
+    again, and a given model is used where it is (no init-model). A start-up that fails removes
+    a new run's directory, never a resumed one's. The attention cannot keep packed rows apart
+    here: --packed pads, and says so once a run, on the terminal and in train.log."""
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file
+
+    from grao_fast.train import loop
+
+    monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
+    settings = dict(model=str(tiny_model_dir), steps=2, checkpoint_every=1, seed=3,
+                    warmup_steps=4, kl_coef=0.1, packed=True)  # fmt: skip
+    full = short_cfg(tmp_path, output_dir=str(tmp_path / "full"), **settings)
+    expected = train(full)
+    parted = replace(full, output_dir=str(tmp_path / "parted"))
+    save = loop.save_checkpoint
+
+    def crash_at_step_2(out, step, **kwargs):
+        if step == 2:
+            raise _Crash
+        return save(out, step, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_at_step_2)
+    with pytest.raises(_Crash):
+        train(parted)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    metrics = parted.out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    assert len(lines) == 2
+    metrics.write_text(f"{lines[0]}\n{lines[1][:20]}")  # step 2's line cut by the crash
+    capfd.readouterr()
+    resumed_cfg = replace(parted, resume=True)
+    resumed = train(resumed_cfg)
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert drop(resumed) == drop(expected) and resumed[1]["lr"] == full.lr * 3 / 4
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert drop(logged) == drop(expected)
+    weights = [load_file(c.out / "checkpoints" / "step-000002" / "model.safetensors")
+               for c in (full, parted)]  # fmt: skip
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert json.loads((parted.out / "config.json").read_text()) == asdict(resumed_cfg)
+    assert not (parted.out / "init-model").exists()
+    err = capfd.readouterr().err
+    message = "--packed: the eager attention cannot keep packed rows apart"
+    assert "2/2" in err and "0/2" not in err and err.count(message) == 1
+    assert (parted.out / "train.log").read_text().count(message) == 2
+
+    monkeypatch.setattr(loop, "make_engine", lambda *a, **kw: (_ for _ in ()).throw(_Crash()))
+    with pytest.raises(_Crash):
+        train(replace(resumed_cfg, steps=3))
+    assert (parted.out / "checkpoints" / "step-000002").is_dir()
+    with pytest.raises(_Crash):
+        train(replace(full, output_dir=str(tmp_path / "fresh")))
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_output_directory_is_made_refused_or_replaced(tmp_path):
+    """prepare_output: a new directory (its parents too) holding the settings; a directory with
+    files in it refused word for word unless --overwrite empties it; an empty one used as it
+    is; --resume returns the latest checkpoint and saves the settings again; a place that
+    cannot be written is a ValueError."""
+    import json
+    import os
+    from dataclasses import asdict
+
+    from grao_fast.train.loop import prepare_output
+
+    cfg = short_cfg(tmp_path, output_dir=str(tmp_path / "a" / "run"))
+    saved = cfg.out / "config.json"
+    assert prepare_output(cfg) is None
+    assert saved.read_text() == json.dumps(asdict(cfg), indent=2)
+    (cfg.out / "old.txt").write_text("x")
+    with pytest.raises(FileExistsError) as error:
+        prepare_output(cfg)
+    assert str(error.value) == f"output_dir: {cfg.out} is not empty; pass --resume or --overwrite"
+    again = replace(cfg, overwrite=True, seed=4)
+    assert prepare_output(again) is None and os.listdir(cfg.out) == ["config.json"]
+    assert saved.read_text() == json.dumps(asdict(again), indent=2)
+    (tmp_path / "empty").mkdir()
+    assert prepare_output(replace(cfg, output_dir=str(tmp_path / "empty"))) is None
+    for step in (1, 2):
+        (cfg.out / "checkpoints" / f"step-00000{step}").mkdir(parents=True)
+    resumed = replace(cfg, resume=True, steps=5)
+    assert prepare_output(resumed) == cfg.out / "checkpoints" / "step-000002"
+    assert saved.read_text() == json.dumps(asdict(resumed), indent=2)
+    (tmp_path / "file").write_text("x")
+    blocked = replace(cfg, output_dir=str(tmp_path / "file" / "run"))
+    with pytest.raises(ValueError) as error:
+        prepare_output(blocked)
+    assert str(error.value).startswith(f"--output-dir {blocked.out}: cannot write there (")
+
+
+def test_engine_of_each_rollout_setting(tiny_model_dir, tiny_model, tiny_tokenizer, monkeypatch):
+    """make_engine: transformers' generate for --rollout hf, and for auto without vLLM; vLLM
+    for --rollout vllm and auto with it, from the model directory with the sampling settings,
+    the context limit, the seed and the device's dtype, given the resumed weights on --resume."""
+    import importlib.util
+
+    from grao_fast.train import loop
+    from grao_fast.train.rollout import HFRollout, SamplingConfig
+
+    made = []
+
+    class FakeVLLM:
+        def __init__(self, *args, **kwargs):
+            made.append((args, kwargs))
+            self.synced = []
+
+        def sync_weights(self, model):
+            self.synced.append(model)
+
+    installed, find_spec = [False], importlib.util.find_spec
+    monkeypatch.setattr(loop, "VLLMRollout", FakeVLLM)
+
+    def spec(name, *args):
+        if name != "vllm":
+            return find_spec(name, *args)
+        return object() if installed[0] else None
+
+    monkeypatch.setattr(importlib.util, "find_spec", spec)
+    cfg = TrainConfig(group_size=3, temperature=0.9, top_p=0.8, max_new_tokens=6, max_length=64,
+                      seed=5)  # fmt: skip
+    sampling = SamplingConfig(3, 0.9, 0.8, 6)
+    for rollout, vllm, kind in (("hf", True, HFRollout), ("auto", False, HFRollout),
+                                ("auto", True, FakeVLLM), ("vllm", False, FakeVLLM)):  # fmt: skip
+        installed[0] = vllm
+        engine = loop.make_engine(replace(cfg, rollout=rollout), tiny_model, tiny_tokenizer,
+                                  tiny_model_dir, resumed=False)  # fmt: skip
+        assert type(engine) is kind, (rollout, vllm)
+        if kind is HFRollout:
+            assert (engine.model, engine.tokenizer) == (tiny_model, tiny_tokenizer)
+            assert engine.sampling == sampling
+        else:
+            assert engine.synced == []
+    args = (str(tiny_model_dir), tiny_tokenizer, sampling)
+    assert made == [(args, dict(max_model_len=64, seed=5, dtype="float32"))] * 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    engine = loop.make_engine(replace(cfg, rollout="vllm"), tiny_model, tiny_tokenizer,
+                              tiny_model_dir, resumed=True)  # fmt: skip
+    assert made[-1][1]["dtype"] == "bfloat16" and engine.synced == [tiny_model]
+
+
+def test_policy_is_loaded_in_float32_with_the_run_attention(tmp_path, monkeypatch):
+    """load_policy: float32 master weights whatever the checkpoint's dtype (a bfloat16 one
+    here), with the attention of attention_implementation, in training mode; the frozen initial
+    policy only with --kl-coef; AdamW with the run's learning rate and weight decay, the warm-up
+    starting at 1 / warmup_steps (at least 1 step); a new run starts at step 0."""
+    from grao_fast.train import loop
+    from grao_fast.train.tiny import build_model, build_tokenizer
+
+    build_model(len(build_tokenizer())).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
+    cfg = TrainConfig(lr=2e-3, weight_decay=0.05, warmup_steps=4, kl_coef=0.1)
+    cpu = torch.device("cpu")
+    model, ref_model, optimizer, scheduler, start = loop.load_policy(
+        cfg, tmp_path / "bf16", None, cpu
+    )
+    assert start == 0 and model.training and not ref_model.training
+    for m in (model, ref_model):
+        assert m.config._attn_implementation == "eager"
+        assert {p.dtype for p in m.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in ref_model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    (group,) = optimizer.param_groups
+    assert type(optimizer) is torch.optim.AdamW and group["weight_decay"] == 0.05
+    assert group["params"] == list(model.parameters())
+    assert scheduler.get_last_lr() == [2e-3 / 4]
+    plain = replace(cfg, kl_coef=0.0, warmup_steps=0)
+    _, ref_model, optimizer, scheduler, _ = loop.load_policy(plain, tmp_path / "bf16", None, cpu)
+    assert ref_model is None and scheduler.get_last_lr() == [2e-3]
+
+
+def test_loss_sees_the_scores_or_the_relative_rewards_of_the_reward_mode():
+    """loss_rewards: each sample's sign against its group's reference (the reference 0) in the
+    relative mode, GRAO's default; the scores themselves in the absolute mode, GRPO's default."""
+    from grao_fast.train.loop import loss_rewards
+
+    scores = torch.tensor([[0.2, 0.9, 0.5, 0.5], [0.3, 0.3, 0.1, 0.7]])
+    relative = torch.tensor([[-1.0, 1.0, 0.0, 0.0], [-1.0, -1.0, -1.0, 0.0]])
+    cases = [({}, relative), ({"loss": "grpo"}, scores), ({"reward_mode": "absolute"}, scores),
+             ({"loss": "grpo", "reward_mode": "relative"}, relative)]  # fmt: skip
+    for settings, expected in cases:
+        assert torch.equal(loss_rewards(TrainConfig(**settings), scores), expected), settings
+
+
+def test_forward_runs_under_bfloat16_autocast_on_cuda_only():
+    """_autocast: bfloat16 on CUDA (autocast's own default there is float16), off on CPU."""
+    import warnings
+
+    from grao_fast.train.step import _autocast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without CUDA the context is made, then switched off
+        cuda = _autocast(torch.device("cuda"))
+    assert cuda.device == "cuda" and cuda.fast_dtype == torch.bfloat16
+    assert cuda._enabled == torch.cuda.is_available()
+    assert not _autocast(torch.device("cpu"))._enabled
