@@ -178,7 +178,8 @@ def check_config(cfg: TrainConfig) -> None:
     _check_types(cfg)
     choices = {"loss": ("grao", "grpo", "sft"), "rollout": ("auto", "vllm", "hf"),
                "data_format": ("plain", "hh"), "importance_level": ("token", "sequence"),
-               "length_norm": ("sequence", "token", "constant")}  # fmt: skip
+               "length_norm": ("sequence", "token", "constant"),
+               "reward_mode": ("auto", "absolute", "relative")}  # fmt: skip
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
@@ -306,12 +307,7 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
 
 
 def check_study_options(cfg: TrainConfig) -> None:
-    """The reward mode, the held-out evaluation and the per-term gradient norms."""
-    if cfg.reward_mode not in ("auto", "absolute", "relative"):
-        raise ValueError(
-            "reward_mode: expected one of ('auto', 'absolute', 'relative'), got "
-            f"{cfg.reward_mode!r}"
-        )
+    """The held-out evaluation and the per-term gradient norms."""
     for name in ("eval_every", "eval_prompts"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
