@@ -84,8 +84,8 @@ class Case:
 
     def time(self, *, warmup: int, rep_ms: float) -> Timings:
         """Forward and forward+backward medians (``measure.bench_ms``) after ``warmup`` untimed
-        calls (at least one: it compiles, and its loss is the one reported)."""
-        loss = self.warm_up(max(warmup, 1))
+        calls (the first call compiles); the loss is the last untimed call's (NaN with none)."""
+        loss = self.warm_up(warmup)
         fwd = measure.bench_ms(self.loss_fn, self.device, rep_ms=rep_ms, grad_to_none=self.leaves)
         both = measure.bench_ms(
             lambda: self.loss_fn().backward(), self.device, rep_ms=rep_ms, grad_to_none=self.leaves

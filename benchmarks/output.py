@@ -118,17 +118,19 @@ def markdown(result: dict) -> str:
     """The report as Markdown: header facts, one table per shape and path, the sweep, notes."""
     cuda = result["device_type"] == "cuda"
     memory_note = "" if cuda else " (RSS, approx.)"
-    settings, copy_gbps = result["settings"], result["copy_bandwidth_bytes_per_s"] / 1e9
+    settings = result["settings"]
+    rounds = settings["rounds"]
     lines = [
         f"# GRAO loss benchmarks: {result['device']}",
         "",
         f"{result['date']}; torch {result['torch']}, triton {result['triton']}, "
         f"grao_fast {result['grao_fast']}, liger-kernel {result['liger_kernel']}, "
         f"cut-cross-entropy {result['cut_cross_entropy']}. "
-        f"Copy bandwidth measured in this run: {copy_gbps:,.1f} GB/s "
-        f"({result['copy_bytes'] / MIB:,.0f} MiB `copy_`). "
-        f"Each time is the median of the calls run in {settings['rep_ms']:,} ms, after "
-        f"{settings['warmup']} untimed call(s), by "
+        f"The rows of a table ran in {rounds} interleaved round(s) after "
+        f"{settings['warmup']} untimed call(s) each; a round times the copy bandwidth "
+        f"({result['copy_bytes'] / MIB:,.0f} MiB `copy_`) or the bare GEMMs, then every row, "
+        f"each for {settings['rep_ms'] / rounds:,.0f} ms; each number is the median over the "
+        "rounds of the median call, timed by "
         + (
             "`triton.testing.do_bench` (CUDA events, L2 flushed before every call)."
             if cuda
@@ -144,7 +146,8 @@ def markdown(result: dict) -> str:
         ]
         logits = _table(table, "logits", memory_note)
         if logits:
-            lines += ["", "### From logits", "", *logits]
+            copy_gbps = table["copy_bytes_per_s"] / 1e9
+            lines += ["", f"### From logits (copy: {copy_gbps:,.1f} GB/s)", "", *logits]
         linear = _table(table, "linear", memory_note)
         if linear:
             gemm = table["gemm_ms"]

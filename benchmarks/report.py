@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,19 +32,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # Presets. The CUDA shapes are the kernels' targets: Qwen-like vocabulary, bf16, 8k and 32k
 # tokens, hidden 3,584. The CPU shapes finish in a few minutes on two cores. ``warmup``: untimed
-# calls before the clock (compiles, autotunes); ``rep_ms``: time of the timed calls per number.
+# calls before the clock (compiles, autotunes); ``rep_ms``: time of the timed calls per number;
+# ``rounds``: interleaved rounds the rows are timed in (``_time_rows``). A CPU that shares its
+# machine drifts by 10-20% over a minute, more than the differences between the rows.
 PRESETS: dict[str, dict[str, object]] = {
     "cuda": {
         "tokens": [8192, 32768], "sweep": [2048, 4096, 8192, 16384, 32768], "vocab": 151_936,
         "hidden": 3584, "dtype": "bfloat16", "warmup": 3, "rep_ms": 200, "copy_mib": 2048,
+        "rounds": 1,
     },
     "cpu": {
         "tokens": [2048], "sweep": [512, 1024, 2048, 4096], "vocab": 32_768, "hidden": 256,
-        "dtype": "float32", "warmup": 1, "rep_ms": 2000, "copy_mib": 256,
+        "dtype": "float32", "warmup": 1, "rep_ms": 2000, "copy_mib": 256, "rounds": 3,
     },
     "quick": {
         "tokens": [144], "sweep": [72, 144], "vocab": 512, "hidden": 32, "dtype": "float32",
-        "warmup": 1, "rep_ms": 20, "copy_mib": 8,
+        "warmup": 1, "rep_ms": 20, "copy_mib": 8, "rounds": 2,
     },
 }  # fmt: skip
 
@@ -60,6 +65,7 @@ class Settings:
     warmup: int
     rep_ms: float
     copy_mib: int
+    rounds: int
     seed: int
 
     def problem(self, tokens: int) -> Problem:
@@ -105,6 +111,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser, warmup="CUDA 3, CPU 1", rep_ms="CUDA 200, CPU 2,000, quick 20"
     )
     parser.add_argument("--copy-mib", type=_positive, help="size of the copy-bandwidth tensor, MiB")
+    parser.add_argument(
+        "--rounds", type=_positive,
+        help="interleaved rounds: each times every row of a table (and its copy or bare GEMMs) "
+        "for rep-ms / rounds; a number is the median over the rounds (CUDA 1, CPU 3, quick 2)",
+    )  # fmt: skip
     parser.add_argument(
         "--rows",
         help="comma-separated rows to run (default: all): " + ", ".join(row.name for row in ROWS),
@@ -164,57 +175,112 @@ def _roofline(
     }
 
 
-def _measure_row(inputs: Inputs, row: Row, settings: Settings) -> dict:
-    case = core.build(row, inputs)
-    timings = case.time(warmup=settings.warmup, rep_ms=settings.rep_ms)
-    return {"status": "ok", **vars(timings), "peak_bytes": case.peak_bytes()}
-
-
-def _run_guarded(fn, inputs: Inputs, *args) -> dict:
+def _run_guarded(fn, *args) -> dict:
     """Runs one measurement; running out of device memory or an error becomes the row's status.
 
     Out of memory is an outcome at large shapes ("oom"); any other error ("error") makes the
     report exit with status 1 once its files are written.
     """
     try:
-        return fn(inputs, *args)
+        return fn(*args)
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom", "reason": "out of device memory"}
     except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return {"status": "error", "reason": f"{type(err).__name__}: {first_line[:200]}"}
-    finally:
-        for leaf in inputs.leaves():
-            leaf.grad = None
 
 
-def run_tables(
-    settings: Settings, rows: list[Row], device: torch.device, copy_bps: float
-) -> list[dict]:
-    """One table per token count: every row measured on the same inputs."""
+def _build(inputs: Inputs, row: Row, settings: Settings) -> dict:
+    case = core.build(row, inputs)
+    return {"status": "ok", "case": case, "loss": case.warm_up(settings.warmup)}
+
+
+def _time_case(case: core.Case, rep_ms: float) -> dict:
+    return {"status": "ok", "timings": case.time(warmup=0, rep_ms=rep_ms)}
+
+
+def _peak(case: core.Case) -> dict:
+    return {"status": "ok", "peak_bytes": case.peak_bytes()}
+
+
+def _time_rows(
+    inputs: Inputs, rows: list[Row], settings: Settings, baseline, desc: str
+) -> tuple[dict, float]:
+    """Every row of ``rows`` on ``inputs``, timed in ``settings.rounds`` interleaved rounds.
+
+    A round times ``baseline()`` (the copy or the bare GEMMs, returning one number) and then
+    every row, each for ``rep_ms / rounds``; a row's times, and the baseline, are the medians
+    over the rounds. A drift of the machine's speed (other load, clocks) then falls on every row
+    alike instead of on whichever row ran during it. Returns ``(results by row name, baseline)``.
+    """
+    results, cases = {}, {}
+    for row in rows:
+        reason = row.skip_reason(inputs.labels.device)
+        if reason is not None:
+            results[row.name] = {"status": "skipped", "reason": reason}
+            continue
+        built = _run_guarded(_build, inputs, row, settings)
+        if built["status"] == "ok":
+            cases[row.name], results[row.name] = built.pop("case"), built
+        else:
+            results[row.name] = built
+    rep_ms = settings.rep_ms / settings.rounds
+    rounds: dict[str, list[core.Timings]] = {name: [] for name in cases}
+    baselines = []
+    with tqdm(total=settings.rounds * len(cases), desc=desc, unit="row") as bar:
+        for _ in range(settings.rounds):
+            baselines.append(baseline(rep_ms))
+            for name, case in list(cases.items()):
+                timed = _run_guarded(_time_case, case, rep_ms)
+                if timed["status"] == "ok":
+                    rounds[name].append(timed["timings"])
+                else:  # dropped from the later rounds
+                    results[name] = timed
+                    del cases[name]
+                _free(inputs.labels.device)
+                bar.update()
+    for name, case in cases.items():
+        fwd = statistics.median(t.fwd_ms for t in rounds[name])
+        both = statistics.median(t.fwdbwd_ms for t in rounds[name])
+        peak = _run_guarded(_peak, case)
+        if peak["status"] != "ok":
+            results[name] = peak
+            continue
+        results[name].update(
+            fwd_ms=fwd, bwd_ms=max(both - fwd, 0.0), fwdbwd_ms=both,
+            fwdbwd_rounds_ms=[t.fwdbwd_ms for t in rounds[name]], peak_bytes=peak["peak_bytes"],
+        )  # fmt: skip
+        _free(inputs.labels.device)
+    return results, statistics.median(baselines)
+
+
+def run_tables(settings: Settings, rows: list[Row], device: torch.device) -> list[dict]:
+    """One table per token count: every row measured on the same inputs, the rows of a path
+    (logits or hidden states) in interleaved rounds with the copy or the bare GEMMs."""
     tables = []
+    copy_bytes = settings.copy_mib << 20
     for tokens in settings.tokens:
         problem = settings.problem(tokens)
-        table = {"problem": problem.describe(), "gemm_ms": None, "rows": []}
+        table = {"problem": problem.describe(), "gemm_ms": None, "copy_bytes_per_s": None,
+                 "rows": []}  # fmt: skip
         for path in ("logits", "linear"):
             path_rows = [row for row in rows if row.path == path]
             if not path_rows:
                 continue
             if path == "linear":
-                table["gemm_ms"] = measure.gemm_ms(
-                    problem.tokens, problem.vocab, problem.hidden, problem.dtype, device,
-                    rep_ms=settings.rep_ms,
+                baseline = partial(
+                    measure.gemm_ms, problem.tokens, problem.vocab, problem.hidden,
+                    problem.dtype, device,
                 )  # fmt: skip
-                _free(device)
+            else:
+                baseline = partial(measure.copy_bandwidth, device, copy_bytes)
             inputs = make_inputs(problem, device, path=path, seed=settings.seed)
-            results = {}
-            for row in tqdm(path_rows, desc=f"{problem.tokens} tokens, {path}", unit="row"):
-                reason = row.skip_reason(device)
-                result = {"status": "skipped", "reason": reason}
-                if reason is None:
-                    result = _run_guarded(_measure_row, inputs, row, settings)
-                    _free(device)
-                results[row.name] = result
+            results, base = _time_rows(
+                inputs, path_rows, settings, lambda ms: baseline(rep_ms=ms),  # noqa: B023
+                f"{problem.tokens} tokens, {path}",
+            )  # fmt: skip
+            table["gemm_ms" if path == "linear" else "copy_bytes_per_s"] = base
+            for row in path_rows:
                 table["rows"].append(
                     {
                         "name": row.name,
@@ -222,17 +288,17 @@ def run_tables(
                         "path": path,
                         "objective": row.objective,
                         "clip": row.clip,
-                        **result,
+                        **results[row.name],
                     }
                 )
-            _derive(table, path_rows, results, problem, copy_bps)
-            del inputs
+            _derive(table, path_rows, results, problem)
+            del inputs, results
             _free(device)
         tables.append(table)
     return tables
 
 
-def _derive(table: dict, rows: list[Row], results: dict, problem: Problem, copy_bps: float) -> None:
+def _derive(table: dict, rows: list[Row], results: dict, problem: Problem) -> None:
     """Adds speed-up, loss agreement and roofline numbers to the measured ``rows`` of a path."""
     base = results.get(BASELINES[rows[0].path], {})
     by_name = {row.name: row for row in rows}
@@ -248,7 +314,11 @@ def _derive(table: dict, rows: list[Row], results: dict, problem: Problem, copy_
         )
         entry.update(
             _roofline(
-                by_name[entry["name"]], problem, entry["fwdbwd_ms"], copy_bps, table["gemm_ms"]
+                by_name[entry["name"]],
+                problem,
+                entry["fwdbwd_ms"],
+                table["copy_bytes_per_s"],
+                table["gemm_ms"],
             )
         )
 
@@ -296,14 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"python -m benchmarks: error: {err}") from None
     env = output.environment(device)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
-    copy_bytes = settings.copy_mib << 20
-    copy_bps = measure.copy_bandwidth(device, copy_bytes, rep_ms=settings.rep_ms)
-    _free(device)
-    tables = run_tables(settings, rows, device, copy_bps)
+    tables = run_tables(settings, rows, device)
     sweep = run_sweep(settings, rows, device) if settings.sweep else None
     result = {
-        **env, "settings": vars(settings), "copy_bandwidth_bytes_per_s": copy_bps,
-        "copy_bytes": copy_bytes, "tables": tables, "sweep": sweep,
+        **env, "settings": vars(settings), "copy_bytes": settings.copy_mib << 20,
+        "tables": tables, "sweep": sweep,
     }  # fmt: skip
     paths = output.write(result, args.out)
     print(output.markdown(result))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +59,11 @@ def test_quick_report_writes_md_json_png(tmp_path: Path) -> None:
     (json_path,) = tmp_path.glob("*.json")
     result = json.loads(json_path.read_text())
     assert result["device_type"] == "cpu"
-    assert result["torch"] and result["date"] and result["copy_bandwidth_bytes_per_s"] > 0
+    assert result["torch"] and result["date"] and result["settings"]["rounds"] == 2
 
     (table,) = result["tables"]
     assert table["problem"]["tokens"] == 144 and table["gemm_ms"] > 0
+    assert table["copy_bytes_per_s"] > 0
     entries = {e["name"]: e for e in table["rows"]}
     assert sorted(entries) == sorted(ROWS)
     for name in ("triton", "triton_clip", "liger_grpo"):  # CUDA only
@@ -73,6 +75,9 @@ def test_quick_report_writes_md_json_png(tmp_path: Path) -> None:
             assert math.isfinite(e[key]) and e[key] > 0, (e["name"], key, e[key])
         # backward is not timed alone: it is forward+backward minus forward, 0 at the least
         assert e["bwd_ms"] == max(e["fwdbwd_ms"] - e["fwd_ms"], 0.0), e
+        # every row timed once per interleaved round; the number is the median over the rounds
+        assert len(e["fwdbwd_rounds_ms"]) == 2, e
+        assert e["fwdbwd_ms"] == statistics.median(e["fwdbwd_rounds_ms"]), e
         if e["objective"] == "GRAO":  # the reference's loss on the same inputs
             assert e["loss_rel_diff"] < 1e-5, (e["name"], e["loss_rel_diff"])
         else:  # the clip rows: another loss, checked in benchmarks/test_rows.py
@@ -89,6 +94,19 @@ def test_quick_report_writes_md_json_png(tmp_path: Path) -> None:
     assert "| reference (plain PyTorch) | GRAO |" in markdown and "not GRAO" in markdown
     assert "| grao-fast torch, sequence clip (2 reads) | GRAO, sequence clip |" in markdown
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rounds_sets_the_interleaved_rounds(tmp_path: Path) -> None:
+    args = ("--quick", "--device", "cpu", "--rows", "reference,grao_linear", "--sweep")
+    done = _run(*args, "--rounds", "3", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert result["settings"]["rounds"] == 3
+    entries = result["tables"][0]["rows"]
+    assert [len(e["fwdbwd_rounds_ms"]) for e in entries] == [3, 3]
+    assert "3 interleaved round(s)" in next(tmp_path.glob("*.md")).read_text()
+    bad = _run(*args, "--rounds", "0", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "--rounds" in bad.stderr
 
 
 def test_tune_quick_checks_and_times_every_config(tmp_path: Path) -> None:
