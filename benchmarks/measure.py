@@ -104,12 +104,19 @@ def gemm_ms(
     """Median time of the three GEMMs a hidden -> lm_head loss cannot avoid, summed.
 
     With M = tokens: logits = X W^T ([M, H] x [H, V]), dX = dL W ([M, V] x [V, H]) and
-    dW = dL^T X ([V, M] x [M, H]); each is 2 M V H FLOPs, 6 M V H in all.
+    dW = dL^T X ([V, M] x [M, H]); each is 2 M V H FLOPs, 6 M V H in all. Each writes into an
+    output allocated once: on CPU a fresh [M, V] output per call would add its page faults
+    (about twice a copy of it) to what is meant to be the GEMMs alone.
     """
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     w = torch.randn(vocab, hidden, device=device, dtype=dtype)
     dl = torch.randn(tokens, vocab, device=device, dtype=dtype)
-    gemms = (lambda: x @ w.T, lambda: dl @ w, lambda: dl.T @ x)
+    logits, dx, dw = torch.empty_like(dl), torch.empty_like(x), torch.empty_like(w)
+    gemms = (
+        lambda: torch.mm(x, w.T, out=logits),
+        lambda: torch.mm(dl, w, out=dx),
+        lambda: torch.mm(dl.T, x, out=dw),
+    )
     return sum(bench_ms(fn, device, rep_ms=rep_ms) for fn in gemms)
 
 

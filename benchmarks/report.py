@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, object]] = {
     },
     "cpu": {
         "tokens": [2048], "sweep": [512, 1024, 2048, 4096], "vocab": 32_768, "hidden": 256,
-        "dtype": "float32", "warmup": 1, "rep_ms": 2000, "copy_mib": 256, "rounds": 3,
+        "dtype": "float32", "warmup": 1, "rep_ms": 2000, "copy_mib": 256, "rounds": 5,
     },
     "quick": {
         "tokens": [144], "sweep": [72, 144], "vocab": 512, "hidden": 32, "dtype": "float32",
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds", type=_positive,
         help="interleaved rounds: each times every row of a table (and its copy or bare GEMMs) "
-        "for rep-ms / rounds; a number is the median over the rounds (CUDA 1, CPU 3, quick 2)",
+        "for rep-ms / rounds; a number is the median over the rounds (CUDA 1, CPU 5, quick 2)",
     )  # fmt: skip
     parser.add_argument(
         "--rows",
