@@ -218,12 +218,20 @@ def plot(result: dict, path: Path) -> None:
     ax_time.legend()
     sweep = result.get("sweep")
     if sweep:
-        for name, peaks in sweep["peak_bytes"].items():
+        # A colour and a marker of its own for each of up to 20 rows (the default cycle repeats
+        # after 10); grao-fast's rows solid, the others dashed.
+        colours, markers = plt.get_cmap("tab20").colors, "osD^vP*Xhd<>p"
+        for k, (name, peaks) in enumerate(sweep["peak_bytes"].items()):
             points = [
                 (t, b / MIB) for t, b in zip(sweep["tokens"], peaks, strict=True) if b is not None
             ]
+            label = sweep["labels"][name]
             if points:
-                ax_mem.plot(*zip(*points, strict=True), marker="o", label=sweep["labels"][name])
+                ax_mem.plot(
+                    *zip(*points, strict=True), label=label, color=colours[k % len(colours)],
+                    marker=markers[k % len(markers)],
+                    linestyle="-" if label.startswith("grao-fast") else "--",
+                )  # fmt: skip
         ax_mem.set_xscale("log", base=2)
         ax_mem.set_xlabel("tokens")
         ax_mem.set_ylabel(
