@@ -208,7 +208,7 @@ def _time_rows(
 ) -> tuple[dict, float]:
     """Every row of ``rows`` on ``inputs``, timed in ``settings.rounds`` interleaved rounds.
 
-    A round times ``baseline()`` (the copy or the bare GEMMs, returning one number) and then
+    A round times ``baseline(rep_ms=...)`` (the copy or the bare GEMMs: one number) and then
     every row, each for ``rep_ms / rounds``; a row's times, and the baseline, are the medians
     over the rounds. A drift of the machine's speed (other load, clocks) then falls on every row
     alike instead of on whichever row ran during it. Returns ``(results by row name, baseline)``.
@@ -229,7 +229,7 @@ def _time_rows(
     baselines = []
     with tqdm(total=settings.rounds * len(cases), desc=desc, unit="row") as bar:
         for _ in range(settings.rounds):
-            baselines.append(baseline(rep_ms))
+            baselines.append(baseline(rep_ms=rep_ms))
             for name, case in list(cases.items()):
                 timed = _run_guarded(_time_case, case, rep_ms)
                 if timed["status"] == "ok":
@@ -237,6 +237,8 @@ def _time_rows(
                 else:  # dropped from the later rounds
                     results[name] = timed
                     del cases[name]
+                for leaf in inputs.leaves():  # a failed call may leave gradients behind
+                    leaf.grad = None
                 _free(inputs.labels.device)
                 bar.update()
     for name, case in cases.items():
@@ -276,8 +278,7 @@ def run_tables(settings: Settings, rows: list[Row], device: torch.device) -> lis
                 baseline = partial(measure.copy_bandwidth, device, copy_bytes)
             inputs = make_inputs(problem, device, path=path, seed=settings.seed)
             results, base = _time_rows(
-                inputs, path_rows, settings, lambda ms: baseline(rep_ms=ms),  # noqa: B023
-                f"{problem.tokens} tokens, {path}",
+                inputs, path_rows, settings, baseline, f"{problem.tokens} tokens, {path}",
             )  # fmt: skip
             table["gemm_ms" if path == "linear" else "copy_bytes_per_s"] = base
             for row in path_rows:
