@@ -396,9 +396,12 @@ def test_run_logs_what_each_step_computed(tmp_path, monkeypatch, capfd):
     metrics.jsonl and handed to on_step; the terminal shows the run's bar."""
     import json
 
+    from safetensors.torch import load_file
+
     from grao_fast.train import loop
     from grao_fast.train.rewards import relative_to_reference
     from grao_fast.train.rollout import encode_prompt
+    from grao_fast.train.tiny import build_model, build_tokenizer
 
     names = ("load_policy", "PromptSampler", "get_reward", "score_groups", "micro_batches",
              "evaluate", "term_gradients", "update", "save_checkpoint")  # fmt: skip
@@ -420,8 +423,13 @@ def test_run_logs_what_each_step_computed(tmp_path, monkeypatch, capfd):
     of = lambda name: [c for c in calls if c[0] == name]  # noqa: E731
     ((_, _, _, reward_fn),) = of("get_reward")
     ((_, sampler_args, _, sampler),) = of("PromptSampler")
-    ((_, _, _, (model, ref_model, optimizer, scheduler, start)),) = of("load_policy")
+    ((_, load_args, _, (model, ref_model, optimizer, scheduler, start)),) = of("load_policy")
     assert start == 0 and not ref_model.training and ref_model is not model
+    # Without --model the run's initial tiny model, of the run's seed, is made in its directory.
+    assert load_args == (cfg, out / "init-model", None, torch.device("cpu"))
+    initial = build_model(len(build_tokenizer()), seed=cfg.seed).state_dict()
+    saved = load_file(out / "init-model" / "model.safetensors")
+    assert saved and all(torch.equal(v, initial[k]) for k, v in saved.items())
     assert sampler_args[1:] == (cfg.batch_prompts, cfg.seed)
     tokenizer = of("save_checkpoint")[0][2]["tokenizer"]
     evals = of("evaluate")
@@ -513,6 +521,9 @@ def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(
     from grao_fast.train import loop
 
     monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
+    resumed_engines, make_engine = [], loop.make_engine  # whether each engine is given the
+    monkeypatch.setattr(loop, "make_engine", lambda *a, **kw: (  # resumed weights
+        resumed_engines.append(kw["resumed"]), make_engine(*a, **kw))[1])  # fmt: skip
     settings = dict(model=str(tiny_model_dir), steps=2, checkpoint_every=1, seed=3,
                     warmup_steps=4, kl_coef=0.1, packed=True)  # fmt: skip
     full = short_cfg(tmp_path, output_dir=str(tmp_path / "full"), **settings)
@@ -536,6 +547,7 @@ def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(
     capfd.readouterr()
     resumed_cfg = replace(parted, resume=True)
     resumed = train(resumed_cfg)
+    assert resumed_engines == [False, False, True]
     drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert drop(resumed) == drop(expected) and resumed[1]["lr"] == full.lr * 3 / 4
     logged = [json.loads(line) for line in metrics.read_text().splitlines()]
