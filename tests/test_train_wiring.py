@@ -521,9 +521,12 @@ def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(
     from grao_fast.train import loop
 
     monkeypatch.setattr(loop, "attention_implementation", lambda device: "eager")
-    resumed_engines, make_engine = [], loop.make_engine  # whether each engine is given the
-    monkeypatch.setattr(loop, "make_engine", lambda *a, **kw: (  # resumed weights
-        resumed_engines.append(kw["resumed"]), make_engine(*a, **kw))[1])  # fmt: skip
+    tokenizers, from_pretrained = [], loop.AutoTokenizer.from_pretrained  # the model's own
+    monkeypatch.setattr(loop.AutoTokenizer, "from_pretrained", lambda path: (
+        tokenizers.append(path), from_pretrained(path))[1])  # fmt: skip
+    engines, make_engine = [], loop.make_engine  # each engine's model and whether it is given
+    monkeypatch.setattr(loop, "make_engine", lambda *a, **kw: (  # the resumed weights
+        engines.append((a[3], kw["resumed"])), make_engine(*a, **kw))[1])  # fmt: skip
     settings = dict(model=str(tiny_model_dir), steps=2, checkpoint_every=1, seed=3,
                     warmup_steps=4, kl_coef=0.1, packed=True)  # fmt: skip
     full = short_cfg(tmp_path, output_dir=str(tmp_path / "full"), **settings)
@@ -547,7 +550,8 @@ def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(
     capfd.readouterr()
     resumed_cfg = replace(parted, resume=True)
     resumed = train(resumed_cfg)
-    assert resumed_engines == [False, False, True]
+    assert engines == [(tiny_model_dir, False), (tiny_model_dir, False), (tiny_model_dir, True)]
+    assert tokenizers == [str(tiny_model_dir)] * 3
     drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert drop(resumed) == drop(expected) and resumed[1]["lr"] == full.lr * 3 / 4
     logged = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -563,12 +567,17 @@ def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(
     assert (parted.out / "train.log").read_text().count(message) == 2
 
     monkeypatch.setattr(loop, "make_engine", lambda *a, **kw: (_ for _ in ()).throw(_Crash()))
-    with pytest.raises(_Crash):
+    kept = metrics.read_text()
+    with pytest.raises(_Crash):  # having rewritten the two steps' lines as they were
         train(replace(resumed_cfg, steps=3))
     assert (parted.out / "checkpoints" / "step-000002").is_dir()
+    assert metrics.read_text() == kept and len(kept.splitlines()) == 2
     with pytest.raises(_Crash):
         train(replace(full, output_dir=str(tmp_path / "fresh")))
     assert not (tmp_path / "fresh").exists()
+    with pytest.raises(_Crash):  # --overwrite: a new run in the old one's directory
+        train(replace(full, overwrite=True))
+    assert not full.out.exists()
 
 
 def test_output_directory_is_made_refused_or_replaced(tmp_path):
@@ -605,6 +614,25 @@ def test_output_directory_is_made_refused_or_replaced(tmp_path):
     with pytest.raises(ValueError) as error:
         prepare_output(blocked)
     assert str(error.value).startswith(f"--output-dir {blocked.out}: cannot write there (")
+
+
+def test_settings_and_examples_beyond_the_model_are_refused_word_for_word(tmp_path):
+    """train checks the settings and every example against the model's positions before
+    anything is written: a max_length beyond them, an example longer than max_length."""
+    with pytest.raises(ValueError) as error:
+        train(short_cfg(tmp_path, max_length=200))
+    assert str(error.value) == ("max_length: 200 exceeds the model's 128 positions "
+                                "(max_position_embeddings in its config)")  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "reverse 12", "reference": "21"}\n'
+                    f'{{"prompt": "{"9" * 60}", "reference": "1"}}\n')  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        train(short_cfg(tmp_path, data=str(data), max_length=64))
+    assert str(error.value) == (
+        f"data: example 1 is too long: prompt 63 + answer 4 tokens > max_length 64 (prompt "
+        f"starts {'9' * 40!r}); shorten it, or raise --max-length up to the model's 128 positions"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_engine_of_each_rollout_setting(tiny_model_dir, tiny_model, tiny_tokenizer, monkeypatch):
