@@ -580,6 +580,29 @@ def test_resume_continues_from_the_checkpoint_and_keeps_its_directory(
     assert not full.out.exists()
 
 
+def test_run_is_on_cuda_where_there_is_one_and_a_failed_start_up_raises_its_own_error(
+    tmp_path, monkeypatch
+):
+    """train: the run's device is CUDA where there is one; a start-up that fails raises its own
+    error, even when the new run's directory is gone already (removing it is best effort)."""
+    import shutil
+
+    from grao_fast.train import loop
+
+    devices = []
+
+    def start_up(cfg, tokenizer, checkpoint, device):
+        devices.append(device)
+        shutil.rmtree(cfg.out)
+        raise _Crash
+
+    monkeypatch.setattr(loop, "start_up", start_up)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(_Crash):
+        train(short_cfg(tmp_path))
+    assert devices == [torch.device("cuda")] and not (tmp_path / "run").exists()
+
+
 def test_output_directory_is_made_refused_or_replaced(tmp_path):
     """prepare_output: a new directory (its parents too) holding the settings; a directory with
     files in it refused word for word unless --overwrite empties it; an empty one used as it
