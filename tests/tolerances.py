@@ -50,3 +50,55 @@ def assert_kernel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: tor
     expected, e.g. the log-prob of an out-of-range label)."""
     atol, rtol = TOL[dtype]["kernel"]
     torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol, equal_nan=True)
+
+
+# ---- the training loop's logged statistics (test_train_wiring.py, test_train_steps.py) ----
+# Unit roundoff u of the dtypes the loop computes its statistics in.
+U = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
+
+
+def sum_atol(values, dtype: torch.dtype) -> float:
+    """How far two evaluations in ``dtype`` of the sum of ``values`` may be apart when they add
+    in another order, or scale the terms (by the same factor) before or after adding them: each
+    side's n - 1 additions and its scaling round at most n times, each by at most u times the
+    sum of the |values|: 2 n u sum |x|. For a mean, divide by n (the loop's logged means)."""
+    return 2 * len(values) * U[dtype] * sum(abs(float(v)) for v in values)
+
+
+# The gradient one update accumulates in float32 ``.grad`` from its micro-batches (the loss of
+# each weighted by its power-of-two share of the groups, an exact scaling) against the same
+# backwards summed in float64: one float32 addition per entry, one rounding of at most u of the
+# sum. eps = 2u, the comparison of a bound met exactly at a tie included.
+ACCUMULATED_GRAD_RTOL = torch.finfo(torch.float32).eps
+
+# A float32 norm of the 3.4e5 parameters' gradient (clip_grad_norm_, the loop's logged norms)
+# against float64: the squares are positive, so their float32 sum has a relative error; torch
+# sums in blocks and then a tree (cascade summation), an error that grows like u (block + log2
+# n), well below 1e-5 for these n, and the square root halves it. The value tolerance's rtol.
+NORM_RTOL = TOL[torch.float32]["value"][1]
+
+
+def clipped_norm_rtol(norm_before: float) -> float:
+    """The norm of a gradient clipped to ``max_norm`` against ``max_norm``: clip_grad_norm_
+    scales by max_norm / (norm + 1e-6), short of the limit by 1e-6 / norm, and the norm and the
+    scaled entries are float32 (NORM_RTOL)."""
+    return 1e-6 / norm_before + NORM_RTOL
+
+
+# The --is-cap ratio of a row, exp(mean_t (policy - sampler log-prob)), against one recomputed
+# from another forward of the same rows: the relative error of exp(x) is the absolute error of
+# x, a float32 mean of token log-probs, within the value tolerance's atol of float64.
+RATIO_RTOL = TOL[torch.float32]["value"][0]
+
+# The gradient w.r.t. the parameters by two routes (the loss's float32 backward against autograd
+# through the float64 reference from float32 logits, or the terms' gradients summed against the
+# whole loss's): the logits' gradients agree to the grad tolerance's rtol (1e-5), and the model's
+# backward sums them over tokens and hidden units with cancellation, which multiplies the
+# relative error by the sums' condition number (sum |x| / |sum x|): the tests' norms are 2.4e-5
+# apart, their cosines 4.6e-5; 10 x 1e-5 for the norms and the cosines of such gradients.
+PARAM_GRAD_RTOL = 10 * TOL[torch.float32]["grad"][1]
+
+# Two runs of the same steps on a GPU (bfloat16 autocast, vLLM's sampling) against each other:
+# not a rounding bound, since the GPU's kernels need not add in the same order twice; the loop's
+# values agree to about the float32 value tolerance there. CPU runs are compared exactly.
+GPU_RERUN = dict(rel=TOL[torch.float32]["value"][1], abs=1e-6)
