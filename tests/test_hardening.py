@@ -237,3 +237,29 @@ def test_no_gradient_work_without_grad_mode(monkeypatch):
     assert seen == [True] * 4
     grao_loss(x, labels, rewards, group_size=G, backend="torch")  # with grad mode: a gradient
     assert seen[-1] is False
+
+
+def test_package_names_load_on_first_use(monkeypatch):
+    """``grao_fast``'s API and submodules are imported on first use (its ``__getattr__``, so
+    ``import grao_fast`` needs no torch) and kept, so later look-ups skip it; a name that is
+    neither is an AttributeError, and a submodule whose import misses another module says so."""
+    from grao_fast import linear, loss, reference
+
+    for name, module in [("grao_loss", loss), ("GRAOOutput", loss), ("grao_loss_linear", linear)]:
+        monkeypatch.delitem(vars(grao_fast), name, raising=False)  # as before its first use
+        assert getattr(grao_fast, name) is getattr(module, name)
+        assert vars(grao_fast)[name] is getattr(module, name)
+    assert grao_fast.__getattr__("reference") is reference
+    with pytest.raises(AttributeError) as err:
+        grao_fast.__getattr__("no_such_name")
+    assert str(err.value) == "module 'grao_fast' has no attribute 'no_such_name'"
+    missing = ModuleNotFoundError("No module named 'a_dependency'", name="a_dependency")
+
+    def import_module(name, package=None):
+        raise missing
+
+    with monkeypatch.context() as patch:
+        patch.setattr(grao_fast.importlib, "import_module", import_module)
+        with pytest.raises(ModuleNotFoundError) as err:
+            grao_fast.__getattr__("integrations")
+    assert err.value is missing
