@@ -1,6 +1,7 @@
 """What every backend promises beyond the plain case (docs/GUARANTEES.md): overlapping memory,
 changing shapes under torch.compile, masked vocabularies, unscored tokens, double backward,
-precision, validation, and no gradient work without grad mode."""
+precision, validation, no gradient work without grad mode, the rescale of backward, the clip
+reports at their edges, and the package's names loaded on first use."""
 
 import math
 from types import SimpleNamespace
