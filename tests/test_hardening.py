@@ -1,15 +1,28 @@
 """What every backend promises beyond the plain case (docs/GUARANTEES.md): overlapping memory,
 changing shapes under torch.compile, masked vocabularies, unscored tokens, double backward,
-precision, validation, and no gradient work without grad mode."""
+precision, validation, no gradient work without grad mode, the rescale of backward, the clip
+reports at their edges, and the package's names loaded on first use."""
+
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
-from backends import BACKENDS
-from test_loss import _batch
+from backends import BACKENDS, DEVICE
+from test_loss import RATIOS, _batch, _compare, old_in_every_band
 from tolerances import assert_close
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import grao_fast
-from grao_fast import grao_loss, grao_loss_linear, group_advantages, token_logprobs
+from grao_fast import (
+    GRAOOptions,
+    _plan,
+    grao_loss,
+    grao_loss_linear,
+    group_advantages,
+    token_logprobs,
+)
 
 ALL = ["reference", *BACKENDS]
 G = 2
@@ -133,18 +146,35 @@ def test_nan_sampler_logps_weigh_one_in_value_and_gradient(backend):
     assert_close(runs[0][1], runs[1][1].double(), torch.float32, "grad")
 
 
+DOUBLE_BACKWARD = (
+    "grao_fast: double backward (create_graph=True, e.g. a gradient penalty) is not supported: "
+    "the gradient is computed in forward and is not itself differentiable"
+)
+BACKWARD_AGAIN = (
+    "grao_fast: this loss was already backpropagated (its gradient buffers were handed to "
+    "autograd, not copied); compute the loss again to backpropagate again"
+)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward_is_an_error(backend):
     logits, labels, rewards = _batch(1, G, 3, 7, torch.float32, seed=3)
     x = logits.clone().requires_grad_()
     loss = grao_loss(x, labels, rewards, group_size=G, backend=backend).loss
-    with pytest.raises(RuntimeError, match="double backward"):
+    with pytest.raises(RuntimeError) as err:
         torch.autograd.grad(loss, x, create_graph=True)
+    assert str(err.value) == DOUBLE_BACKWARD
     hidden = torch.randn(3, 3, 4, requires_grad=True)
     weight = torch.randn(7, 4, requires_grad=True)
     loss = grao_loss_linear(hidden, weight, labels, rewards, group_size=G, backend=backend).loss
-    with pytest.raises(RuntimeError, match="double backward"):
+    with pytest.raises(RuntimeError) as err:
         torch.autograd.grad(loss, hidden, create_graph=True)
+    assert str(err.value) == DOUBLE_BACKWARD
+    loss = grao_loss(x, labels, rewards, group_size=G, backend=backend).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError) as err:
+        loss.backward()
+    assert str(err.value) == BACKWARD_AGAIN
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -237,3 +267,188 @@ def test_no_gradient_work_without_grad_mode(monkeypatch):
     assert seen == [True] * 4
     grao_loss(x, labels, rewards, group_size=G, backend="torch")  # with grad mode: a gradient
     assert seen[-1] is False
+
+
+def test_package_names_load_on_first_use(monkeypatch):
+    """``grao_fast``'s API and submodules are imported on first use (its ``__getattr__``, so
+    ``import grao_fast`` needs no torch) and kept, so later look-ups skip it; a name that is
+    neither is an AttributeError, and a submodule whose import misses another module says so."""
+    from grao_fast import linear, loss, reference
+
+    for name, module in [("grao_loss", loss), ("GRAOOutput", loss), ("grao_loss_linear", linear)]:
+        monkeypatch.delitem(vars(grao_fast), name, raising=False)  # as before its first use
+        assert getattr(grao_fast, name) is getattr(module, name)
+        assert vars(grao_fast)[name] is getattr(module, name)
+    assert grao_fast.__getattr__("reference") is reference
+    with pytest.raises(AttributeError) as err:
+        grao_fast.__getattr__("no_such_name")
+    assert str(err.value) == "module 'grao_fast' has no attribute 'no_such_name'"
+    missing = ModuleNotFoundError("No module named 'a_dependency'", name="a_dependency")
+
+    def import_module(name, package=None):
+        raise missing
+
+    with monkeypatch.context() as patch:
+        patch.setattr(grao_fast.importlib, "import_module", import_module)
+        with pytest.raises(ModuleNotFoundError) as err:
+            grao_fast.__getattr__("integrations")
+    assert err.value is missing
+
+
+class _Ops(TorchDispatchMode):
+    """Records the shapes of the tensors each operation is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        self.seen.append((func, shapes))
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_of_one_makes_no_pass_over_the_gradient():
+    """On CPU ``loss.backward()`` (a grad_output of exactly 1) hands the gradient written in
+    forward over untouched: no operation of backward takes it but autograd's own ``detach``;
+    another grad_output rescales it once, in place."""
+    logits, labels, rewards = (t.cpu() for t in _batch(1, G, 3, 7, torch.float32, seed=3))
+    grads = []
+    for d_loss in (1.0, 0.7):
+        x = logits.clone().requires_grad_()
+        out = grao_loss(x, labels, rewards, group_size=G, backend="torch")
+        with _Ops() as ops:
+            out.loss.backward(torch.tensor(d_loss))
+        grads.append(x.grad)
+        on_grad = [f for f, shapes in ops.seen if tuple(x.shape) in shapes]
+        rescaled = [] if d_loss == 1.0 else [torch.ops.aten.mul_.Tensor]
+        assert on_grad == [*rescaled, torch.ops.aten.detach.default]
+    assert torch.equal(grads[1], grads[0] * torch.tensor(0.7))
+
+
+class _NoGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, d_out):
+        return None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_that_no_gradient_reaches_adds_nothing(backend):
+    """A graph whose backward reaches the loss with no gradient (None) gives the logits none
+    (not zeros) and adds nothing to what they get otherwise; it is no error."""
+    logits, labels, rewards = _batch(1, G, 3, 7, torch.float32, seed=3)
+    other = torch.ones(2, device=DEVICE, requires_grad=True)
+    for also_x in (False, True):
+        x = logits.clone().requires_grad_()
+        out = grao_loss(x, labels, rewards, group_size=G, backend=backend)
+        total = _NoGradient.apply(out.loss) + other.sum()
+        (total + (2.0 * x).sum() if also_x else total).backward()
+        assert torch.equal(x.grad, torch.full_like(x, 2.0)) if also_x else x.grad is None
+
+
+def _row_old_logps(logits, labels):
+    """old_logps at which every loss token of row n, so its sequence-level ratio too, has the
+    ratio ``RATIOS[n % 7]`` to the reference log-probs of ``logits``."""
+    logp = token_logprobs(logits.double(), labels, backend="reference")
+    rows = torch.arange(labels.shape[0]) % len(RATIOS)
+    log_ratio = torch.tensor(RATIOS, dtype=torch.float64).log()[rows].to(logp.device)
+    return (logp - log_ratio[:, None]).float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["token", "constant"])
+def test_sequence_ratio_clipped_on_both_sides_with_another_length_norm(backend, norm):
+    """GSPO's row ratios in every band, in rows of both coefficient signs (the rewards fix them:
+    rows 0 and 7 below the clip with c < 0, row 6 above with c > 0), with a length norm other
+    than the row's own and without ``sequence_length_norm``: each row's term weighs 1 / |s|."""
+    logits, labels, _ = _batch(3, G, 5, 29, torch.float32, seed=21)
+    rewards = torch.tensor([[0.0, 1.0, 0.5], [0.3, 0.2, 0.9], [1.0, 0.0, 0.5]], device=DEVICE)
+    kw = {"importance_level": "sequence", "clip_eps": (0.1, 0.28), "length_norm": norm}
+    old = _row_old_logps(logits, labels)
+    out, _ = _compare(backend, logits, labels, rewards, G, old_logps=old, **kw)
+    clipped_rows = (out.clip_counts > 0).nonzero().tolist()
+    assert clipped_rows == [[0, 0], [6, 1], [7, 0]]  # [row, side: c < 0, c > 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cispo_reports_tokens_above_the_cap_in_rows_it_weighs(backend):
+    """CISPO reports a token as clipped where its ratio is strictly above the cap in a row of
+    coefficient c > 0: not in a row of c = 0 (a group of equal rewards), nor at the cap."""
+    logits, labels, _ = _batch(2, G, 7, 29, torch.float32, seed=22)
+    rewards = torch.tensor([[0.0, 1.0, 0.5], [1.0, 1.0, 1.0]], device=DEVICE)
+    kw = {"ratio_policy": "cispo", "ratio_cap": 1.2}
+    out, _ = _compare(
+        backend, logits, labels, rewards, G, old_logps=old_in_every_band(logits, labels), **kw
+    )
+    assert out.clip_counts[:3, 1].sum() > 0 and out.clip_counts[3:].sum() == 0
+    # old_logps = the log-probs this backend computes: every ratio is exactly 1, the cap
+    old = token_logprobs(logits, labels, backend=backend)
+    tie = grao_loss(logits, labels, rewards, group_size=G, backend=backend, old_logps=old,
+                    ratio_policy="cispo", ratio_cap=1.0)  # fmt: skip
+    assert tie.clip_fraction == 0 and not tie.clip_counts.any()
+
+
+def test_objective_in_float64():
+    """SAPO's temperatures, the entropy bonus's weight and the clip shares in the log-probs'
+    float64, not float32 (the shares: the clipped tokens counted per row and side, over the
+    loss tokens, in float64)."""
+    logits, labels, rewards = _batch(2, G, 7, 29, torch.float64, seed=23)
+    _compare("torch", logits, labels, rewards, G, entropy_coef=0.05)
+    old = old_in_every_band(logits, labels).double()
+    _compare("torch", logits, labels, rewards, G, old_logps=old, ratio_policy="sapo",
+             sapo_tau=(0.9, 1.1))  # fmt: skip
+    out = grao_loss(logits, labels, rewards, group_size=G, backend="torch", old_logps=old,
+                    clip_eps=(0.1, 0.28))  # fmt: skip
+    tokens = (labels != -100).sum().double()
+    low, high = out.clip_counts.sum(dim=0) / tokens
+    assert torch.equal(out.clip_fraction, low + high) and 0 < low and 0 < high
+    assert torch.equal(out.clip_low_fraction, low) and torch.equal(out.clip_high_fraction, high)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_shares_of_a_single_weighted_token(backend):
+    """One loss token of weight > 0 in the batch: it is all the clip shares count, so they
+    are 0 or 1 (ratios 0.5 and 2 clip it on one side of its row's coefficient's sign)."""
+    logits, labels, rewards = _batch(1, G, 4, 29, torch.float32, seed=24)
+    t = int((labels[0] != -100).nonzero()[0])
+    weights = torch.zeros(labels.shape, device=DEVICE)
+    weights[0, t] = 1.0
+    logp = token_logprobs(logits.double(), labels, backend="reference")
+    shares = []
+    for ratio in (0.5, 2.0):
+        old = (logp - math.log(ratio)).float()
+        out, _ = _compare(backend, logits, labels, rewards, G, old_logps=old,
+                          token_weights=weights)  # fmt: skip
+        shares.append(float(out.clip_fraction))
+        assert float(out.clip_low_fraction) + float(out.clip_high_fraction) == shares[-1]
+    assert sorted(shares) == [0.0, 1.0]
+
+
+def test_backward_on_cuda_rescales_with_the_kernel_of_the_triton_backend(monkeypatch):
+    """Which rescale backward runs (a fake CUDA grad_output: no GPU needed, no kernel runs): on
+    CUDA the Triton backend's buffers each go through the ``scale_`` kernel (no pass for a
+    grad_output of 1, no host sync) and are handed over as they are; the torch backend on
+    CUDA, and the Triton backend on CPU (the interpreter), multiply in place."""
+    calls = []
+    monkeypatch.setattr(_plan, "scale_", lambda g, d: calls.append((g, d)))
+    with FakeTensorMode():
+        d_cuda, g_cuda = torch.empty((), device="cuda"), torch.empty(3, 7, device="cuda")
+    x, y = torch.zeros(3, 7, requires_grad=True), torch.zeros(5, requires_grad=True)
+    gx = torch.ones(3, 7)
+    out = _plan.GRAOOutput(*(torch.zeros(()),) * 6)
+    ctx = _plan.attach(out, [(x, gx), (y, y)], GRAOOptions(G, backend="triton")).loss.grad_fn
+    with torch.no_grad():
+        handed = _plan.rescale(ctx, d_cuda)
+        buffers = (gx, y)  # y: its own buffer (inplace=True)
+        assert all(a is g and b is d_cuda for (a, b), g in zip(calls, buffers, strict=True))
+        assert all(a is g for a, g in zip(handed, buffers, strict=True))
+        calls.clear()
+        torch_ctx = SimpleNamespace(grads=(g_cuda,), use_triton=False)
+        assert _plan.rescale(torch_ctx, d_cuda)[0] is g_cuda
+        triton_cpu = SimpleNamespace(grads=(torch.ones(3),), use_triton=True)
+        (scaled,) = _plan.rescale(triton_cpu, torch.tensor(0.5))
+    assert not calls and torch.equal(scaled, torch.full((3,), 0.5))

@@ -10,6 +10,7 @@ from backends import BACKENDS
 from test_loss import _batch
 
 from grao_fast import GRAOLoss, grao_loss, grao_loss_linear, token_logprobs
+from grao_fast._ops import resolve_backend, triton_available
 
 ALL = ["reference", *BACKENDS]
 G = 2
@@ -117,11 +118,52 @@ def test_lm_head_weight_without_rows(backend):
 def test_triton_refuses_float64_logits(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton may run here; the dtype is refused first
     logits, labels, rewards = _data()
-    message = r"backend='triton' takes float32/bfloat16/float16 logits, got float64"
-    with pytest.raises(TypeError, match=message):
+    message = "backend='triton' takes float32/bfloat16/float16 logits, got float64"
+    with pytest.raises(TypeError) as err:
         grao_loss(logits.double(), labels, rewards, group_size=G, backend="triton")
-    with pytest.raises(TypeError, match=message):
+    assert str(err.value) == message
+    with pytest.raises(TypeError) as err:
         token_logprobs(logits.double(), labels, backend="triton")
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["triton", "no-triton"])
+def test_backend_choice_follows_the_device_and_triton(monkeypatch, installed):
+    """Which backend runs (the choice only; no kernel runs): 'auto' is Triton on CUDA with
+    triton installed and the torch backend anywhere else, the interpreter included; 'triton'
+    needs triton and a CUDA device or TRITON_INTERPRET=1. Whether triton is installed here or
+    not, both cases are seen (its spec is replaced)."""
+    find_spec = importlib.util.find_spec
+    spec = find_spec("torch") if installed else None  # any spec stands for triton's
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: spec if name == "triton" else find_spec(name, *a),
+    )
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert (triton_available(cuda), triton_available(cpu)) == (installed, False)
+    assert resolve_backend("auto", cuda, torch.bfloat16) == ("triton" if installed else "torch")
+    assert resolve_backend("auto", cpu, torch.float32) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert (triton_available(cuda), triton_available(cpu)) == (installed, installed)
+    assert resolve_backend("auto", cpu, torch.float32) == "torch"  # the interpreter: on request
+    if installed:
+        assert resolve_backend("triton", cpu, torch.float16) == "triton"
+    else:
+        with pytest.raises(ValueError) as err:
+            resolve_backend("triton", cpu, torch.float32)
+        assert str(err.value) == (
+            "backend='triton' needs a CUDA device or TRITON_INTERPRET=1 and an installed "
+            "triton; the tensors are on cpu"
+        )
+    for backend in ("reference", "torch"):
+        assert resolve_backend(backend, cpu, torch.float64) == backend
+    with pytest.raises(ValueError) as err:
+        resolve_backend("cuda", cpu, torch.float32)
+    assert str(err.value) == (
+        "backend must be one of ('auto', 'reference', 'torch', 'triton'), got 'cuda'"
+    )
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")

@@ -91,8 +91,9 @@ def test_matches_reference(backend, dtype):
         {"terms": ("exploration",)},
         {"terms": ("imitation", "alignment"), "beta": 0.9, "lam": 0.2},
         {"return_entropy": True},
+        {"entropy_coef": 1.0},  # the bonus of weight 1: a weight like any other
     ],
-    ids=["temperature", "outside-pool", "exploration-only", "no-exploration", "entropy"],
+    ids=["temperature", "outside-pool", "exploration-only", "no-exploration", "entropy", "bonus-1"],
 )
 def test_options(backend, kw):
     out, _ = _compare(backend, *_batch(2, 2, 4, 29, torch.float32, seed=1), g=2, **kw)
@@ -122,9 +123,12 @@ def test_extras_kl_and_importance_weights(backend):
     gen = torch.Generator().manual_seed(4)
     ref_logps = (-torch.rand(n, t, generator=gen) * 4).to(DEVICE)
     sampler = (-torch.rand(n, t, generator=gen) * 4).to(DEVICE)
-    _compare(backend, logits, labels, rewards, g=2, kl_coef=0.3, ref_logps=ref_logps)
+    for kl_coef in (0.3, 1.0):  # 1 too: a weight like any other
+        _compare(backend, logits, labels, rewards, g=2, kl_coef=kl_coef, ref_logps=ref_logps)
     _compare(backend, logits, labels, rewards, g=2, sampler_logps=sampler, is_cap=1.5)
     _compare(backend, logits, labels, rewards, g=2, sampler_logps=sampler)
+    # with old_logps, the IS weight is a constant of the plan (here without token weights)
+    _compare(backend, logits, labels, rewards, g=2, sampler_logps=sampler, old_logps=ref_logps)
     with torch.no_grad():  # forward only: the extras still enter the loss value
         both = {"kl_coef": 0.3, "ref_logps": ref_logps, "sampler_logps": sampler, "is_cap": 1.5}
         plain = grao_loss(logits, labels, rewards, group_size=2, backend=backend, **both)

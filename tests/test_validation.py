@@ -392,3 +392,44 @@ def test_token_inputs_are_read_in_the_statistics_dtype():
     for field in ("loss", "kl", "clip_fraction", "seq_logps"):
         a, b = getattr(got, field), getattr(want, field)
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), field
+
+
+OLD = -3 * torch.rand(N, T, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"length_norm": "token"}, {"length_norm": "constant"}, {"old_logps": OLD},
+     {"old_logps": OLD, "importance_level": "sequence"}],
+    ids=["token-norm", "constant-norm", "clip", "sequence-level"],
+)  # fmt: skip
+def test_float64_rewards_keep_the_logits_dtype_elsewhere(kw):
+    """float64 rewards give float64 advantages and, with float32 logits, float32 everywhere else
+    (the constant length norm's T and the row coefficients included), equal to the float32
+    rewards' call."""
+    rewards = _ok()[2]
+    want = _call(rewards=rewards, **kw)
+    got = _call(rewards=rewards.double(), **kw)
+    assert got.advantages.dtype == torch.float64
+    for field in ("loss", "exploration", "imitation", "alignment", "seq_logps"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert a.dtype == b.dtype == torch.float32, field
+        assert_close(a, b, torch.float32, "value")
+
+
+def test_token_norm_of_fewer_loss_tokens_than_rows():
+    """The token length norm divides by the mean row length, also where it is below 1 (two
+    loss tokens in six rows), and the entropy bonus by the sample rows' tokens, also where
+    there is one, as the reference does."""
+    logits, labels, rewards = _ok()
+    labels[:, :] = -100
+    labels[0, 1], labels[5, 2] = 3, 5  # a sample row's token, a reference row's
+    kw = {"group_size": G, "length_norm": "token", "entropy_coef": 0.1}
+    x = logits.clone().requires_grad_()
+    out = grao_loss(x, labels, rewards, backend="torch", **kw)
+    out.loss.backward()
+    ref_x = logits.double().requires_grad_()
+    ref = grao_loss(ref_x, labels, rewards.double(), backend="reference", **kw)
+    ref.loss.backward()
+    assert_close(out.loss, ref.loss, torch.float32, "value")
+    assert_close(x.grad, ref_x.grad, torch.float32, "grad")
