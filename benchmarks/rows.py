@@ -20,7 +20,7 @@ import torch
 
 import grao_fast
 from benchmarks.problems import IGNORE_INDEX, Inputs
-from grao_fast import GRAOOptions, reference
+from grao_fast import GRAOOptions, _native, reference
 
 LossFn = Callable[[], torch.Tensor]  # computes the scalar loss; the harness calls .backward()
 
@@ -166,6 +166,26 @@ def _grao_backend(backend: str) -> Callable[[Inputs, GRAOOptions], LossFn]:
     return build
 
 
+def _torch_eager(inputs: Inputs, options: GRAOOptions) -> LossFn:
+    """The torch backend with its CPU row pass in eager PyTorch (no compiled kernel): the loss
+    computes its gradient in forward, so only the forward call needs the switch."""
+    loss = _grao_backend("torch")(inputs, options)
+
+    def eager_loss() -> torch.Tensor:
+        with _native.eager():
+            return loss()
+
+    return eager_loss
+
+
+def _needs_cpu_kernel(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "the compiled row kernel is the CPU's: elsewhere the torch row is this one"
+    if _native.kernel() is None:
+        return "the compiled CPU row kernel is not available: the torch row is this one"
+    return None
+
+
 def _liger_grpo(inputs: Inputs, options: GRAOOptions) -> LossFn:
     """Liger-Kernel's Triton GRPO loss (token level, no KL, no old policy).
 
@@ -257,6 +277,10 @@ ROWS: tuple[Row, ...] = (
     Row(
         "torch", "grao-fast torch (chunked)", "logits", "GRAO",
         _always, _grao_backend("torch"),
+    ),
+    Row(
+        "torch_eager", "grao-fast torch, eager row pass", "logits", "GRAO",
+        _needs_cpu_kernel, _torch_eager,
     ),
     Row(
         "triton", "grao-fast triton", "logits", "GRAO",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from grao_fast import _memory
+from grao_fast import _memory, _native
 
 # Float32 working set of one chunk (upcast logits + probabilities): 64 MiB is large enough that
 # the per-chunk Python overhead is negligible at vocabulary 32k-152k and small beside any model.
@@ -129,10 +129,13 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
     in_range = (labels >= 0) & (labels < v)
     keep = in_range & ~ignored
     safe = torch.where(in_range, labels, 0).long()[:, None]
+    # float32 CPU rows without the entropy: the compiled exp stage (grao_fast/_native.py).
+    native = (logits.dtype == torch.float32 and logits.device.type == "cpu" and entropy is None
+              and (grad is None or direct) and _native.available())  # fmt: skip
     # The chunks' working buffers, allocated once: a fresh [r, V] buffer per chunk would be
     # fresh pages from the OS each time (on CPU the page faults cost as much as a pass).
     shape = (min(rows, m), v)
-    work = None if direct else _memory.empty(*shape, dtype=acc, device=logits.device)
+    work = None if direct or native else _memory.empty(*shape, dtype=acc, device=logits.device)
     work_e, work_ez = (
         [_memory.empty(*shape, dtype=acc, device=logits.device) for _ in range(2)]
         if compute_entropy else (None, None)
@@ -140,17 +143,27 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
     for start in range(0, m, rows):
         sl = slice(start, min(start + rows, m))
         r = sl.stop - sl.start
-        # One [r, V] working buffer, transformed in place: x -> (x - max) / T -> exp -> grad.
         x = logits[sl]
-        mx = x.amax(dim=-1, keepdim=True).to(acc)
-        # Subtract the raw max before scaling: (x - m) is exact for |x| ~ 1e4, x / T is not.
-        # bf16/fp16 logits are upcast inside the subtraction (mx is float32): one pass.
-        z = torch.sub(x, mx, out=grad[sl] if direct else work[:r])
-        if temperature != 1.0:
-            z.mul_(inv_t)
-        picked = z.gather(1, safe[sl]).squeeze(1)
-        e = torch.exp(z, out=work_e[:r]) if entropy is not None else z.exp_()
-        total = e.sum(dim=-1)
+        if native:
+            # One read of each row: its max, exp((x - max) / T) written into the gradient (or
+            # nowhere) and their sum. The label's logit is read first: grad may be the logits.
+            picked = x.gather(1, safe[sl]).squeeze(1)
+            mx, total = _native.row_exp(x, grad[sl] if direct else None, inv_t)
+            picked = picked - mx  # rounded as the eager (x - max) / T below
+            if temperature != 1.0:
+                picked = picked * inv_t
+            e = grad[sl] if direct else None
+        else:
+            # One [r, V] working buffer, transformed in place: x -> (x - max) / T -> exp -> grad.
+            mx = x.amax(dim=-1, keepdim=True).to(acc)
+            # Subtract the raw max before scaling: (x - m) is exact for |x| ~ 1e4, x / T is not.
+            # bf16/fp16 logits are upcast inside the subtraction (mx is float32): one pass.
+            z = torch.sub(x, mx, out=grad[sl] if direct else work[:r])
+            if temperature != 1.0:
+                z.mul_(inv_t)
+            picked = z.gather(1, safe[sl]).squeeze(1)
+            e = torch.exp(z, out=work_e[:r]) if entropy is not None else z.exp_()
+            total = e.sum(dim=-1)
         log_total = torch.log(total)
         lp = torch.where(in_range[sl], picked - log_total, float("nan"))
         logp[sl] = torch.where(ignored[sl], 0.0, lp)

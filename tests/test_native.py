@@ -1,0 +1,234 @@
+"""The compiled CPU row kernel (``grao_fast/_native.py``, ``csrc/row_exp.cpp``): its exp stage
+against float64, the row pass with and without it against the reference, its build and its
+fallback to eager PyTorch."""
+
+import subprocess
+
+import pytest
+import torch
+from test_loss import _batch, _compare, old_in_every_band
+from tolerances import TOL, assert_close, assert_kernel_close
+
+from grao_fast import _native, _torch_ops, grao_loss, grao_loss_linear
+
+pytestmark = pytest.mark.skipif(_native.kernel() is None, reason="no C++ compiler here")
+F32 = torch.float32
+
+
+def _expected(x, inv_t):
+    """float64 max, exp((x - max) * inv_t) (the difference rounded to float32 as the kernel's
+    input, as eager PyTorch's) and the sum of the exps."""
+    mx = x.amax(-1, keepdim=True)
+    z = (x - mx) if inv_t == 1.0 else (x - mx) * inv_t
+    e = z.double().exp()
+    return mx.squeeze(-1), e, e.sum(-1)
+
+
+def _rows(m, v, seed, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(m, v, generator=gen) * scale
+
+
+@pytest.mark.parametrize("v", [1, 15, 16, 17, 255, 256, 257, 1000, 4099])
+@pytest.mark.parametrize("inv_t", [1.0, 1 / 0.7])
+def test_exp_stage_matches_float64(v, inv_t):
+    x = _rows(5, v, seed=v)
+    if v > 1:
+        x[0, v // 2] = float("-inf")  # a masked vocabulary entry: exactly 0
+    mx, e, total = _expected(x, inv_t)
+    out = torch.full_like(x, float("nan"))
+    row_max, got = _native.row_exp(x, out, inv_t)
+    assert torch.equal(row_max, mx)
+    assert_kernel_close(out, e, F32)
+    assert out[0, v // 2] == 0 or v == 1
+    assert not out.isnan().any()
+    # The pairwise sum: a float32 sum of V terms in a tree, as the loss's values.
+    atol, rtol = TOL[F32]["value"]
+    torch.testing.assert_close(got.double(), total, atol=atol, rtol=rtol)
+    # Without an output the same sums; in place the same exps.
+    assert torch.equal(_native.row_exp(x, None, inv_t)[1], got)
+    inplace = x.clone()
+    assert torch.equal(_native.row_exp(inplace, inplace, inv_t)[1], got)
+    assert torch.equal(inplace, out)
+
+
+def test_strided_rows_and_an_unaligned_start():
+    # Every other row of a wider buffer, starting 3 floats in (no 64-byte alignment).
+    wide = _rows(9, 300, seed=1)
+    x = wide[::2, 3:260]
+    out_wide = torch.zeros(5, 400)
+    out = out_wide[:, 7:264]
+    row_max, total = _native.row_exp(x, out, 1.0)
+    mx, e, s = _expected(x, 1.0)
+    assert torch.equal(row_max, mx)
+    assert_kernel_close(out, e, F32)
+    torch.testing.assert_close(total.double(), s, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out_wide[:, :7], torch.zeros(5, 7))  # nothing outside the view
+    assert torch.equal(out_wide[:, 264:], torch.zeros(5, 136))
+
+
+def test_rows_split_between_threads_give_the_same_bits(monkeypatch):
+    x = _rows(67, 4099, seed=2)  # more than MIN_SPLIT elements: split between the threads
+    pools = []
+    pool = _native._pool
+    monkeypatch.setattr(_native, "_pool", lambda pid, n: pools.append(n) or pool(pid, n))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = torch.empty_like(x)
+            results.append((out, *_native.row_exp(x, out, 1 / 0.7)))
+    finally:
+        torch.set_num_threads(before)
+    assert pools == [2, 3]  # one thread calls the kernel itself
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_nan_and_infinite_rows():
+    x = _rows(4, 40, seed=3)
+    x[0, 5] = float("nan")
+    x[1] = float("-inf")
+    x[2, :] = float("-inf")
+    x[2, 9] = 1e4
+    x[3, 11] = float("inf")
+    out = torch.empty_like(x)
+    row_max, total = _native.row_exp(x, out, 1.0)
+    assert total[0].isnan() and out[0, 5].isnan()
+    assert total[1].isnan()  # (-inf) - (-inf): eager PyTorch's NaN too
+    assert total[2] == 1 and out[2, 9] == 1 and out[2].sum() == 1
+    assert row_max[3] == float("inf") and total[3].isnan()
+    eager = torch.exp(x - x.amax(-1, keepdim=True)).sum(-1)
+    assert torch.equal(total[1:].isnan(), eager[1:].isnan())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"temperature": 0.7},
+        {"kl_coef": 0.1, "clip_eps": (0.2, 0.28)},
+        {"importance_level": "sequence", "temperature": 1.3},
+    ],
+    ids=["plain", "temperature", "kl-clip", "sequence"],
+)
+def test_row_pass_with_and_without_the_kernel_matches_the_reference(kw, monkeypatch):
+    logits, labels, rewards = _batch(2, 3, 6, 301, F32, seed=4)
+    if "kl_coef" in kw or "importance_level" in kw:
+        kw = {**kw, "old_logps": old_in_every_band(logits, labels, temperature=kw.get(
+            "temperature", 1.0))}  # fmt: skip
+    if "kl_coef" in kw:
+        kw["ref_logps"] = kw["old_logps"] - 0.05
+    calls = []
+    row_exp = _native.row_exp
+    monkeypatch.setattr(_native, "row_exp", lambda *a: calls.append(a[2]) or row_exp(*a))
+    _, native = _compare("torch", logits, labels, rewards, g=3, **kw)
+    reads = 2 if kw.get("importance_level") == "sequence" else 1  # log-probs first, then the pass
+    assert len(calls) == reads and calls[-1] == pytest.approx(1 / kw.get("temperature", 1.0))
+    with _native.eager():
+        _, eager = _compare("torch", logits, labels, rewards, g=3, **kw)
+    assert len(calls) == reads
+    assert not torch.equal(native, eager)  # two computations, both within the tolerance
+
+
+def test_kernel_covers_float32_without_entropy(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_native, "row_exp", lambda *a: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("the kernel was used")))  # fmt: skip
+    for dtype in (torch.bfloat16, torch.float64):
+        logits, labels, rewards = _batch(1, 2, 4, 33, dtype, seed=5)
+        grao_loss(logits.requires_grad_(), labels, rewards, group_size=2, backend="torch")
+    logits, labels, rewards = _batch(1, 2, 4, 33, F32, seed=5)
+    grao_loss(logits.requires_grad_(), labels, rewards, group_size=2, entropy_coef=0.1)
+    assert not calls
+
+
+def test_fused_lm_head_path_uses_the_kernel(monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(3, 5, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(70, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 70, (3, 5), generator=gen)
+    rewards = torch.rand(1, 3, generator=gen)
+    calls = []
+    row_exp = _native.row_exp
+    monkeypatch.setattr(_native, "row_exp", lambda *a: calls.append(1) or row_exp(*a))
+    out = grao_loss_linear(hidden, weight, labels, rewards, group_size=2)
+    out.loss.backward()
+    ref = hidden.detach().double().requires_grad_()
+    ref_w = weight.detach().double().requires_grad_()
+    expect = grao_loss_linear(ref, ref_w, labels, rewards.double(), group_size=2)  # float64
+    expect.loss.backward()
+    assert calls
+    assert_close(out.loss, expect.loss, F32, "value")
+    assert_close(hidden.grad, ref.grad, F32, "gemm")
+    assert_close(weight.grad, ref_w.grad, F32, "gemm")
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """``kernel()`` looked up again, building into an empty cache."""
+    monkeypatch.setenv("GRAO_FAST_CACHE", str(tmp_path))
+    _native.kernel.cache_clear()
+    yield tmp_path
+    _native.kernel.cache_clear()
+
+
+def test_built_once_per_cache(fresh_kernel, monkeypatch):
+    compiles = []
+    run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: compiles.append(cmd) or run(cmd, **kw))
+    assert _native.kernel() is not None
+    (built,) = fresh_kernel.glob("row_exp-*.so")
+    assert sum("-march=native" in cmd for cmd in compiles) == 1
+    _native.kernel.cache_clear()
+    assert _native.kernel() is not None  # loaded from the cache, not compiled again
+    assert sum("-march=native" in cmd for cmd in compiles) == 1
+    assert list(fresh_kernel.glob("*")) == [built]  # no temporary left
+
+
+def test_failed_build_warns_and_stays_eager(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    logits, labels, rewards = _batch(1, 2, 4, 33, F32, seed=7)
+    with pytest.warns(UserWarning, match="the CPU row kernel could not be built with false"):
+        assert _native.kernel() is None
+    assert not _native.available()
+    _compare("torch", logits, labels, rewards, g=2)
+    assert list(fresh_kernel.glob("*")) == []
+
+
+def test_turned_off_by_the_environment(fresh_kernel, monkeypatch):
+    monkeypatch.setenv(_native.ENV, "0")
+    assert _native.kernel() is None
+    assert list(fresh_kernel.glob("*")) == []
+    monkeypatch.setenv(_native.ENV, "1")
+    _native.kernel.cache_clear()
+    assert _native.kernel() is not None
+
+
+def test_eager_context_nests_and_restores():
+    assert _native.available()
+    with _native.eager():
+        with _native.eager():
+            assert not _native.available()
+        assert not _native.available()
+    assert _native.available()
+    with pytest.raises(RuntimeError), _native.eager():
+        raise RuntimeError
+    assert _native.available()
+
+
+def test_row_pass_in_place_with_the_kernel():
+    logits, labels, _ = _batch(1, 2, 5, 77, F32, seed=8)
+    flat, lab = logits.reshape(-1, 77), labels.reshape(-1)
+    coef = torch.randn(len(lab), generator=torch.Generator().manual_seed(9))
+    kw = {"temperature": 0.8, "is_cap": 2.0, "clip_low": 0.2, "clip_high": 0.2}
+    grad = torch.empty_like(flat)
+    lp, _ = _torch_ops.row_pass(flat, lab, coef, grad=grad, **kw)
+    inplace = flat.clone()
+    lp2, _ = _torch_ops.row_pass(inplace, lab, coef, grad=inplace, **kw)
+    assert torch.equal(lp, lp2) and torch.equal(grad, inplace)
+    with _native.eager():
+        lp3, _ = _torch_ops.row_pass(flat, lab, coef, grad=grad, **kw)
+    assert_close(lp, lp3.double(), F32, "kernel")
