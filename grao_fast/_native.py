@@ -119,7 +119,7 @@ def kernel():
         )  # fmt: skip
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr]
+    fn.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr]
     fn.restype = None
     return fn
 
@@ -131,19 +131,24 @@ def _pool(pid: int, threads: int) -> ThreadPoolExecutor:
 
 
 def row_exp(
-    x: torch.Tensor, out: torch.Tensor | None, inv_t: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, out: torch.Tensor | None, inv_t: float,
+    g: torch.Tensor | None = None, label: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(row_max, total)`` of the float32 CPU rows ``x`` ([M, V], unit stride along V), and
     ``out[r] = exp((x[r] - row_max[r]) * inv_t)`` when ``out`` (float32 [M, V], unit stride along
-    V; ``x`` itself is allowed) is given: ``total[r]`` is the sum of that row. Needs
-    :func:`kernel` to be available."""
+    V; ``x`` itself is allowed) is given: ``total[r]`` is the sum of that row. With ``g``
+    (float32 [M]) and ``label`` (int64 [M] in ``[0, V)``), ``out`` is made the gradient row
+    ``-g p + g onehot(label)`` (``p = out / total``) in the same call. Needs :func:`kernel`."""
     fn = kernel()
     m, v = x.shape
     row_max = torch.empty(m, dtype=torch.float32)
     total = torch.empty(m, dtype=torch.float32)
     args = (x.data_ptr(), 0 if out is None else out.data_ptr())
+    if g is not None:
+        g, label = g.contiguous(), label.contiguous()  # held until the call returns
     strides = (v, x.stride(0), 0 if out is None else out.stride(0), inv_t,
-               row_max.data_ptr(), total.data_ptr())  # fmt: skip
+               row_max.data_ptr(), total.data_ptr(), 0 if g is None else g.data_ptr(),
+               0 if g is None else label.data_ptr())  # fmt: skip
     threads = min(torch.get_num_threads(), m)
     if threads <= 1 or m * v < MIN_SPLIT:
         fn(*args, 0, m, *strides)

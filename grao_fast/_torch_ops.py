@@ -132,6 +132,9 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
     # float32 CPU rows without the entropy: the compiled exp stage (grao_fast/_native.py).
     native = (logits.dtype == torch.float32 and logits.device.type == "cpu" and entropy is None
               and (grad is None or direct) and _native.available())  # fmt: skip
+    # token_scale is the coefficient itself without the inputs that read the log-prob.
+    reads_logp = ("ref_logps", "sampler_logps", "old_logps")
+    fused = native and direct and all(token_inputs.get(k) is None for k in reads_logp)
     # The chunks' working buffers, allocated once: a fresh [r, V] buffer per chunk would be
     # fresh pages from the OS each time (on CPU the page faults cost as much as a pass).
     shape = (min(rows, m), v)
@@ -146,9 +149,11 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
         x = logits[sl]
         if native:
             # One read of each row: its max, exp((x - max) / T) written into the gradient (or
-            # nowhere) and their sum. The label's logit is read first: grad may be the logits.
+            # nowhere) and their sum; with a coefficient known before the log-probs, the
+            # gradient row too. The label's logit is read first: grad may be the logits.
             picked = x.gather(1, safe[sl]).squeeze(1)
-            mx, total = _native.row_exp(x, grad[sl] if direct else None, inv_t)
+            g = torch.where(keep[sl], coef[sl].to(acc) * inv_t, 0.0) if fused else None
+            mx, total = _native.row_exp(x, grad[sl] if direct else None, inv_t, g, safe[sl, 0])
             picked = picked - mx  # rounded as the eager (x - max) / T below
             if temperature != 1.0:
                 picked = picked * inv_t
@@ -173,7 +178,7 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
             z.clamp_(min=-1e4)
             ent = log_total - torch.mul(e, z, out=work_ez[:r]).sum(dim=-1) / total
             entropy[sl] = torch.where(ignored[sl], 0.0, ent)
-        if grad is None:
+        if grad is None or fused:
             continue
         rows_in = {k: val[sl] if isinstance(val, torch.Tensor) else val
                    for k, val in token_inputs.items()}  # fmt: skip

@@ -1,9 +1,12 @@
 """The chunk sizes the PyTorch paths pick on CPU when the caller gives none."""
 
+import contextlib
+
+import pytest
 import torch
 from tolerances import assert_close
 
-from grao_fast import _torch_ops, grao_loss_linear, linear
+from grao_fast import _native, _torch_ops, grao_loss_linear, linear
 
 
 def _linear_inputs(v=37, h=8, seed=0):
@@ -14,15 +17,15 @@ def _linear_inputs(v=37, h=8, seed=0):
     return hidden, weight, labels, torch.rand(1, 3, generator=gen)
 
 
-def _rows_seen(monkeypatch, name: str) -> list[int]:
-    """The rows (first dimension) of each call of ``_torch_ops.<name>``, recorded as it runs."""
-    seen, fn = [], getattr(_torch_ops, name)
+def _rows_seen(monkeypatch, name: str, module=_torch_ops) -> list[int]:
+    """The rows (first dimension) of each call of ``module.<name>``, recorded as it runs."""
+    seen, fn = [], getattr(module, name)
 
     def spy(x, *args, **kwargs):
         seen.append(x.shape[0])
         return fn(x, *args, **kwargs)
 
-    monkeypatch.setattr(_torch_ops, name, spy)
+    monkeypatch.setattr(module, name, spy)
     return seen
 
 
@@ -51,27 +54,36 @@ def test_linear_default_chunks_on_cpu(monkeypatch):
     assert_close(grads[1], weight.grad, torch.float32, "gemm")
 
 
-def test_row_pass_default_chunks(monkeypatch):
+@pytest.mark.parametrize(
+    "kernel",
+    [pytest.param(True, marks=pytest.mark.skipif(
+        _native.kernel() is None, reason="no C++ compiler for the CPU row kernel")), False],
+    ids=["cpu-kernel", "eager"],
+)  # fmt: skip
+def test_row_pass_default_chunks(monkeypatch, kernel):
     """float32 gradient written in place: one chunk (no temporaries to bound); bf16 logits:
-    chunks of ``DEFAULT_CHUNK_BYTES`` of float32 buffers. Same results as explicit chunks."""
+    chunks of ``DEFAULT_CHUNK_BYTES`` of float32 buffers. Same results as explicit chunks. The
+    rows of a chunk go through the compiled CPU kernel, or through token_scale when eager."""
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(15, 29, generator=gen)
     labels = torch.randint(0, 29, (15,), generator=gen)
     labels[3] = -100
     coef = torch.randn(15, generator=gen)
     monkeypatch.setattr(_torch_ops, "DEFAULT_CHUNK_BYTES", 2 * 8 * 29)  # 2 rows per chunk
-    seen = _rows_seen(monkeypatch, "token_scale")
+    context = contextlib.nullcontext() if kernel else _native.eager()
+    seen = _rows_seen(monkeypatch, *(("row_exp", _native) if kernel else ("token_scale",)))
     opts = {"temperature": 0.7, "is_cap": 2.0, "clip_low": 0.2, "clip_high": 0.2}
     grad = torch.empty_like(logits)
-    logp, _ = _torch_ops.row_pass(logits, labels, coef, grad=grad, **opts)
-    assert seen == [15]
     chunked = torch.empty_like(logits)
-    logp_chunked, _ = _torch_ops.row_pass(logits, labels, coef, grad=chunked,
-                                          chunk_bytes=2 * 8 * 29, **opts)  # fmt: skip
+    with context:
+        logp, _ = _torch_ops.row_pass(logits, labels, coef, grad=grad, **opts)
+        assert seen == [15]
+        logp_chunked, _ = _torch_ops.row_pass(logits, labels, coef, grad=chunked,
+                                              chunk_bytes=2 * 8 * 29, **opts)  # fmt: skip
     assert seen[1:] == [2] * 7 + [1]
     assert_close(logp, logp_chunked, torch.float32, "kernel")
     assert_close(grad, chunked, torch.float32, "grad")
-    seen.clear()
+    seen = _rows_seen(monkeypatch, "token_scale")
     low = logits.to(torch.bfloat16)
     _torch_ops.row_pass(low, labels, coef, grad=torch.empty_like(low), **opts)
     assert seen == [2] * 7 + [1]

@@ -50,6 +50,15 @@ def test_exp_stage_matches_float64(v, inv_t):
     inplace = x.clone()
     assert torch.equal(_native.row_exp(inplace, inplace, inv_t)[1], got)
     assert torch.equal(inplace, out)
+    # With each row's coefficient g: the gradient row -g p + g onehot(label).
+    gen = torch.Generator().manual_seed(v + 1)
+    g = torch.randn(5, generator=gen)
+    label = torch.randint(0, v, (5,), generator=gen)
+    grad = torch.empty_like(x)
+    assert torch.equal(_native.row_exp(x, grad, inv_t, g, label)[1], got)
+    expected = -g.double()[:, None] * e / total[:, None]
+    expected[torch.arange(5), label] += g.double()
+    assert_close(grad, expected, F32, "grad")
 
 
 def test_strided_rows_and_an_unaligned_start():
@@ -123,10 +132,15 @@ def test_row_pass_with_and_without_the_kernel_matches_the_reference(kw, monkeypa
         kw["ref_logps"] = kw["old_logps"] - 0.05
     calls = []
     row_exp = _native.row_exp
-    monkeypatch.setattr(_native, "row_exp", lambda *a: calls.append(a[2]) or row_exp(*a))
+    monkeypatch.setattr(_native, "row_exp", lambda *a: calls.append(a[2:4]) or row_exp(*a))
     _, native = _compare("torch", logits, labels, rewards, g=3, **kw)
     reads = 2 if kw.get("importance_level") == "sequence" else 1  # log-probs first, then the pass
-    assert len(calls) == reads and calls[-1] == pytest.approx(1 / kw.get("temperature", 1.0))
+    assert len(calls) == reads
+    inv_t, g = calls[-1]
+    assert inv_t == pytest.approx(1 / kw.get("temperature", 1.0))
+    # The gradient in the kernel's call where the coefficient does not read the log-prob: not
+    # with a per-token ratio and KL; the sequence-level ratio is in each row's coefficient.
+    assert (g is not None) == ("kl_coef" not in kw)
     with _native.eager():
         _, eager = _compare("torch", logits, labels, rewards, g=3, **kw)
     assert len(calls) == reads

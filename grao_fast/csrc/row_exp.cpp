@@ -4,6 +4,9 @@
 //   row_max[r] = max_v x[r, v]
 //   out[r, v]  = exp((x[r, v] - row_max[r]) * inv_t)      (out may be x itself, or NULL)
 //   total[r]   = sum_v out[r, v]
+// and, given each row's gradient coefficient g (when it does not depend on the row's log-prob),
+// the gradient row itself while the row is in cache: out[r] *= -g[r] / total[r], then
+// out[r, label[r]] += g[r], the operations and roundings of the eager scale pass.
 // The subtraction and scaling round as PyTorch's eager `(x - max) * inv_t` does. exp is a
 // Cephes-style polynomial (within 2 ulp of the float32 exp; 0 below -87, where float32 keeps
 // less than 2^-125 of it). The sum is pairwise: 16-lane partial sums over blocks of 256, the
@@ -71,7 +74,8 @@ inline vf tail(const float *x, float *out, int64_t n, vf m, vf s, bool scale) {
 
 extern "C" void grao_row_exp(const float *x, float *out, int64_t row_begin, int64_t row_end,
                              int64_t v, int64_t x_stride, int64_t out_stride, float inv_t,
-                             float *row_max, float *total) {
+                             float *row_max, float *total, const float *g,
+                             const int64_t *label) {
     const bool scale = inv_t != 1.0f;  // at T = 1 eager PyTorch skips the multiplication
     const vf s = splat(inv_t);
     const int64_t full = v / W * W;
@@ -107,5 +111,14 @@ extern "C" void grao_row_exp(const float *x, float *out, int64_t row_begin, int6
         float sum = 0.0f;
         while (used) sum += levels[--used];
         total[r] = sum;
+        if (g == nullptr || orow == nullptr) continue;
+        const vf c = splat(-g[r] / sum);
+        int64_t i = 0;
+        for (; i + W <= v; i += W) {
+            vf e = load(orow + i) * c;
+            std::memcpy(orow + i, &e, sizeof e);
+        }
+        for (; i < v; i++) orow[i] *= c[0];
+        orow[label[r]] += g[r];
     }
 }
