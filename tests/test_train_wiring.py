@@ -397,6 +397,7 @@ def test_run_logs_what_each_step_computed(tmp_path, monkeypatch, capfd):
     import json
 
     from safetensors.torch import load_file
+    from tokenizers.processors import TemplateProcessing
 
     from grao_fast.train import loop
     from grao_fast.train.rewards import relative_to_reference
@@ -406,6 +407,18 @@ def test_run_logs_what_each_step_computed(tmp_path, monkeypatch, capfd):
     names = ("load_policy", "PromptSampler", "get_reward", "score_groups", "micro_batches",
              "evaluate", "term_gradients", "update", "save_checkpoint")  # fmt: skip
     calls = _spy_on_the_loop(monkeypatch, loop, names)
+    # A tokenizer that starts every encoding with <s> unless told not to (as Llama's does): the
+    # references must be encoded without it.
+    bos = build_tokenizer().convert_tokens_to_ids("<s>")
+
+    def tokenizer_with_bos():
+        tok = build_tokenizer()
+        tok.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", bos)]
+        )
+        return tok
+
+    monkeypatch.setattr(loop, "build_tokenizer", tokenizer_with_bos)
     monkeypatch.setattr(loop, "plot_metrics", lambda *a: calls.append(("plot", a, {}, None)))
     cfg = short_cfg(tmp_path, name="wiring", steps=3, grad_accum=2, seed=2, kl_coef=0.1,
                     is_cap=1.5, entropy_coef=0.01, num_iterations=2, log_term_grads=True,
@@ -432,6 +445,7 @@ def test_run_logs_what_each_step_computed(tmp_path, monkeypatch, capfd):
     assert saved and all(torch.equal(v, initial[k]) for k, v in saved.items())
     assert sampler_args[1:] == (cfg.batch_prompts, cfg.seed)
     tokenizer = of("save_checkpoint")[0][2]["tokenizer"]
+    assert tokenizer("12")["input_ids"][0] == bos
     evals = of("evaluate")
     held_out = evals[0][1][2]
     assert len(held_out) == 2 and not {ex.prompt for ex in held_out} & {
