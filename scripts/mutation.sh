@@ -7,7 +7,7 @@
 # only its own tests. Mutants that have a result are skipped (an interrupted run resumes);
 # MUTANT: mutmut names or patterns, run (again) against the groups' tests.
 # core   grao_fast/*.py (the loss library: reference, options, validation, plan, torch ops,
-#        linear, loss, ops), against the loss tests
+#        the CPU kernel's loader, buffers, linear, loss, ops), against the loss tests
 # loop   grao_fast/train/loop.py and step.py (the training loop's wiring), against
 #        test_train_wiring
 # trl    grao_fast/integrations/trl.py (GRAOTrainer), against test_trl
@@ -41,7 +41,8 @@ patterns=()
 tests=()
 for group in "${groups[@]}"; do
     case "$group" in
-        core) for m in reference options _validation _plan _torch_ops _ops linear loss; do
+        core) for m in reference options _validation _plan _torch_ops _native _memory _ops linear \
+                       loss; do
                   patterns+=("grao_fast.$m.*")
               done
               tests+=("${core_tests[@]/#/tests/test_}") ;;
