@@ -36,7 +36,8 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "row_exp.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 ENV = "GRAO_FAST_CPU_KERNEL"
-# Below this many elements one thread does the whole call (a thread hand-off costs ~50 us).
+# Below this many elements (1 MiB of logits) the calling thread does the whole call: handing
+# rows to the pool costs more than it saves.
 MIN_SPLIT = 1 << 18
 
 
