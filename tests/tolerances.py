@@ -102,3 +102,23 @@ PARAM_GRAD_RTOL = 10 * TOL[torch.float32]["grad"][1]
 # not a rounding bound, since the GPU's kernels need not add in the same order twice; the loop's
 # values agree to about the float32 value tolerance there. CPU runs are compared exactly.
 GPU_RERUN = dict(rel=TOL[torch.float32]["value"][1], abs=1e-6)
+
+
+# ---- float64 checks of the loss library (test_hardening.py, test_reference.py) ----
+
+
+def shifted_rewards_atol(level: float, spread: float, n: int) -> float:
+    """Float64 group advantages of ``n`` rewards near ``level`` that differ by about ``spread``,
+    against the same formula in another order of additions: the group mean rounds within
+    n u ``level``, which is n u ``level`` / ``spread`` of a deviation; the deviations and the std
+    carry it into the advantages (of order 1) about twice. Ten times that."""
+    return 10 * 2 * n * U[torch.float64] * level / spread
+
+
+def finite_difference_atol(f_value: float, h: float, direction_norm: float) -> float:
+    """A float64 central difference (f(x + h d) - f(x - h d)) / 2h against the directional
+    derivative of f along d: each evaluation of f (a loss of about a hundred chained operations)
+    rounds within 100 u |f|, so the quotient within 100 u |f| / h; the truncation error is
+    h^2 |d|^3 |f3| / 6 with f3 the third derivative along the unit direction, counted as at
+    most 1 (log-softmax terms with coefficients of order 1)."""
+    return 100 * U[torch.float64] * abs(f_value) / h + h**2 * direction_norm**3 / 6
