@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tolerances import MODEL_ROUTES, PARAM_GRAD_RTOL
 from train_helpers import (
     count_backpropagated,
     loss_and_grads,
@@ -62,7 +63,7 @@ def test_packed_micro_batches_match_padded(tiny_model_dir, change):
     (a, grads_a), (b, grads_b) = (loss_and_grads(cfg, model, x) for x in (padded, packed))
     assert a.keys() == b.keys()
     for key in a:
-        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+        assert b[key] == pytest.approx(a[key], **MODEL_ROUTES), key
     # Sums over the step's tokens in another order: n u of the largest entry (as in
     # test_gradient_accumulation_matches_one_batch), n the padded positions.
     tol = sum(mb.tokens for mb in padded) * torch.finfo(torch.float32).eps / 2
@@ -125,7 +126,7 @@ def test_packed_step_matches_padded_step_and_saves_tokens(tmp_path):
     a = train(padded)[0]
     b = train(replace(padded, packed=True, output_dir=str(tmp_path / "packed")))[0]
     for key in ("grad_norm", "loss", "exploration", "imitation", "alignment", "reward"):
-        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6)
+        assert b[key] == pytest.approx(a[key], **MODEL_ROUTES)
     assert b["rows_backpropagated"] == a["rows_backpropagated"]
     assert b["tokens_backpropagated"] < a["tokens_backpropagated"]
 
@@ -147,7 +148,7 @@ def test_packing_falls_back_to_padding_with_a_message(tmp_path, monkeypatch, cap
     assert (tmp_path / "eager" / "train.log").read_text().count(message) == 1
     for a, b in zip(padded, records, strict=True):
         assert b["tokens_backpropagated"] == a["tokens_backpropagated"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], **MODEL_ROUTES)
 
 
 @pytest.mark.parametrize("length_norm", ["sequence", "token"])
@@ -174,9 +175,10 @@ def test_grpo_loss_is_the_objective_of_the_sample_rows_alone(tiny_model_dir, len
     adv = grao_fast.group_advantages(rewards, reference_in_group=False)[:, :-1]
     loss = -(adv * (nu * logp.sum(-1)).view_as(adv)).mean(dim=1).mean()
     loss.backward()
-    assert parts["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+    assert parts["loss"] == pytest.approx(loss.item(), **MODEL_ROUTES)
+    close = dict(rtol=PARAM_GRAD_RTOL, atol=MODEL_ROUTES["abs"])
     for name, p in model.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads[name], p.grad, **close)
 
 
 def test_grpo_reward_statistics_leave_out_the_reference(tiny_model_dir):

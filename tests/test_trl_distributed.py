@@ -26,6 +26,7 @@ import torch
 
 pytest.importorskip("trl")
 import trl_worker  # noqa: E402
+from tolerances import MODEL_ROUTES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MIN_UPDATE, U = 1e-4, torch.finfo(torch.float32).eps / 2
@@ -139,4 +140,4 @@ def test_logged_metrics_match_one_process(two_processes, one_process):
     for fused in (0, 1):
         got, expected = records[fused]["logs"][0], one_process[fused]["logs"][0]
         for key in keys:
-            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+            assert got[key] == pytest.approx(expected[key], **MODEL_ROUTES), key

@@ -98,6 +98,15 @@ RATIO_RTOL = TOL[torch.float32]["value"][0]
 # apart, their cosines 4.6e-5; 10 x 1e-5 for the norms and the cosines of such gradients.
 PARAM_GRAD_RTOL = 10 * TOL[torch.float32]["grad"][1]
 
+# Two float32 forwards of the same tiny model that add in other orders (packed against padded
+# rows, SDPA against eager attention, two processes against one): each logit is a float32 dot
+# product over the hidden size and the attended positions, rounded at each layer, and the
+# losses and statistics logged from them are means over tokens: the float32 value tolerance's
+# rtol, and for values near 0 (terms that cancel) u times the sum of the |terms| they add,
+# under 1e-6 at these sizes. Per-parameter gradients by two routes: PARAM_GRAD_RTOL, and the
+# same absolute bound for entries near 0.
+MODEL_ROUTES = dict(rel=TOL[torch.float32]["value"][1], abs=1e-6)
+
 # Two runs of the same steps on a GPU (bfloat16 autocast, vLLM's sampling) against each other:
 # not a rounding bound, since the GPU's kernels need not add in the same order twice; the loop's
 # values agree to about the float32 value tolerance there. CPU runs are compared exactly.
