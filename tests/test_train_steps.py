@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tolerances import MODEL_ROUTES, PARAM_GRAD_RTOL
+from tolerances import MODEL_ROUTES, PARAM_GRAD_RTOL, RATIO_RTOL
 from train_helpers import (
     count_backpropagated,
     loss_and_grads,
@@ -250,7 +250,7 @@ def test_entropy_and_importance_ratios_are_logged(tiny_model_dir, change):
     # One mean per micro-batch, averaged (the loop logs the mean over micro-batches).
     per_micro = [(entropy[i : i + micro] * mask[i : i + micro]).sum() / mask[i : i + micro].sum()
                  for i in range(0, len(mask), micro)]  # fmt: skip
-    assert parts["entropy"] == pytest.approx(float(sum(per_micro) / len(per_micro)), rel=1e-5)
+    assert parts["entropy"] == pytest.approx(float(sum(per_micro) / len(per_micro)), **MODEL_ROUTES)
     logp = logp_all.gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]
     log_ratio = ((logp - batch["sampler_logps"]) * mask).sum(-1) / mask.sum(-1)
     sample = torch.ones(len(mask), dtype=torch.bool)
@@ -260,7 +260,7 @@ def test_entropy_and_importance_ratios_are_logged(tiny_model_dir, change):
     assert len(ratios) == cfg.batch_prompts * cfg.group_size and ratios.std() > 0
     for stat in ("min", "mean", "max"):
         expected = float(getattr(ratios, stat)())
-        assert parts[f"is_ratio_{stat}"] == pytest.approx(expected, rel=1e-5), stat
+        assert parts[f"is_ratio_{stat}"] == pytest.approx(expected, rel=RATIO_RTOL), stat
 
 
 def test_entropy_and_importance_ratio_keys_in_the_metrics(tmp_path):
