@@ -1,7 +1,8 @@
 """What every backend promises beyond the plain case (docs/GUARANTEES.md): overlapping memory,
 changing shapes under torch.compile, masked vocabularies, unscored tokens, double backward,
 precision, validation, no gradient work without grad mode, the rescale of backward, the clip
-reports at their edges, and the package's names loaded on first use."""
+reports at their edges, the package's names loaded on first use, and the implementation (and
+the values) each read of the logits asks for."""
 
 import math
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import grao_fast
 from grao_fast import (
     GRAOOptions,
+    _ops,
     _plan,
     grao_loss,
     grao_loss_linear,
@@ -453,3 +455,42 @@ def test_backward_on_cuda_rescales_with_the_kernel_of_the_triton_backend(monkeyp
         triton_cpu = SimpleNamespace(grads=(torch.ones(3),), use_triton=True)
         (scaled,) = _plan.rescale(triton_cpu, torch.tensor(0.5))
     assert not calls and torch.equal(scaled, torch.full((3,), 0.5))
+
+
+def test_each_read_of_the_logits_goes_to_the_backend_and_computes_what_is_needed(monkeypatch):
+    """What the implementations are asked for (the PyTorch one stands in for the kernels, so no
+    Triton runs): ``backend="triton"`` sends the group coefficients and every read of the logits
+    to the Triton implementation, and gives the torch backend's loss and gradient; the
+    sequence level's first read, whose log-probs only set the row ratios, computes no
+    entropies, the second computes them when they are reported."""
+    torch_impl, asked = _ops._impl(False), []
+
+    def impl(use_triton):
+        def row_pass(*args, **kw):
+            asked.append(("row_pass", bool(use_triton), bool(kw["compute_entropy"])))
+            return torch_impl.row_pass(*args, **kw)
+
+        def group_coefficients(*args, **kw):
+            asked.append(("group_coefficients", bool(use_triton)))
+            return torch_impl.group_coefficients(*args, **kw)
+
+        return SimpleNamespace(row_pass=row_pass, group_coefficients=group_coefficients)
+
+    monkeypatch.setattr(_ops, "_impl", impl)
+    monkeypatch.setattr(_ops, "triton_available", lambda device: True)
+    logits, labels, rewards = _batch(2, G, 5, 29, torch.float32, seed=22)
+    old = _row_old_logps(logits, labels)
+    kw = {"group_size": G, "old_logps": old, "importance_level": "sequence", "clip_eps": 0.1}
+    for entropy in (True, False):
+        results = []
+        for backend in ("torch", "triton"):
+            asked.clear()
+            x = logits.clone().requires_grad_()
+            out = grao_loss(x, labels, rewards, backend=backend, return_entropy=entropy, **kw)
+            out.loss.backward()
+            results.append((out.loss, x.grad))
+            triton = backend == "triton"
+            reads = [("row_pass", triton, False), ("row_pass", triton, entropy)]
+            assert asked == [("group_coefficients", triton), *reads], (backend, entropy)
+        (loss, grad), (triton_loss, triton_grad) = results
+        assert torch.equal(triton_loss, loss) and torch.equal(triton_grad, grad)

@@ -46,6 +46,8 @@ OPTIONS = {
               "max_tokens": 1, "sequence_length_norm": True},
     "gspo-token-norm": {"importance_level": "sequence", "clip_eps": 0.05, "length_norm": "token",
                         "sequence_length_norm": True},
+    "gspo-kl-entropy": {"importance_level": "sequence", "clip_eps": 0.05, "kl_coef": 0.1,
+                        "entropy_coef": 0.05},
 }  # fmt: skip
 
 
@@ -57,6 +59,8 @@ def test_option_matches_reference(backend, dtype, name):
     logits, labels, _ = _batch(2, G, 4, 29, dtype, seed=1)
     if "clip_eps" in kw:
         kw["old_logps"] = _old_near(logits, labels, 0.3, seed=2)
+    if "kl_coef" in kw:
+        kw["ref_logps"] = _old_near(logits, labels, 0.3, seed=3)
     out, _ = _check(backend, dtype, kw, seed=1)
     if "clip_eps" in kw:
         assert 0 < out.clip_fraction < 1  # the case exercises both branches

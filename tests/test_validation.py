@@ -417,19 +417,25 @@ def test_float64_rewards_keep_the_logits_dtype_elsewhere(kw):
         assert_close(a, b, torch.float32, "value")
 
 
-def test_token_norm_of_fewer_loss_tokens_than_rows():
+@pytest.mark.parametrize("tokens", [((0, 1), (5, 2)), ((0, 1),)], ids=["two", "one"])
+def test_token_norm_of_fewer_loss_tokens_than_rows(tokens):
     """The token length norm divides by the mean row length, also where it is below 1 (two
-    loss tokens in six rows), and the entropy bonus by the sample rows' tokens, also where
-    there is one, as the reference does."""
+    loss tokens in six rows, or one), and the entropy bonus, the mean entropy and the sample
+    rows' KL by their tokens, also where there is one, as the reference does."""
     logits, labels, rewards = _ok()
+    ref_logps = -torch.rand(labels.shape, generator=torch.Generator().manual_seed(1))
     labels[:, :] = -100
-    labels[0, 1], labels[5, 2] = 3, 5  # a sample row's token, a reference row's
-    kw = {"group_size": G, "length_norm": "token", "entropy_coef": 0.1}
+    for row, t in tokens:  # a sample row's token (and a reference row's)
+        labels[row, t] = 3 + row
+    kw = {"group_size": G, "length_norm": "token", "entropy_coef": 0.1, "kl_coef": 0.2,
+          "return_entropy": True}  # fmt: skip
     x = logits.clone().requires_grad_()
-    out = grao_loss(x, labels, rewards, backend="torch", **kw)
+    out = grao_loss(x, labels, rewards, backend="torch", ref_logps=ref_logps, **kw)
     out.loss.backward()
     ref_x = logits.double().requires_grad_()
-    ref = grao_loss(ref_x, labels, rewards.double(), backend="reference", **kw)
+    ref = grao_loss(ref_x, labels, rewards.double(), backend="reference",
+                    ref_logps=ref_logps.double(), **kw)  # fmt: skip
     ref.loss.backward()
-    assert_close(out.loss, ref.loss, torch.float32, "value")
+    for field in ("loss", "kl", "sample_kl", "entropy", "sample_entropy"):
+        assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
     assert_close(x.grad, ref_x.grad, torch.float32, "grad")
