@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import MODEL_ROUTES
 
 from grao_fast.train.rollout import HFRollout, SamplingConfig, encode_prompt
 
@@ -53,7 +54,9 @@ def test_hf_rollout_is_seeded_and_reports_sampler_logps(tiny_model, tiny_tokeniz
             assert eos not in ids[:-1] and (ids[-1] == eos or len(ids) == 6)
             assert text == tiny_tokenizer.decode(ids, skip_special_tokens=True)
             expected = _forward_logps(tiny_model, r.prompt_ids, ids, 0.7)
-            torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-5, rtol=1e-5)
+            # generate's cached forward against the full one: the same sums in other orders.
+            close = dict(rtol=MODEL_ROUTES["rel"], atol=MODEL_ROUTES["abs"])
+            torch.testing.assert_close(torch.tensor(logps), expected, **close)
 
 
 @pytest.mark.slow
