@@ -1,4 +1,5 @@
-"""The chunk sizes the PyTorch paths pick on CPU when the caller gives none."""
+"""The chunk sizes the PyTorch paths pick on CPU when the caller gives none, and how the row
+pass reads [S, T, V] logits (one matrix, or one sequence at a time)."""
 
 import contextlib
 
@@ -87,6 +88,9 @@ def test_row_pass_default_chunks(monkeypatch, kernel):
     low = logits.to(torch.bfloat16)
     _torch_ops.row_pass(low, labels, coef, grad=torch.empty_like(low), **opts)
     assert seen == [2] * 7 + [1]
+    seen.clear()  # a bound below one row: chunks of one row
+    _torch_ops.row_pass(low, labels, coef, grad=torch.empty_like(low), chunk_bytes=1, **opts)
+    assert seen == [1] * 15
 
 
 def test_linear_skips_ignored_tokens_on_cpu(monkeypatch):
@@ -111,3 +115,37 @@ def test_linear_skips_ignored_tokens_on_cpu(monkeypatch):
         assert_close(got, want, torch.float32, "value")
     assert_close(hidden.grad, x.grad, torch.float32, "gemm")
     assert_close(weight.grad, w.grad, torch.float32, "gemm")
+
+
+def test_row_pass_reads_evenly_spaced_sequences_as_one_matrix(monkeypatch):
+    """[S, T, V] logits whose sequences are evenly spaced (contiguous, or a single sequence of
+    any strides) are read as one [S*T, V] matrix, in one call; ``logits[:, :-1]`` of several
+    sequences one sequence at a time, in place, each with its own tokens' inputs and in chunks
+    of the same bound. The log-probs, entropies and gradient are the same either way."""
+    gen = torch.Generator().manual_seed(2)
+    full = torch.randn(2, 6, 29, generator=gen)
+    labels = torch.randint(0, 29, (10,), generator=gen)
+    names = ("coef", "ref_logps", "kl_coef", "old_logps", "ent_coef")
+    tokens = {name: torch.randn(10, generator=gen) for name in names}
+    # 3 rows a chunk (float32 buffers of 12 bytes an element with the entropy)
+    opts = {"temperature": 0.7, "is_cap": 2.0, "clip_low": 0.2, "clip_high": 0.2,
+            "compute_entropy": True, "chunk_bytes": 3 * 12 * 29}  # fmt: skip
+    calls, chunks = _rows_seen(monkeypatch, "_rows"), _rows_seen(monkeypatch, "token_scale")
+    want = None
+    for logits, rows, chunk_rows in ((full[:, :-1].contiguous(), [10], [3, 3, 3, 1]),
+                                     (full[:, :-1], [5, 5], [3, 2, 3, 2]),
+                                     (full[:1, :-1], [5], [3, 2])):  # fmt: skip
+        calls.clear()
+        chunks.clear()
+        m = 5 * logits.shape[0]
+        given = {k: v[:m] for k, v in tokens.items()}
+        grad = torch.zeros(logits.shape)
+        logp, entropy = _torch_ops.row_pass(logits, labels[:m], given.pop("coef"), grad=grad,
+                                            **given, **opts)  # fmt: skip
+        assert (calls, chunks) == (rows, chunk_rows)
+        only = _torch_ops.row_pass(logits, labels[:m], None, **opts)  # no gradient: every chunk
+        assert torch.equal(only[0], logp) and torch.equal(only[1], entropy)
+        want = want or (logp, entropy, grad)
+        assert_close(logp, want[0][:m], torch.float32, "kernel")
+        assert_close(entropy, want[1][:m], torch.float32, "kernel")
+        assert_close(grad, want[2][: m // 5], torch.float32, "grad")

@@ -242,12 +242,43 @@ def test_terms_generator_and_reward_gradients(backend):
     assert r.grad is None and x.grad is not None  # rewards are constants on every backend
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "entropy"])
+def test_rows_far_apart_share_a_chunk(backend, entropy):
+    """Each row is shifted by its own max: rows 1000 apart in one chunk (a shared max would
+    leave the lower rows' exps all 0), with and without the entropy (the torch backend's two
+    CPU paths)."""
+    logits, labels, rewards = _batch(1, G, 3, 7, torch.float32, seed=11)
+    logits = logits + torch.tensor([0.0, -1000.0, 1000.0], device=DEVICE)[:, None, None]
+    _compare(backend, logits, labels, rewards, G, return_entropy=entropy)
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_unchecked_label_out_of_range_is_nan(backend):
     logits, labels, rewards = _batch(1, G, 3, 7, torch.float32, seed=9)
     labels[1, 2] = 7
     out = grao_loss(logits, labels, rewards, group_size=G, backend=backend, check_labels=False)
     assert torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unscored_tokens_get_zero_gradient_rows(backend):
+    """A token whose label is outside [0, V) (unchecked) or ignored, also with an
+    ``ignore_index`` inside the vocabulary, gets a zero gradient row, the others not; a
+    vocabulary of one entry is read at no index outside it (an ignored token's label included)."""
+    logits, labels, rewards = _batch(1, G, 4, 7, torch.float32, seed=9)
+    labels[1, 2], labels[2, 1] = 9, 4  # -100 is outside the vocabulary too here
+    x = logits.clone().requires_grad_()
+    grao_loss(x, labels, rewards, group_size=G, backend=backend, check_labels=False,
+              ignore_index=4).loss.backward()  # fmt: skip
+    unscored = (labels == 4) | (labels < 0) | (labels >= 7)
+    assert torch.equal(x.grad.abs().sum(-1) == 0, unscored)
+    one = torch.randn(3, 4, 1, device=DEVICE, requires_grad=True)
+    out = grao_loss(one, torch.where(unscored, -100, 0), rewards, group_size=G,
+                    backend=backend)  # fmt: skip
+    out.loss.backward()
+    assert torch.equal(out.seq_logps, torch.zeros(3, device=DEVICE))
+    assert torch.equal(one.grad, torch.zeros_like(one))
 
 
 def test_no_gradient_work_without_grad_mode(monkeypatch):

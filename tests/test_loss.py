@@ -87,19 +87,30 @@ def test_matches_reference(backend, dtype):
     "kw",
     [
         {"temperature": 0.7},
+        {"temperature": 2.0},  # the compiled CPU pass and the eager one (with the entropy)
+        {"temperature": 2.0, "return_entropy": True},
         {"reference_in_group": False, "eps": 1e-3},
         {"terms": ("exploration",)},
         {"terms": ("imitation", "alignment"), "beta": 0.9, "lam": 0.2},
         {"return_entropy": True},
         {"entropy_coef": 1.0},  # the bonus of weight 1: a weight like any other
     ],
-    ids=["temperature", "outside-pool", "exploration-only", "no-exploration", "entropy", "bonus-1"],
+    ids=[
+        "temperature",
+        "temperature-2",
+        "temperature-2-entropy",
+        "outside-pool",
+        "exploration-only",
+        "no-exploration",
+        "entropy",
+        "bonus-1",
+    ],
 )
 def test_options(backend, kw):
     out, _ = _compare(backend, *_batch(2, 2, 4, 29, torch.float32, seed=1), g=2, **kw)
     if kw.get("return_entropy"):
         logits, labels, _ = _batch(2, 2, 4, 29, torch.float32, seed=1)
-        logp = torch.log_softmax(logits.double(), -1)
+        logp = torch.log_softmax(logits.double() / kw.get("temperature", 1.0), -1)
         mask = labels != -100
         ent = -(logp.exp() * logp).sum(-1)
         assert_close(out.entropy, ent[mask].mean(), torch.float32, "value")

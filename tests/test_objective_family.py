@@ -8,7 +8,7 @@ from backends import BACKENDS, DEVICE
 from test_loss import RATIOS, _batch, _compare, old_in_every_band
 from tolerances import assert_close
 
-from grao_fast import grao_loss, grao_loss_linear, token_logprobs
+from grao_fast import _torch_ops, grao_loss, grao_loss_linear, token_logprobs
 
 G = 2
 
@@ -147,6 +147,21 @@ def test_ratio_policy_on_policy_is_the_plain_gradient(backend, name):
     grao_loss(y, labels, rewards, group_size=G, backend=backend).loss.backward()
     scale = min(POLICIES[name].get("ratio_cap", 1.0), 1.0)
     assert_close(x.grad, scale * y.grad.double(), torch.float32, "grad")
+
+
+def test_ratio_at_a_clip_bound_keeps_its_gradient():
+    """Clipping is strict (GRAO_SPEC.md v2): a token whose ratio is exactly at ``1 - clip_low``
+    (c > 0), at ``1 + clip_high`` (c < 0) or at the two-sided clip's ``delta`` (c > 0) keeps
+    its gradient ``coef * ratio`` in the PyTorch row pass; one just past the bound gets 0."""
+    logp = torch.zeros(6)
+    old = torch.tensor([0.25, 0.2501, -0.2, -0.2001, -0.3, -0.3001])
+    coef = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, 1.0])
+    ratio = torch.exp(logp - old)  # as the row pass computes it: the bounds are these floats
+    low, high, delta = 1.0 - ratio[0].item(), ratio[2].item() - 1.0, ratio[4].item()
+    g = _torch_ops.token_scale(logp, coef, old_logps=old, is_cap=1.0, clip_low=low,
+                               clip_high=high, ratio_policy=1, policy_a=delta)  # fmt: skip
+    kept = torch.tensor([True, False] * 3)
+    assert torch.equal(g, torch.where(kept, coef * ratio, 0.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
