@@ -2,7 +2,10 @@
 against float64, the row pass with and without it against the reference, its build and its
 fallback to eager PyTorch."""
 
+import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +14,14 @@ from tolerances import TOL, assert_close, assert_kernel_close
 
 from grao_fast import _native, _torch_ops, grao_loss, grao_loss_linear
 
-pytestmark = pytest.mark.skipif(_native.kernel() is None, reason="no C++ compiler here")
+COMPILER = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+# Skipped only without a compiler: where there is one, a kernel that does not build fails here.
+pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler here")
 F32 = torch.float32
+
+
+def test_the_kernel_builds_where_there_is_a_compiler():
+    assert _native.kernel() is not None and _native.available()
 
 
 def _expected(x, inv_t):
@@ -247,3 +256,28 @@ def test_row_pass_in_place_with_the_kernel():
     with _native.eager():
         lp3, _ = _torch_ops.row_pass(flat, lab, coef, grad=grad, **kw)
     assert_close(lp, lp3.double(), F32, "kernel")
+
+
+def test_cache_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRAO_FAST_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _native._cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("GRAO_FAST_CACHE")
+    assert _native._cache_dir() == tmp_path / "xdg" / "grao_fast"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert _native._cache_dir() == Path.home() / ".cache" / "grao_fast"
+
+
+def test_a_library_per_cpu(fresh_kernel, monkeypatch):
+    """-march=native code is for one CPU: the cached library's name follows the CPU's model and
+    feature flags (a cache shared between machines never hands one another's code)."""
+    cpu = _native._cpu()
+    if Path("/proc/cpuinfo").exists():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        assert next(ln for ln in lines if ln.startswith(("flags", "Features"))) in cpu.splitlines()
+        model = [ln for ln in lines if ln.startswith("model name")]
+        assert not model or model[0] in cpu.splitlines()
+    first = _native.build(COMPILER)
+    monkeypatch.setattr(_native, "_cpu", lambda: cpu + " another")
+    other = _native.build(COMPILER)
+    assert other != first and {first, other} == set(fresh_kernel.glob("row_exp-*.so"))
