@@ -3,9 +3,10 @@
 Eager PyTorch makes five passes over each row of logits (max, subtract, exp, sum, scale), each
 about as fast as a copy on a CPU (docs/PERFORMANCE.md, "CPU"). The kernel reads each row once,
 its max, exp and pairwise sum made while the row is in cache, and writes the exps into the
-gradient buffer (or nowhere, for log-probs alone); the scale by each row's coefficient stays one
-PyTorch pass. It covers the float32 path that writes the gradient in place, the one CPU users of
-float32 models take; the rest stays eager.
+gradient buffer (or nowhere, for log-probs alone); given each row's coefficient (when it does
+not read the log-prob) it scales them into the gradient row before leaving the row, otherwise
+the scale stays one PyTorch pass. It covers the float32 path that writes the gradient in place,
+the one CPU users of float32 models take; the rest stays eager.
 
 The kernel is compiled with the machine's C++ compiler (``$CXX``, else ``c++`` or ``g++``) for
 its own CPU (``-march=native``) into ``$GRAO_FAST_CACHE`` (default ``~/.cache/grao_fast``), once
@@ -58,6 +59,11 @@ def _cpu() -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
+def find_compiler() -> str | None:
+    """The C++ compiler the kernel is built with: ``$CXX``, else ``c++`` or ``g++``; or None."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
 def build(compiler: str) -> Path:
     """The kernel's shared library for ``compiler`` and this CPU, compiled unless cached."""
     version = subprocess.run(
@@ -107,7 +113,7 @@ def kernel():
     """The compiled ``grao_row_exp``, or None: turned off, no compiler, or a failed build."""
     if os.environ.get(ENV, "1") == "0":
         return None
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    compiler = find_compiler()
     if compiler is None:
         return None
     try:

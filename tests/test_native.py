@@ -2,8 +2,6 @@
 against float64, the row pass with and without it against the reference, its build and its
 fallback to eager PyTorch."""
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from tolerances import TOL, assert_close, assert_kernel_close
 
 from grao_fast import _native, _torch_ops, grao_loss, grao_loss_linear
 
-COMPILER = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+COMPILER = _native.find_compiler()
 # Skipped only without a compiler: where there is one, a kernel that does not build fails here.
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler here")
 F32 = torch.float32
