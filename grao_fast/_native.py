@@ -126,7 +126,7 @@ def kernel():
         )  # fmt: skip
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr]
+    fn.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
     fn.restype = None
     return fn
 
@@ -140,12 +140,15 @@ def _pool(pid: int, threads: int) -> ThreadPoolExecutor:
 def row_exp(
     x: torch.Tensor, out: torch.Tensor | None, inv_t: float,
     g: torch.Tensor | None = None, label: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(row_max, total)`` of the float32 CPU rows ``x`` ([M, V], unit stride along V), and
     ``out[r] = exp((x[r] - row_max[r]) * inv_t)`` when ``out`` (float32 [M, V], unit stride along
     V; ``x`` itself is allowed) is given: ``total[r]`` is the sum of that row. With ``g``
     (float32 [M]) and ``label`` (int64 [M] in ``[0, V)``), ``out`` is made the gradient row
-    ``-g p + g onehot(label)`` (``p = out / total``) in the same call. Needs :func:`kernel`."""
+    ``-g p + g onehot(label)`` (``p = out / total``) in the same call. With ``keep`` (bool [M]),
+    the rows where it is False (ignored tokens) are not read: row_max 0, total 1 and a zero
+    ``out`` row, their gradient. Needs :func:`kernel`."""
     fn = kernel()
     m, v = x.shape
     row_max = torch.empty(m, dtype=torch.float32)
@@ -156,11 +159,19 @@ def row_exp(
     strides = (v, x.stride(0), 0 if out is None else out.stride(0), inv_t,
                row_max.data_ptr(), total.data_ptr(), 0 if g is None else g.data_ptr(),
                0 if g is None else label.data_ptr())  # fmt: skip
+    if keep is not None:
+        keep = keep.contiguous()
+    strides += (0 if keep is None else keep.data_ptr(),)
     threads = min(torch.get_num_threads(), m)
     if threads <= 1 or m * v < MIN_SPLIT:
         fn(*args, 0, m, *strides)
         return row_max, total
-    bounds = [m * i // threads for i in range(threads + 1)]
+    if keep is None:
+        bounds = [m * i // threads for i in range(threads + 1)]
+    else:  # equal work per thread: a skipped row (one write) costs about a quarter of a kept one
+        work = torch.cumsum(keep.to(torch.int64) * 3 + 1, 0)
+        cuts = torch.arange(1, threads, dtype=torch.int64) * int(work[-1]) // threads
+        bounds = [0, *torch.searchsorted(work, cuts, right=True).tolist(), m]
     pool = _pool(os.getpid(), threads)
     jobs = [pool.submit(fn, *args, bounds[i], bounds[i + 1], *strides) for i in range(threads)]
     for job in jobs:

@@ -106,6 +106,17 @@ def row_pass(
     return logp, (torch.cat([e for _, e in pieces]) if compute_entropy else None)
 
 
+def zero_dropped(d: torch.Tensor, keep: torch.Tensor) -> None:
+    """Zeros the gradient rows ``d`` ([r, V]) of the tokens not kept ([r] bool), also where
+    their logits are not finite (a padding position whose attention row was fully masked is
+    NaN, and ``NaN * 0`` is NaN): as in the kernels, which never read such a row. On CPU only
+    those rows are written; elsewhere one masked pass without a host sync."""
+    if d.device.type == "cpu":
+        d[~keep] = 0.0
+    else:
+        d.masked_fill_(~keep[:, None], 0.0)
+
+
 def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy, chunk_bytes,
           token_inputs):  # fmt: skip
     m, v = logits.shape
@@ -153,7 +164,9 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
             # gradient row too. The label's logit is read first: grad may be the logits.
             picked = x.gather(1, safe[sl]).squeeze(1)
             g = torch.where(keep[sl], coef[sl].to(acc) * inv_t, 0.0) if fused else None
-            mx, total = _native.row_exp(x, grad[sl] if direct else None, inv_t, g, safe[sl, 0])
+            mx, total = _native.row_exp(
+                x, grad[sl] if direct else None, inv_t, g, safe[sl, 0], keep[sl]
+            )  # ignored rows: not read, a zero gradient
             picked = picked - mx  # rounded as the eager (x - max) / T below
             if temperature != 1.0:
                 picked = picked * inv_t
@@ -193,6 +206,7 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
         else:
             d = e.mul_((-g / total)[:, None])  # -g * softmax, in one pass
         d.scatter_add_(1, safe[sl], g[:, None])
+        zero_dropped(d, keep[sl])
         if not direct:
             grad[sl] = d
     return logp, entropy

@@ -48,6 +48,7 @@ def token_logprobs(
     for a label outside ``[0, V)``. logits: [..., V]; labels: [...]. Returns the logits' dtype."""
     mask = labels != ignore_index
     in_range = (labels >= 0) & (labels < logits.shape[-1])
+    logits = logits.masked_fill(~mask[..., None], 0.0)  # ignored rows are never read
     logp = torch.log_softmax(scaled(logits, temperature), dim=-1)
     safe = torch.where(mask & in_range, labels, torch.zeros_like(labels))
     picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -186,6 +187,8 @@ def grao_terms(
     adv = group_advantages(rewards.detach().reshape(b, g + 1).to(stats), eps=eps,
                            reference_in_group=reference_in_group)  # fmt: skip
     mask = labels != ignore_index
+    # An ignored token's logits are never read (padding may be NaN): its gradient is zero.
+    logits = logits.masked_fill(~mask[..., None], 0.0)
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
     a = adv.to(logp.dtype)
     is_sample = (torch.arange(n, device=labels.device) % (g + 1)) != g  # [N]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from . import _memory
 from ._ops import RowOptions, TokenInputs
-from ._torch_ops import DEFAULT_CHUNK_BYTES, _as_matrix, token_scale
+from ._torch_ops import DEFAULT_CHUNK_BYTES, _as_matrix, token_scale, zero_dropped
 
 # The per-token statistics each shard contributes (rows of the gathered [P, 6, M] tensor); the
 # label ids themselves (exact in float32 below 2^24) let every process check that all agree.
@@ -227,6 +227,7 @@ def _gradient(x, grad, labels, shard, inputs: TokenInputs, opts, rows, global_va
         held = keep & (local >= 0) & (local < shard.size)
         d.scatter_add_(1, torch.where(held, local, 0).long()[:, None],
                        torch.where(held, g, 0.0)[:, None])  # fmt: skip
+        zero_dropped(d, keep)
         if not direct:
             grad[sl] = d
 

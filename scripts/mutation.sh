@@ -65,6 +65,11 @@ if ((${#names[@]})); then
 fi
 selection="$(printf '%s.py,' "${tests[@]}")"
 unset TRITON_INTERPRET  # the Triton tests under the interpreter would take hours here
+# mutmut copies the package's other files (the CPU kernel's C++ source) only into a new mutants/
+# and keeps its copies afterwards: bring them up to date, or the mutants load an older kernel.
+if [[ -d mutants/grao_fast ]]; then
+    cp -r grao_fast/csrc mutants/grao_fast/
+fi
 "$PYTHON" scripts/mutmut_focus.py "${pending[@]}" --max-children "${MUTATION_JOBS:-1}" \
     "$selection" "${patterns[@]}"
 "$MUTMUT" results

@@ -4,6 +4,7 @@ precision, validation, no gradient work without grad mode, the rescale of backwa
 reports at their edges, the package's names loaded on first use, and the implementation (and
 the values) each read of the logits asks for."""
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import grao_fast
 from grao_fast import (
     GRAOOptions,
+    _native,
     _ops,
     _plan,
     grao_loss,
@@ -525,3 +527,66 @@ def test_each_read_of_the_logits_goes_to_the_backend_and_computes_what_is_needed
             assert asked == [("group_coefficients", triton), *reads], (backend, entropy)
         (loss, grad), (triton_loss, triton_grad) = results
         assert torch.equal(triton_loss, loss) and torch.equal(triton_grad, grad)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize(
+    "case", ["float32", "eager", "bfloat16", "entropy-kl-clip", "token_logprobs", "linear"]
+)
+def test_non_finite_logits_of_ignored_tokens_are_never_read(backend, case):
+    """Padding positions whose attention row was fully masked hold NaN (or inf) logits: an ignored
+    token's row is never read, so the loss, its reports and every gradient are those of the same
+    batch with finite logits there, and the ignored rows' gradient is exactly zero."""
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    logits, labels, rewards = _batch(1, G, 6, 37, dtype, seed=21)
+    ignored = labels == -100
+    bad = logits.clone()
+    bad[ignored] = float("nan")
+    n, t = ignored.nonzero()[0].tolist()
+    bad[n, t, 3] = float("inf")  # one row: inf beside the NaNs
+    kw = {}
+    if case == "entropy-kl-clip":
+        kw = {"entropy_coef": 0.01, "kl_coef": 0.1, "clip_eps": (0.2, 0.28),
+              "ref_logps": torch.randn(labels.shape, device=DEVICE) - 3,
+              "old_logps": old_in_every_band(logits, labels)}  # fmt: skip
+
+    def run(x, hidden_nan=False):
+        x = x.detach().clone().requires_grad_()
+        if case == "token_logprobs":
+            lp = token_logprobs(x, labels, backend=backend)
+            (lp * torch.arange(lp.numel(), device=DEVICE).view_as(lp)).sum().backward()
+            return [lp], x.grad
+        if case == "linear":
+            h = _linear_hidden(x, ignored, hidden_nan)
+            w = _LINEAR_W.clone().requires_grad_()
+            out = grao_loss_linear(h, w, labels, rewards, group_size=G, backend=backend)
+            out.loss.backward()
+            return [out.loss, out.seq_logps], torch.cat([h.grad.flatten(), w.grad.flatten()])
+        ctx = _native.eager() if case == "eager" else contextlib.nullcontext()
+        with ctx:
+            out = grao_loss(x, labels, rewards, group_size=G, backend=backend, **kw)
+        out.loss.backward()
+        fields = [out.loss, out.seq_logps, out.exploration, out.alignment]
+        fields += [out.entropy, out.kl, out.clip_fraction] if kw else []
+        return fields, x.grad
+
+    if case == "linear" and backend == "reference":
+        pytest.skip("grao_loss_linear's reference is the loss of its logits (the float32 case)")
+    clean, clean_grad = run(logits)
+    values, grad = run(bad, hidden_nan=True)
+    for a, b in zip(values, clean, strict=True):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+    assert torch.isfinite(grad).all() and torch.equal(grad, clean_grad)
+    if case != "linear":
+        assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
+
+
+_LINEAR_W = torch.randn(37, 8, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+
+
+def _linear_hidden(x, ignored, nan):
+    """Hidden states [N, T, 8] for the ``linear`` case: seeded, NaN at the ignored positions."""
+    h = torch.randn(*x.shape[:2], 8, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    if nan:
+        h[ignored] = float("nan")
+    return h.requires_grad_()

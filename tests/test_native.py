@@ -104,6 +104,43 @@ def test_rows_split_between_threads_give_the_same_bits(monkeypatch):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("gradient", [False, True], ids=["exps", "gradient"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "in-place"])
+def test_rows_not_kept_are_not_read(gradient, in_place, monkeypatch):
+    """A row whose keep flag is 0 is never read (NaN there changes nothing): max 0, total 1 and
+    a zero row in ``out``; every other row is bit for bit that of a call without ``keep``; the
+    rows are split so that each thread gets the same work, a skipped row counting a quarter."""
+    x = _rows(64, 4099, seed=12)
+    keep = torch.rand(64, generator=torch.Generator().manual_seed(1)) < 0.6
+    keep[:20] = False  # a run of skipped rows: an even split by rows would be uneven work
+    g = torch.randn(64) if gradient else None
+    label = torch.randint(0, 4099, (64,)) if gradient else None
+    plain_out = x.clone() if in_place else torch.empty_like(x)
+    plain = _native.row_exp(x.clone() if in_place else x, plain_out, 1 / 0.7, g, label)
+    bad = x.clone()
+    bad[~keep] = float("nan")
+    out = bad if in_place else torch.full_like(x, float("nan"))
+    calls = []
+    fn = _native.kernel()
+    monkeypatch.setattr(_native, "kernel", lambda: lambda *a: calls.append(a[2:4]) or fn(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        row_max, total = _native.row_exp(bad, out, 1 / 0.7, g, label, keep)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(row_max[~keep], torch.zeros(int((~keep).sum())))
+    assert torch.equal(total[~keep], torch.ones(int((~keep).sum())))
+    assert torch.equal(out[~keep], torch.zeros_like(out[~keep]))
+    assert torch.equal(row_max[keep], plain[0][keep]) and torch.equal(total[keep], plain[1][keep])
+    assert torch.equal(out[keep], plain_out[keep])
+    (b0, b1), (b2, b3) = sorted(calls)
+    assert (b0, b1, b3) == (0, b2, 64)
+    work = keep.long() * 3 + 1
+    assert abs(int(work[:b1].sum()) - int(work[b1:].sum())) <= 4
+    assert b1 > 32  # the skipped rows are cheap: the first thread takes more rows
+
+
 def test_nan_and_infinite_rows():
     x = _rows(4, 40, seed=3)
     x[0, 5] = float("nan")

@@ -7,6 +7,8 @@
 // and, given each row's gradient coefficient g (when it does not depend on the row's log-prob),
 // the gradient row itself while the row is in cache: out[r] *= -g[r] / total[r], then
 // out[r, label[r]] += g[r], the operations and roundings of the eager scale pass.
+// A row with keep[r] == 0 (an ignored token, or a label outside the vocabulary) is not read:
+// row_max[r] = 0, total[r] = 1 and out[r] = 0, its gradient.
 // The subtraction and scaling round as PyTorch's eager `(x - max) * inv_t` does. exp is a
 // Cephes-style polynomial (within 2 ulp of the float32 exp; 0 below -87, where float32 keeps
 // less than 2^-125 of it). The sum is pairwise: 16-lane partial sums over blocks of 256, the
@@ -75,13 +77,19 @@ inline vf tail(const float *x, float *out, int64_t n, vf m, vf s, bool scale) {
 extern "C" void grao_row_exp(const float *x, float *out, int64_t row_begin, int64_t row_end,
                              int64_t v, int64_t x_stride, int64_t out_stride, float inv_t,
                              float *row_max, float *total, const float *g,
-                             const int64_t *label) {
+                             const int64_t *label, const uint8_t *keep) {
     const bool scale = inv_t != 1.0f;  // at T = 1 eager PyTorch skips the multiplication
     const vf s = splat(inv_t);
     const int64_t full = v / W * W;
     for (int64_t r = row_begin; r < row_end; r++) {
         const float *xr = x + r * x_stride;
         float *orow = out ? out + r * out_stride : nullptr;
+        if (keep && !keep[r]) {
+            row_max[r] = 0.0f;
+            total[r] = 1.0f;
+            if (orow) std::memset(orow, 0, v * sizeof(float));
+            continue;
+        }
         vf mv = splat(-INFINITY);
         for (int64_t i = 0; i < full; i += W) {
             vf a = load(xr + i);
@@ -91,6 +99,10 @@ extern "C" void grao_row_exp(const float *x, float *out, int64_t row_begin, int6
         for (int64_t i = full; i < v; i++) mx = xr[i] > mx ? xr[i] : mx;
         row_max[r] = mx;
         const vf m = splat(mx);
+        // The next row read, fetched into cache while this one's exps are computed.
+        int64_t n = r + 1;
+        while (keep && n < row_end && !keep[n]) n++;
+        const float *xn = n < row_end ? x + n * x_stride : nullptr;
         float levels[64];  // levels[h]: the sum of 2^h consecutive blocks (a binary counter)
         int used = 0;
         for (int64_t b = 0, count = 0; b < v; b += BLOCK, count++) {
@@ -98,6 +110,7 @@ extern "C" void grao_row_exp(const float *x, float *out, int64_t row_begin, int6
             vf acc = splat(0.0f);
             int64_t i = b;
             for (; i + W <= end; i += W) {
+                if (xn) __builtin_prefetch(xn + i, 0, 2);
                 vf a = load(xr + i);
                 vf e = vexp(scale ? (a - m) * s : a - m);
                 if (orow) std::memcpy(orow + i, &e, sizeof e);
