@@ -112,7 +112,7 @@ def zero_dropped(d: torch.Tensor, keep: torch.Tensor) -> None:
     NaN, and ``NaN * 0`` is NaN): as in the kernels, which never read such a row. On CPU only
     those rows are written; elsewhere one masked pass without a host sync."""
     if d.device.type == "cpu":
-        d[~keep] = 0.0
+        d.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)  # (d[~keep] = 0 is a full pass)
     else:
         d.masked_fill_(~keep[:, None], 0.0)
 
@@ -206,7 +206,8 @@ def _rows(logits, labels, grad, coef, temperature, ignore_index, compute_entropy
         else:
             d = e.mul_((-g / total)[:, None])  # -g * softmax, in one pass
         d.scatter_add_(1, safe[sl], g[:, None])
-        zero_dropped(d, keep[sl])
+        if not native:  # the kernel wrote those rows' zeros, and made them 0 here
+            zero_dropped(d, keep[sl])
         if not direct:
             grad[sl] = d
     return logp, entropy
