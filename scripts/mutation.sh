@@ -29,7 +29,8 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$(command -v python || true)}"
 "${PYTHON:-false}" -c "import mutmut" 2>/dev/null || PYTHON=.venv/bin/python
 MUTMUT="$(dirname "$PYTHON")/mutmut"
-core_tests=(reference loss objective_family linear validation hardening input_errors chunking)
+core_tests=(reference loss objective_family linear validation hardening input_errors chunking
+            native)
 groups=()
 names=()
 while (($#)); do
