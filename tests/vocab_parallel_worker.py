@@ -77,9 +77,11 @@ def options(rng: random.Random) -> dict:
 def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, stop) -> None:
     data = inputs(v, seed, dtype)
     tensors = {k: data[k] for k, on in kw.items() if on is True and k in data}
-    opts = {k: val for k, val in kw.items() if val is not True}
+    opts = {k: val for k, val in kw.items() if val is not True and k != "nan_padding"}
     inplace, sliced = opts.pop("inplace", False), opts.pop("sliced", False)
     backend = opts.pop("backend", "auto")
+    if kw.get("nan_padding"):  # ignored positions' logits are never read
+        data["logits"][data["labels"] == -100] = float("nan")
     ref_x = data["logits"].double().requires_grad_()
     doubled = {k: t.double() for k, t in tensors.items()}
     ref = grao_loss(ref_x, data["labels"], data["rewards"].double(), group_size=G,
@@ -100,6 +102,7 @@ def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, st
         if want is not None:
             assert_close(mine, want, dtype, "value")
     grad = x.grad[:, :T] if x.shape[1] > T else x.grad
+    assert torch.isfinite(grad).all() and torch.isfinite(out.loss)
     assert_close(grad, ref_x.grad[..., start:stop], dtype, "grad")
 
 
@@ -118,6 +121,8 @@ def run(rank: int, world: int, init: str) -> None:
                 check_case(v, case, kw, torch.float32, group, start, stop)
             check_case(v, 99, {"temperature": 0.7, "return_entropy": True}, torch.bfloat16,
                        group, start, stop)  # fmt: skip
+            for kw in ({"nan_padding": True}, {"nan_padding": True, "entropy_coef": 0.01}):
+                check_case(v, 98, kw, torch.float32, group, start, stop)
         if triton_available(torch.device("cpu")):  # the kernels' split passes (interpreter)
             rng = random.Random(1)
             start, stop = bounds(37, world)[rank : rank + 2]
