@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from tolerances import assert_close  # noqa: E402
+from tolerances import TRL_PARAM_GRAD_RTOL, assert_close  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
@@ -117,12 +117,14 @@ def _gradients(trainer: GRPOTrainer, micro_batches: list[dict]) -> dict[str, tor
 
 
 def _assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """Equal up to float32 rounding: every entry within 1e-5 of itself or of its tensor's largest
-    entry (rounding in the backward through the network lands on small entries too)."""
+    """Equal up to float32 rounding (tolerances.TRL_PARAM_GRAD_RTOL): every entry within it of
+    itself or of its tensor's largest entry (rounding in the backward through the network lands
+    on small entries too)."""
     assert a.keys() == b.keys() and len(a) > 0
+    rtol = TRL_PARAM_GRAD_RTOL
     for name, expected in b.items():
-        atol = 1e-5 * expected.abs().max().item()
-        torch.testing.assert_close(a[name], expected, rtol=1e-5, atol=atol, msg=name.__add__)
+        atol = rtol * expected.abs().max().item()
+        torch.testing.assert_close(a[name], expected, rtol=rtol, atol=atol, msg=name.__add__)
 
 
 # Rewards of the fixed samples for the equivalence test. "group": every group holds the same

@@ -27,6 +27,7 @@ from test_trl import (  # noqa: E402
     _ids,
     _trainer,
 )
+from tolerances import TRL_WEIGHT_RTOL  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from grao_fast.integrations.trl import GRAOConfig, GRAOTrainer  # noqa: E402
@@ -305,7 +306,7 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
     mask = batch["completion_mask"].bool()
     weights = grao._loss_options(batch)["token_weights"]
     expected = _expected_weights(batch, mode, low, high)
-    torch.testing.assert_close(weights[mask], expected[mask], rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(weights[mask], expected[mask], rtol=TRL_WEIGHT_RTOL, atol=0.0)
     bound = 0.0 if mode.endswith("mask") else low
     assert (expected[mask] == bound).any() and ((expected[mask] - 1).abs() > 0.01).sum() > 4
     assert (expected[mask] > bound).any()  # not every token cut
@@ -318,7 +319,7 @@ def test_vllm_importance_weights_match_trl(model_dir, tmp_path, fixed_vllm_gener
     ]
     values = expected[sample]
     expected_stats = [values.min().item(), values.mean().item(), values.max().item()]
-    assert logged == pytest.approx(expected_stats, rel=1e-6)
+    assert logged == pytest.approx(expected_stats, rel=TRL_WEIGHT_RTOL)
     _assert_same_gradients(_gradients(grao, [batch]), _gradients(grpo, [trl_batch]))
 
 

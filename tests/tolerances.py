@@ -131,3 +131,20 @@ def finite_difference_atol(f_value: float, h: float, direction_norm: float) -> f
     h^2 |d|^3 |f3| / 6 with f3 the third derivative along the unit direction, counted as at
     most 1 (log-softmax terms with coefficients of order 1)."""
     return 100 * U[torch.float64] * abs(f_value) / h + h**2 * direction_norm**3 / 6
+
+
+# ---- TRL parity (test_trl.py, test_trl_objective.py, test_trl_settings.py) ----
+# A per-token weight computed by TRL and by GRAOTrainer with the same float32 formula (the exp
+# of a log-prob difference, or of a row's sum of them, clamped or masked), in another order of
+# operations: the sum's additions and the exp each round within u, a few roundings in all;
+# 8 eps (9.5e-7) of the weight. Their logged min/mean/max: the same bound (a mean of a few
+# dozen such weights adds n u of their sum, below it at these sizes).
+TRL_WEIGHT_RTOL = 8 * torch.finfo(torch.float32).eps
+
+# The model's gradient through TRL's loss and through GRAOTrainer's (the same loss, other
+# float32 operations: gathers against the fused row pass): the logits' gradients agree to the
+# grad tolerance's rtol, and the network's backward sums them over tokens with cancellation,
+# which also lands that error on small entries: each entry within the grad rtol of itself or of
+# its tensor's largest entry. A logged token mean (TRL's kl, entropy): the value rtol.
+TRL_PARAM_GRAD_RTOL = TOL[torch.float32]["grad"][1]
+TRL_LOGGED_RTOL = TOL[torch.float32]["value"][1]
