@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import MODEL_ROUTES
+from tolerances import MODEL_ROUTES, engine_logps_atol
 
 from grao_fast.train.rollout import HFRollout, SamplingConfig, encode_prompt
 
 
 def _forward_logps(model, prompt_ids, completion_ids, temperature):
     """log_softmax(logits / T) of each completion token, from a plain forward pass."""
-    ids = torch.tensor([prompt_ids + completion_ids])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    logits = _forward_logits(model, prompt_ids, completion_ids)
     logp = (logits / temperature).log_softmax(-1)
     return logp[torch.arange(len(completion_ids)), torch.tensor(completion_ids)]
+
+
+def _forward_logits(model, prompt_ids, completion_ids):
+    """[C, V] float32 logits that predict each completion token, from a plain forward pass."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        return model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+
+
+def _assert_engine_logps(model, prompt_ids, completion_ids, logps):
+    """The engine's sampler log-probs (T = 1) against a plain forward of ``model``."""
+    expected = _forward_logps(model, prompt_ids, completion_ids, 1.0)
+    max_logit = _forward_logits(model, prompt_ids, completion_ids).abs().max().item()
+    atol = engine_logps_atol(max_logit)
+    torch.testing.assert_close(torch.tensor(logps), expected, atol=atol, rtol=0.0)
 
 
 def test_encode_prompt_uses_the_chat_template(tiny_tokenizer):
@@ -77,8 +90,7 @@ def test_vllm_rollout_logps_and_weight_sync(tiny_model_dir, tiny_model, tiny_tok
     for r in before:
         assert len(r.completion_ids) == 3
         for ids, logps in zip(r.completion_ids, r.sampler_logps, strict=True):
-            expected = _forward_logps(tiny_model, r.prompt_ids, ids, 1.0)
-            torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)
+            _assert_engine_logps(tiny_model, r.prompt_ids, ids, logps)
 
     # Change the weights, sync, and the engine samples from (and scores with) the new model.
     with torch.no_grad():
@@ -89,5 +101,4 @@ def test_vllm_rollout_logps_and_weight_sync(tiny_model_dir, tiny_model, tiny_tok
     assert [r.completion_ids for r in after] != [r.completion_ids for r in before]
     for r in after:
         for ids, logps in zip(r.completion_ids, r.sampler_logps, strict=True):
-            expected = _forward_logps(tiny_model, r.prompt_ids, ids, 1.0)
-            torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)
+            _assert_engine_logps(tiny_model, r.prompt_ids, ids, logps)

@@ -107,6 +107,15 @@ PARAM_GRAD_RTOL = 10 * TOL[torch.float32]["grad"][1]
 # same absolute bound for entries near 0.
 MODEL_ROUTES = dict(rel=TOL[torch.float32]["value"][1], abs=1e-6)
 
+
+def engine_logps_atol(max_logit: float) -> float:
+    """A sampler's log-probs (vLLM's CPU forward: its own attention and GEMM kernels) against a
+    plain forward of the same float32 model: two forwards that add in other orders, so each
+    logit is within ``MODEL_ROUTES``' rel of the largest |logit| it adds up to; a log-prob,
+    ``z_label - logsumexp(z)``, moves by at most twice the largest logit error."""
+    return 2 * MODEL_ROUTES["rel"] * max_logit
+
+
 # Two runs of the same steps on a GPU (bfloat16 autocast, vLLM's sampling) against each other:
 # not a rounding bound, since the GPU's kernels need not add in the same order twice; the loop's
 # values agree to about the float32 value tolerance there. CPU runs are compared exactly.
