@@ -19,7 +19,7 @@ import test_trl  # noqa: E402
 import test_trl_objective  # noqa: E402
 from test_trl import _assert_same_gradients, _config, _fixed_batch  # noqa: E402
 from test_trl_objective import G, _pair, _take_a_step  # noqa: E402
-from tolerances import TRL_LOGGED_RTOL, TRL_WEIGHT_RTOL  # noqa: E402
+from tolerances import CHANGED_RTOL, TRL_LOGGED_RTOL, TRL_WEIGHT_RTOL  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
@@ -135,7 +135,7 @@ def test_off_policy_mask_matches_trl(model_dir, tmp_path, request, sampler):
     _assert_same_gradients(grads, _window(grpo, [trl_batch]))
     _set_threshold(None, grao)
     unmasked = _window(grao, [batch])
-    assert any(not torch.allclose(unmasked[k], grads[k], rtol=1e-3, atol=0) for k in grads)
+    assert any(not torch.allclose(unmasked[k], grads[k], rtol=CHANGED_RTOL, atol=0) for k in grads)
 
 
 def test_off_policy_mask_on_policy_needs_no_forward(model_dir, tmp_path, fixed_generation,
@@ -172,7 +172,7 @@ def test_luspo_matches_trl(model_dir, tmp_path, fixed_generation, level):
     assert 0 < grpo._metrics["train"]["clip_ratio/region_mean"][-1] < 0.9
     grao.args.loss_type = "grpo"
     gspo = _window(grao, [batch])
-    assert any(not torch.allclose(gspo[k], grads[k], rtol=1e-2, atol=0) for k in grads)
+    assert any(not torch.allclose(gspo[k], grads[k], rtol=10 * CHANGED_RTOL, atol=0) for k in grads)
 
 
 CLIP_CASES = {
@@ -244,7 +244,7 @@ def test_top_entropy_quantile_matches_trl(model_dir, tmp_path, fixed_generation,
     _assert_same_gradients(grads, _window(grpo, [trl_batch]))
     grao.top_entropy_quantile = 1.0
     unmasked = _window(grao, [batch])
-    assert any(not torch.allclose(unmasked[k], grads[k], rtol=1e-3, atol=0) for k in grads)
+    assert any(not torch.allclose(unmasked[k], grads[k], rtol=CHANGED_RTOL, atol=0) for k in grads)
 
 
 @pytest.mark.parametrize("sampler", ["old-policy", "vllm"])
@@ -279,7 +279,7 @@ def test_vespo_matches_trl(model_dir, tmp_path, request, sampler):
     assert not any(k.startswith("clip_ratio") for k in grao._metrics["train"])
     grao.args.loss_type = "dapo"
     plain = _window(grao, [batch])
-    assert any(not torch.allclose(plain[k], grads[k], rtol=1e-3, atol=0) for k in grads)
+    assert any(not torch.allclose(plain[k], grads[k], rtol=CHANGED_RTOL, atol=0) for k in grads)
 
 
 def test_policy_loss_is_logged_while_the_bonus_is_on(model_dir, tmp_path, fixed_generation):
@@ -326,6 +326,7 @@ def test_kl_normalised_like_the_loss_type(model_dir, tmp_path, fixed_generation,
     _assert_same_gradients(grads, {name: scale * grad for name, grad in trl_grads.items()})
     # TRL's logged kl (the token mean of its per-token KL) and entropy: the sample rows' tokens.
     mine, theirs = grao._metrics["train"], grpo._metrics["train"]
-    assert mine["kl"][-1] > 0 and mine["kl"][-1] != pytest.approx(mine["grao/kl"][-1], rel=1e-3)
+    assert mine["kl"][-1] > 0
+    assert mine["kl"][-1] != pytest.approx(mine["grao/kl"][-1], rel=CHANGED_RTOL)
     for key in ("kl", "entropy"):
         assert mine[key][-1] == pytest.approx(theirs[key][-1], rel=TRL_LOGGED_RTOL), key

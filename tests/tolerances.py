@@ -157,3 +157,10 @@ TRL_WEIGHT_RTOL = 8 * torch.finfo(torch.float32).eps
 # its tensor's largest entry. A logged token mean (TRL's kl, entropy): the value rtol.
 TRL_PARAM_GRAD_RTOL = TOL[torch.float32]["grad"][1]
 TRL_LOGGED_RTOL = TOL[torch.float32]["value"][1]
+
+
+# ---- "this option changes the result" ----
+# The smallest relative change a test accepts as an option's effect: 100 times the float32
+# value tolerance, so that no rounding difference between two evaluations can pass for it (and
+# an option that is dropped, whose result then equals the other's to rounding, fails).
+CHANGED_RTOL = 100 * TOL[torch.float32]["value"][1]
