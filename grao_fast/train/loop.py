@@ -99,7 +99,8 @@ def load_policy(cfg: TrainConfig, model_dir: Path, checkpoint: Path | None, devi
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     if checkpoint is None:
         return model, ref_model, optimizer, scheduler, 0
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    # Tensors, numbers and containers only: a checkpoint from elsewhere cannot run code here.
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
