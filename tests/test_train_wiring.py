@@ -126,12 +126,14 @@ def test_sft_loss_is_the_nll_of_the_references(tiny_model_dir):
 
 def test_sft_run_logs_the_nll(tmp_path, monkeypatch, capfd):
     """The logged loss of a --loss sft step is the loss of its micro-batches (not, say, 0); no
-    GRAO terms, term shares or reward mode (the bar shows shares of 0)."""
-    from grao_fast.train import step
+    GRAO terms, term shares or reward mode (the bar shows shares of 0); without --plot, no
+    plot."""
+    from grao_fast.train import loop, step
 
     seen = []
     original = step.policy_loss
     monkeypatch.setattr(step, "policy_loss", lambda *a: seen.append(original(*a)) or seen[-1])
+    monkeypatch.setattr(loop, "plot_metrics", lambda *a: pytest.fail("plotted without --plot"))
     record = train(short_cfg(tmp_path, loss="sft", steps=1, grad_accum=2))[0]
     assert len(seen) == 2
     losses = [float(s["loss"].detach()) for s in seen]
