@@ -40,6 +40,10 @@ ENV = "GRAO_FAST_CPU_KERNEL"
 # Below this many elements (1 MiB of logits) the calling thread does the whole call: handing
 # rows to the pool costs more than it saves.
 MIN_SPLIT = 1 << 18
+CPUINFO = Path("/proc/cpuinfo")
+# Seconds the compiler may take to print its version and to build the kernel: a compiler that
+# hangs makes the row pass eager (with a warning), never the loss wait.
+VERSION_TIMEOUT, BUILD_TIMEOUT = 60, 300
 
 
 def _cache_dir() -> Path:
@@ -50,9 +54,10 @@ def _cache_dir() -> Path:
 
 
 def _cpu() -> str:
-    """What ``-march=native`` depends on: the CPU's model and feature flags (Linux)."""
+    """What ``-march=native`` depends on: the CPU's model and feature flags (Linux: x86's
+    ``flags``, Arm's ``Features``), not what changes while it runs (its clock, say)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = CPUINFO.read_text()
     except OSError:
         return os.uname().machine
     lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
@@ -67,7 +72,11 @@ def find_compiler() -> str | None:
 def build(compiler: str) -> Path:
     """The kernel's shared library for ``compiler`` and this CPU, compiled unless cached."""
     version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
+        [compiler, "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=VERSION_TIMEOUT,
     ).stdout
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
@@ -81,7 +90,7 @@ def build(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
-                       text=True, check=True, timeout=300)  # fmt: skip
+                       text=True, check=True, timeout=BUILD_TIMEOUT)  # fmt: skip
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -316,3 +316,57 @@ def test_a_library_per_cpu(fresh_kernel, monkeypatch):
     monkeypatch.setattr(_native, "_cpu", lambda: cpu + " another")
     other = _native.build(COMPILER)
     assert other != first and {first, other} == set(fresh_kernel.glob("row_exp-*.so"))
+
+
+def test_cpu_key_keeps_the_model_and_the_feature_flags(monkeypatch, tmp_path):
+    """x86's ``flags`` and Arm's ``Features`` lines (once each, as a cpuinfo repeats them per
+    core) and the model name make the key; a line that changes while the CPU runs does not."""
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(_native, "CPUINFO", info)
+    core = "processor\t: {}\nmodel name\t: A CPU\nflags\t\t: fpu avx2\ncpu MHz\t\t: {}\n\n"
+    info.write_text(core.format(0, 2100.5) + core.format(1, 1800.0))
+    x86 = _native._cpu()
+    assert x86 == "model name\t: A CPU\nflags\t\t: fpu avx2"
+    info.write_text(core.format(0, 3000.0) + core.format(1, 2999.9))
+    assert _native._cpu() == x86
+    arm = "processor\t: {}\nBogoMIPS\t: {}\nFeatures\t: fp asimd sve\nCPU part\t: 0xd40\n\n"
+    info.write_text(arm.format(0, 50.0) + arm.format(1, 51.0))
+    assert _native._cpu() == "Features\t: fp asimd sve"
+
+
+def test_compiler_lookup(monkeypatch):
+    """``$CXX`` first, then ``c++``, then ``g++``; None without any."""
+    found = {}
+    monkeypatch.setattr(_native.shutil, "which", found.get)
+    monkeypatch.setenv("CXX", "my-cxx")
+    assert _native.find_compiler() == "my-cxx"
+    monkeypatch.delenv("CXX")
+    assert _native.find_compiler() is None
+    found["g++"] = "/usr/bin/g++"
+    assert _native.find_compiler() == "/usr/bin/g++"
+    found["c++"] = "/usr/bin/c++"
+    assert _native.find_compiler() == "/usr/bin/c++"
+
+
+def _fake_compiler(tmp_path, version_part):
+    """A compiler that runs the real one unless asked for its version, where it runs
+    ``version_part`` (a shell command) instead."""
+    script = tmp_path / "cxx"
+    script.write_text(
+        f'#!/bin/sh\nif [ "$1" = --version ]; then {version_part}; fi\nexec {COMPILER} "$@"\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize(
+    "version_part", ["exit 1", "sleep 30"], ids=["version-fails", "version-hangs"]
+)
+def test_compiler_without_a_version_stays_eager(fresh_kernel, monkeypatch, version_part):
+    """The compiler's version is part of the cache key: one that cannot say it (fails, or does
+    not answer within ``VERSION_TIMEOUT``) builds nothing, and the row pass stays eager."""
+    monkeypatch.setenv("CXX", _fake_compiler(fresh_kernel, version_part))
+    monkeypatch.setattr(_native, "VERSION_TIMEOUT", 1)
+    with pytest.warns(UserWarning, match="the CPU row kernel could not be built"):
+        assert _native.kernel() is None
+    assert list(fresh_kernel.glob("*.so")) == []
