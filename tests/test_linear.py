@@ -240,3 +240,18 @@ def test_packed_rows_against_reference(backend):
     assert out.seq_logps[2] == 0
     for got, want in zip(params, exact, strict=True):
         assert_close(got.grad, want.grad, torch.float32, "gemm")
+
+
+def test_chunk_tokens():
+    """Tokens per chunk: as many [tokens, V] logits of the compute dtype as fit ``chunk_bytes``,
+    at least 1, rounded down to a multiple of 64 above 64."""
+    from grao_fast.linear import chunk_tokens
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert chunk_tokens(1000, f32, 100) == 1  # not even one token fits: one anyway
+    assert chunk_tokens(1000, f32, 4000 * 63 + 3999) == 63  # under 64: as it is
+    assert chunk_tokens(1000, f32, 4000 * 64) == 64
+    assert chunk_tokens(1000, f32, 4000 * 65) == 64
+    assert chunk_tokens(1000, f32, 4000 * 202) == 192
+    assert chunk_tokens(1000, bf16, 2000 * 202) == 192  # 2 bytes a logit
+    assert chunk_tokens(1000, f32, 4000 * 129) == 128
