@@ -247,6 +247,12 @@ def test_built_once_per_cache(fresh_kernel, monkeypatch):
     assert list(fresh_kernel.glob("*")) == [built]  # no temporary left
 
 
+def test_cache_directory_is_made_with_its_parents(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("GRAO_FAST_CACHE", str(fresh_kernel / "a" / "b" / "cache"))
+    assert _native.kernel() is not None
+    assert len(list((fresh_kernel / "a" / "b" / "cache").glob("row_exp-*.so"))) == 1
+
+
 def test_failed_build_warns_and_stays_eager(fresh_kernel, monkeypatch):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
     logits, labels, rewards = _batch(1, 2, 4, 33, F32, seed=7)
