@@ -354,15 +354,51 @@ def test_compiler_lookup(monkeypatch):
     assert _native.find_compiler() == "/usr/bin/c++"
 
 
-def _fake_compiler(tmp_path, version_part):
-    """A compiler that runs the real one unless asked for its version, where it runs
-    ``version_part`` (a shell command) instead."""
+def _fake_compiler(tmp_path, version_part=":", build_part=":"):
+    """The real compiler, except that ``version_part`` (a shell command) runs first when it is
+    asked for its version and ``build_part`` when it is asked to build."""
     script = tmp_path / "cxx"
     script.write_text(
-        f'#!/bin/sh\nif [ "$1" = --version ]; then {version_part}; fi\nexec {COMPILER} "$@"\n'
+        f'#!/bin/sh\nif [ "$1" = --version ]; then {version_part}; else {build_part}; fi\n'
+        f'exec {COMPILER} "$@"\n'
     )
     script.chmod(0o755)
     return str(script)
+
+
+@pytest.mark.parametrize(
+    "build_part", ["echo 'bad flag -mxyz' >&2; exit 1", "sleep 30"], ids=["fails", "hangs"]
+)
+def test_failed_or_hung_build_warns_with_the_compilers_message(
+    fresh_kernel, monkeypatch, build_part
+):  # fmt: skip
+    """A build that fails says why (the compiler's own message) or one that does not finish
+    within ``BUILD_TIMEOUT``: a warning, the row pass eager, nothing left in the cache (its
+    temporary removed, no library to load next time)."""
+    cache = fresh_kernel / "cache"
+    monkeypatch.setenv("GRAO_FAST_CACHE", str(cache))
+    monkeypatch.setenv("CXX", _fake_compiler(fresh_kernel, build_part=build_part))
+    monkeypatch.setattr(_native, "BUILD_TIMEOUT", 1)
+    with pytest.warns(UserWarning, match="the CPU row kernel could not be built") as caught:
+        assert _native.kernel() is None
+    if "bad flag" in build_part:
+        assert "(bad flag -mxyz\n); the CPU row pass stays eager" in str(caught[0].message)
+    assert list(cache.glob("*")) == []
+    _native.kernel.cache_clear()
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert _native.kernel() is None  # built again, not a broken library loaded
+
+
+def test_built_under_a_temporary_name_in_the_cache_directory(fresh_kernel, monkeypatch):
+    """The library is written under a temporary name next to its final one and renamed (an
+    atomic rename within one directory: a process building at the same time never loads half a
+    file)."""
+    renames = []
+    replace = _native.os.replace
+    monkeypatch.setattr(_native.os, "replace", lambda a, b: renames.append((a, b)) or replace(a, b))
+    assert _native.kernel() is not None
+    ((tmp, final),) = renames
+    assert Path(tmp).parent == Path(final).parent == fresh_kernel and tmp != final
 
 
 @pytest.mark.parametrize(
