@@ -288,9 +288,9 @@ def test_no_gradient_work_without_grad_mode(monkeypatch):
     real_row, real_linear = grao_fast.loss.row_pass, grao_fast.linear.linear_pass
     monkeypatch.setattr(grao_fast.loss, "row_pass",
                         lambda *a: seen.append(a[2] is None) or real_row(*a))  # fmt: skip
-    no_grads = (None,) * 3
+    nothing = (None,) * 4  # the three gradient buffers and the coefficients
     monkeypatch.setattr(grao_fast.linear, "linear_pass",
-                        lambda *a: seen.append(a[4:7] == no_grads) or real_linear(*a))  # fmt: skip
+                        lambda *a: seen.append(a[4:8] == nothing) or real_linear(*a))  # fmt: skip
     logits, labels, rewards = _batch(1, G, 3, 7, torch.float32, seed=10)
     x = logits.clone().requires_grad_()
     hidden = torch.randn(3, 3, 4, requires_grad=True)
@@ -301,7 +301,12 @@ def test_no_gradient_work_without_grad_mode(monkeypatch):
             b = grao_loss_linear(hidden, weight, labels, rewards, group_size=G, backend="torch")
         assert not a.loss.requires_grad and not b.loss.requires_grad
     assert seen == [True] * 4
+    # Grad mode, but nothing to differentiate (a frozen lm_head on constant hidden states).
+    frozen = grao_loss_linear(hidden.detach(), weight.detach(), labels, rewards, group_size=G)
+    assert seen[-1] is True and not frozen.loss.requires_grad
     grao_loss(x, labels, rewards, group_size=G, backend="torch")  # with grad mode: a gradient
+    assert seen[-1] is False
+    grao_loss_linear(hidden, weight, labels, rewards, group_size=G, backend="torch")
     assert seen[-1] is False
 
 

@@ -260,3 +260,16 @@ def test_chunk_tokens():
     assert chunk_tokens(1000, f32, 4000 * 202) == 192
     assert chunk_tokens(1000, bf16, 2000 * 202) == 192  # 2 bytes a logit
     assert chunk_tokens(1000, f32, 4000 * 129) == 128
+
+
+def test_forward_only_reads_every_chunk():
+    """Without a gradient (no_grad), every chunk is still read: the same log-probs and loss as
+    the call that writes the gradients, over 3-token chunks."""
+    hidden, weight, bias, labels, rewards = _inputs(2, 2, 5, 16, 53, torch.float32, seed=4)
+    kw = dict(group_size=2, bias=bias, chunk_bytes=3 * 53 * 4)
+    with torch.no_grad():
+        fwd = grao_loss_linear(hidden, weight, labels, rewards, **kw)
+    full = grao_loss_linear(hidden.clone().requires_grad_(), weight, labels, rewards, **kw)
+    assert full.loss.requires_grad and not fwd.loss.requires_grad
+    assert torch.equal(fwd.seq_logps, full.seq_logps.detach())
+    assert torch.equal(fwd.loss, full.loss.detach())
