@@ -412,3 +412,49 @@ def test_compiler_without_a_version_stays_eager(fresh_kernel, monkeypatch, versi
     with pytest.warns(UserWarning, match="the CPU row kernel could not be built"):
         assert _native.kernel() is None
     assert list(fresh_kernel.glob("*.so")) == []
+
+
+def test_kernel_under_a_float64_default_dtype():
+    """The kernel's outputs are float32 whatever torch's default dtype."""
+    x = _rows(9, 301, seed=14)
+    out = torch.empty_like(x)
+    expected = _native.row_exp(x, out, 1 / 0.7)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out64 = torch.empty_like(x)
+        got = _native.row_exp(x, out64, 1 / 0.7)
+    finally:
+        torch.set_default_dtype(before)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert torch.equal(out64, out)
+
+
+def _row_exp_in_child(x, queue):
+    # Only the kernel runs here: PyTorch's own OpenMP threads may not come back after a fork.
+    queue.put([t.tolist() for t in _native.row_exp(x, None, 1.0)])
+
+
+def test_a_forked_process_gets_its_own_threads():
+    """Threads do not survive a fork (a DataLoader worker, say): a forked child that splits rows
+    between threads starts its own pool instead of waiting forever on its parent's."""
+    import multiprocessing as mp
+
+    x = _rows(67, 4099, seed=2)  # split between the threads in the parent first
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    child = None
+    try:
+        expected = [t.tolist() for t in _native.row_exp(x, None, 1.0)]
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_row_exp_in_child, args=(x, queue))
+        child.start()
+        got = queue.get(timeout=120)
+        child.join(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+        if child is not None and child.is_alive():
+            child.kill()
+    assert got == expected
