@@ -135,7 +135,25 @@ def test_float64_and_frozen_weight():
 @pytest.mark.parametrize(
     ("kw", "exc", "match"),
     [
-        ({"weight": torch.randn(11, 5)}, ValueError, "weight must be"),
+        (
+            {"weight": torch.randn(11, 5)},
+            ValueError,
+            r"weight must be \[V, H\] with H = 4, hidden's last dim \(hidden \(6, 3, 4\)\), got "
+            r"weight \(11, 5\)$",
+        ),
+        (
+            {"weight": torch.randn(4, 11)},
+            ValueError,
+            r"got weight \(4, 11\) \(transposed\? pass weight.t\(\)\)$",
+        ),
+        (
+            {"weight": torch.randn(11)},
+            ValueError,
+            r"weight must be a 2-D tensor \[V, H\], got \(11,\)",
+        ),
+        ({"weight": [[0.0] * 4] * 11}, ValueError, "weight must be a 2-D tensor .V, H., got list"),
+        ({"hidden": torch.tensor(1.0)}, ValueError, "hidden must be 3-D"),
+        ({"hidden": torch.randn(5)}, ValueError, "with H = 5, hidden's last dim"),
         ({"weight": torch.randn(11, 4, dtype=torch.float64)}, TypeError, "must match hidden"),
         ({"bias": torch.randn(12)}, ValueError, "bias must be"),
         ({"chunk_bytes": 0}, ValueError, "chunk_bytes"),
@@ -273,3 +291,21 @@ def test_forward_only_reads_every_chunk():
     assert full.loss.requires_grad and not fwd.loss.requires_grad
     assert torch.equal(fwd.seq_logps, full.seq_logps.detach())
     assert torch.equal(fwd.loss, full.loss.detach())
+
+
+def test_default_precision_settings():
+    """By default the GEMMs run in the inputs' dtype and grad_weight accumulates in it: the
+    same bits as ``lm_head_fp32=False, grad_weight_fp32=False``, not those of either option on."""
+    hidden, weight, bias, labels, rewards = _inputs(2, 2, 9, 16, 53, torch.bfloat16, seed=6)
+
+    def run(**kw):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = grao_loss_linear(h, w, labels, rewards, group_size=2, chunk_bytes=4 * 53 * 2, **kw)
+        out.loss.backward()
+        return out.loss.detach(), h.grad, w.grad
+
+    default = run()
+    for a, b in zip(default, run(lm_head_fp32=False, grad_weight_fp32=False), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(default[0], run(lm_head_fp32=True)[0])
+    assert not torch.equal(default[2], run(grad_weight_fp32=True)[2])
