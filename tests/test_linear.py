@@ -309,3 +309,16 @@ def test_default_precision_settings():
         assert torch.equal(a, b)
     assert not torch.equal(default[0], run(lm_head_fp32=True)[0])
     assert not torch.equal(default[2], run(grad_weight_fp32=True)[2])
+
+
+def test_float64_inputs_keep_float64_gemms():
+    """float64 hidden states and weight are never cast down: not by ``lm_head_fp32``, not under
+    autocast (as ``F.linear`` leaves float64 alone)."""
+    hidden, weight, _, labels, rewards = _inputs(2, 2, 4, 8, 31, torch.float64, bias=False)
+    plain = grao_loss_linear(hidden, weight, labels, rewards, group_size=2).loss
+    assert plain.dtype == torch.float64
+    fp32 = grao_loss_linear(hidden, weight, labels, rewards, group_size=2, lm_head_fp32=True)
+    assert torch.equal(fp32.loss, plain)
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+        auto = grao_loss_linear(hidden, weight, labels, rewards, group_size=2)
+    assert torch.equal(auto.loss, plain)
