@@ -157,6 +157,12 @@ def test_float64_and_frozen_weight():
         ({"weight": torch.randn(11, 4, dtype=torch.float64)}, TypeError, "must match hidden"),
         ({"bias": torch.randn(12)}, ValueError, "bias must be"),
         ({"chunk_bytes": 0}, ValueError, "chunk_bytes"),
+        ({"chunk_bytes": True}, ValueError, "chunk_bytes must be a positive int or None, got True"),
+        (
+            {"weight": torch.randn(11, 4, device="meta")},
+            ValueError,
+            "weight is on meta but hidden is on cpu",
+        ),
         ({"hidden": torch.randn(6, 4)}, ValueError, "hidden must be 3-D"),
         ({"labels": torch.full((6, 3), 11)}, ValueError, "outside"),
     ],
@@ -309,6 +315,14 @@ def test_default_precision_settings():
         assert torch.equal(a, b)
     assert not torch.equal(default[0], run(lm_head_fp32=True)[0])
     assert not torch.equal(default[2], run(grad_weight_fp32=True)[2])
+
+
+def test_chunk_of_one_byte_is_one_token():
+    """``chunk_bytes=1`` is legal (it holds no logit row): chunks of one token each."""
+    hidden, weight, _, labels, rewards = _inputs(2, 2, 4, 8, 31, torch.float32, bias=False)
+    one = grao_loss_linear(hidden, weight, labels, rewards, group_size=2, chunk_bytes=1)
+    whole = grao_loss_linear(hidden, weight, labels, rewards, group_size=2)
+    assert_close(one.loss, whole.loss.double(), torch.float32, "value")
 
 
 def test_float64_inputs_keep_float64_gemms():
