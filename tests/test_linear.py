@@ -336,3 +336,10 @@ def test_float64_inputs_keep_float64_gemms():
     with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
         auto = grao_loss_linear(hidden, weight, labels, rewards, group_size=2)
     assert torch.equal(auto.loss, plain)
+    grads = []
+    for wide in (False, True):  # grad_weight_fp32 never narrows a float64 accumulator
+        w = weight.clone().requires_grad_()
+        grao_loss_linear(hidden, w, labels, rewards, group_size=2, grad_weight_fp32=wide,
+                         chunk_bytes=3 * 31 * 8).loss.backward()  # fmt: skip
+        grads.append(w.grad)
+    assert grads[1].dtype == torch.float64 and torch.equal(grads[0], grads[1])
