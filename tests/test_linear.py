@@ -343,3 +343,22 @@ def test_float64_inputs_keep_float64_gemms():
                          chunk_bytes=3 * 31 * 8).loss.backward()  # fmt: skip
         grads.append(w.grad)
     assert grads[1].dtype == torch.float64 and torch.equal(grads[0], grads[1])
+
+
+def test_reference_backend_is_the_reference_loss_of_the_logits():
+    """``backend="reference"``: the float64-capable reference on the materialised logits, cast
+    to the accumulation dtype, with every input passed on (packed rows, token inputs): the same
+    bits as ``grao_loss(F.linear(...).float(), backend="reference")``."""
+    hidden, weight, bias, labels, rewards = _inputs(2, 2, 6, 16, 53, torch.bfloat16, seed=8)
+    keep = [6, 2, 3, 5, 1, 4]
+    cat = lambda x: torch.cat([x[n, :k] for n, k in enumerate(keep)])  # noqa: E731
+    cu = torch.tensor([0, *torch.tensor(keep).cumsum(0).tolist()], device=DEVICE)
+    p_hidden, p_labels = cat(hidden), cat(labels)
+    weights = torch.rand(p_labels.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    kw = dict(group_size=2, cu_seqlens=cu, token_weights=weights, length_norm="token")
+    out = grao_loss_linear(p_hidden, weight, p_labels, rewards, bias=bias, backend="reference",
+                           **kw)  # fmt: skip
+    logits = torch.nn.functional.linear(p_hidden, weight, bias).float()
+    ref = grao_loss(logits, p_labels, rewards, backend="reference", **kw)
+    for field in ("loss", "exploration", "imitation", "alignment", "seq_logps"):
+        assert torch.equal(getattr(out, field), getattr(ref, field)), field
