@@ -244,3 +244,26 @@ def test_reference_advantages_edge_cases():
     out = reference.grao_terms(logits, labels, flat_pool, group_size=2, reference_in_group=False)
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits.grad))
+
+
+def test_reference_defaults_are_the_losss():
+    """``reference.grao_terms`` called with its defaults computes the loss of ``grao_loss``'s
+    defaults (GRAOOptions'), every reported value included."""
+    import inspect
+
+    from grao_fast import GRAOOptions
+
+    defaults = GRAOOptions(group_size=2).spec_kwargs()
+    params = inspect.signature(reference.grao_terms).parameters
+    for name, value in defaults.items():
+        if name in params and params[name].default is not inspect.Parameter.empty:
+            same = {params[name].default, value} == {None, math.inf}  # is_cap: no cap either way
+            assert same or params[name].default == value, name
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 4, 11, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 11, (6, 4), generator=gen)
+    rewards = torch.rand(2, 3, generator=gen, dtype=torch.float64)
+    mine = reference.grao_terms(logits, labels, rewards, group_size=2)
+    theirs = grao_loss(logits, labels, rewards, group_size=2, backend="reference")
+    for a, b in zip(mine, theirs, strict=False):
+        assert (a is None and b is None) or torch.equal(a, b)
