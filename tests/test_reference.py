@@ -263,7 +263,10 @@ def test_reference_defaults_are_the_losss():
     logits = torch.randn(6, 4, 11, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 11, (6, 4), generator=gen)
     rewards = torch.rand(2, 3, generator=gen, dtype=torch.float64)
-    mine = reference.grao_terms(logits, labels, rewards, group_size=2)
-    theirs = grao_loss(logits, labels, rewards, group_size=2, backend="reference")
-    for a, b in zip(mine, theirs, strict=False):
-        assert (a is None and b is None) or torch.equal(a, b)
+    near = torch.randn(6, 4, generator=gen, dtype=torch.float64) - 3
+    # The options that only matter with per-token inputs, left to their defaults with them.
+    for kw in ({}, {"ref_logps": near}, {"ref_logps": near, "kl_coef": 0.1}, {"old_logps": near}):
+        mine = reference.grao_terms(logits, labels, rewards, group_size=2, **kw)
+        theirs = grao_loss(logits, labels, rewards, group_size=2, backend="reference", **kw)
+        for a, b in zip(mine, theirs, strict=False):
+            assert (a is None and b is None) or torch.equal(a, b), kw
