@@ -265,7 +265,9 @@ def test_reference_defaults_are_the_losss():
     rewards = torch.rand(2, 3, generator=gen, dtype=torch.float64)
     near = torch.randn(6, 4, generator=gen, dtype=torch.float64) - 3
     # The options that only matter with per-token inputs, left to their defaults with them.
-    for kw in ({}, {"ref_logps": near}, {"ref_logps": near, "kl_coef": 0.1}, {"old_logps": near}):
+    kl = {"ref_logps": near, "kl_coef": 0.1}
+    for kw in ({}, {"ref_logps": near}, kl, {**kl, "sampler_logps": near - 0.1},
+               {**kl, "length_norm": "token"}, {"old_logps": near}):  # fmt: skip
         mine = reference.grao_terms(logits, labels, rewards, group_size=2, **kw)
         theirs = grao_loss(logits, labels, rewards, group_size=2, backend="reference", **kw)
         for a, b in zip(mine, theirs, strict=False):
