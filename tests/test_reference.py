@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from tolerances import finite_difference_atol
+from tolerances import assert_close, finite_difference_atol
 
 from grao_fast import grao_loss, group_advantages, reference, token_logprobs
 
@@ -272,3 +272,29 @@ def test_reference_defaults_are_the_losss():
         theirs = grao_loss(logits, labels, rewards, group_size=2, backend="reference", **kw)
         for a, b in zip(mine, theirs, strict=False):
             assert (a is None and b is None) or torch.equal(a, b), kw
+
+
+def test_packed_reference_equals_the_padded_one_with_every_input():
+    """The reference on packed rows (``cu_seqlens``) is the reference on the padded layout, every
+    per-token input carried through the packing: reference log-probs with the KL, sampler
+    log-probs with the IS cap, old log-probs with the clip, token weights."""
+    gen = torch.Generator().manual_seed(11)
+    n, t, v, g = 6, 5, 13, 2
+    lengths = [5, 2, 4, 1, 3, 5]
+    logits = torch.randn(n, t, v, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, v, (n, t), generator=gen)
+    mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    labels[~mask] = -100
+    rewards = torch.rand(2, g + 1, generator=gen, dtype=torch.float64)
+    near = lambda: torch.randn(n, t, generator=gen, dtype=torch.float64) - 3  # noqa: E731
+    extras = {"ref_logps": near(), "sampler_logps": near(), "old_logps": near(),
+              "token_weights": torch.rand(n, t, generator=gen, dtype=torch.float64)}  # fmt: skip
+    opts = {"group_size": g, "kl_coef": 0.1, "is_cap": 2.0, "clip_eps": (0.2, 0.3)}
+    padded = reference.grao_terms(logits, labels, rewards, **extras, **opts)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    packed = reference.grao_terms(logits[mask], labels[mask], rewards, cu_seqlens=cu,
+                                  **{k: x[mask] for k, x in extras.items()}, **opts)  # fmt: skip
+    for a, b in zip(packed, padded, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b, torch.float64, "value")
