@@ -23,7 +23,7 @@ from . import _memory, reference, vocab_parallel
 from ._ops import TokenInputs, _impl, resolve_backend
 from ._plan import GRAOOutput, attach, forward
 from ._validation import prepare
-from .loss import _tokens
+from .loss import NO_REFERENCE_SPLIT, _tokens
 from .options import OPTIONS_DOC, SAPO_TAU, TERMS, GRAOOptions
 
 # One chunk of logits (in the compute dtype). 256 MiB is ~880 tokens of a 151,936-word
@@ -376,8 +376,7 @@ def grao_loss_linear(
         raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
     compute = compute_dtype(hidden, weight, bool(lm_head_fp32))
     if shard is not None and backend == "reference":
-        raise ValueError("backend='reference' does not take a vocabulary split; use 'auto', "
-                         "'torch' or 'triton'")  # fmt: skip
+        raise ValueError(NO_REFERENCE_SPLIT)
     which = resolve_backend(backend, hidden.device, compute)
     opts = opts.replace(backend=which)
     if which == "reference":

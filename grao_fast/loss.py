@@ -144,13 +144,16 @@ def grao_loss(
     return attach(out, [(logits, grad)] if need_grad else [], opts)
 
 
+NO_REFERENCE_SPLIT = (
+    "backend='reference' does not take a vocabulary split (vocab_group or a DTensor); "
+    "use 'auto', 'torch' or 'triton'"
+)
+
+
 def _backend(backend: str, logits: torch.Tensor, shard) -> str:
     """The implementation that runs (a vocabulary split: the Triton kernels or PyTorch)."""
     if shard is not None and backend == "reference":
-        raise ValueError(
-            "backend='reference' does not take a vocabulary split (vocab_group or a DTensor); "
-            "use 'auto', 'torch' or 'triton'"
-        )
+        raise ValueError(NO_REFERENCE_SPLIT)
     return resolve_backend(backend, logits.device, logits.dtype)
 
 

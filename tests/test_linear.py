@@ -362,3 +362,58 @@ def test_reference_backend_is_the_reference_loss_of_the_logits():
     ref = grao_loss(logits, p_labels, rewards, backend="reference", **kw)
     for field in ("loss", "exploration", "imitation", "alignment", "seq_logps"):
         assert torch.equal(getattr(out, field), getattr(ref, field)), field
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_vocabulary_split_of_one_process(tmp_path):
+    """A vocabulary split over a group of one process (the whole weight is rank 0's shard) is
+    the unsplit call, loss and gradients, bias included: as a plain tensor with ``vocab_group``
+    and as a DTensor on a 1-D mesh. Its errors name the weight; the reference backend refuses
+    it. Labels reach past H (V > H), so a shard taken along the wrong dimension shows."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from grao_fast.loss import NO_REFERENCE_SPLIT
+
+    g, v, h = 2, 23, 8
+    hidden, weight, bias, labels, rewards = _inputs(2, g, 5, h, v, torch.float64, seed=4)
+    assert labels.max().item() >= h
+    kw = {"group_size": g, "backend": "torch", "chunk_bytes": 3 * v * 8}  # 3 tokens a chunk
+
+    def run(w, b, **split):
+        leaves = [x.detach().requires_grad_() for x in (hidden, w, b)]
+        out = grao_loss_linear(leaves[0], leaves[1], labels, rewards, bias=leaves[2], **kw,
+                               **split)  # fmt: skip
+        out.loss.backward()
+        grads = [x.grad.full_tensor() if isinstance(x.grad, DTensor) else x.grad for x in leaves]
+        return out, grads
+
+    whole, whole_grads = run(weight, bias)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        mesh = init_device_mesh("cpu", (1,))
+        dtensors = [distribute_tensor(x, mesh, [Shard(0)]) for x in (weight, bias)]
+        for split, args in (({"vocab_group": group}, (weight, bias)),
+                            ({"vocab_group": group, "vocab_start": 0}, (weight, bias)),
+                            ({}, dtensors)):  # fmt: skip
+            out, grads = run(*args, **split)
+            assert_close(out.loss, whole.loss, torch.float64, "value")
+            assert_close(out.seq_logps, whole.seq_logps, torch.float64, "value")
+            for mine, theirs in zip(grads, whole_grads, strict=True):
+                assert_close(mine, theirs, torch.float64, "gemm")
+        with pytest.raises(ValueError) as err:
+            grao_loss_linear(hidden, weight, labels, rewards, vocab_group=group, vocab_start=3,
+                             **kw)  # fmt: skip
+        assert str(err.value) == (
+            "the shards of weight ([start, start + size) per rank: [(3, 26)]) must tile the "
+            "vocabulary [0, V) without gaps or overlaps; vocab_start is each shard's first "
+            "vocabulary id"
+        )
+        with pytest.raises(ValueError) as err:
+            grao_loss_linear(hidden, weight, labels, rewards, vocab_group=group,
+                             **{**kw, "backend": "reference"})  # fmt: skip
+        assert str(err.value) == NO_REFERENCE_SPLIT
+    finally:
+        dist.destroy_process_group()

@@ -260,18 +260,24 @@ def test_reference_defaults_are_the_losss():
             same = {params[name].default, value} == {None, math.inf}  # is_cap: no cap either way
             assert same or params[name].default == value, name
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(6, 4, 11, generator=gen, dtype=torch.float64)
+    logits = torch.randn(6, 4, 11, generator=gen, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 11, (6, 4), generator=gen)
+    labels[torch.arange(4) >= torch.tensor([4, 1, 3, 2, 4, 3])[:, None]] = -100  # rows' lengths
     rewards = torch.rand(2, 3, generator=gen, dtype=torch.float64)
     near = torch.randn(6, 4, generator=gen, dtype=torch.float64) - 3
-    # The options that only matter with per-token inputs, left to their defaults with them.
+    # The options that only matter with per-token inputs, left to their defaults with them (the
+    # KL's options change the gradient on-policy and the value with old log-probs or rows of
+    # different lengths under a token or constant length norm).
     kl = {"ref_logps": near, "kl_coef": 0.1}
     for kw in ({}, {"ref_logps": near}, kl, {**kl, "sampler_logps": near - 0.1},
-               {**kl, "length_norm": "token"}, {"old_logps": near}):  # fmt: skip
+               {**kl, "length_norm": "token"}, {**kl, "length_norm": "constant"},
+               {"old_logps": near}, {**kl, "old_logps": near}):  # fmt: skip
         mine = reference.grao_terms(logits, labels, rewards, group_size=2, **kw)
         theirs = grao_loss(logits, labels, rewards, group_size=2, backend="reference", **kw)
         for a, b in zip(mine, theirs, strict=False):
             assert (a is None and b is None) or torch.equal(a, b), kw
+        mine_grad, theirs_grad = (torch.autograd.grad(x.loss, logits)[0] for x in (mine, theirs))
+        assert torch.equal(mine_grad, theirs_grad), kw
 
 
 def test_packed_reference_equals_the_padded_one_with_every_input():
@@ -298,3 +304,49 @@ def test_packed_reference_equals_the_padded_one_with_every_input():
         assert (a is None) == (b is None)
         if a is not None:
             assert_close(a, b, torch.float64, "value")
+
+
+def test_statistics_in_float64_when_either_input_is():
+    """The group statistics run in float64 when the logits or the rewards are float64; the loss
+    and the reported values keep the logits' dtype."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 3, 7, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 7, (6, 3), generator=gen)
+    rewards = torch.rand(2, 3, generator=gen) * 3  # float32
+    # float64 logits, float32 rewards: the same statistics as the rewards cast up (exactly), so
+    # the same bits; float32 statistics differ in the 8th digit.
+    out = reference.grao_terms(logits, labels, rewards, group_size=2)
+    up = reference.grao_terms(logits, labels, rewards.double(), group_size=2)
+    assert out.advantages.dtype == torch.float64
+    for a, b in zip(out, up, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    low = reference.group_advantages(rewards)
+    assert not torch.equal(low.double(), out.advantages)
+    # float32 logits, float64 rewards: float64 advantages, a float32 loss and terms.
+    out = reference.grao_terms(logits.float(), labels, rewards.double(), group_size=2)
+    assert out.advantages.dtype == torch.float64
+    assert {x.dtype for x in (out.loss, out.exploration, out.imitation, out.alignment)} == {
+        torch.float32
+    }
+    assert torch.equal(out.advantages, up.advantages)
+
+
+def test_cispo_ratio_at_the_cap_is_not_clipped():
+    """CISPO reports a token clipped where its ratio exceeds the cap (``rho > K``,
+    docs/OBJECTIVES.md): a ratio equal to the cap (old log-probs equal to the policy's, cap 1) is
+    not; a cap below it clips every token of a row with ``c_s > 0``."""
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(6, 4, 9, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 9, (6, 4), generator=gen)
+    rewards = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 0.2]], dtype=torch.float64)
+    old = reference.token_logprobs(logits, labels)  # the same bits as the policy's: rho = 1
+    opts = {"group_size": 2, "old_logps": old, "ratio_policy": "cispo"}
+    at_cap = reference.grao_terms(logits, labels, rewards, ratio_cap=1.0, **opts)
+    assert at_cap.clip_fraction.item() == 0.0
+    assert torch.equal(at_cap.clip_counts, torch.zeros(6, 2, dtype=torch.float64))
+    below = reference.grao_terms(logits, labels, rewards, ratio_cap=0.999, **opts)
+    # c_s has the sign of the row's advantage (the reference's too: the group's advantages sum
+    # to 0): every token of a row with a positive advantage is clipped, none of the others.
+    positive = below.advantages.reshape(6) > 0
+    assert torch.equal(below.clip_counts, torch.stack([0 * positive, 4 * positive], 1).double())
+    assert torch.equal(below.clip_fraction, positive.sum() / positive.numel())
