@@ -18,6 +18,9 @@
 # (scripts/mutmut_focus.py). The score and each surviving mutant go in docs/MUTATION.md,
 # killed by a new test or explained there as equivalent.
 # Afterwards: `mutmut results` lists the survivors, `mutmut show NAME` prints one.
+# The vocabulary split runs in processes that tests/test_vocab_parallel.py spawns, out of
+# mutmut's sight: the mutants of vocab_parallel.py and linear.py's split reader also run that test,
+# last (MUTATION_SPAWNED: more mutmut patterns that should, space-separated).
 # MUTATION_JOBS: mutants run at once (default 1). CPU-heavy: see docs/MUTATION.md, "Cost".
 set -euo pipefail
 
@@ -71,6 +74,11 @@ unset TRITON_INTERPRET  # the Triton tests under the interpreter would take hour
 if [[ -d mutants/grao_fast ]]; then
     cp -r grao_fast/csrc mutants/grao_fast/
 fi
+spawned=()
+for pattern in "grao_fast.vocab_parallel.*" "grao_fast.linear.x__read_split*" \
+               ${MUTATION_SPAWNED:-}; do
+    spawned+=(--spawned "$pattern=tests/test_vocab_parallel.py")
+done
 "$PYTHON" scripts/mutmut_focus.py "${pending[@]}" --max-children "${MUTATION_JOBS:-1}" \
-    "$selection" "${patterns[@]}"
+    "${spawned[@]}" "$selection" "${patterns[@]}"
 "$MUTMUT" results
