@@ -188,7 +188,6 @@ def grao_terms(
                            reference_in_group=reference_in_group)  # fmt: skip
     mask = labels != ignore_index
     # An ignored token's logits are never read (padding may be NaN): its gradient is zero.
-    logits = logits.masked_fill(~mask[..., None], 0.0)
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
     a = adv.to(logp.dtype)
     is_sample = (torch.arange(n, device=labels.device) % (g + 1)) != g  # [N]
@@ -274,7 +273,7 @@ def grao_terms(
         loss = loss + kl_coef * kl
     entropy = sample_entropy = None
     if return_entropy or entropy_coef != 0.0:
-        ent = token_entropy(logits, temperature)
+        ent = token_entropy(logits.masked_fill(~mask[..., None], 0.0), temperature)
         token_mean = lambda m: torch.where(m, ent, 0.0).sum() / m.sum().clamp(min=1)  # noqa: E731
         entropy = token_mean(mask).detach()
         bonus = token_mean(mask & is_sample[:, None])
