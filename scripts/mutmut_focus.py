@@ -54,8 +54,8 @@ class SpawnedMap(defaultdict):
     has a placeholder test, so that mutmut submits its mutants (it records "no tests" for a
     function without any) and ``focused_submit`` replaces the placeholder by the spawned tests."""
 
-    def __init__(self, factory, spawned: list[tuple[str, str]]):
-        super().__init__(factory)
+    def __init__(self, tests: dict, spawned: list[tuple[str, str]]):
+        super().__init__(set, tests)
         self.patterns = [pattern for pattern, _ in spawned]
 
     def get(self, key, default=None):
@@ -63,6 +63,16 @@ class SpawnedMap(defaultdict):
         if any(fnmatch.fnmatch(f"{key}__mutmut_1", p) for p in self.patterns):
             tests = {*(tests or ()), SPAWNED + key}
         return tests
+
+
+class SpawnedDurations(dict):
+    """mutmut's recorded test durations; a placeholder's is the spawned test's allowance (it is
+    read, never stored)."""
+
+    def __missing__(self, key):
+        if key.startswith(SPAWNED):
+            return SPAWNED_CPU_S / 2
+        raise KeyError(key)
 
 
 def pending(patterns: list[str]) -> list[str]:
@@ -120,7 +130,17 @@ def main() -> None:
 
     ForkServerRunner.submit = focused_submit
     if spawned:  # a function reached only in spawned processes still has a test to run
-        state().tests_by_mangled_function_name = SpawnedMap(set, spawned)
+        load = mutmut_main.collect_or_load_stats
+
+        def load_and_add_spawned(*a, **kw):
+            out = load(*a, **kw)
+            st = state()
+            st.tests_by_mangled_function_name = SpawnedMap(st.tests_by_mangled_function_name,
+                                                           spawned)  # fmt: skip
+            st.duration_by_test = SpawnedDurations(st.duration_by_test)
+            return out
+
+        mutmut_main.collect_or_load_stats = load_and_add_spawned
     # The clean run before the mutants (it must pass) runs the same narrowed tests.
     mutmut_main.tests_for_mutant_names = lambda names: set(focus(list(tests_for(names)), files))
     mutmut_main.cli(["run", "--max-children", str(args.max_children), *mutants], prog_name="mutmut")
