@@ -50,7 +50,7 @@ def _gather(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def vocab_shard(
-    size: int, group, start: Optional[int], device: torch.device, name: str = "logits"
+    size: int, group, start: Optional[int], device: torch.device, name: str
 ) -> VocabShard:
     """Check that the group's shards tile ``[0, V)`` and return this process's.
 

@@ -182,10 +182,22 @@ def test_reference_backend_refuses_a_vocabulary_split(tmp_path):
         with pytest.raises(ValueError) as err:
             token_logprobs(logits, labels, backend="reference", **split)
         assert str(err.value) == message
-        with pytest.raises(ValueError, match="must tile the vocabulary"):  # vocab_start is read
+        v = logits.shape[-1]
+        tiling = (
+            f"the shards of logits ([start, start + size) per rank: [(3, {v + 3})]) must tile "
+            "the vocabulary [0, V) without gaps or overlaps; vocab_start is each shard's first "
+            "vocabulary id"
+        )
+        with pytest.raises(ValueError) as err:  # vocab_start is read
             token_logprobs(logits, labels, backend="torch", vocab_start=3, **split)
-        with pytest.raises(ValueError, match="must tile the vocabulary"):
+        assert str(err.value) == tiling
+        with pytest.raises(ValueError) as err:
             grao_loss(logits, labels, rewards, group_size=G, vocab_start=3, **split)
+        assert str(err.value) == tiling
+        for start in (True, 1.0, -1):  # a bool, a float, a negative int
+            with pytest.raises(ValueError) as err:
+                grao_loss(logits, labels, rewards, group_size=G, vocab_start=start, **split)
+            assert str(err.value) == f"vocab_start must be an int >= 0, got {start!r}"
         # the other backends take it: a group of one process is the unsplit call
         whole = grao_loss(logits, labels, rewards, group_size=G, backend="torch")
         one = grao_loss(logits, labels, rewards, group_size=G, backend="torch", **split)
