@@ -350,3 +350,24 @@ def test_cispo_ratio_at_the_cap_is_not_clipped():
     positive = below.advantages.reshape(6) > 0
     assert torch.equal(below.clip_counts, torch.stack([0 * positive, 4 * positive], 1).double())
     assert torch.equal(below.clip_fraction, positive.sum() / positive.numel())
+
+
+def test_per_token_inputs_in_float64_keep_the_logits_dtype():
+    """float32 logits with float64 per-token inputs (reference, sampler and old log-probs, token
+    weights): the loss, its terms and the reports stay float32, the clip counts too; the inputs
+    are cast to the logits' dtype, not the other way round."""
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(6, 4, 9, generator=gen)
+    labels = torch.randint(0, 9, (6, 4), generator=gen)
+    rewards = torch.rand(2, 3, generator=gen)
+    near = lambda: (reference.token_logprobs(logits, labels).double()  # noqa: E731
+                    + 0.3 * torch.randn(6, 4, generator=gen, dtype=torch.float64))  # fmt: skip
+    out = reference.grao_terms(
+        logits, labels, rewards, group_size=2, ref_logps=near(), sampler_logps=near(),
+        old_logps=near(), token_weights=torch.rand(6, 4, generator=gen, dtype=torch.float64),
+        kl_coef=0.1, is_cap=2.0,
+    )  # fmt: skip
+    for name in ("loss", "exploration", "imitation", "alignment", "seq_logps", "kl",
+                 "clip_fraction", "clip_counts", "sample_kl"):  # fmt: skip
+        assert getattr(out, name).dtype == torch.float32, name
+    assert out.clip_counts.sum() > 0  # the clip took effect
