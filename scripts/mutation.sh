@@ -11,6 +11,8 @@
 # loop   grao_fast/train/loop.py and step.py (the training loop's wiring), against
 #        test_train_wiring
 # trl    grao_fast/integrations/trl.py (GRAOTrainer), against test_trl
+# vocab_parallel  grao_fast/vocab_parallel.py (the vocabulary split), against the split's tests
+#        of one process (test_input_errors, test_linear) and the spawned test_vocab_parallel
 #
 # mutmut (the [dev] extra) copies the package into mutants/, records which of the selected
 # tests (pyproject.toml, [tool.mutmut]) execute each function, then runs every mutant of the
@@ -53,6 +55,10 @@ for group in "${groups[@]}"; do
         loop) patterns+=("grao_fast.train.loop.*" "grao_fast.train.step.*")
               tests+=(tests/test_train_wiring) ;;
         trl) patterns+=("grao_fast.integrations.trl.*"); tests+=(tests/test_trl) ;;
+        # The split's own tests: a group of one process in the test process, then the spawned
+        # test (below); the unsplit path, which every loss test takes, fails fast anywhere.
+        vocab_parallel) patterns+=("grao_fast.vocab_parallel.*")
+                        tests+=(tests/test_input_errors tests/test_linear) ;;
         *) [[ -f "grao_fast/$group.py" ]] || {
                echo "unknown group '$group' (expected: core loop trl or a module)" >&2; exit 2; }
            if [[ "$group" == __init__ ]]; then
