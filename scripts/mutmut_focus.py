@@ -1,14 +1,15 @@
 """`mutmut run` with each mutant's tests narrowed to its module's own test files, fastest first.
 
-    python scripts/mutmut_focus.py [--pending] [--max-children N] [--spawned PATTERN=TEST]
+    python scripts/mutmut_focus.py [--pending] [--max-children N] [--extra PATTERN=TEST]
                                    TESTFILES MUTANT [...]
 
 TESTFILES: comma-separated test files (``tests/test_loss.py,...``), or ``all``. MUTANT: mutmut
 names or patterns; mutmut reruns every mutant it is named, so with ``--pending`` only those
-without a result yet run (an interrupted run resumes where it stopped). ``--spawned``: the
-mutants matching PATTERN also run TEST, last (a test that runs the code in processes it spawns,
-such as the vocabulary split's: mutmut's map sees only the test process, but the children
-inherit ``MUTANT_UNDER_TEST`` and so run the mutant).
+without a result yet run (an interrupted run resumes where it stopped). ``--extra``: the
+mutants matching PATTERN also run TEST, last: a test mutmut's map cannot list for them, one that
+runs the code in processes it spawns (the vocabulary split's: mutmut maps only the test
+process, but the children inherit ``MUTANT_UNDER_TEST`` and so run the mutant) or one outside
+the selection.
 
 mutmut maps every function to the tests that execute it, so a loss-core function reached by a
 training-loop or TRL test also runs those (seconds each, most of a surviving mutant's cost),
@@ -41,37 +42,37 @@ def focus(tests: list[str], files: set[str] | None) -> list[str]:
     return sorted(kept, key=lambda t: (state().duration_by_test.get(t, 0.0), t))
 
 
-# CPU seconds allowed for one spawned test (its processes' start-up and checks), on top of
-# mutmut's allowance for the mapped tests.
-SPAWNED_CPU_S = 120
+# CPU seconds allowed for one extra test (a spawned test's processes: start-up and checks), on
+# top of mutmut's allowance for the mapped tests.
+EXTRA_CPU_S = 120
 
 
-SPAWNED = "spawned:"  # the placeholder test SpawnedMap adds
+EXTRA = "extra:"  # the placeholder test ExtraMap adds
 
 
-class SpawnedMap(defaultdict):
-    """mutmut's map of tests per function; a function matched by a ``--spawned`` pattern also
+class ExtraMap(defaultdict):
+    """mutmut's map of tests per function; a function matched by a ``--extra`` pattern also
     has a placeholder test, so that mutmut submits its mutants (it records "no tests" for a
-    function without any) and ``focused_submit`` replaces the placeholder by the spawned tests."""
+    function without any) and ``focused_submit`` replaces the placeholder by the extra tests."""
 
-    def __init__(self, tests: dict, spawned: list[tuple[str, str]]):
+    def __init__(self, tests: dict, extra: list[tuple[str, str]]):
         super().__init__(set, tests)
-        self.patterns = [pattern for pattern, _ in spawned]
+        self.patterns = [pattern for pattern, _ in extra]
 
     def get(self, key, default=None):
         tests = super().get(key, default)
         if any(fnmatch.fnmatch(f"{key}__mutmut_1", p) for p in self.patterns):
-            tests = {*(tests or ()), SPAWNED + key}
+            tests = {*(tests or ()), EXTRA + key}
         return tests
 
 
-class SpawnedDurations(dict):
-    """mutmut's recorded test durations; a placeholder's is the spawned test's allowance (it is
+class ExtraDurations(dict):
+    """mutmut's recorded test durations; a placeholder's is an extra test's allowance (it is
     read, never stored)."""
 
     def __missing__(self, key):
-        if key.startswith(SPAWNED):
-            return SPAWNED_CPU_S / 2
+        if key.startswith(EXTRA):
+            return EXTRA_CPU_S / 2
         raise KeyError(key)
 
 
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=1, help="mutants run at once")
     parser.add_argument("--pending", action="store_true", help="only those without a result")
     parser.add_argument(
-        "--spawned",
+        "--extra",
         action="append",
         default=[],
         metavar="PATTERN=TEST",
@@ -107,12 +108,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     files = None if args.tests == "all" else {f for f in args.tests.split(",") if f}
-    spawned = [tuple(x.split("=", 1)) for x in args.spawned]
-    if any(len(x) != 2 for x in spawned):
-        parser.error("--spawned takes PATTERN=TEST")
+    extra_tests = [tuple(x.split("=", 1)) for x in args.extra]
+    if any(len(x) != 2 for x in extra_tests):
+        parser.error("--extra takes PATTERN=TEST")
 
     def extra(mutant_name: str) -> list[str]:
-        return [test for pattern, test in spawned if fnmatch.fnmatch(mutant_name, pattern)]
+        return [test for pattern, test in extra_tests if fnmatch.fnmatch(mutant_name, pattern)]
 
     mutants = pending(args.mutants) if args.pending else args.mutants
     if not mutants:
@@ -123,24 +124,24 @@ def main() -> None:
 
     def focused_submit(self, mutant_name, tests, cpu_time_limit, estimated_time):
         # No test left means "no tests" (exit code 33), as for a function no test reaches.
-        kept = focus([t for t in tests if not t.startswith(SPAWNED)], files)
+        kept = focus([t for t in tests if not t.startswith(EXTRA)], files)
         more = extra(mutant_name)
-        cpu_time_limit += SPAWNED_CPU_S * len(more)
+        cpu_time_limit += EXTRA_CPU_S * len(more)
         submit(self, mutant_name, kept + more, cpu_time_limit, estimated_time)
 
     ForkServerRunner.submit = focused_submit
-    if spawned:  # a function reached only in spawned processes still has a test to run
+    if extra_tests:  # a function reached only by an extra test still has a test to run
         load = mutmut_main.collect_or_load_stats
 
-        def load_and_add_spawned(*a, **kw):
+        def load_and_add_extra(*a, **kw):
             out = load(*a, **kw)
             st = state()
-            st.tests_by_mangled_function_name = SpawnedMap(st.tests_by_mangled_function_name,
-                                                           spawned)  # fmt: skip
-            st.duration_by_test = SpawnedDurations(st.duration_by_test)
+            st.tests_by_mangled_function_name = ExtraMap(st.tests_by_mangled_function_name,
+                                                         extra_tests)  # fmt: skip
+            st.duration_by_test = ExtraDurations(st.duration_by_test)
             return out
 
-        mutmut_main.collect_or_load_stats = load_and_add_spawned
+        mutmut_main.collect_or_load_stats = load_and_add_extra
     # The clean run before the mutants (it must pass) runs the same narrowed tests.
     mutmut_main.tests_for_mutant_names = lambda names: set(focus(list(tests_for(names)), files))
     mutmut_main.cli(["run", "--max-children", str(args.max_children), *mutants], prog_name="mutmut")
