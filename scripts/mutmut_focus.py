@@ -27,9 +27,11 @@ from __future__ import annotations
 import argparse
 import fnmatch
 from collections import defaultdict
+from math import ceil
 from pathlib import Path
 
 import mutmut.__main__ as mutmut_main
+from mutmut.configuration import config
 from mutmut.mutation.data import SourceFileMutationData
 from mutmut.state import state
 from mutmut.utils.file_utils import walk_mutatable_files
@@ -126,6 +128,11 @@ def main() -> None:
         # No test left means "no tests" (exit code 33), as for a function no test reaches.
         kept = focus([t for t in tests if not t.startswith(EXTRA)], files)
         more = extra(mutant_name)
+        # mutmut's time limit, as mutmut computes it, but of the tests that run (not of every
+        # test its map lists): a mutant that loops forever is stopped that much sooner.
+        estimated_time = sum(state().duration_by_test.get(t, 0.0) for t in kept)
+        cfg = config()
+        cpu_time_limit = ceil((estimated_time + cfg.timeout_constant) * cfg.timeout_multiplier * 2)
         cpu_time_limit += EXTRA_CPU_S * len(more)
         submit(self, mutant_name, kept + more, cpu_time_limit, estimated_time)
 
