@@ -365,9 +365,22 @@ def test_per_token_inputs_in_float64_keep_the_logits_dtype():
     out = reference.grao_terms(
         logits, labels, rewards, group_size=2, ref_logps=near(), sampler_logps=near(),
         old_logps=near(), token_weights=torch.rand(6, 4, generator=gen, dtype=torch.float64),
-        kl_coef=0.1, is_cap=2.0,
+        kl_coef=0.1, kl_bias_correction=True, is_cap=2.0,
     )  # fmt: skip
     for name in ("loss", "exploration", "imitation", "alignment", "seq_logps", "kl",
                  "clip_fraction", "clip_counts", "sample_kl"):  # fmt: skip
         assert getattr(out, name).dtype == torch.float32, name
     assert out.clip_counts.sum() > 0  # the clip took effect
+
+
+def test_float32_logits_near_1e4_with_a_temperature():
+    """The reference subtracts each row's max before dividing by the temperature: for float32
+    logits near 1e4 ``x - max`` is exact and only the division rounds, so the float32 log-probs
+    and entropies are those of float64 to float32's tolerance (``x / T`` first, or ``x + max``,
+    would round at the logits' magnitude, 1e-3)."""
+    gen = torch.Generator().manual_seed(13)
+    logits = 1e4 + 3 * torch.randn(4, 5, 17, generator=gen)
+    labels = torch.randint(0, 17, (4, 5), generator=gen)
+    for fn in (lambda x: reference.token_logprobs(x, labels, temperature=0.7),
+               lambda x: reference.token_entropy(x, temperature=0.7)):  # fmt: skip
+        assert_close(fn(logits), fn(logits.double()), torch.float32, "kernel")
