@@ -403,6 +403,10 @@ def test_vocabulary_split_of_one_process(tmp_path):
             assert_close(out.seq_logps, whole.seq_logps, torch.float64, "value")
             for mine, theirs in zip(grads, whole_grads, strict=True):
                 assert_close(mine, theirs, torch.float64, "gemm")
+        with torch.no_grad():  # no gradient buffers: the same loss
+            out = grao_loss_linear(hidden, weight, labels, rewards, bias=bias, vocab_group=group,
+                                   **kw)  # fmt: skip
+        assert_close(out.loss, whole.loss, torch.float64, "value")
         with pytest.raises(ValueError) as err:
             grao_loss_linear(hidden, weight, labels, rewards, vocab_group=group, vocab_start=3,
                              **kw)  # fmt: skip

@@ -253,6 +253,20 @@ def check_group_of_one(world, rank) -> None:
     b.loss.backward()
     assert_close(a.loss, b.loss.double(), torch.float32, "value")
     assert_close(x.grad, y.grad.double(), torch.float32, "grad")
+    # The lm_head path too: its gradient of hidden is summed over the split's group, not the
+    # world (every process holds the same data, so a sum over the world would be P times it).
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(B * (G + 1), T, 16, generator=gen)
+    weight = torch.randn(37, 16, generator=gen) / 4
+    x, y = (hidden.clone().requires_grad_() for _ in range(2))
+    a = grao_loss_linear(x, weight, data["labels"], data["rewards"], group_size=G,
+                         vocab_group=groups[rank])  # fmt: skip
+    b = grao_loss_linear(y, weight, data["labels"], data["rewards"], group_size=G,
+                         backend="torch")  # fmt: skip
+    a.loss.backward()
+    b.loss.backward()
+    assert_close(a.loss, b.loss.double(), torch.float32, "value")
+    assert_close(x.grad, y.grad.double(), torch.float32, "gemm")
 
 
 def tiny_model(v: int):
@@ -343,6 +357,38 @@ def check_linear(world, rank, group) -> None:
         assert_close(w_grad, want_w, torch.float32, "gemm")
         if bias is not None and case != 4:
             assert_close(b.grad, ref_in[2].grad[start:stop], torch.float32, "gemm")
+    # A frozen lm_head: the gradient of hidden is still summed over the group. A call without
+    # gradient reads the same loss. Labels that differ between the processes are refused unless
+    # check_labels=False.
+    data = inputs(v, 80, torch.float32)
+    gen = torch.Generator().manual_seed(9)
+    hidden = torch.randn(B * (G + 1), T, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / h**0.5
+    x_ref = hidden.double().requires_grad_()
+    ref = grao_loss_linear(x_ref, weight.double(), data["labels"], data["rewards"].double(),
+                           group_size=G, backend="reference")  # fmt: skip
+    ref.loss.backward()
+    common = {"group_size": G, "vocab_group": group, "chunk_bytes": 4 * v * 8}
+    x = hidden.clone().requires_grad_()
+    out = grao_loss_linear(x, weight[start:stop], data["labels"], data["rewards"], **common)
+    out.loss.backward()
+    assert_close(out.loss, ref.loss, torch.float32, "value")
+    assert_close(x.grad, x_ref.grad, torch.float32, "gemm")
+    with torch.no_grad():
+        out = grao_loss_linear(hidden, weight[start:stop], data["labels"], data["rewards"],
+                               **common)  # fmt: skip
+    assert_close(out.loss, ref.loss, torch.float32, "value")
+    labels = data["labels"].clone()
+    if rank == 0:
+        labels[0, 1] = (int(labels[0, 1]) + 1) % v if labels[0, 1] >= 0 else 3
+    try:
+        grao_loss_linear(hidden, weight[start:stop], labels, data["rewards"], **common)
+    except ValueError as e:
+        assert "labels differ between the processes" in str(e), e
+    else:
+        raise AssertionError("labels that differ between processes were accepted")
+    grao_loss_linear(hidden, weight[start:stop], labels, data["rewards"], check_labels=False,
+                     **common)  # fmt: skip
 
 
 def check_packed(world, rank, group) -> None:
