@@ -86,6 +86,12 @@ for pattern in "grao_fast.vocab_parallel.*" "grao_fast.linear.x__read_split*" \
                ${MUTATION_SPAWNED:-}; do
     extra+=(--extra "$pattern=tests/test_vocab_parallel.py")
 done
-"$PYTHON" scripts/mutmut_focus.py "${pending[@]}" --max-children "${MUTATION_JOBS:-1}" \
-    "${extra[@]}" "$selection" "${patterns[@]}"
+focus() {
+    "$PYTHON" scripts/mutmut_focus.py "${pending[@]}" --max-children "${MUTATION_JOBS:-1}" \
+        "${extra[@]}" "$selection" "${patterns[@]}"
+}
+focus
+# mutmut makes the mutants of functions changed since its last run when it starts, after the
+# pending ones were listed: a second pass runs those (and returns at once when there are none).
+if ((${#pending[@]})); then focus; fi
 "$MUTMUT" results
