@@ -307,8 +307,8 @@ def test_packed_reference_equals_the_padded_one_with_every_input():
 
 
 def test_statistics_in_float64_when_either_input_is():
-    """The group statistics run in float64 when the logits or the rewards are float64; the loss
-    and the reported values keep the logits' dtype."""
+    """The group statistics run in float64 when the logits or the rewards are float64 (else in
+    float32); the loss and the reported values keep the logits' dtype."""
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(6, 3, 7, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 7, (6, 3), generator=gen)
@@ -329,6 +329,9 @@ def test_statistics_in_float64_when_either_input_is():
         torch.float32
     }
     assert torch.equal(out.advantages, up.advantages)
+    # Both float32: float32 statistics.
+    out = reference.grao_terms(logits.float(), labels, rewards, group_size=2)
+    assert out.advantages.dtype == out.loss.dtype == torch.float32
 
 
 def test_cispo_ratio_at_the_cap_is_not_clipped():
