@@ -2,9 +2,10 @@
 
 Each process (tests/vocab_parallel_worker.py) checks, over a fuzz of the objective family's
 options (clip, sequence-level ratios, token weights, IS, KL, entropy bonus, length norms,
-temperature, ``inplace``, a zero-std group), the plain-shard and DTensor forms against the
-float64 reference on the full vocabulary; that the bytes sent do not grow with the vocabulary;
-the errors; and a group of one process.
+temperature, ``inplace``, a zero-std group; the KL's bias correction and length norm, SAPO and
+GSPO's length norm in cases of their own), the plain-shard and DTensor forms against the float64
+reference on the full vocabulary; that the bytes sent do not grow with the vocabulary; the
+errors; and a group of one process.
 """
 
 import pytest

@@ -48,6 +48,20 @@ def inputs(v: int, seed: int, dtype: torch.dtype) -> dict:
     )  # fmt: skip
 
 
+# Options the random draws below may miss, each in a case of its own.
+FIXED_CASES = (
+    {"old_logps": True, "clip_eps": (0.1, 0.3), "ratio_policy": "sapo", "sapo_tau": (2.0, 3.0)},
+    {"kl_coef": 0.1, "ref_logps": True, "kl_bias_correction": True, "old_logps": True},
+    {"kl_coef": 0.1, "ref_logps": True, "kl_length_norm": True, "length_norm": "token"},
+    {
+        "old_logps": True,
+        "importance_level": "sequence",
+        "sequence_length_norm": True,
+        "length_norm": "constant",
+    },
+)
+
+
 def options(rng: random.Random) -> dict:
     """A random combination of the objective family's options."""
     kw: dict = {"temperature": rng.choice([1.0, 0.7])}
@@ -77,7 +91,7 @@ def options(rng: random.Random) -> dict:
 def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, stop) -> None:
     data = inputs(v, seed, dtype)
     tensors = {k: data[k] for k, on in kw.items() if on is True and k in data}
-    opts = {k: val for k, val in kw.items() if val is not True and k != "nan_padding"}
+    opts = {k: val for k, val in kw.items() if k not in tensors and k != "nan_padding"}
     inplace, sliced = opts.pop("inplace", False), opts.pop("sliced", False)
     backend = opts.pop("backend", "auto")
     if kw.get("nan_padding"):  # ignored positions' logits are never read
@@ -123,6 +137,8 @@ def run(rank: int, world: int, init: str) -> None:
                        group, start, stop)  # fmt: skip
             for kw in ({"nan_padding": True}, {"nan_padding": True, "entropy_coef": 0.01}):
                 check_case(v, 98, kw, torch.float32, group, start, stop)
+            for kw in FIXED_CASES:
+                check_case(v, 97, kw, torch.float32, group, start, stop)
         if triton_available(torch.device("cpu")):  # the kernels' split passes (interpreter)
             rng = random.Random(1)
             start, stop = bounds(37, world)[rank : rank + 2]
