@@ -45,8 +45,11 @@ def focus(tests: list[str], files: set[str] | None) -> list[str]:
 
 
 # CPU seconds allowed for one extra test (a spawned test's processes: start-up and checks), on
-# top of mutmut's allowance for the mapped tests.
-EXTRA_CPU_S = 120
+# top of mutmut's allowance for the mapped tests, and for any mutant's start-up (its tests'
+# collection, slow under the load of several runs at the lowest priority). mutmut stops a
+# mutant after half its CPU seconds of wall-clock time.
+EXTRA_CPU_S = 240
+STARTUP_CPU_S = 60
 
 
 EXTRA = "extra:"  # the placeholder test ExtraMap adds
@@ -133,7 +136,7 @@ def main() -> None:
         estimated_time = sum(state().duration_by_test.get(t, 0.0) for t in kept)
         cfg = config()
         cpu_time_limit = ceil((estimated_time + cfg.timeout_constant) * cfg.timeout_multiplier * 2)
-        cpu_time_limit += EXTRA_CPU_S * len(more)
+        cpu_time_limit += STARTUP_CPU_S + EXTRA_CPU_S * len(more)
         submit(self, mutant_name, kept + more, cpu_time_limit, estimated_time)
 
     ForkServerRunner.submit = focused_submit
