@@ -20,10 +20,10 @@ import torch
 import torch.distributed
 
 from . import _memory, reference, vocab_parallel
-from ._ops import TokenInputs, _impl, resolve_backend
+from ._ops import TokenInputs, _impl
 from ._plan import GRAOOutput, attach, forward
 from ._validation import prepare
-from .loss import NO_REFERENCE_SPLIT, _tokens
+from .loss import _backend, _tokens
 from .options import OPTIONS_DOC, SAPO_TAU, TERMS, GRAOOptions
 
 # One chunk of logits (in the compute dtype). 256 MiB is ~880 tokens of a 151,936-word
@@ -375,9 +375,7 @@ def grao_loss_linear(
     elif isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
     compute = compute_dtype(hidden, weight, bool(lm_head_fp32))
-    if shard is not None and backend == "reference":
-        raise ValueError(NO_REFERENCE_SPLIT)
-    which = resolve_backend(backend, hidden.device, compute)
+    which = _backend(backend, hidden.device, compute, shard)
     opts = opts.replace(backend=which)
     if which == "reference":
         with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit

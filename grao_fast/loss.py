@@ -122,7 +122,7 @@ def grao_loss(
         if inplace:
             raise ValueError("inplace=True needs logits with a unit stride along the vocabulary")
         logits = logits.contiguous()
-    which = _backend(backend, logits, shard)
+    which = _backend(backend, logits.device, logits.dtype, shard)
     opts = opts.replace(backend=which)
     if which == "reference":
         return GRAOOutput(*reference.grao_terms(
@@ -144,17 +144,15 @@ def grao_loss(
     return attach(out, [(logits, grad)] if need_grad else [], opts)
 
 
-NO_REFERENCE_SPLIT = (
-    "backend='reference' does not take a vocabulary split (vocab_group or a DTensor); "
-    "use 'auto', 'torch' or 'triton'"
-)
-
-
-def _backend(backend: str, logits: torch.Tensor, shard) -> str:
-    """The implementation that runs (a vocabulary split: the Triton kernels or PyTorch)."""
+def _backend(backend: str, device: torch.device, dtype: torch.dtype, shard) -> str:
+    """The implementation that runs on tensors of ``device`` and ``dtype`` (a vocabulary split:
+    the Triton kernels or PyTorch)."""
     if shard is not None and backend == "reference":
-        raise ValueError(NO_REFERENCE_SPLIT)
-    return resolve_backend(backend, logits.device, logits.dtype)
+        raise ValueError(
+            "backend='reference' does not take a vocabulary split (vocab_group or a DTensor); "
+            "use 'auto', 'torch' or 'triton'"
+        )
+    return resolve_backend(backend, device, dtype)
 
 
 grao_loss.__doc__ = grao_loss.__doc__.format(options=OPTIONS_DOC)
@@ -206,7 +204,7 @@ def token_logprobs(
         logits = logits.contiguous()
     if check_labels and not torch.compiler.is_compiling():
         check_label_range(labels, logits.shape[-1] if shard is None else shard.vocab, ignore_index)
-    which = _backend(backend, logits, shard)
+    which = _backend(backend, logits.device, logits.dtype, shard)
     if which == "reference":
         acc = torch.promote_types(logits.dtype, torch.float32)
         return reference.token_logprobs(

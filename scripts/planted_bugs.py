@@ -103,12 +103,9 @@ BUGS = {
 def package_copy(dest: Path, bug: Bug | None) -> None:
     """``grao_fast`` (its kernels included) under ``dest``, with ``bug`` planted."""
     ignore = shutil.ignore_patterns("__pycache__", "*.so")
-    shutil.copytree(ROOT / "grao_fast", dest / "grao_fast", ignore=ignore, symlinks=False)
-    kernels = dest / "grao_fast" / "kernels"
-    if kernels.is_symlink():
-        kernels.unlink()
-    if not kernels.exists():
-        shutil.copytree(ROOT / "kernels", kernels, ignore=ignore)
+    package = shutil.ignore_patterns("__pycache__", "*.so", "kernels")  # shipped from kernels/
+    shutil.copytree(ROOT / "grao_fast", dest / "grao_fast", ignore=package)
+    shutil.copytree(ROOT / "kernels", dest / "grao_fast" / "kernels", ignore=ignore)
     if bug is None:
         return
     file = dest / bug.path
