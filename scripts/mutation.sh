@@ -23,7 +23,8 @@
 # Tests mutmut's map cannot list run last for the mutants they reach: the vocabulary split runs
 # in processes that tests/test_vocab_parallel.py spawns, out of mutmut's sight (for the mutants
 # of vocab_parallel.py and linear.py's split reader; MUTATION_SPAWNED: more mutmut patterns that
-# should run it, space-separated); tests/test_memory.py (huge pages) is outside the selection.
+# should run it, space-separated); tests/test_memory.py (huge pages) is outside the selection, and
+# so are the TRL tests that reach GRAOTrainer's importance-sampling and KL logs and its columns.
 # MUTATION_JOBS: mutants run at once (default 1). CPU-heavy: see docs/MUTATION.md, "Cost".
 set -euo pipefail
 
@@ -86,6 +87,12 @@ for pattern in "grao_fast.vocab_parallel.*" "grao_fast.linear.x__read_split*" \
                ${MUTATION_SPAWNED:-}; do
     extra+=(--extra "$pattern=tests/test_vocab_parallel.py")
 done
+# GRAOTrainer's functions that no test of test_trl.py reaches: the tests (outside the
+# selection) that check what they log or keep.
+trainer="grao_fast.integrations.trl.xǁGRAOTrainerǁ"
+extra+=(--extra "${trainer}_log_importance_sampling*=tests/test_trl_objective.py::test_vllm_importance_weights_match_trl"
+        --extra "${trainer}_sample_token_count*=tests/test_trl_settings.py::test_kl_normalised_like_the_loss_type"
+        --extra "${trainer}_set_signature_columns_if_needed*=tests/test_trl_groups.py::test_metrics_leave_the_reference_rows_out")
 focus() {
     "$PYTHON" scripts/mutmut_focus.py "${pending[@]}" --max-children "${MUTATION_JOBS:-1}" \
         "${extra[@]}" "$selection" "${patterns[@]}"

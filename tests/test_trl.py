@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no telemetry or hub look-ups from the trainers
 
@@ -227,6 +228,119 @@ def test_fused_linear_matches_logits_path(model_dir, tmp_path, fixed_generation)
         trainer = _grao_trainer(model_dir, tmp_path / str(fused), use_fused_linear=fused)
         grads[fused] = _gradients(trainer, [_fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)])
     _assert_same_gradients(grads[True], grads[False])
+
+
+@pytest.mark.skipif(not hasattr(grao_fast, "grao_loss_linear"), reason="no grao_loss_linear")
+def test_fused_linear_keeps_the_lm_head_bias(model_dir, tmp_path, fixed_generation):
+    """An lm_head with a bias: the fused path adds it (and gives it its gradient) as the
+    logits path's module call does."""
+    grads = {}
+    for fused in (False, True):
+        trainer = _grao_trainer(model_dir, tmp_path / str(fused), use_fused_linear=fused)
+        head = trainer.model.lm_head
+        biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+        biased.weight = head.weight  # the same (possibly tied) parameter
+        with torch.no_grad():
+            biased.bias.copy_(torch.linspace(-2.0, 2.0, head.out_features))
+        trainer.model.lm_head = biased
+        grads[fused] = _gradients(trainer, [_fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)])
+    assert "lm_head.bias" in grads[True]
+    _assert_same_gradients(grads[True], grads[False])
+
+
+def test_fused_linear_needs_the_output_embeddings_called(model_dir, tmp_path, fixed_generation,
+                                                        monkeypatch):  # fmt: skip
+    """A model that never calls the module get_output_embeddings() returns (here: it returns
+    one the forward does not use) cannot run the fused loss in its place: a clear error."""
+    trainer = _grao_trainer(model_dir, tmp_path, use_fused_linear=True)
+    batch = _fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)
+    unused = torch.nn.Linear(4, 4)
+    monkeypatch.setattr(trainer.model, "get_output_embeddings", lambda: unused)
+    message = ("use_fused_linear=True: the model never called its output embeddings (Linear) as "
+               "a module, so the loss could not run in its place")  # fmt: skip
+    with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+        trainer._compute_loss(trainer.model, batch)
+
+
+def test_completion_metrics_of_the_samples(model_dir, tmp_path, fixed_generation):
+    """TRL's completion statistics over the 8 samples (the references left out): "12" and "76"
+    were cut at max_completion_length (no EOS)."""
+    trainer = _grao_trainer(model_dir, tmp_path)
+    _fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("compl")}
+    assert logged["completions/clipped_ratio"] == 2 / 8
+    assert logged["completions/mean_length"] == 25 / 8  # 2 3 2 5 | 5 2 2 4 tokens
+    assert logged["completions/min_length"] == 2 and logged["completions/max_length"] == 5
+
+
+def test_evaluation_groups_by_num_generations_eval(model_dir, tmp_path, fixed_generation):
+    """Evaluation samples num_generations_eval - 1 completions per prompt (2 here, 4 in
+    training): the rewards are grouped by it, the reference answer last in each group."""
+    trainer = _grao_trainer(model_dir, tmp_path, num_generations_eval=3, reward_mode="absolute")
+    for training, group in ((True, 5), (False, 3)):
+        trainer.model.train(training)
+        rows = [{"prompt": p, "reference": r} for p, r in zip(PROMPTS, REFERENCES, strict=True)]
+        batch = trainer._prepare_inputs([row for row in rows for _ in range(group)])
+        if training:
+            continue  # shuffled in whole groups and split over the generation's steps
+        expected = [*GRAO_REWARDS[0][:2], 1.0, *GRAO_REWARDS[1][:2], 1.0]
+        torch.testing.assert_close(batch["rewards"], torch.tensor(expected))
+        assert trainer._metrics["eval"]["reward/reference"][-1] == 1.0
+
+
+def test_missing_reference_column_in_a_batch(model_dir, tmp_path):
+    trainer = _grao_trainer(model_dir, tmp_path)
+    message = "GRAOTrainer needs a 'reference' column (the reference answers)"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        trainer._generate_and_score_completions([{"prompt": PROMPTS[0]}])
+
+
+def test_generation_batch_is_buffered_over_steps_and_iterations(model_dir, tmp_path):
+    """steps_per_generation=2, num_iterations=2: one generation every 4 steps, its two halves
+    (whole groups) used in turn; in evaluation every call generates from the batch given."""
+    trainer = _trainer(GRAOTrainer, model_dir, GRAO_REWARDS, _config(
+        GRAOConfig, tmp_path, num_generations=4, per_device_train_batch_size=4,
+        steps_per_generation=2, num_iterations=2))  # fmt: skip
+    calls = []
+
+    def generate(inputs):
+        calls.append(inputs)
+        return {"row": torch.arange(8) + 100 * len(calls)}  # two groups of 4
+
+    trainer._generate_and_score_completions = generate
+    trainer.model.train()
+    seen = []
+    for step in range(8):
+        trainer._step = step
+        seen.append(trainer._prepare_inputs(["batch"])["row"])
+    assert len(calls) == 2 and calls == [["batch"], ["batch"]]
+    for step, rows in enumerate(seen):
+        generation = 100 * (1 + step // 4)
+        assert rows.tolist() in ([generation + i for i in range(4)],
+                                 [generation + 4 + i for i in range(4)])  # fmt: skip
+        assert torch.equal(rows, seen[step % 2 + 4 * (step // 4)])  # the same half again
+    assert not torch.equal(seen[0], seen[1])
+    trainer.model.eval()
+    assert trainer._prepare_inputs(["eval"])["row"].tolist() == [300 + i for i in range(8)]
+    assert calls[-1] == ["eval"]
+
+
+@pytest.mark.parametrize("size", ["short", "stream", "untyped"])
+def test_dataset_size_check(tmp_path, size):
+    """A dataset of fewer prompts than one generation batch (8 rows / 4 = 2) is refused; a
+    stream has no length to check, nor is one without columns (not a datasets.Dataset)."""
+    args = _config(GRAOConfig, tmp_path, num_generations=4, per_device_train_batch_size=4,
+                   steps_per_generation=2)  # fmt: skip
+    short = Dataset.from_dict({"prompt": PROMPTS[:1], "reference": REFERENCES[:1]})
+    if size == "short":
+        message = ("train_dataset has 1 prompts, fewer than one generation batch of 2 "
+                   "(generation_batch_size 8 rows / num_generations 4)")  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            GRAOTrainer._check_dataset_size(short, args)
+    else:
+        data = short.to_iterable_dataset() if size == "stream" else list(short)
+        GRAOTrainer._check_dataset_size(data, args)
+    GRAOTrainer._check_dataset_size(None, args)
 
 
 class RecordingGRAOTrainer(GRAOTrainer):
