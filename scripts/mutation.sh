@@ -87,10 +87,13 @@ for pattern in "grao_fast.vocab_parallel.*" "grao_fast.linear.x__read_split*" \
                ${MUTATION_SPAWNED:-}; do
     extra+=(--extra "$pattern=tests/test_vocab_parallel.py")
 done
-# GRAOTrainer's functions that no test of test_trl.py reaches: the tests (outside the
-# selection) that check what they log or keep.
+# GRAOTrainer's functions that test_trl.py reaches without vLLM's sampler log-probs, a KL or
+# unused columns: the tests (outside the selection) that check what they log or keep.
 trainer="grao_fast.integrations.trl.xǁGRAOTrainerǁ"
-extra+=(--extra "${trainer}_log_importance_sampling*=tests/test_trl_objective.py::test_vllm_importance_weights_match_trl"
+vllm="tests/test_trl_objective.py::test_vllm_importance_weights_match_trl"  # sampler log-probs
+extra+=(--extra "${trainer}_log_importance_sampling*=$vllm"
+        --extra "${trainer}_generate_single_turn*=$vllm"
+        --extra "${trainer}_generate_and_score_completions*=$vllm"
         --extra "${trainer}_sample_token_count*=tests/test_trl_settings.py::test_kl_normalised_like_the_loss_type"
         --extra "${trainer}_set_signature_columns_if_needed*=tests/test_trl_groups.py::test_metrics_leave_the_reference_rows_out")
 focus() {

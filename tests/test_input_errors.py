@@ -125,6 +125,11 @@ def test_triton_refuses_float64_logits(monkeypatch):
     with pytest.raises(TypeError) as err:
         token_logprobs(logits.double(), labels, backend="triton")
     assert str(err.value) == message
+    hidden, weight = torch.randn(*labels.shape, 8), torch.randn(logits.size(-1), 8)
+    with pytest.raises(TypeError) as err:  # the lm_head path's logits: float64 too
+        grao_loss_linear(hidden.double(), weight.double(), labels, rewards, group_size=G,
+                         backend="triton")  # fmt: skip
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize("installed", [True, False], ids=["triton", "no-triton"])

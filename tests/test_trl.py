@@ -343,6 +343,57 @@ def test_dataset_size_check(tmp_path, size):
     GRAOTrainer._check_dataset_size(None, args)
 
 
+@pytest.mark.parametrize("in_group", [True, False], ids=["reference-in-group", "samples-only"])
+def test_logged_relative_rewards_and_advantages(model_dir, tmp_path, fixed_generation, in_group):
+    """``reward/relative``: the samples' mean sign against their reference (-1/8 here); the
+    completions table's advantages: GRAO's, with the trainer's grao_eps and reference_in_group.
+    With absolute rewards nothing relative is logged."""
+    scores = [[0.0, 1.0, 2.0, 1.0], [1.5, 0.0, 1.0, 0.5]]  # the references score 1
+    args = _config(GRAOConfig, tmp_path, num_generations=5, per_device_train_batch_size=10,
+                   grao_eps=0.5, reference_in_group=in_group)  # fmt: skip
+    trainer = _trainer(GRAOTrainer, model_dir, scores, args)
+    batch = _fixed_batch(trainer, 5)
+    relative = torch.tensor([[-1.0, 0.0, 1.0, 0.0, 0.0], [1.0, -1.0, 0.0, -1.0, 0.0]])
+    torch.testing.assert_close(batch["rewards"], relative.flatten())
+    assert trainer._metrics["train"]["reward/relative"][-1] == -1 / 8
+    expected = grao_fast.group_advantages(relative, eps=0.5, reference_in_group=in_group)
+    assert list(trainer._logs["advantages"]) == pytest.approx(expected.flatten().tolist())
+    trainer.args.reward_mode = "absolute"
+    _fixed_batch(trainer, 5)
+    assert len(trainer._metrics["train"]["reward/relative"]) == 1  # not appended to
+
+
+def test_importance_sampling_logs_over_processes(model_dir, tmp_path, monkeypatch):
+    """``sampling/importance_sampling_ratio/*`` over the sample rows' loss tokens of every
+    process: min and max of all, the mean of the processes' means (a second process's
+    statistics stand in for the gather)."""
+    trainer = _grao_trainer(model_dir, tmp_path)
+    trainer.model.train()
+    ratio = torch.linspace(0.5, 1.5, 30).reshape(10, 3)
+    mask = torch.ones(10, 3)
+    mask[0, 2] = 0  # not a loss token: its 0.01 is not counted, nor are the references' ratios
+    ratio[0, 2], ratio[4, 0], ratio[9, 2] = 0.01, 0.1, 2.0
+    other = torch.tensor([0.2, 1.0, 1.2])  # the second process's min, mean, max
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda t: torch.cat([t, other]))
+    trainer._log_importance_sampling({"importance_sampling_ratio": ratio, "completion_mask": mask})
+    samples = torch.ones(10, 3, dtype=torch.bool)
+    samples[[4, 9]] = False  # the reference rows
+    mine = ratio[samples & mask.bool()]
+    logged = {k.rsplit("/", 1)[-1]: v[-1] for k, v in trainer._metrics["train"].items()
+              if k.startswith("sampling/importance")}  # fmt: skip
+    assert logged["min"] == pytest.approx(0.2) and logged["max"] == pytest.approx(ratio[8, 2])
+    assert logged["mean"] == pytest.approx((mine.mean().item() + 1.0) / 2)
+
+
+@pytest.mark.parametrize("given", ["images", "multimodal_fields"])
+def test_generation_refuses_images(model_dir, tmp_path, given):
+    trainer = _grao_trainer(model_dir, tmp_path)
+    images, fields = ([["image"]] * 5, {}) if given == "images" else (None, {"pixel_values": 1})
+    with pytest.raises(ValueError) as err:
+        trainer._generate_single_turn([[1]] * 5, images, fields, 5)
+    assert str(err.value) == "GRAOTrainer does not support images"
+
+
 class RecordingGRAOTrainer(GRAOTrainer):
     """Keeps every micro-batch the loss sees."""
 
