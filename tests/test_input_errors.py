@@ -212,3 +212,17 @@ def test_reference_backend_refuses_a_vocabulary_split(tmp_path):
         )
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_vocab_group_needs_an_initialised_process_group(monkeypatch):
+    logits, labels, rewards = _data()
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    message = "vocab_group needs an initialised torch.distributed process group"
+    with pytest.raises(ValueError) as err:
+        grao_loss(logits, labels, rewards, group_size=G, vocab_group=object())
+    assert str(err.value) == message
+    hidden, weight = torch.randn(*labels.shape, 8), torch.randn(logits.size(-1), 8)
+    with pytest.raises(ValueError) as err:
+        grao_loss_linear(hidden, weight, labels, rewards, group_size=G, vocab_group=object())
+    assert str(err.value) == message
