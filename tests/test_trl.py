@@ -286,6 +286,9 @@ def test_evaluation_groups_by_num_generations_eval(model_dir, tmp_path, fixed_ge
         expected = [*GRAO_REWARDS[0][:2], 1.0, *GRAO_REWARDS[1][:2], 1.0]
         torch.testing.assert_close(batch["rewards"], torch.tensor(expected))
         assert trainer._metrics["eval"]["reward/reference"][-1] == 1.0
+        trainer._compute_loss(trainer.model, batch)  # an evaluation step logs its terms as such
+        assert "grao/exploration" in trainer._metrics["eval"]
+        assert "grao/exploration" not in trainer._metrics["train"]
 
 
 def test_missing_reference_column_in_a_batch(model_dir, tmp_path):
@@ -392,6 +395,39 @@ def test_generation_refuses_images(model_dir, tmp_path, given):
     with pytest.raises(ValueError) as err:
         trainer._generate_single_turn([[1]] * 5, images, fields, 5)
     assert str(err.value) == "GRAOTrainer does not support images"
+
+
+def test_reference_answer_tokens(model_dir, tmp_path):
+    """The reference row: the answer's tokens without the special tokens a tokenizer adds by
+    default (a BOS here), then the first end-of-sequence id only, cut at max_completion_length;
+    the last message of a conversation; anything else refused."""
+    trainer = _grao_trainer(model_dir, tmp_path)
+    plain = _tokenizer()
+    bos, eos = plain.bos_token_id or 0, plain.eos_token_id
+
+    def with_bos(text, add_special_tokens=True):
+        ids = plain(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": [bos] * add_special_tokens + ids}
+
+    trainer._tokenizer, trainer.eos_token_ids = with_bos, [eos, eos + 1]  # two EOS ids, as Qwen
+    digits = plain("321", add_special_tokens=False)["input_ids"]
+    assert trainer._reference_ids("321") == [*digits, eos]
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "321"}]
+    assert trainer._reference_ids(messages) == [*digits, eos]
+    cut = plain("12345", add_special_tokens=False)["input_ids"]  # max_completion_length 5
+    assert trainer._reference_ids("1234567") == cut
+    with pytest.raises(TypeError) as err:
+        trainer._reference_ids(321)
+    assert str(err.value) == "reference must be a string or messages, got <class 'int'>"
+
+
+def test_reward_weights_scale_the_rewards(model_dir, tmp_path, fixed_generation):
+    """reward_weights multiply each function's scores before they are summed (absolute rewards:
+    the reference's 1 becomes 2.5)."""
+    trainer = _grao_trainer(model_dir, tmp_path, reward_mode="absolute", reward_weights=[2.5])
+    batch = _fixed_batch(trainer, len(GRAO_REWARDS[0]) + 1)
+    expected = torch.tensor([*GRAO_REWARDS[0], 1.0, *GRAO_REWARDS[1], 1.0]) * 2.5
+    torch.testing.assert_close(batch["rewards"], expected)
 
 
 class RecordingGRAOTrainer(GRAOTrainer):
