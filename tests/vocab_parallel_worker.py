@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from tolerances import assert_close  # noqa: E402
 
-from grao_fast import grao_loss, grao_loss_linear, token_logprobs  # noqa: E402
+from grao_fast import grao_loss, grao_loss_linear, token_logprobs, vocab_parallel  # noqa: E402
 from grao_fast.loss import triton_available  # noqa: E402
 
 B, G, T = 2, 3, 5
@@ -53,6 +54,7 @@ FIXED_CASES = (
     {"old_logps": True, "clip_eps": (0.1, 0.3), "ratio_policy": "sapo", "sapo_tau": (2.0, 3.0)},
     {"kl_coef": 0.1, "ref_logps": True, "kl_bias_correction": True, "old_logps": True},
     {"kl_coef": 0.1, "ref_logps": True, "kl_length_norm": True, "length_norm": "token"},
+    {"ignore_index": 5},  # an ignore_index that is a vocabulary id: its positions are dropped
     {
         "old_logps": True,
         "importance_level": "sequence",
@@ -94,6 +96,8 @@ def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, st
     opts = {k: val for k, val in kw.items() if k not in tensors and k != "nan_padding"}
     inplace, sliced = opts.pop("inplace", False), opts.pop("sliced", False)
     backend = opts.pop("backend", "auto")
+    if "ignore_index" in opts:
+        data["labels"][data["labels"] == -100] = opts["ignore_index"]
     if kw.get("nan_padding"):  # ignored positions' logits are never read
         data["logits"][data["labels"] == -100] = float("nan")
     ref_x = data["logits"].double().requires_grad_()
@@ -122,6 +126,8 @@ def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, st
 
 def run(rank: int, world: int, init: str) -> None:
     torch.set_num_threads(1)
+    # The chunks' working buffers are sliced to each chunk's rows: never resized.
+    warnings.filterwarnings("error", message="An output with one or more elements was resized")
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         group = dist.group.WORLD
@@ -139,6 +145,16 @@ def run(rank: int, world: int, init: str) -> None:
                 check_case(v, 98, kw, torch.float32, group, start, stop)
             for kw in FIXED_CASES:
                 check_case(v, 97, kw, torch.float32, group, start, stop)
+            # Several chunks of rows per pass (the default budget holds these in one), with the
+            # gradient written in place (float32) and through the working buffer (bfloat16).
+            default, vocab_parallel.DEFAULT_CHUNK_BYTES = vocab_parallel.DEFAULT_CHUNK_BYTES, 8 * v
+            try:  # 1 to 3 rows per chunk (the budget over the process's shard)
+                kw = {"temperature": 0.7, "entropy_coef": 0.01, "return_entropy": True}
+                for dtype in (torch.float32, torch.bfloat16):
+                    check_case(v, 96, kw, dtype, group, start, stop)
+                check_case(v, 95, {"old_logps": True}, torch.float32, group, start, stop)
+            finally:
+                vocab_parallel.DEFAULT_CHUNK_BYTES = default
         if triton_available(torch.device("cpu")):  # the kernels' split passes (interpreter)
             rng = random.Random(1)
             start, stop = bounds(37, world)[rank : rank + 2]
