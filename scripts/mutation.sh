@@ -91,10 +91,12 @@ done
 # unused columns: the tests (outside the selection) that check what they log or keep.
 trainer="grao_fast.integrations.trl.xǁGRAOTrainerǁ"
 vllm="tests/test_trl_objective.py::test_vllm_importance_weights_match_trl"  # sampler log-probs
+kl="tests/test_trl_settings.py::test_kl_normalised_like_the_loss_type"  # TRL's logged kl
 extra+=(--extra "${trainer}_log_importance_sampling*=$vllm"
         --extra "${trainer}_generate_single_turn*=$vllm"
         --extra "${trainer}_generate_and_score_completions*=$vllm"
-        --extra "${trainer}_sample_token_count*=tests/test_trl_settings.py::test_kl_normalised_like_the_loss_type"
+        --extra "${trainer}_sample_token_count*=$kl"
+        --extra "${trainer}_log_loss_terms*=$kl"
         --extra "${trainer}_set_signature_columns_if_needed*=tests/test_trl_groups.py::test_metrics_leave_the_reference_rows_out")
 focus() {
     "$PYTHON" scripts/mutmut_focus.py "${pending[@]}" --max-children "${MUTATION_JOBS:-1}" \
