@@ -127,8 +127,7 @@ def _combine(stats: torch.Tensor, labels, shard, inv_t, opts, check: bool):
 
 def row_pass(
     logits: torch.Tensor, labels: torch.Tensor, grad: Optional[torch.Tensor],
-    inputs: TokenInputs, opts: RowOptions, *, shard: VocabShard,
-    chunk_bytes: Optional[int] = None, check: bool = True,
+    inputs: TokenInputs, opts: RowOptions, *, shard: VocabShard, check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`grao_fast._ops.row_pass` on this process's vocabulary shard.
 
@@ -168,8 +167,7 @@ def row_pass(
         g_out = _memory.empty(*x.shape, dtype=grad.dtype, device=grad.device)
     m = labels.numel()
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    rows = max(1, budget // (8 * max(v, 1)))  # two float32 [rows, size] buffers per chunk
+    rows = max(1, DEFAULT_CHUNK_BYTES // (8 * max(v, 1)))  # two float32 [rows, size] buffers
     # Allocated once for all the chunks of both passes (fresh pages per chunk cost a pass).
     shape = (min(rows, m), v)
     work = _memory.empty(*shape, dtype=acc, device=labels.device)

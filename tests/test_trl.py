@@ -101,11 +101,16 @@ def fixed_generation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", generate)
 
 
+def _rows(group: int) -> list[dict]:
+    """The dataset's rows, each repeated ``group`` times (a generation batch's input)."""
+    rows = [{"prompt": p, "reference": r} for p, r in zip(PROMPTS, REFERENCES, strict=True)]
+    return [row for row in rows for _ in range(group)]
+
+
 def _fixed_batch(trainer: GRPOTrainer, group: int) -> dict:
     """The trainer's batch for PROMPTS, each repeated ``group`` times, with fixed generation."""
-    rows = [{"prompt": p, "reference": r} for p, r in zip(PROMPTS, REFERENCES, strict=True)]
     trainer.model.train()
-    return trainer._generate_and_score_completions([row for row in rows for _ in range(group)])
+    return trainer._generate_and_score_completions(_rows(group))
 
 
 def _gradients(trainer: GRPOTrainer, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
@@ -277,18 +282,15 @@ def test_evaluation_groups_by_num_generations_eval(model_dir, tmp_path, fixed_ge
     """Evaluation samples num_generations_eval - 1 completions per prompt (2 here, 4 in
     training): the rewards are grouped by it, the reference answer last in each group."""
     trainer = _grao_trainer(model_dir, tmp_path, num_generations_eval=3, reward_mode="absolute")
-    for training, group in ((True, 5), (False, 3)):
-        trainer.model.train(training)
-        rows = [{"prompt": p, "reference": r} for p, r in zip(PROMPTS, REFERENCES, strict=True)]
-        batch = trainer._prepare_inputs([row for row in rows for _ in range(group)])
-        if training:
-            continue  # shuffled in whole groups and split over the generation's steps
-        expected = [*GRAO_REWARDS[0][:2], 1.0, *GRAO_REWARDS[1][:2], 1.0]
-        torch.testing.assert_close(batch["rewards"], torch.tensor(expected))
-        assert trainer._metrics["eval"]["reward/reference"][-1] == 1.0
-        trainer._compute_loss(trainer.model, batch)  # an evaluation step logs its terms as such
-        assert "grao/exploration" in trainer._metrics["eval"]
-        assert "grao/exploration" not in trainer._metrics["train"]
+    _fixed_batch(trainer, 5)  # training's groups of num_generations
+    trainer.model.eval()
+    batch = trainer._prepare_inputs(_rows(3))
+    expected = [*GRAO_REWARDS[0][:2], 1.0, *GRAO_REWARDS[1][:2], 1.0]
+    torch.testing.assert_close(batch["rewards"], torch.tensor(expected))
+    assert trainer._metrics["eval"]["reward/reference"][-1] == 1.0
+    trainer._compute_loss(trainer.model, batch)  # an evaluation step logs its terms as such
+    assert "grao/exploration" in trainer._metrics["eval"]
+    assert "grao/exploration" not in trainer._metrics["train"]
 
 
 def test_missing_reference_column_in_a_batch(model_dir, tmp_path):
