@@ -357,7 +357,7 @@ def check_linear(world, rank, group) -> None:
         kw = options(rng) if case < 5 else dict(FIXED_CASES[case - 5])
         kw.pop("sliced", None)
         tensors = {k: data[k] for k, on in kw.items() if on is True and k in data}
-        opts = {k: val for k, val in kw.items() if val is not True}
+        opts = {k: val for k, val in kw.items() if k not in tensors}
         leaves = [hidden, weight] + ([] if bias is None else [bias])
         ref_in = [t.double().requires_grad_() for t in leaves]
         ref = grao_loss_linear(ref_in[0], ref_in[1], data["labels"], data["rewards"].double(),
@@ -436,7 +436,7 @@ def check_packed(world, rank, group) -> None:
     for case, kw in enumerate(cases):
         data = inputs(v, 80 + case, torch.float32)
         tensors = {k: cat(data[k]) for k, on in kw.items() if on is True}
-        opts = {k: val for k, val in kw.items() if val is not True}
+        opts = {k: val for k, val in kw.items() if k not in tensors}
         ref_x = cat(data["logits"]).double().requires_grad_()
         ref = grao_loss(ref_x, cat(data["labels"]), data["rewards"].double(), group_size=G,
                         cu_seqlens=cu, backend="reference", **opts,
