@@ -265,6 +265,13 @@ def check_errors(world, rank, group) -> None:
     else:
         raise AssertionError("labels that differ between processes were accepted")
     grao_loss(x, labels, data["rewards"], check_labels=False, **common)  # no host check then
+    try:  # vocab_start on rank 0 only: refused on every rank (the starts are gathered first)
+        grao_loss(x, data["labels"], data["rewards"], vocab_start=0 if rank == 0 else None,
+                  **common)  # fmt: skip
+    except ValueError as e:
+        assert str(e) == "vocab_start must be given on every process of vocab_group or on none", e
+    else:
+        raise AssertionError("vocab_start on one process only was accepted")
     try:
         grao_loss(x, data["labels"], data["rewards"], backend="reference", **common)
     except ValueError as e:
@@ -285,6 +292,14 @@ def check_group_of_one(world, rank) -> None:
     b.loss.backward()
     assert_close(a.loss, b.loss.double(), torch.float32, "value")
     assert_close(x.grad, y.grad.double(), torch.float32, "grad")
+    labels = data["labels"].clone()
+    labels[0, 1] = 37  # the vocabulary is the group's (37 ids), not the world's
+    try:
+        grao_loss(x, labels, data["rewards"], group_size=G, vocab_group=groups[rank])
+    except ValueError as e:
+        assert "labels[0, 1] = 37 is outside [0, 37)" in str(e), e
+    else:
+        raise AssertionError("a label outside the group's vocabulary was accepted")
     # The lm_head path too: its gradient of hidden is summed over the split's group, not the
     # world (every process holds the same data, so a sum over the world would be P times it).
     gen = torch.Generator().manual_seed(3)
