@@ -105,8 +105,11 @@ def _combine(stats: torch.Tensor, labels, shard, inv_t, opts, check: bool):
     """Global (max [M], log-sum-exp [M] relative to it, logp [M], entropy [M]) from the
     gathered [P, 6, M] statistics; identical on every process."""
     mx = stats[:, _MAX]
-    top = mx.max(dim=0).values
     s = stats[:, _SUM]
+    # The top over the shards that hold probability: a shard row of -inf logits (s = 0) has a
+    # placeholder max (0), which would rebase the others' sums into underflow.
+    top = torch.where(s > 0, mx, float("-inf")).amax(dim=0)
+    top = torch.where(torch.isfinite(top), top, 0.0)  # a row of -inf logits on every shard
     scale = torch.where(s > 0, torch.exp((mx - top) * inv_t), 0.0)  # each shard's sums, rebased
     total = (scale * s).sum(dim=0)
     log_total = torch.log(total)

@@ -169,6 +169,7 @@ def run(rank: int, world: int, init: str) -> None:
         check_dtensor(world, rank)
         check_bytes(world, rank, group)
         check_errors(world, rank, group)
+        check_masked_shard(world, rank, group)
         check_group_of_one(world, rank)
         check_colwise_model(world, rank)
     finally:
@@ -278,6 +279,31 @@ def check_errors(world, rank, group) -> None:
         assert "does not take a vocabulary split" in str(e), e
     else:
         raise AssertionError("backend='reference' with a split was accepted")
+
+
+def check_masked_shard(world, rank, group) -> None:
+    """The last process's shard all -inf (padded vocabulary ids, masked) while every other
+    logit is far below 0 (here -120, at temperature 0.7): the masked shard holds no
+    probability, so the log-sum-exp is taken from the others' largest logit; rebased onto the
+    masked shard's placeholder max (0) every sum would underflow to 0 in float32."""
+    v = 37
+    start, stop = bounds(v, world)[rank : rank + 2]
+    masked = bounds(v, world)[-2]  # the last shard's first id
+    data = inputs(v, 90, torch.float32)
+    logits = data["logits"] - 120.0
+    logits[..., masked:] = float("-inf")
+    labels = torch.where(data["labels"] >= masked, data["labels"] % masked, data["labels"])
+    kw = {"group_size": G, "temperature": 0.7, "entropy_coef": 0.01, "return_entropy": True}
+    finite = logits.double().clamp(min=-1e30)  # the same distribution, no -inf
+    ref_x = finite.requires_grad_()
+    ref = grao_loss(ref_x, labels, data["rewards"].double(), backend="reference", **kw)
+    ref.loss.backward()
+    x = logits[..., start:stop].clone().requires_grad_()
+    out = grao_loss(x, labels, data["rewards"], vocab_group=group, **kw)
+    out.loss.backward()
+    for field in ("loss", "seq_logps", "entropy"):
+        assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
+    assert_close(x.grad, ref_x.grad[..., start:stop], torch.float32, "grad")
 
 
 def check_group_of_one(world, rank) -> None:
