@@ -262,10 +262,21 @@ def check_errors(world, rank, group) -> None:
     try:
         grao_loss(x, labels, data["rewards"], **common)
     except ValueError as e:
-        assert "labels differ between the processes" in str(e), e
+        assert str(e) == (
+            "labels differ between the processes of vocab_group: every process must pass the "
+            "same labels (global vocabulary ids)"
+        ), e
     else:
         raise AssertionError("labels that differ between processes were accepted")
     grao_loss(x, labels, data["rewards"], check_labels=False, **common)  # no host check then
+    # Unchecked labels outside [0, V) (V itself, beyond it, negative): NaN log-probs there, as
+    # unsplit, and nowhere else.
+    labels = data["labels"].clone()
+    outside = torch.zeros_like(labels, dtype=torch.bool)
+    for (n, t), label in zip([(0, 1), (1, 2), (2, 0)], [37, 40, -5], strict=True):
+        labels[n, t], outside[n, t] = label, True
+    logp = token_logprobs(x, labels, vocab_group=group, check_labels=False)
+    assert torch.equal(logp.isnan(), outside), logp
     try:  # vocab_start on rank 0 only: refused on every rank (the starts are gathered first)
         grao_loss(x, data["labels"], data["rewards"], vocab_start=0 if rank == 0 else None,
                   **common)  # fmt: skip
