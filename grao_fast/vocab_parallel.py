@@ -130,7 +130,7 @@ def _combine(stats: torch.Tensor, labels, shard, inv_t, opts, check: bool):
 
 def row_pass(
     logits: torch.Tensor, labels: torch.Tensor, grad: Optional[torch.Tensor],
-    inputs: TokenInputs, opts: RowOptions, *, shard: VocabShard, check: bool = True,
+    inputs: TokenInputs, opts: RowOptions, *, shard: VocabShard, check: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`grao_fast._ops.row_pass` on this process's vocabulary shard.
 
