@@ -78,8 +78,9 @@ fi
 selection="$(printf '%s.py,' "${tests[@]}")"
 # The Triton tests under the interpreter would take hours here; but the vocabulary split's
 # spawned test, on its own, runs its kernel cases (the kernels' split passes, which
-# vocab_parallel.row_pass calls) under the interpreter in about the same time. mutmut maps the
-# tests without the interpreter (the Triton variants skip), so a mutant never runs those.
+# vocab_parallel.row_pass calls) under the interpreter in about the same time. The group's
+# tests that mutmut mapped without the interpreter (the Triton variants skipped, so reach no
+# function) stay off it; a test new to the map is mapped as it runs here.
 if [[ "${groups[*]}" == vocab_parallel ]]; then
     export TRITON_INTERPRET=1
 else
