@@ -104,13 +104,16 @@ def _local_stats(x, labels, shard, inv_t, opts, work, work_e):
 def _combine(stats: torch.Tensor, labels, shard, inv_t, opts, check: bool):
     """Global (max [M], log-sum-exp [M] relative to it, logp [M], entropy [M]) from the
     gathered [P, 6, M] statistics; identical on every process."""
-    mx = stats[:, _MAX]
-    s = stats[:, _SUM]
-    # The top over the shards that hold probability: a shard row of -inf logits (s = 0) has a
-    # placeholder max (0), which would rebase the others' sums into underflow.
-    top = torch.where(s > 0, mx, float("-inf")).amax(dim=0)
+    mx, s = stats[:, _MAX], stats[:, _SUM]
+    # A shard row of -inf logits holds no probability (s = 0) and its max is a placeholder (0
+    # here, the lowest float32 from the kernels): the top is over the others, and such a row's
+    # terms are 0, never rebased (from the top, 0's sums would underflow; the kernels' would
+    # overflow to -inf at temperatures below 1, and 0 * -inf is NaN).
+    mass = s > 0
+    top = torch.where(mass, mx, float("-inf")).amax(dim=0)
     top = torch.where(torch.isfinite(top), top, 0.0)  # a row of -inf logits on every shard
-    scale = torch.where(s > 0, torch.exp((mx - top) * inv_t), 0.0)  # each shard's sums, rebased
+    shift = torch.where(mass, (mx - top) * inv_t, 0.0)  # each shard's z onto the top's
+    scale = torch.where(mass, torch.exp(shift), 0.0)
     total = (scale * s).sum(dim=0)
     log_total = torch.log(total)
     ignored = labels == opts.ignore_index
@@ -121,9 +124,9 @@ def _combine(stats: torch.Tensor, labels, shard, inv_t, opts, check: bool):
             "labels differ between the processes of vocab_group: every process must pass the "
             "same labels (global vocabulary ids)"
         )
-    picked = (held * (stats[:, _LABEL] + (mx - top) * inv_t)).sum(dim=0)
+    picked = (held * (stats[:, _LABEL] + shift)).sum(dim=0)
     logp = torch.where(ignored, 0.0, torch.where(in_range, picked - log_total, float("nan")))
-    rebased = scale * (stats[:, _ENT] + (mx - top) * inv_t * s)  # sum of e z, z from the top
+    rebased = scale * (stats[:, _ENT] + shift * s)  # sum of e z, z from the top
     entropy = torch.where(ignored, 0.0, log_total - rebased.sum(dim=0) / total)
     return top, log_total, logp, entropy
 
