@@ -109,7 +109,8 @@ extra+=(--extra "${trainer}_log_importance_sampling*=$vllm"
         --extra "${trainer}_log_loss_terms*=$kl"
         --extra "${trainer}_set_signature_columns_if_needed*=tests/test_trl_groups.py::test_metrics_leave_the_reference_rows_out"
         --extra "${trainer}_adapt_entropy_coef*=tests/test_trl_settings.py::test_adaptive_entropy_matches_trl"
-        --extra "${trainer}_log_clip*=tests/test_trl_settings.py::test_clip_statistics_match_trl")
+        --extra "${trainer}_log_clip*=tests/test_trl_settings.py::test_clip_statistics_match_trl"
+        --extra "${trainer}_log_clip*=tests/test_trl_settings.py::test_vespo_matches_trl")
 focus() {
     "$PYTHON" scripts/mutmut_focus.py "${pending[@]}" --max-children "${MUTATION_JOBS:-1}" \
         "${extra[@]}" "$selection" "${patterns[@]}"
