@@ -90,10 +90,17 @@ def options(rng: random.Random) -> dict:
     return kw
 
 
+def split_options(kw: dict, data: dict, take=lambda t: t) -> tuple[dict, dict]:
+    """``kw``'s per-token inputs (``True`` for a tensor of ``data``, through ``take``) and its
+    options: every other entry, booleans included."""
+    tensors = {k: take(data[k]) for k, on in kw.items() if on is True and k in data}
+    return tensors, {k: val for k, val in kw.items() if k not in tensors}
+
+
 def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, stop) -> None:
     data = inputs(v, seed, dtype)
-    tensors = {k: data[k] for k, on in kw.items() if on is True and k in data}
-    opts = {k: val for k, val in kw.items() if k not in tensors and k != "nan_padding"}
+    tensors, opts = split_options(kw, data)
+    opts.pop("nan_padding", None)
     inplace, sliced = opts.pop("inplace", False), opts.pop("sliced", False)
     backend = opts.pop("backend", "auto")
     if "ignore_index" in opts:
@@ -411,8 +418,7 @@ def check_linear(world, rank, group) -> None:
         bias = torch.randn(v, generator=gen) if case % 2 else None
         kw = options(rng) if case < 5 else dict(FIXED_CASES[case - 5])
         kw.pop("sliced", None)
-        tensors = {k: data[k] for k, on in kw.items() if on is True and k in data}
-        opts = {k: val for k, val in kw.items() if k not in tensors}
+        tensors, opts = split_options(kw, data)
         leaves = [hidden, weight] + ([] if bias is None else [bias])
         ref_in = [t.double().requires_grad_() for t in leaves]
         ref = grao_loss_linear(ref_in[0], ref_in[1], data["labels"], data["rewards"].double(),
@@ -490,8 +496,7 @@ def check_packed(world, rank, group) -> None:
              {"length_norm": "token", "entropy_coef": 0.01, "temperature": 0.7}]  # fmt: skip
     for case, kw in enumerate(cases):
         data = inputs(v, 80 + case, torch.float32)
-        tensors = {k: cat(data[k]) for k, on in kw.items() if on is True}
-        opts = {k: val for k, val in kw.items() if k not in tensors}
+        tensors, opts = split_options(kw, data, take=cat)
         ref_x = cat(data["logits"]).double().requires_grad_()
         ref = grao_loss(ref_x, cat(data["labels"]), data["rewards"].double(), group_size=G,
                         cu_seqlens=cu, backend="reference", **opts,
