@@ -8,6 +8,7 @@ logged clip statistics, each run through both trainers' own code.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,13 +18,13 @@ import torch
 pytest.importorskip("trl")
 import test_trl  # noqa: E402
 import test_trl_objective  # noqa: E402
-from test_trl import _assert_same_gradients, _config, _fixed_batch  # noqa: E402
-from test_trl_objective import G, _pair, _take_a_step  # noqa: E402
+from test_trl import _assert_same_gradients, _config, _fixed_batch, _trainer  # noqa: E402
+from test_trl_objective import REWARDS, G, _pair, _take_a_step  # noqa: E402
 from tolerances import CHANGED_RTOL, TRL_LOGGED_RTOL, TRL_WEIGHT_RTOL  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
-from grao_fast.integrations.trl import GRAOConfig  # noqa: E402
+from grao_fast.integrations.trl import GRAOConfig, GRAOTrainer  # noqa: E402
 
 model_dir, fixed_generation = test_trl.model_dir, test_trl.fixed_generation  # the fixtures
 fixed_vllm_generation = test_trl_objective.fixed_vllm_generation
@@ -71,6 +72,27 @@ def test_adaptive_entropy_matches_trl(model_dir, tmp_path, fixed_generation):
     logged = grao._metrics["train"]["entropy_coef"]
     assert logged == pytest.approx(grpo._metrics["train"]["entropy_coef"], abs=1e-12)
     assert logged == pytest.approx(coefs)
+
+
+def test_adaptive_entropy_window_of_one_token(model_dir, tmp_path):
+    """A window whose sample rows hold one completion token in all (the reference row's tokens
+    do not count): the measured entropy is that token's, as in TRL's controller, whose token
+    count is clamped at 1 only for an empty window; an empty window measures 0, not NaN."""
+    config = _config(GRAOConfig, tmp_path, num_generations=G + 1,
+                     per_device_train_batch_size=G + 1, use_adaptive_entropy=True,
+                     entropy_coef=0.02, entropy_coef_delta=0.01, entropy_target=0.6)  # fmt: skip
+    trainer = _trainer(GRAOTrainer, model_dir, REWARDS, config)
+    trainer.model.train()
+    trainer.accelerator.gradient_state._set_sync_gradients(True)  # each call closes a window
+    mask = torch.zeros(G + 1, 5)
+    mask[1, 2] = mask[G, :] = 1  # one token of a sample; the reference row (the last) whole
+    trainer._adapt_entropy_coef(SimpleNamespace(sample_entropy=torch.tensor(0.9)), mask)
+    assert trainer._last_world_entropy == pytest.approx(0.9, rel=1e-6)
+    assert trainer.entropy_coef == pytest.approx(0.01)  # above the target: down
+    mask[1, 2] = 0  # no sample token at all
+    trainer._adapt_entropy_coef(SimpleNamespace(sample_entropy=torch.tensor(0.0)), mask)
+    assert trainer._last_world_entropy == 0.0
+    assert trainer.entropy_coef == pytest.approx(0.02)  # at most the target: up
 
 
 @pytest.mark.parametrize(
