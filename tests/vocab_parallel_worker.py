@@ -2,7 +2,8 @@
 
 Every process builds the same full-vocabulary inputs from one seed, keeps its shard of the
 logits, and checks the split call against the unsplit float64 reference on the full
-vocabulary: loss, every reported value, and its own slice of the gradient.
+vocabulary: loss, every reported value, and its own slice of the gradient. The inputs and
+options are tests/vocab_parallel_cases.py's; the lm_head's split, tests/vocab_parallel_lm_head.py.
 """
 
 from __future__ import annotations
@@ -17,84 +18,21 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tolerances import assert_close  # noqa: E402
+from vocab_parallel_cases import (  # noqa: E402
+    FIELDS,
+    FIXED_CASES,
+    B,
+    G,
+    T,
+    bounds,
+    inputs,
+    options,
+    split_options,
+)
+from vocab_parallel_lm_head import check_colwise_model, check_linear  # noqa: E402
 
 from grao_fast import grao_loss, grao_loss_linear, token_logprobs, vocab_parallel  # noqa: E402
 from grao_fast.loss import triton_available  # noqa: E402
-
-B, G, T = 2, 3, 5
-FIELDS = ("loss", "exploration", "imitation", "alignment", "seq_logps", "advantages", "kl",
-          "entropy", "clip_fraction", "clip_low_fraction", "clip_high_fraction")  # fmt: skip
-
-
-def bounds(v: int, p: int) -> list[int]:
-    """PyTorch's Shard placement: torch.chunk's sizes (ceil first, uneven last)."""
-    size = -(-v // p)
-    return [min(r * size, v) for r in range(p)] + [v]
-
-
-def inputs(v: int, seed: int, dtype: torch.dtype) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    n = B * (G + 1)
-    logits = (torch.randn(n, T, v, generator=gen) * 3).to(dtype)
-    labels = torch.randint(0, v, (n, T), generator=gen)
-    labels[torch.rand(n, T, generator=gen) < 0.3] = -100
-    rewards = torch.rand(B, G + 1, generator=gen)
-    rewards[1] = 0.5  # a zero-std group
-    near = lambda s: torch.randn(n, T, generator=gen) * s  # noqa: E731
-    full = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return dict(
-        logits=logits, labels=labels, rewards=rewards,
-        ref_logps=(full + near(0.3)).float(), sampler_logps=(full + near(0.3)).float(),
-        old_logps=(full + near(0.3)).float(), token_weights=torch.rand(n, T, generator=gen) * 2,
-    )  # fmt: skip
-
-
-# Options the random draws below may miss, each in a case of its own.
-FIXED_CASES = (
-    {"old_logps": True, "clip_eps": (0.1, 0.3), "ratio_policy": "sapo", "sapo_tau": (2.0, 3.0)},
-    {"kl_coef": 0.1, "ref_logps": True, "kl_bias_correction": True, "old_logps": True},
-    {"kl_coef": 0.1, "ref_logps": True, "kl_length_norm": True, "length_norm": "token"},
-    {"ignore_index": 5},  # an ignore_index that is a vocabulary id: its positions are dropped
-    {
-        "old_logps": True,
-        "importance_level": "sequence",
-        "sequence_length_norm": True,
-        "length_norm": "constant",
-    },
-)
-
-
-def options(rng: random.Random) -> dict:
-    """A random combination of the objective family's options."""
-    kw: dict = {"temperature": rng.choice([1.0, 0.7])}
-    if rng.random() < 0.5:
-        kw["beta"], kw["lam"] = rng.choice([(0.5, 0.6), (0.1, 0.9)])
-    level = rng.choice([None, "token", "sequence"])
-    if level is not None:
-        kw.update(old_logps=True, importance_level=level, clip_eps=(0.1, 0.3))
-    if level != "sequence":
-        if rng.random() < 0.4:
-            kw["token_weights"] = True
-        if rng.random() < 0.4:
-            kw.update(sampler_logps=True, is_cap=2.0)
-    if rng.random() < 0.4:
-        kw.update(kl_coef=0.1, ref_logps=True)
-    if rng.random() < 0.4:
-        kw["entropy_coef"] = 0.01
-    kw["return_entropy"] = rng.random() < 0.5
-    kw["length_norm"] = rng.choice(["sequence", "token", "constant"])
-    kw["sliced"] = rng.random() < 0.3
-    if level == "token" and rng.random() < 0.6:  # the other ratio policies
-        kw.update(rng.choice([{"delta": 1.4}, {"ratio_policy": "cispo", "ratio_cap": 1.2},
-                              {"ratio_policy": "sapo", "sapo_tau": (2.0, 3.0)}]))  # fmt: skip
-    return kw
-
-
-def split_options(kw: dict, data: dict, take=lambda t: t) -> tuple[dict, dict]:
-    """``kw``'s per-token inputs (``True`` for a tensor of ``data``, through ``take``) and its
-    options: every other entry, booleans included."""
-    tensors = {k: take(data[k]) for k, on in kw.items() if on is True and k in data}
-    return tensors, {k: val for k, val in kw.items() if k not in tensors}
 
 
 def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, stop) -> None:
@@ -361,127 +299,6 @@ def check_group_of_one(world, rank) -> None:
     b.loss.backward()
     assert_close(a.loss, b.loss.double(), torch.float32, "value")
     assert_close(x.grad, y.grad.double(), torch.float32, "gemm")
-
-
-def tiny_model(v: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                      tie_word_embeddings=False)  # fmt: skip
-    return Qwen2ForCausalLM(cfg).float()
-
-
-def check_colwise_model(world, rank) -> None:
-    """One GRAO step of a tiny model whose lm_head is ColwiseParallel (TP = world) equals the
-    same step of the unsplit model: the gradients of every parameter, and the weights after an
-    SGD step (linear in the gradient, so rounding is not amplified)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-    v = 37
-    data = inputs(v, 13, torch.float32)
-    ids = data["labels"].clamp(min=0)
-    labels = data["labels"][:, 1:]
-    kw = dict(group_size=G, temperature=0.7, entropy_coef=0.01)
-    plain, split = tiny_model(v), tiny_model(v)
-    mesh = init_device_mesh("cpu", (world,))
-    parallelize_module(split, mesh, {"lm_head": ColwiseParallel(use_local_output=False)})
-    for model in (plain, split):
-        logits = model(input_ids=ids).logits[:, :-1]
-        assert isinstance(logits, DTensor) == (model is split)
-        grao_loss(logits, labels, data["rewards"], **kw).loss.backward()
-        torch.optim.SGD(model.parameters(), lr=0.1).step()
-    full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
-    for (name, p), q in zip(plain.named_parameters(), split.parameters(), strict=True):
-        tol = "gemm" if name.startswith("lm_head") else "value"
-        assert_close(full(q.grad), p.grad.double(), torch.float32, tol)
-        assert_close(full(q.detach()), p.detach().double(), torch.float32, "value")
-
-
-def check_linear(world, rank, group) -> None:
-    """grao_loss_linear on a vocabulary shard of the lm_head (plain rows, a bias, DTensor):
-    values, the whole gradient of hidden on every process and this shard's weight gradient."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    v, h = 37, 16
-    start, stop = bounds(v, world)[rank : rank + 2]
-    rng = random.Random(7)
-    for case in range(7):  # 5 and 6: the clip with SAPO, the KL's bias correction
-        data = inputs(v, 70 + case, torch.float32)
-        gen = torch.Generator().manual_seed(case)
-        hidden = torch.randn(B * (G + 1), T, h, generator=gen)
-        weight = torch.randn(v, h, generator=gen) / h**0.5
-        bias = torch.randn(v, generator=gen) if case % 2 else None
-        kw = options(rng) if case < 5 else dict(FIXED_CASES[case - 5])
-        kw.pop("sliced", None)
-        tensors, opts = split_options(kw, data)
-        leaves = [hidden, weight] + ([] if bias is None else [bias])
-        ref_in = [t.double().requires_grad_() for t in leaves]
-        ref = grao_loss_linear(ref_in[0], ref_in[1], data["labels"], data["rewards"].double(),
-                               group_size=G, bias=ref_in[2] if bias is not None else None,
-                               backend="reference", **opts,
-                               **{k: t.double() for k, t in tensors.items()})  # fmt: skip
-        ref.loss.backward()
-        x = hidden.clone().requires_grad_()
-        if case == 4:  # the weight (and bias) as DTensors sharded on the vocabulary
-            mesh = init_device_mesh("cpu", (world,))
-            w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
-            b = None if bias is None else distribute_tensor(bias, mesh, [Shard(0)])
-            split = {}
-        else:
-            w = weight[start:stop].clone().requires_grad_()
-            b = None if bias is None else bias[start:stop].clone().requires_grad_()
-            split = {"vocab_group": group}
-        out = grao_loss_linear(x, w, data["labels"], data["rewards"], group_size=G, bias=b,
-                               chunk_bytes=4 * v * 8, **split, **opts, **tensors)  # fmt: skip
-        out.loss.backward()
-        for field in FIELDS:
-            mine, want = getattr(out, field), getattr(ref, field)
-            assert (mine is None) == (want is None), (field, kw)
-            if want is not None:
-                assert_close(mine, want, torch.float32, "value")
-        assert_close(x.grad, ref_in[0].grad, torch.float32, "gemm")
-        w_grad = w.grad.full_tensor() if case == 4 else w.grad
-        want_w = ref_in[1].grad if case == 4 else ref_in[1].grad[start:stop]
-        assert_close(w_grad, want_w, torch.float32, "gemm")
-        if bias is not None and case != 4:
-            assert_close(b.grad, ref_in[2].grad[start:stop], torch.float32, "gemm")
-    # A frozen lm_head: the gradient of hidden is still summed over the group. A call without
-    # gradient reads the same loss. Labels that differ between the processes are refused unless
-    # check_labels=False.
-    data = inputs(v, 80, torch.float32)
-    gen = torch.Generator().manual_seed(9)
-    hidden = torch.randn(B * (G + 1), T, h, generator=gen)
-    weight = torch.randn(v, h, generator=gen) / h**0.5
-    x_ref = hidden.double().requires_grad_()
-    ref = grao_loss_linear(x_ref, weight.double(), data["labels"], data["rewards"].double(),
-                           group_size=G, backend="reference")  # fmt: skip
-    ref.loss.backward()
-    common = {"group_size": G, "vocab_group": group, "chunk_bytes": 4 * v * 8}
-    x = hidden.clone().requires_grad_()
-    out = grao_loss_linear(x, weight[start:stop], data["labels"], data["rewards"], **common)
-    out.loss.backward()
-    assert_close(out.loss, ref.loss, torch.float32, "value")
-    assert_close(x.grad, x_ref.grad, torch.float32, "gemm")
-    with torch.no_grad():
-        out = grao_loss_linear(hidden, weight[start:stop], data["labels"], data["rewards"],
-                               **common)  # fmt: skip
-    assert_close(out.loss, ref.loss, torch.float32, "value")
-    labels = data["labels"].clone()
-    if rank == 0:
-        labels[0, 1] = (int(labels[0, 1]) + 1) % v if labels[0, 1] >= 0 else 3
-    try:
-        grao_loss_linear(hidden, weight[start:stop], labels, data["rewards"], **common)
-    except ValueError as e:
-        assert "labels differ between the processes" in str(e), e
-    else:
-        raise AssertionError("labels that differ between processes were accepted")
-    grao_loss_linear(hidden, weight[start:stop], labels, data["rewards"], check_labels=False,
-                     **common)  # fmt: skip
 
 
 def check_packed(world, rank, group) -> None:
