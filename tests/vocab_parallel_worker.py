@@ -238,31 +238,33 @@ def check_errors(world, rank, group) -> None:
 
 
 def check_masked_shard(world, rank, group) -> None:
-    """The last process's shard all -inf (padded vocabulary ids, masked) while every other
-    logit is far below 0 (here -120, at temperature 0.7): the masked shard holds no
-    probability, so the log-sum-exp is taken from the others' largest logit; rebased onto the
-    masked shard's placeholder max (0) every sum would underflow to 0 in float32. Both
-    backends of the split where Triton runs (the kernels' placeholder is another)."""
+    """The last process's shard all -inf (padded vocabulary ids, masked), then all but its
+    first id, while every other logit is far below 0 (here -120, at temperature 0.7). A masked
+    shard holds no probability, so the log-sum-exp is taken from the others' largest logit;
+    rebased onto its placeholder max (0) every sum would underflow to 0 in float32. A shard
+    with one live id holds that id's probability (its sum is exactly 1). Both backends of the
+    split where Triton runs (the kernels' placeholder is another)."""
     v = 37
     start, stop = bounds(v, world)[rank : rank + 2]
-    masked = bounds(v, world)[-2]  # the last shard's first id
-    data = inputs(v, 90, torch.float32)
-    logits = data["logits"] - 120.0
-    logits[..., masked:] = float("-inf")
-    labels = torch.where(data["labels"] >= masked, data["labels"] % masked, data["labels"])
     kw = {"group_size": G, "temperature": 0.7, "entropy_coef": 0.01, "return_entropy": True}
-    finite = logits.double().clamp(min=-1e30)  # the same distribution, no -inf
-    ref_x = finite.requires_grad_()
-    ref = grao_loss(ref_x, labels, data["rewards"].double(), backend="reference", **kw)
-    ref.loss.backward()
     backends = ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else [])
-    for backend in backends:
-        x = logits[..., start:stop].clone().requires_grad_()
-        out = grao_loss(x, labels, data["rewards"], vocab_group=group, backend=backend, **kw)
-        out.loss.backward()
-        for field in ("loss", "seq_logps", "entropy"):
-            assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
-        assert_close(x.grad, ref_x.grad[..., start:stop], torch.float32, "grad")
+    for live in (0, 1):
+        masked = bounds(v, world)[-2] + live  # the last shard's first masked id
+        data = inputs(v, 90, torch.float32)
+        logits = data["logits"] - 120.0
+        logits[..., masked:] = float("-inf")
+        labels = torch.where(data["labels"] >= masked, data["labels"] % masked, data["labels"])
+        finite = logits.double().clamp(min=-1e30)  # the same distribution, no -inf
+        ref_x = finite.requires_grad_()
+        ref = grao_loss(ref_x, labels, data["rewards"].double(), backend="reference", **kw)
+        ref.loss.backward()
+        for backend in backends:
+            x = logits[..., start:stop].clone().requires_grad_()
+            out = grao_loss(x, labels, data["rewards"], vocab_group=group, backend=backend, **kw)
+            out.loss.backward()
+            for field in ("loss", "seq_logps", "entropy"):
+                assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
+            assert_close(x.grad, ref_x.grad[..., start:stop], torch.float32, "grad")
 
 
 def check_group_of_one(world, rank) -> None:
