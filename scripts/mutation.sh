@@ -97,9 +97,9 @@ for pattern in "grao_fast.vocab_parallel.*" "grao_fast.linear.x__read_split*" \
     extra+=(--extra "$pattern=tests/test_vocab_parallel.py")
 done
 # GRAOTrainer's functions that test_trl.py reaches without vLLM's sampler log-probs, a KL,
-# unused columns, the adaptive entropy bonus, clipped tokens, a second iteration or a ratio
-# policy other than the clip: the tests (outside the selection) that check what they log, keep,
-# adapt or pass to the loss.
+# datasets to check, unused columns, the adaptive entropy bonus, clipped tokens, a second
+# iteration or a ratio policy other than the clip: the tests (outside the selection) that check
+# what they refuse, log, keep, adapt or pass to the loss.
 trainer="grao_fast.integrations.trl.xǁGRAOTrainerǁ"
 vllm="tests/test_trl_objective.py::test_vllm_importance_weights_match_trl"  # sampler log-probs
 kl="tests/test_trl_settings.py::test_kl_normalised_like_the_loss_type"  # TRL's logged kl
@@ -118,6 +118,8 @@ extra+=(--extra "${trainer}_log_importance_sampling*=$vllm"
         --extra "${trainer}_loss_options*=$kl"
         --extra "${trainer}_compute_loss*=tests/test_trl_settings.py::test_adaptive_entropy_matches_trl"
         --extra "${trainer}_compute_loss*=tests/test_trl_settings.py::test_policy_loss_is_logged_while_the_bonus_is_on"
+        --extra "${trainer}__init__*=tests/test_trl_groups.py::test_missing_reference_column_fails_before_the_model_loads"
+        --extra "${trainer}__init__*=tests/test_trl_groups.py::test_too_few_prompts_for_a_generation_batch"
         --extra "${trainer}_entropy_coef_now*=tests/test_trl_settings.py::test_adaptive_entropy_matches_trl"
         --extra "${trainer}_ratio_policy*=tests/test_trl_objective.py::test_ratio_policies_match_trl"
         --extra "${trainer}_ratio_policy*=tests/test_trl_objective.py::test_on_policy_cispo_cap_below_1_matches_trl")

@@ -512,7 +512,7 @@ def test_config_rejects_unsupported_settings(tmp_path, overrides, message):
 
 
 def test_trainer_requires_grao_config(model_dir, tmp_path):
-    with pytest.raises(TypeError, match="GRAOConfig"):
+    with pytest.raises(TypeError, match="^args must be a GRAOConfig, got GRPOConfig$"):
         _trainer(GRAOTrainer, model_dir, GRAO_REWARDS, _config(GRPOConfig, tmp_path))
 
 

@@ -99,16 +99,26 @@ def exact_answer(completions, answer, **kwargs) -> list[float]:
     return exact(completions, answer)
 
 
+@pytest.mark.parametrize("passed", ["keyword", "positional"])
 @pytest.mark.parametrize("split", ["train_dataset", "eval_dataset"])
-def test_missing_reference_column_fails_before_the_model_loads(tmp_path, split):
-    """The model path does not exist: the error is the dataset's, raised before loading."""
+def test_missing_reference_column_fails_before_the_model_loads(tmp_path, split, passed):
+    """The model path does not exist: the error is the dataset's, raised before loading, for
+    datasets passed by keyword or by position (as GRPOTrainer's signature orders them)."""
     data = Dataset.from_dict({"prompt": ["reverse 12"], "answer": ["21"], "id": [0]})
     datasets = {
         "train_dataset": _data(),
+        "eval_dataset": None,
         split: data if split == "train_dataset" else {"dev": data},
     }
-    with pytest.raises(ValueError, match=r"no 'reference' column.*\['prompt', 'answer', 'id'\]"):
-        GRAOTrainer(str(tmp_path / "no-model"), exact, _config(tmp_path), **datasets)
+    args = (str(tmp_path / "no-model"), exact, _config(tmp_path))
+    message = rf"^{split}\['dev'\]" if split == "eval_dataset" else f"^{split} "
+    with pytest.raises(ValueError, match=message) as err:
+        if passed == "keyword":
+            GRAOTrainer(*args, **datasets)
+        else:
+            GRAOTrainer(*args, datasets["train_dataset"], datasets["eval_dataset"])
+    assert "no 'reference' column" in str(err.value)
+    assert "['prompt', 'answer', 'id']" in str(err.value)
 
 
 def test_too_few_prompts_for_a_generation_batch(tmp_path):
