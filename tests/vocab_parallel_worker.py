@@ -145,23 +145,51 @@ def check_token_logprobs(world, rank, group) -> None:
     token_logprobs(x, labels, vocab_group=group, check_labels=False)  # that check is a host sync
 
 
-def check_dtensor(world, rank) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+def refused(message: str, fn, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)`` raises ValueError with exactly ``message``."""
+    try:
+        fn(*args, **kwargs)
+    except ValueError as e:
+        assert str(e) == message, e
+    else:
+        raise AssertionError(f"accepted; expected: {message}")
 
-    mesh = init_device_mesh("cpu", (world,))
+
+def check_dtensor(world, rank) -> None:
+    """Logits as a DTensor sharded on the vocabulary: over a 1-D mesh of the world, and over the
+    tensor-parallel dimension of a 2-D (data x tensor parallel) mesh, whose group is not the
+    world; the placements and arguments that cannot say the split are refused word for word."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
     data = inputs(37, 11, torch.float32)
     ref_x = data["logits"].double().requires_grad_()
     kw = dict(group_size=G, temperature=0.7, entropy_coef=0.01, return_entropy=True)
     ref = grao_loss(ref_x, data["labels"], data["rewards"].double(), backend="reference", **kw)
     ref.loss.backward()
-    x = distribute_tensor(data["logits"], mesh, [Shard(2)]).requires_grad_()
-    out = grao_loss(x, data["labels"], data["rewards"], **kw)
-    out.loss.backward()
-    for field in ("loss", "exploration", "imitation", "alignment", "entropy"):
-        assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
-    assert x.grad.placements == (Shard(2),)
-    assert_close(x.grad.full_tensor(), ref_x.grad, torch.float32, "grad")
+    mesh = init_device_mesh("cpu", (world,))
+    grid = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))
+    for tp in (mesh, grid["tp"]):  # the world's split; groups of one (every process the same)
+        x = distribute_tensor(data["logits"], tp, [Shard(2)]).requires_grad_()
+        out = grao_loss(x, data["labels"], data["rewards"], **kw)
+        out.loss.backward()
+        for field in ("loss", "exploration", "imitation", "alignment", "entropy"):
+            assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
+        assert x.grad.placements == (Shard(2),)
+        assert_close(x.grad.full_tensor(), ref_x.grad, torch.float32, "grad")
+    x, args = distribute_tensor(data["logits"], mesh, [Shard(2)]), (data["labels"], data["rewards"])
+    twice = ("logits is a DTensor: its mesh and placement give the split; do not also pass "
+             "vocab_group or vocab_start")  # fmt: skip
+    refused(twice, grao_loss, x, *args, vocab_group=dist.group.WORLD, **kw)
+    refused(twice, grao_loss, x, *args, vocab_start=0, **kw)
+    wrong = [(distribute_tensor(data["logits"], mesh, [Shard(1)]), 1),
+             (distribute_tensor(data["logits"], grid, [Replicate(), Shard(2)]), 2)]  # fmt: skip
+    for x, ndim in wrong:
+        message = (
+            "a DTensor logits must be sharded on its vocabulary dimension (2) over a 1-D mesh "
+            f"(Shard(2)), got placements {tuple(x.placements)} on a {ndim}-D mesh"
+        )
+        refused(message, grao_loss, x, *args, **kw)
 
 
 def check_bytes(world, rank, group) -> None:
