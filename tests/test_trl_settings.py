@@ -24,6 +24,7 @@ from tolerances import CHANGED_RTOL, TRL_LOGGED_RTOL, TRL_WEIGHT_RTOL  # noqa: E
 from trl import GRPOTrainer  # noqa: E402
 from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
+import grao_fast  # noqa: E402
 from grao_fast.integrations.trl import GRAOConfig, GRAOTrainer  # noqa: E402
 
 model_dir, fixed_generation = test_trl.model_dir, test_trl.fixed_generation  # the fixtures
@@ -74,13 +75,15 @@ def test_adaptive_entropy_matches_trl(model_dir, tmp_path, fixed_generation):
     assert logged == pytest.approx(coefs)
 
 
-def test_adaptive_entropy_window_of_one_token(model_dir, tmp_path):
-    """A window whose sample rows hold one completion token in all (the reference row's tokens
-    do not count): the measured entropy is that token's, as in TRL's controller, whose token
-    count is clamped at 1 only for an empty window; an empty window measures 0, not NaN."""
+def test_token_means_over_one_token(model_dir, tmp_path):
+    """The sample rows hold one completion token in all (the reference row's tokens do not
+    count): TRL's token means, the adaptive controller's entropy and the logged ``kl``, are that
+    token's (their token count is clamped at 1 only for an empty window, which the controller
+    measures as 0, not NaN)."""
     config = _config(GRAOConfig, tmp_path, num_generations=G + 1,
                      per_device_train_batch_size=G + 1, use_adaptive_entropy=True,
-                     entropy_coef=0.02, entropy_coef_delta=0.01, entropy_target=0.6)  # fmt: skip
+                     entropy_coef=0.02, entropy_coef_delta=0.01, entropy_target=0.6,
+                     beta=0.1)  # fmt: skip
     trainer = _trainer(GRAOTrainer, model_dir, REWARDS, config)
     trainer.model.train()
     trainer.accelerator.gradient_state._set_sync_gradients(True)  # each call closes a window
@@ -89,6 +92,15 @@ def test_adaptive_entropy_window_of_one_token(model_dir, tmp_path):
     trainer._adapt_entropy_coef(SimpleNamespace(sample_entropy=torch.tensor(0.9)), mask)
     assert trainer._last_world_entropy == pytest.approx(0.9, rel=1e-6)
     assert trainer.entropy_coef == pytest.approx(0.01)  # above the target: down
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.where(mask.bool(), torch.randint(0, 11, (G + 1, 5), generator=gen), -100)
+    result = grao_fast.grao_loss(
+        torch.randn(G + 1, 5, 11, generator=gen), labels, torch.rand(1, G + 1, generator=gen),
+        group_size=G, kl_coef=0.1, ref_logps=torch.full((G + 1, 5), -1.0), return_entropy=True,
+    )  # fmt: skip
+    trainer._log_loss_terms(result, {"completion_mask": mask}, 0.0)
+    assert result.sample_kl > 0
+    assert trainer._metrics["train"]["kl"] == [pytest.approx(result.sample_kl.item(), rel=1e-6)]
     mask[1, 2] = 0  # no sample token at all
     trainer._adapt_entropy_coef(SimpleNamespace(sample_entropy=torch.tensor(0.0)), mask)
     assert trainer._last_world_entropy == 0.0
