@@ -119,9 +119,12 @@ def test_second_iteration_matches_trl(model_dir, tmp_path, fixed_generation, los
     low, high = (0.2, 0.5) if level == "token" else (0.02, 0.1)  # a row's ratio: a mean's
     settings = {"loss_type": loss_type, "importance_sampling_level": level, "num_iterations": 2,
                 "epsilon": low, "epsilon_high": high, "entropy_coef": entropy_coef}  # fmt: skip
+    if loss_type == "dr_grpo":  # Dr. GRPO divides by max_completion_length, not the batch's
+        settings["max_completion_length"] = 8  # length (5: its longest completion)
     grao, grpo = _pair(model_dir, tmp_path, **settings)
     batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
     assert "old_per_token_logps" in batch and "old_per_token_logps" in trl_batch
+    assert batch["completion_ids"].size(1) < 8
     _take_a_step(grao.model)
     _take_a_step(grpo.model)
     _assert_ratios_in_both_side_bands(grpo, trl_batch, level, low=low, high=high)
@@ -137,6 +140,22 @@ def test_second_iteration_matches_trl(model_dir, tmp_path, fixed_generation, los
         assert clipped * _tokens(batch) == pytest.approx(trl_clipped * _tokens(trl_batch))
     else:
         assert clipped > 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_on_policy_sequence_level_matches_trl(model_dir, tmp_path, fixed_generation, loss_type):
+    """``importance_sampling_level="sequence"`` on-policy (one iteration: no old log-probs, every
+    ratio 1): TRL's gradient through its sequence ratio is the plain one, which GRAOTrainer
+    computes at the token level; bnpo's token normalisation as in the second iteration."""
+    grao, grpo = _pair(
+        model_dir, tmp_path, loss_type=loss_type, importance_sampling_level="sequence"
+    )
+    batch, trl_batch = _fixed_batch(grao, G + 1), _fixed_batch(grpo, G)
+    assert "old_per_token_logps" not in batch
+    assert grao._loss_options(batch)["importance_level"] == "token"
+    grads, trl_grads = _gradients(grao, [batch]), _gradients(grpo, [trl_batch])
+    scale = (G + 1) / G * _tokens(trl_batch) / _tokens(batch) if loss_type == "bnpo" else 1.0
+    _assert_same_gradients(grads, {name: scale * grad for name, grad in trl_grads.items()})
 
 
 def _ratios(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +229,8 @@ def test_bias_corrected_kl_matches_trl(model_dir, tmp_path, fixed_generation, it
     grao.args.use_bias_correction_kl = False
     plain = _gradients(grao, [batch])
     assert any(not torch.allclose(plain[k], grads[k], rtol=CHANGED_RTOL, atol=0) for k in grads)
+    grao.args.use_bias_correction_kl, grao.beta = True, 0.0  # TRL's default, without a KL:
+    assert not grao._loss_options(batch)["kl_bias_correction"]  # nothing to correct
 
 
 def test_on_policy_cispo_cap_below_1_matches_trl(model_dir, tmp_path, fixed_generation):
