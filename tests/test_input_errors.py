@@ -214,6 +214,39 @@ def test_reference_backend_refuses_a_vocabulary_split(tmp_path):
         dist.destroy_process_group()
 
 
+def test_vocab_start_needs_a_vocab_group():
+    logits, labels, rewards = _data()
+    hidden, weight = torch.randn(*labels.shape, 8), torch.randn(logits.size(-1), 8)
+    group = {"group_size": G}
+    for fn, args, kw in ((grao_loss, (logits, labels, rewards), group),
+                         (token_logprobs, (logits, labels), {}),
+                         (grao_loss_linear, (hidden, weight, labels, rewards), group)):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            fn(*args, vocab_start=0, **kw)
+        assert str(err.value) == "vocab_start needs vocab_group (the process group of the split)"
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_vocabulary_split_of_what_is_not_a_tensor(tmp_path):
+    """With ``vocab_group``, logits or an lm_head weight given as a list: a TypeError naming it."""
+    logits, labels, rewards = _data()
+    hidden, weight = torch.randn(*labels.shape, 8), torch.randn(logits.size(-1), 8)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        split = dict(vocab_group=dist.group.WORLD)
+        for name, call in (
+            ("logits", lambda: grao_loss(logits.tolist(), labels, rewards, group_size=G, **split)),
+            ("logits", lambda: token_logprobs(logits.tolist(), labels, **split)),
+            ("weight", lambda: grao_loss_linear(hidden, weight.tolist(), labels, rewards,
+                                                group_size=G, **split)),
+        ):  # fmt: skip
+            with pytest.raises(TypeError) as err:
+                call()
+            assert str(err.value) == f"{name} must be a torch.Tensor, got list"
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_vocab_group_needs_an_initialised_process_group(monkeypatch):
     logits, labels, rewards = _data()
