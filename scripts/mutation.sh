@@ -9,7 +9,7 @@
 # core   grao_fast/*.py (the loss library: reference, options, validation, plan, torch ops,
 #        the CPU kernel's loader, buffers, linear, loss, ops), against the loss tests
 # loop   grao_fast/train/loop.py and step.py (the training loop's wiring), against
-#        test_train_wiring
+#        test_train_wiring and test_train_run_wiring
 # trl    grao_fast/integrations/trl.py (GRAOTrainer), against test_trl
 # vocab_parallel  grao_fast/vocab_parallel.py (the vocabulary split), against the split's tests
 #        of one process (test_input_errors, test_linear) and the spawned test_vocab_parallel
@@ -55,7 +55,7 @@ for group in "${groups[@]}"; do
               done
               tests+=("${core_tests[@]/#/tests/test_}") ;;
         loop) patterns+=("grao_fast.train.loop.*" "grao_fast.train.step.*")
-              tests+=(tests/test_train_wiring) ;;
+              tests+=(tests/test_train_wiring tests/test_train_run_wiring) ;;
         trl) patterns+=("grao_fast.integrations.trl.*"); tests+=(tests/test_trl) ;;
         # The split's own tests: a group of one process in the test process, then the spawned
         # test (below); the unsplit path, which every loss test takes, fails fast anywhere.
