@@ -101,10 +101,15 @@ def test_token_means_over_one_token(model_dir, tmp_path):
     trainer._log_loss_terms(result, {"completion_mask": mask}, 0.0)
     assert result.sample_kl > 0
     assert trainer._metrics["train"]["kl"] == [pytest.approx(result.sample_kl.item(), rel=1e-6)]
+    trainer.args.entropy_target = trainer._last_world_entropy  # measured exactly the target:
+    assert trainer._entropy_coef_now() == trainer.entropy_coef  # the bonus applies (TRL's <=)
+    trainer._adapt_entropy_coef(SimpleNamespace(sample_entropy=torch.tensor(0.9)), mask)
+    assert trainer.entropy_coef == pytest.approx(0.02)  # and the coefficient goes up
+    trainer.args.entropy_target = 0.6
     mask[1, 2] = 0  # no sample token at all
     trainer._adapt_entropy_coef(SimpleNamespace(sample_entropy=torch.tensor(0.0)), mask)
     assert trainer._last_world_entropy == 0.0
-    assert trainer.entropy_coef == pytest.approx(0.02)  # at most the target: up
+    assert trainer.entropy_coef == pytest.approx(0.03)  # at most the target: up
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -265,13 +266,34 @@ def check_errors(world, rank, group) -> None:
         raise AssertionError("backend='reference' with a split was accepted")
 
 
+@contextmanager
+def kernel_calls():
+    """The Triton kernels' split passes called within the block (a list of names)."""
+    if not triton_available(torch.device("cpu")):
+        yield []
+        return
+    from grao_fast import kernels
+
+    calls, real = [], kernels.row_pass
+
+    def counted(*args, **kwargs):
+        calls.append("row_pass")
+        return real(*args, **kwargs)
+
+    kernels.row_pass = counted
+    try:
+        yield calls
+    finally:
+        kernels.row_pass = real
+
+
 def check_masked_shard(world, rank, group) -> None:
     """The last process's shard all -inf (padded vocabulary ids, masked), then all but its
     first id, while every other logit is far below 0 (here -120, at temperature 0.7). A masked
     shard holds no probability, so the log-sum-exp is taken from the others' largest logit;
     rebased onto its placeholder max (0) every sum would underflow to 0 in float32. A shard
     with one live id holds that id's probability (its sum is exactly 1). Both backends of the
-    split where Triton runs (the kernels' placeholder is another)."""
+    split where Triton runs (the kernels' placeholder is another), each running its own passes."""
     v = 37
     start, stop = bounds(v, world)[rank : rank + 2]
     kw = {"group_size": G, "temperature": 0.7, "entropy_coef": 0.01, "return_entropy": True}
@@ -288,8 +310,11 @@ def check_masked_shard(world, rank, group) -> None:
         ref.loss.backward()
         for backend in backends:
             x = logits[..., start:stop].clone().requires_grad_()
-            out = grao_loss(x, labels, data["rewards"], vocab_group=group, backend=backend, **kw)
-            out.loss.backward()
+            with kernel_calls() as calls:
+                out = grao_loss(x, labels, data["rewards"], vocab_group=group, backend=backend,
+                                **kw)  # fmt: skip
+                out.loss.backward()
+            assert calls == (["row_pass"] * 2 if backend == "triton" else []), calls
             for field in ("loss", "seq_logps", "entropy"):
                 assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
             assert_close(x.grad, ref_x.grad[..., start:stop], torch.float32, "grad")
