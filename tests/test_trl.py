@@ -511,6 +511,15 @@ def test_config_rejects_unsupported_settings(tmp_path, overrides, message):
         )
 
 
+def test_datasets_passed_by_position_reach_the_trainer(model_dir, tmp_path):
+    """GRPOTrainer's positional order (model, reward_funcs, args, train_dataset, eval_dataset)."""
+    g = len(GRAO_REWARDS[0])
+    args = _config(GRAOConfig, tmp_path, num_generations=g + 1, per_device_train_batch_size=g + 1)
+    train, dev = _dataset(), {"dev": _dataset()}
+    trainer = GRAOTrainer(model_dir, _reward_table(GRAO_REWARDS), args, train, dev)
+    assert trainer.train_dataset is train and trainer.eval_dataset is dev
+
+
 def test_trainer_requires_grao_config(model_dir, tmp_path):
     with pytest.raises(TypeError, match="^args must be a GRAOConfig, got GRPOConfig$"):
         _trainer(GRAOTrainer, model_dir, GRAO_REWARDS, _config(GRPOConfig, tmp_path))

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 
 import torch
+
+from grao_fast.loss import triton_available
 
 B, G, T = 2, 3, 5
 FIELDS = ("loss", "exploration", "imitation", "alignment", "seq_logps", "advantages", "kl",
@@ -81,3 +84,24 @@ def split_options(kw: dict, data: dict, take=lambda t: t) -> tuple[dict, dict]:
     options: every other entry, booleans included."""
     tensors = {k: take(data[k]) for k, on in kw.items() if on is True and k in data}
     return tensors, {k: val for k, val in kw.items() if k not in tensors}
+
+
+@contextmanager
+def kernel_calls():
+    """The Triton kernels' split passes called within the block (a list of names)."""
+    if not triton_available(torch.device("cpu")):
+        yield []
+        return
+    from grao_fast import kernels
+
+    calls, real = [], kernels.row_pass
+
+    def counted(*args, **kwargs):
+        calls.append("row_pass")
+        return real(*args, **kwargs)
+
+    kernels.row_pass = counted
+    try:
+        yield calls
+    finally:
+        kernels.row_pass = real

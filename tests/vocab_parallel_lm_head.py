@@ -11,6 +11,7 @@ from tolerances import assert_close
 from vocab_parallel_cases import B, G, T
 
 from grao_fast import grao_loss, grao_loss_linear
+from grao_fast.loss import triton_available
 
 
 def tiny_model(v: int):
@@ -121,6 +122,16 @@ def check_linear(world, rank, group) -> None:
         out = grao_loss_linear(hidden, weight[start:stop], data["labels"], data["rewards"],
                                **common)  # fmt: skip
     assert_close(out.loss, ref.loss, torch.float32, "value")
+    backends = ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else [])
+    for backend in backends:  # each runs its own split passes on the chunks
+        x = hidden.clone().requires_grad_()
+        with cases.kernel_calls() as calls:
+            out = grao_loss_linear(x, weight[start:stop], data["labels"], data["rewards"],
+                                   backend=backend, **common)  # fmt: skip
+            out.loss.backward()
+        assert_close(out.loss, ref.loss, torch.float32, "value")
+        assert_close(x.grad, x_ref.grad, torch.float32, "gemm")
+        assert bool(calls) == (backend == "triton"), calls
     labels = data["labels"].clone()
     if rank == 0:
         labels[0, 1] = (int(labels[0, 1]) + 1) % v if labels[0, 1] >= 0 else 3

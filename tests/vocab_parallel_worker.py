@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from vocab_parallel_cases import (  # noqa: E402
     T,
     bounds,
     inputs,
+    kernel_calls,
     options,
     split_options,
 )
@@ -264,27 +264,6 @@ def check_errors(world, rank, group) -> None:
         assert "does not take a vocabulary split" in str(e), e
     else:
         raise AssertionError("backend='reference' with a split was accepted")
-
-
-@contextmanager
-def kernel_calls():
-    """The Triton kernels' split passes called within the block (a list of names)."""
-    if not triton_available(torch.device("cpu")):
-        yield []
-        return
-    from grao_fast import kernels
-
-    calls, real = [], kernels.row_pass
-
-    def counted(*args, **kwargs):
-        calls.append("row_pass")
-        return real(*args, **kwargs)
-
-    kernels.row_pass = counted
-    try:
-        yield calls
-    finally:
-        kernels.row_pass = real
 
 
 def check_masked_shard(world, rank, group) -> None:
