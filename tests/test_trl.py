@@ -288,7 +288,11 @@ def test_evaluation_groups_by_num_generations_eval(model_dir, tmp_path, fixed_ge
     expected = [*GRAO_REWARDS[0][:2], 1.0, *GRAO_REWARDS[1][:2], 1.0]
     torch.testing.assert_close(batch["rewards"], torch.tensor(expected))
     assert trainer._metrics["eval"]["reward/reference"][-1] == 1.0
-    trainer._compute_loss(trainer.model, batch)  # an evaluation step logs its terms as such
+    trainer.current_gradient_accumulation_steps = 2  # training's: evaluation does not divide
+    loss = trainer._compute_loss(trainer.model, batch)  # its terms logged as evaluation's
+    with torch.no_grad():
+        expected = _reference_loss(trainer, batch, group=2).loss
+    assert_close(loss, expected, torch.float32, "value")
     assert "grao/exploration" in trainer._metrics["eval"]
     assert "grao/exploration" not in trainer._metrics["train"]
 
@@ -520,20 +524,32 @@ def test_datasets_passed_by_position_reach_the_trainer(model_dir, tmp_path):
     assert trainer.train_dataset is train and trainer.eval_dataset is dev
 
 
+def test_custom_rollouts_are_refused(model_dir, tmp_path):
+    """A ``rollout_func`` would sample without the reference rows GRAO's groups end with (so
+    would tools and environments, refused by the same check; they need more packages here)."""
+    g = len(GRAO_REWARDS[0])
+    args = _config(GRAOConfig, tmp_path, num_generations=g + 1, per_device_train_batch_size=g + 1)
+    with pytest.raises(ValueError) as err:
+        GRAOTrainer(model_dir, _reward_table(GRAO_REWARDS), args=args, train_dataset=_dataset(),
+                    rollout_func=lambda prompts, trainer: {})  # fmt: skip
+    assert str(err.value) == "GRAOTrainer does not support tools, rollout_func or environments"
+
+
 def test_trainer_requires_grao_config(model_dir, tmp_path):
     with pytest.raises(TypeError, match="^args must be a GRAOConfig, got GRPOConfig$"):
         _trainer(GRAOTrainer, model_dir, GRAO_REWARDS, _config(GRPOConfig, tmp_path))
 
 
-def _reference_loss(trainer: GRAOTrainer, batch: dict, **options):
+def _reference_loss(trainer: GRAOTrainer, batch: dict, group: int | None = None, **options):
     """GRAO's loss of ``batch`` on the trainer's model, by the reference backend, with
-    ``options`` spelled out (not read from the trainer's config)."""
+    ``options`` spelled out (not read from the trainer's config); ``group``: the samples per
+    group (training's by default)."""
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     keep = batch["completion_ids"].size(1)
     logits = trainer.model(input_ids=ids, attention_mask=mask).logits[:, -keep - 1 : -1]
     labels = batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    g = len(GRAO_REWARDS[0])
+    g = len(GRAO_REWARDS[0]) if group is None else group
     return grao_fast.grao_loss(logits.double(), labels, batch["rewards"].double(), group_size=g,
                                backend="reference", temperature=0.7, **options)  # fmt: skip
 
