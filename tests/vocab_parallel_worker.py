@@ -109,6 +109,8 @@ def run(rank: int, world: int, init: str) -> None:
                 check_case(37, 50 + case, kw, torch.float32, group, start, stop)
             kw = {"temperature": 0.7, "entropy_coef": 0.01, "backend": "triton"}
             check_case(37, 60, kw, torch.bfloat16, group, start, stop)
+            check_case(37, 61, {"ignore_index": 5, "backend": "triton"}, torch.float32, group,
+                       start, stop)  # fmt: skip
         check_token_logprobs(world, rank, group)
         check_packed(world, rank, group)
         check_linear(world, rank, group)
@@ -233,15 +235,10 @@ def check_errors(world, rank, group) -> None:
     labels = data["labels"].clone()
     if rank == 0:
         labels[0, 1] = (int(labels[0, 1]) + 1) % 37 if labels[0, 1] >= 0 else 3
-    try:
-        grao_loss(x, labels, data["rewards"], **common)
-    except ValueError as e:
-        assert str(e) == (
-            "labels differ between the processes of vocab_group: every process must pass the "
-            "same labels (global vocabulary ids)"
-        ), e
-    else:
-        raise AssertionError("labels that differ between processes were accepted")
+    differ = ("labels differ between the processes of vocab_group: every process must pass the "
+              "same labels (global vocabulary ids)")  # fmt: skip
+    for backend in ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else []):
+        refused(differ, grao_loss, x, labels, data["rewards"], backend=backend, **common)
     grao_loss(x, labels, data["rewards"], check_labels=False, **common)  # no host check then
     # Unchecked labels outside [0, V) (V itself, beyond it, negative): NaN log-probs there, as
     # unsplit, and nowhere else.
@@ -294,23 +291,30 @@ def check_masked_shard(world, rank, group) -> None:
                                 **kw)  # fmt: skip
                 out.loss.backward()
             assert calls == (["row_pass"] * 2 if backend == "triton" else []), calls
+            with torch.no_grad():  # no gradient wanted: the first pass only
+                y = logits[..., start:stop]
+                plain = grao_loss(y, labels, data["rewards"], vocab_group=group, backend=backend,
+                                  **kw)  # fmt: skip
+            assert_close(plain.loss, ref.loss, torch.float32, "value")
             for field in ("loss", "seq_logps", "entropy"):
                 assert_close(getattr(out, field), getattr(ref, field), torch.float32, "value")
             assert_close(x.grad, ref_x.grad[..., start:stop], torch.float32, "grad")
 
 
 def check_group_of_one(world, rank) -> None:
-    """A group of one process: the split call is the unsplit call."""
+    """A group of one process: the split call is the unsplit call (on each backend)."""
     groups = [dist.new_group([r]) for r in range(world)]
     data = inputs(37, 2, torch.float32)
-    x = data["logits"].clone().requires_grad_()
-    y = data["logits"].clone().requires_grad_()
-    a = grao_loss(x, data["labels"], data["rewards"], group_size=G, vocab_group=groups[rank])
-    b = grao_loss(y, data["labels"], data["rewards"], group_size=G, backend="torch")
-    a.loss.backward()
-    b.loss.backward()
-    assert_close(a.loss, b.loss.double(), torch.float32, "value")
-    assert_close(x.grad, y.grad.double(), torch.float32, "grad")
+    for backend in ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else []):
+        x = data["logits"].clone().requires_grad_()
+        y = data["logits"].clone().requires_grad_()
+        a = grao_loss(x, data["labels"], data["rewards"], group_size=G, vocab_group=groups[rank],
+                      backend=backend)  # fmt: skip
+        b = grao_loss(y, data["labels"], data["rewards"], group_size=G, backend="torch")
+        a.loss.backward()
+        b.loss.backward()
+        assert_close(a.loss, b.loss.double(), torch.float32, "value")
+        assert_close(x.grad, y.grad.double(), torch.float32, "grad")
     labels = data["labels"].clone()
     labels[0, 1] = 37  # the vocabulary is the group's (37 ids), not the world's
     try:
