@@ -109,8 +109,13 @@ def run(rank: int, world: int, init: str) -> None:
                 check_case(37, 50 + case, kw, torch.float32, group, start, stop)
             kw = {"temperature": 0.7, "entropy_coef": 0.01, "backend": "triton"}
             check_case(37, 60, kw, torch.bfloat16, group, start, stop)
-            check_case(37, 61, {"ignore_index": 5, "backend": "triton"}, torch.float32, group,
-                       start, stop)  # fmt: skip
+            # Every fixed case, importance weights truncated in the pass (on-policy: a cap most
+            # tokens reach) and an asymmetric clip.
+            capped = {"sampler_logps": True, "is_cap": 1.1}
+            clipped = {"old_logps": True, "importance_level": "token", "clip_eps": (0.1, 0.3)}
+            for n, kw in enumerate((*FIXED_CASES, capped, clipped)):
+                check_case(37, 61 + n, {**kw, "backend": "triton"}, torch.float32, group, start,
+                           stop)  # fmt: skip
         check_token_logprobs(world, rank, group)
         check_packed(world, rank, group)
         check_linear(world, rank, group)
