@@ -54,9 +54,9 @@ def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, st
     (ref.loss * grad_out).backward()
     x = data["logits"][..., start:stop].clone().requires_grad_()
     arg = x.clone() if inplace else x
-    if sliced and not inplace:  # rows unevenly spaced in memory, as model_logits[:, :-1]
+    if sliced:  # rows unevenly spaced in memory, as model_logits[:, :-1]
         x = torch.cat([x.detach(), x.detach()[:, :1]], dim=1).requires_grad_()
-        arg = x[:, :-1]
+        arg = (x.clone() if inplace else x)[:, :-1]  # in place: the gradient written back
     out = grao_loss(arg, data["labels"], data["rewards"], group_size=G, vocab_group=group,
                     inplace=inplace, backend=backend, **opts, **tensors)  # fmt: skip
     (out.loss * grad_out).backward()
@@ -82,8 +82,8 @@ def run(rank: int, world: int, init: str) -> None:
             rng = random.Random(v)
             for case in range(12):
                 kw = options(rng)
-                if case == 0:
-                    kw["inplace"] = True
+                if case < 2:  # the second on unevenly spaced rows
+                    kw.update(inplace=True, sliced=case == 1)
                 check_case(v, case, kw, torch.float32, group, start, stop)
             check_case(v, 99, {"temperature": 0.7, "return_entropy": True}, torch.bfloat16,
                        group, start, stop)  # fmt: skip
