@@ -46,7 +46,7 @@ def check_case(v: int, seed: int, kw: dict, dtype: torch.dtype, group, start, st
         data["labels"][data["labels"] == -100] = opts["ignore_index"]
     if kw.get("nan_padding"):  # ignored positions' logits are never read
         data["logits"][data["labels"] == -100] = float("nan")
-    ref_x = data["logits"].double().requires_grad_()
+    ref_x = data["logits"].to(torch.float64, copy=True).requires_grad_()  # float64: a copy too
     doubled = {k: t.double() for k, t in tensors.items()}
     ref = grao_loss(ref_x, data["labels"], data["rewards"].double(), group_size=G,
                     backend="reference", **opts, **doubled)  # fmt: skip
@@ -85,8 +85,9 @@ def run(rank: int, world: int, init: str) -> None:
                 if case < 2:  # the second on unevenly spaced rows
                     kw.update(inplace=True, sliced=case == 1)
                 check_case(v, case, kw, torch.float32, group, start, stop)
-            check_case(v, 99, {"temperature": 0.7, "return_entropy": True}, torch.bfloat16,
-                       group, start, stop)  # fmt: skip
+            for dtype in (torch.bfloat16, torch.float64):  # float64: accumulated in float64
+                check_case(v, 99, {"temperature": 0.7, "return_entropy": True,
+                                   "entropy_coef": 0.01}, dtype, group, start, stop)  # fmt: skip
             for kw in ({"nan_padding": True}, {"nan_padding": True, "entropy_coef": 0.01}):
                 check_case(v, 98, kw, torch.float32, group, start, stop)
             for kw in FIXED_CASES:
