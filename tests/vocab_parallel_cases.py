@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import re
 from contextlib import contextmanager
 
 import torch
@@ -11,6 +12,8 @@ import torch
 from grao_fast.loss import triton_available
 
 B, G, T = 2, 3, 5
+DIFFER = ("labels differ between the processes of vocab_group: every process must pass the "
+          "same labels (global vocabulary ids)")  # fmt: skip
 FIELDS = ("loss", "exploration", "imitation", "alignment", "seq_logps", "advantages", "kl",
           "entropy", "clip_fraction", "clip_low_fraction", "clip_high_fraction")  # fmt: skip
 
@@ -105,3 +108,23 @@ def kernel_calls():
         yield calls
     finally:
         kernels.row_pass = real
+
+
+def split_backends() -> list[str]:
+    """The split's backends that run here: PyTorch, and the Triton kernels where Triton runs
+    (the interpreter on CPU)."""
+    return ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else [])
+
+
+def refused(expected: str | re.Pattern, fn, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)`` raises ValueError with exactly the message ``expected``, or one
+    that the pattern ``expected`` matches somewhere (a message with run-time values)."""
+    try:
+        fn(*args, **kwargs)
+    except ValueError as e:
+        if isinstance(expected, str):
+            assert str(e) == expected, e
+        else:
+            assert expected.search(str(e)), e
+    else:
+        raise AssertionError(f"accepted; expected: {expected}")
